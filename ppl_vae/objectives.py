@@ -1,0 +1,213 @@
+"""Objectives, all built on one primitive: per-datapoint log importance weights.
+
+``log_weights(model, guide, batch, K)`` runs the guide under a vectorized particle plate,
+replays the model against it, and returns log p(x, z_k) - log q(z_k | x) for every particle
+and datapoint, shape [K, B], *unscaled* by the subsample factor N / B. From it:
+
+    ELBO    = mean_k lw                          (Monte Carlo; ``ELBO``)
+    ELBO    = mean_k log p(x|z_k) - KL(q || p)   (analytic KL; ``AnalyticKLELBO``)
+    IWAE_K  = logsumexp_k lw - log K             (Burda et al. 2016; ``IWAE``)
+    log p(x) ~ IWAE_K for large K                (``evaluate.log_px``)
+
+An objective is a callable ``(model, guide, batch) -> loss``: a scalar to minimize, scaled to
+the whole dataset (N / B times the batch sum), like Pyro's ``Trace_ELBO().differentiable_loss``.
+The importance-weighted bound takes its logsumexp over the unscaled weights and scales after,
+so it stays a correct bound under subsampling (Pyro's ``RenyiELBO`` scales first).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Tuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.kl import kl_divergence
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from .data import Batch
+
+Objective = Callable[[torch.nn.Module, torch.nn.Module, Batch], torch.Tensor]
+
+
+class _ModuleParams(Messenger):
+    """Serve ``pyro.param``/``pyro.module`` statements from the tensors they pass in.
+
+    Training with our own ``torch.optim`` optimizers needs no global param store; this keeps
+    models out of it (two models in one process cannot collide) and skips its bookkeeping.
+    """
+
+    def _pyro_param(self, msg):
+        args = msg["args"]
+        if len(args) > 1 and isinstance(args[1], torch.Tensor):
+            msg["value"] = args[1]
+            msg["done"] = True
+
+
+class LogWeights(NamedTuple):
+    """Per-particle, per-datapoint log-densities, each [K, B]; lw = log_lik + log_prior - log_q."""
+
+    log_lik: torch.Tensor  # [K, B] observed sites of the model
+    log_prior: torch.Tensor  # [K, B] latent sites of the model
+    log_q: torch.Tensor  # [K, B] sites of the guide
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.log_lik + self.log_prior - self.log_q  # [K, B]
+
+
+def traces(model, guide, batch: Batch, num_particles: int) -> Tuple[poutine.Trace, poutine.Trace]:
+    """(model trace, guide trace) with ``num_particles`` vectorized particles at dim -2."""
+    with _ModuleParams(), pyro.plate("particles", num_particles, dim=-2):
+        guide_tr = poutine.trace(guide).get_trace(batch)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(batch)
+    return model_tr, guide_tr
+
+
+def _is_sample(site) -> bool:
+    return site["type"] == "sample" and not site_is_subsample(site)
+
+
+def _site_sum(trace: poutine.Trace, keep):
+    """Sum of the unscaled log-densities of the sample sites that ``keep`` accepts, [K, B]."""
+    total = 0.0
+    for site in trace.nodes.values():
+        if _is_sample(site) and keep(site):
+            total = total + site["unscaled_log_prob"]
+    return total
+
+
+def _check_sites(trace: poutine.Trace, shape) -> None:
+    for name, site in trace.nodes.items():
+        if _is_sample(site) and site["unscaled_log_prob"].shape != shape:
+            raise ValueError(f"site {name!r} has per-datapoint log-density of shape "
+                             f"{tuple(site['unscaled_log_prob'].shape)}, expected {tuple(shape)}:"
+                             f" every sample site must sit inside the 'data' plate")
+
+
+def log_weights(model, guide, batch: Batch, num_particles: int = 1) -> LogWeights:
+    """log p(x, z_k) - log q(z_k | x) as its parts, each [K, B], from the traces themselves."""
+    model_tr, guide_tr = traces(model, guide, batch, num_particles)
+    return _log_weights(model_tr, guide_tr, batch, num_particles)
+
+
+def _log_weights(model_tr, guide_tr, batch, num_particles) -> LogWeights:
+    model_tr.compute_log_prob()
+    guide_tr.compute_log_prob()
+    shape = torch.Size([num_particles, len(batch.idx)])
+    _check_sites(model_tr, shape)
+    _check_sites(guide_tr, shape)
+    zeros = batch.x.new_zeros(shape)
+    log_lik = zeros + _site_sum(model_tr, lambda s: s["is_observed"])
+    log_prior = zeros + _site_sum(model_tr, lambda s: not s["is_observed"])
+    log_q = zeros + _site_sum(guide_tr, lambda s: not s["is_observed"])
+    return LogWeights(log_lik, log_prior, log_q)
+
+
+def _scale(batch: Batch) -> float:
+    return batch.num_data / len(batch.idx)
+
+
+@dataclass(frozen=True)
+class ELBO:
+    """Monte Carlo ELBO with ``num_particles`` vectorized reparameterized samples.
+
+    With ``beta`` != 1 it is the beta-weighted bound E_q[log p(x|z)] - beta KL(q || p)
+    (Higgins et al. 2017), used for KL warm-up. Equals Pyro's ``Trace_ELBO`` at beta = 1.
+    """
+
+    num_particles: int = 1
+    beta: float = 1.0
+
+    def per_datapoint(self, model, guide, batch: Batch) -> torch.Tensor:
+        lw = log_weights(model, guide, batch, self.num_particles)
+        return (lw.log_lik + self.beta * (lw.log_prior - lw.log_q)).mean(0)  # [B]
+
+    def __call__(self, model, guide, batch: Batch) -> torch.Tensor:
+        return -_scale(batch) * self.per_datapoint(model, guide, batch).sum()
+
+
+@dataclass(frozen=True)
+class AnalyticKLELBO(ELBO):
+    """ELBO with the KL term in closed form where one is known (as ``TraceMeanField_ELBO``).
+
+    E_q[log p(x|z)] is estimated by Monte Carlo; KL(q(z|x) || p(z)) is exact for a Normal guide
+    and Normal prior. Sites without a registered KL fall back to the Monte Carlo difference.
+    """
+
+    def per_datapoint(self, model, guide, batch: Batch) -> torch.Tensor:
+        model_tr, guide_tr = traces(model, guide, batch, self.num_particles)
+        lw = _log_weights(model_tr, guide_tr, batch, self.num_particles)
+        kl = 0.0
+        for name, site in guide_tr.nodes.items():
+            if not _is_sample(site):
+                continue
+            prior_site = model_tr.nodes[name]
+            try:
+                kl = kl + kl_divergence(site["fn"], prior_site["fn"])  # [K, B] or [B]
+            except NotImplementedError:
+                kl = kl + site["unscaled_log_prob"] - prior_site["unscaled_log_prob"]
+        kl = lw.log_q.new_zeros(lw.log_q.shape) + kl
+        return (lw.log_lik - self.beta * kl).mean(0)  # [B]
+
+
+@dataclass(frozen=True)
+class IWAE:
+    """The importance-weighted bound of Burda et al. (2016) with K = ``num_particles``.
+
+    IWAE_K = E[log (1/K) sum_k w_k] per datapoint, computed from unscaled log weights and
+    scaled by N / B after the logsumexp. ``dreg=True`` uses the doubly reparameterized
+    gradient of Tucker et al. (2019) for the guide's parameters: the same value, a gradient
+    with lower variance. DReG needs a guide whose sites are reparameterized Normals.
+    """
+
+    num_particles: int = 5
+    dreg: bool = False
+    beta: float = 1.0  # unused: the bound has no separate KL term; kept for a uniform schedule
+
+    def per_datapoint(self, model, guide, batch: Batch) -> torch.Tensor:
+        if self.dreg:
+            return self._dreg(model, guide, batch)
+        lw = log_weights(model, guide, batch, self.num_particles).total  # [K, B]
+        return torch.logsumexp(lw, 0) - math.log(self.num_particles)  # [B]
+
+    def __call__(self, model, guide, batch: Batch) -> torch.Tensor:
+        return -_scale(batch) * self.per_datapoint(model, guide, batch).sum()
+
+    def _dreg(self, model, guide, batch: Batch) -> torch.Tensor:
+        """Surrogate whose value is IWAE_K and whose guide gradient is DReG's.
+
+        log q is evaluated with the guide's distribution parameters detached (z keeps its
+        path to them), and a hook multiplies the gradient reaching z by the normalized weight,
+        so the guide parameters receive sum_k w_k^2 d lw_k / d z_k dz_k / dphi while the
+        model parameters receive the usual sum_k w_k d lw_k.
+        """
+        model_tr, guide_tr = traces(model, guide, batch, self.num_particles)
+        lw_full = _log_weights(model_tr, guide_tr, batch, self.num_particles)
+        log_q = 0.0
+        for name, site in guide_tr.nodes.items():
+            if not _is_sample(site):
+                continue
+            log_q = log_q + _stop_params(site["fn"], name).log_prob(site["value"])
+        lw = lw_full.log_lik + lw_full.log_prior - log_q  # [K, B]
+        w = torch.softmax(lw.detach(), 0)  # [K, B]
+        for name, site in guide_tr.nodes.items():
+            if _is_sample(site) and site["value"].requires_grad:
+                site["value"].register_hook(lambda g, w=w: g * w.unsqueeze(-1))
+        bound = torch.logsumexp(lw.detach(), 0) - math.log(self.num_particles)  # [B]
+        return bound + (w * lw).sum(0) - (w * lw).sum(0).detach()  # value = bound
+
+
+def _stop_params(fn, name: str):
+    """The same Normal family with its parameters detached (DReG's stop-gradient on log q)."""
+    base, reinterpreted = fn, 0
+    if isinstance(base, dist.Independent):
+        base, reinterpreted = base.base_dist, base.reinterpreted_batch_ndims
+    if not isinstance(base, (dist.Normal, torch.distributions.Normal)):
+        raise ValueError(f"DReG needs a reparameterized Normal guide site; site {name!r} "
+                         f"is {type(base).__name__}: use --objective iwae without --dreg")
+    out = dist.Normal(base.loc.detach(), base.scale.detach())
+    return out.to_event(reinterpreted) if reinterpreted else out

@@ -1,0 +1,244 @@
+"""A whole run in one call: ``train_run(config, out)`` trains, checkpoints, scores and writes files.
+
+Files written into ``out``: ``config.json`` (settings, library versions, git revision),
+``metrics.jsonl`` (one object per epoch), ``checkpoint.pt`` (every epoch, atomically) and
+``summary.json`` (``test_elbo`` and timings) once the run has finished.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from . import checkpoint, data
+from .config import Config, build_guide, build_model, build_objective, resolve_device
+from .errors import UserError
+from .evaluate import Estimate, elbo_parts, local_inference
+from .guides import LocalNormal
+from .optim import make_optimizers
+from .train import EpochMetrics, fit
+
+EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
+ARCHITECTURE = ("dataset", "latent_dim", "hidden", "likelihood", "prior", "guide", "train_size")
+
+
+class Trained(NamedTuple):
+    """A trained model with what it was trained on."""
+
+    config: Config
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    splits: data.Splits  # on the device, grayscale
+    history: list
+    device: torch.device
+
+
+def versions() -> dict:
+    import numpy
+    import pyro
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "pyro": pyro.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "git": git_revision()}
+
+
+def git_revision() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_splits(config: Config, device: torch.device) -> data.Splits:
+    """The dataset's splits on ``device``, cut to ``train_size``/``test_size`` when set."""
+    splits = data.load(config.dataset, config.data_dir)
+    train = splits.train
+    if config.train_size is not None:
+        train = data.Split(train.x[:config.train_size], train.y[:config.train_size])
+    test = splits.test
+    if config.test_size is not None:
+        test = data.Split(test.x[:config.test_size], test.y[:config.test_size])
+    return data.Splits(train.to(device), splits.valid.to(device), test.to(device))
+
+
+def eval_pixels(config: Config, split: data.Split, rows: Optional[int] = None) -> torch.Tensor:
+    """Held-out pixels as every model sees them: one fixed binarization (seed ``EVAL_SEED``)."""
+    split = data.Split(split.x[:rows], split.y[:rows]) if rows is not None else split
+    if config.binarize == "none":
+        return split.x
+    return data.static_binarize(split, EVAL_SEED).x
+
+
+def held_out_elbo(model, guide, x: torch.Tensor, warm: Optional[LocalNormal] = None,
+                  progress: bool = False, **local) -> tuple:
+    """(per-datapoint ELBO [N], fitted local guide or None) of ``guide`` on held-out ``x``.
+
+    An amortized guide is scored as it is; a per-datapoint guide has no rows for held-out
+    data, so a fresh q* is fitted with the decoder frozen (warm-started from ``warm``).
+    """
+    if not getattr(guide, "is_local", False):
+        return elbo_parts(model, guide, x, num_particles=10, seed=EVAL_SEED).elbo, None
+    fit_ = local_inference(model, x, init=warm, seed=EVAL_SEED, **local)
+    return elbo_parts(model, fit_.guide, x, num_particles=10, seed=EVAL_SEED).elbo, fit_.guide
+
+
+def prepare_out(out: Path, overwrite: bool, resume: bool) -> None:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; choose another path")
+    finished = (out / "summary.json").exists()
+    started = (out / checkpoint.NAME).exists() or (out / checkpoint.PREVIOUS).exists()
+    if resume:
+        if not started:
+            raise UserError(f"--resume: no checkpoint in {out}; start a new run without --resume")
+        return
+    if (finished or started) and not overwrite:
+        what = "a finished run" if finished else "an unfinished run"
+        raise UserError(f"{out} holds {what}; pass --resume to continue it, --overwrite to "
+                        f"replace it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in ("summary.json", "metrics.jsonl", checkpoint.NAME, checkpoint.PREVIOUS,
+                     "eval.json"):
+            (out / name).unlink(missing_ok=True)
+
+
+def check_compatible(saved: Config, config: Config) -> None:
+    for name in ARCHITECTURE:
+        a, b = getattr(saved, name), getattr(config, name)
+        if a != b:
+            raise UserError(f"checkpoint was trained with {name}={a!r} but this run asks for "
+                            f"{name}={b!r}; use the same setting or a new --out")
+
+
+def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
+              resume: bool = False, progress: bool = True,
+              log: Callable[[str], None] = print) -> dict:
+    """Train per ``config``, write the run's files into ``out`` and return the summary."""
+    return finish(fit_run(config, out, overwrite, resume, progress, log), out, log)
+
+
+def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
+            resume: bool = False, progress: bool = True,
+            log: Callable[[str], None] = print) -> Trained:
+    """Train per ``config`` (writing config, metrics and checkpoints when ``out`` is given)."""
+    config.validate()
+    device = resolve_device(config.device)
+    out = Path(out) if out is not None else None
+    if out is not None:
+        prepare_out(out, overwrite, resume)
+    splits = load_splits(config, device)
+    binarize = data.Binarize(config.binarize)
+    train_split = binarize.prepare(splits.train, config.seed)
+    model = build_model(config, train_split.x.shape[1]).to(device)
+    guide = build_guide(config, train_split.x.shape[1], len(train_split)).to(device)
+    model.likelihood.check(binarize(train_split.x[:1000]))
+    optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps)
+    x_valid = eval_pixels(config, splits.valid, config.valid_size)
+    valid_state = {"guide": None}
+
+    def validate() -> float:
+        elbo, valid_state["guide"] = held_out_elbo(model, guide, x_valid, valid_state["guide"],
+                                                   max_steps=100)
+        return float(elbo.mean())
+
+    history, start_epoch = [], 0
+    torch.manual_seed(config.seed + 2)
+    if resume:
+        state = checkpoint.load(out, warn=log)
+        saved = Config.from_dict(state["config"])
+        check_compatible(saved, config)
+        model.load_state_dict(state["model"])
+        guide.load_state_dict(state["guide"])
+        for opt, opt_state in zip(optimizers.all(), state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        if state.get("valid_guide") is not None:
+            valid_state["guide"] = LocalNormal(len(x_valid), config.latent_dim,
+                                               sparse=False).to(device)
+            valid_state["guide"].load_state_dict(state["valid_guide"])
+        history = [EpochMetrics(**m) for m in state["history"]]
+        start_epoch = len(history)
+        checkpoint.set_rng_state(state["rng"])
+        log(f"resuming {out} after epoch {start_epoch}")
+    if out is not None:
+        (out / "config.json").write_text(json.dumps(
+            {"config": config.to_dict(), "versions": versions(), "device": str(device)},
+            indent=2) + "\n")
+        _write_metrics(out, history)
+
+    def on_epoch(metrics: EpochMetrics) -> None:
+        if out is None:
+            return
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics._asdict()) + "\n")
+        valid_guide = valid_state["guide"]
+        checkpoint.save({
+            "config": config.to_dict(), "model": model.state_dict(), "guide": guide.state_dict(),
+            "optimizers": [o.state_dict() for o in optimizers.all()],
+            "valid_guide": valid_guide.state_dict() if valid_guide is not None else None,
+            "history": [m._asdict() for m in history + [metrics]],
+            "rng": checkpoint.rng_state()}, out)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    history = fit(model, guide, build_objective(config), train_split, optimizers,
+                  config.epochs, config.batch_size, binarize, seed=config.seed,
+                  start_epoch=start_epoch, warmup_epochs=config.warmup_epochs,
+                  max_seconds=config.max_seconds, validate=validate, on_epoch=on_epoch,
+                  progress=progress, history=history)
+    return Trained(config, model, guide, splits, history, device)
+
+
+def _write_metrics(out: Path, history) -> None:
+    with open(out / "metrics.jsonl", "w") as f:
+        for m in history:
+            f.write(json.dumps(m._asdict()) + "\n")
+
+
+def memory_summary(trained: Trained, optimizers_bytes: Optional[int] = None) -> dict:
+    """Peak memory: process RSS (CPU) or allocator peak (CUDA), and parameter bytes."""
+    params = sum(p.numel() * p.element_size()
+                 for m in (trained.model, trained.guide) for p in m.parameters())
+    out = {"param_mb": params / 2 ** 20,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if trained.device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(trained.device) / 2 ** 20
+    return out
+
+
+def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = print,
+           progress: bool = True) -> dict:
+    """Score the trained model's own guide on the test set and write ``summary.json``."""
+    x_test = eval_pixels(trained.config, trained.splits.test)
+    start = time.perf_counter()
+    elbo, _ = held_out_elbo(trained.model, trained.guide, x_test)
+    test = Estimate.of(elbo)
+    history = trained.history
+    train_seconds = history[-1].wall if history else 0.0
+    summary = {
+        "test_elbo": test.mean, "test_elbo_stderr": test.stderr,
+        "test_rows": len(x_test), "epochs": len(history),
+        "seconds_per_epoch": train_seconds / max(1, len(history)),
+        "train_seconds": train_seconds,
+        "steps_per_second": (history[-1].steps / train_seconds) if train_seconds else math.nan,
+        "eval_seconds": time.perf_counter() - start,
+        "final_train_elbo": history[-1].train_elbo if history else math.nan,
+        "final_valid_elbo": history[-1].valid_elbo if history else math.nan,
+        "guide": trained.config.guide, "dataset": trained.config.dataset,
+        "binarize": trained.config.binarize,
+        **memory_summary(trained),
+    }
+    log(f"test ELBO {test.mean:.2f} +- {test.stderr:.2f} nats ({len(history)} epochs, "
+        f"{summary['seconds_per_epoch']:.1f} s/epoch)")
+    if out is not None:
+        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

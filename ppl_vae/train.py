@@ -1,0 +1,137 @@
+"""The training loop, visible: ``fit(model, guide, objective, data, optimizers, ...)``.
+
+One step draws a minibatch (rows of a seeded permutation, binarized afresh when dynamic),
+evaluates the objective from the model's and guide's traces and updates the parameters.
+A per-datapoint guide first takes ``inner_steps`` updates of its batch rows alone (stochastic
+variational inference in the style of Hoffman et al. 2013), then a joint step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, List, NamedTuple, Optional
+
+import torch
+
+from .data import Batch, Binarize, Split, minibatches, num_batches
+from .optim import Optimizers
+
+
+class EpochMetrics(NamedTuple):
+    epoch: int  # 1-based
+    train_elbo: float  # mean per-image training objective over the epoch's steps (nats)
+    valid_elbo: float  # per-image ELBO on the validation rows (nats); nan when not scored
+    seconds: float  # training time of this epoch (validation excluded)
+    wall: float  # training time since the start of the run
+    steps: int  # optimizer steps so far
+    beta: float  # KL weight used in this epoch
+
+
+class DivergenceError(RuntimeError):
+    """A non-finite loss or gradient: the step was stopped before it touched the parameters."""
+
+
+def beta_at(epoch: int, step_in_epoch: int, steps_per_epoch: int, warmup_epochs: int,
+            beta: float) -> float:
+    """Linear KL warm-up from 0 to ``beta`` over ``warmup_epochs`` (0 based epoch)."""
+    if warmup_epochs <= 0:
+        return beta
+    progress = (epoch + step_in_epoch / steps_per_epoch) / warmup_epochs
+    return beta * min(1.0, progress)
+
+
+def step(model, guide, objective, batch: Batch, optimizers: Optimizers,
+         guard: bool = True) -> torch.Tensor:
+    """One SVI step; returns the (detached) loss.
+
+    With ``guard`` a non-finite loss or gradient raises ``DivergenceError`` before the
+    optimizers touch the parameters.
+    """
+    if optimizers.local is not None:
+        table = guide.params
+        for _ in range(optimizers.inner_steps):
+            (table.grad,) = torch.autograd.grad(objective(model, guide, batch), [table])
+            optimizers.local.step()
+        table.grad = None
+    optimizers.zero_grad()
+    loss = objective(model, guide, batch)
+    loss.backward()
+    if guard and not check_finite(loss, optimizers):
+        optimizers.zero_grad()
+        raise DivergenceError("non-finite loss or gradient; the step was not applied")
+    optimizers.step()
+    return loss.detach()
+
+
+def check_finite(loss: torch.Tensor, optimizers: Optimizers) -> bool:
+    """True when the loss and every gradient are finite."""
+    if not torch.isfinite(loss):
+        return False
+    for opt in optimizers.all():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    values = g.coalesce().values() if g.is_sparse else g
+                    if not torch.isfinite(values).all():
+                        return False
+    return True
+
+
+def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: int,
+        batch_size: int, binarize: Binarize, seed: int = 0, start_epoch: int = 0,
+        warmup_epochs: int = 0, max_seconds: Optional[float] = None,
+        validate: Optional[Callable[[], float]] = None,
+        on_epoch: Optional[Callable[[EpochMetrics], None]] = None,
+        progress: bool = True, history: Optional[List[EpochMetrics]] = None) -> List[EpochMetrics]:
+    """Train for epochs ``start_epoch .. epochs-1``; returns the per-epoch metrics.
+
+    The data order of epoch e comes from a generator seeded with (seed, e), so two guides
+    trained with the same seed see the same minibatches, and a resumed run sees the same
+    order as an uninterrupted one. ``validate()`` scores the model after every epoch;
+    ``on_epoch`` (checkpointing, logging) runs after it.
+    """
+    from tqdm.auto import tqdm
+
+    history = list(history or [])
+    n = len(train)
+    steps_per_epoch = num_batches(n, batch_size)
+    wall = history[-1].wall if history else 0.0
+    total_steps = history[-1].steps if history else 0
+    bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, disable=not progress,
+               unit="step", dynamic_ncols=True, leave=False)
+    for epoch in range(start_epoch, epochs):
+        order = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        epoch_loss, start = torch.zeros((), device=train.x.device), time.perf_counter()
+        beta = objective.beta
+        for i, batch in enumerate(minibatches(train, batch_size, binarize, order)):
+            if warmup_epochs:
+                beta = beta_at(epoch, i, steps_per_epoch, warmup_epochs, objective.beta)
+                current = dataclasses.replace(objective, beta=beta)
+            else:
+                current = objective
+            try:
+                loss = step(model, guide, current, batch, optimizers)
+            except DivergenceError as e:
+                bar.close()
+                raise DivergenceError(f"epoch {epoch + 1}, step {i + 1}: {e}") from None
+            epoch_loss += loss
+            total_steps += 1
+            if i % 20 == 0:
+                bar.set_postfix(epoch=epoch + 1, elbo=f"{-float(loss) / n:.2f}")
+            bar.update(1)
+        seconds = time.perf_counter() - start
+        wall += seconds
+        valid = validate() if validate is not None else math.nan
+        metrics = EpochMetrics(epoch + 1, -float(epoch_loss) / (n * steps_per_epoch), valid,
+                               seconds, wall, total_steps, beta)
+        history.append(metrics)
+        bar.write(f"epoch {epoch + 1:3d}  train {metrics.train_elbo:9.3f}  "
+                  f"valid {valid:9.3f}  {seconds:6.1f}s") if progress else None
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if max_seconds is not None and wall >= max_seconds:
+            break
+    bar.close()
+    return history
