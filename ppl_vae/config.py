@@ -14,8 +14,10 @@ DatasetName = Literal["mnist", "fashion_mnist", "kmnist"]
 BinarizeName = Literal["dynamic", "static", "none"]
 LikelihoodName = Literal["bernoulli", "continuous_bernoulli", "normal", "normal_shared"]
 PriorName = Literal["normal", "mog"]
-GuideName = Literal["amortized", "meanfield"]
+GuideName = Literal["amortized", "meanfield", "iaf"]
 ObjectiveName = Literal["elbo", "analytic_kl", "iwae"]
+LocalInitName = Literal["pca", "prior"]
+DivergenceName = Literal["stop", "lower_lr"]
 
 LIKELIHOODS = {
     "bernoulli": lambda d: likelihoods.Bernoulli(),
@@ -32,7 +34,6 @@ OBJECTIVES = {
     "analytic_kl": lambda c: objectives.AnalyticKLELBO(c.num_particles),
     "iwae": lambda c: objectives.IWAE(c.num_particles, dreg=c.dreg),
 }
-GUIDES = ("amortized", "meanfield")
 for _name, _table in (("LikelihoodName", LIKELIHOODS), ("PriorName", PRIORS),
                       ("ObjectiveName", OBJECTIVES)):
     assert set(get_args(globals()[_name])) == set(_table), _name
@@ -60,17 +61,20 @@ class Config:
     lr: float = 1e-3
     local_lr: float = 0.05  # per-datapoint guide: RowAdam learning rate of the table
     inner_steps: int = 3  # per-datapoint guide: local-only steps per minibatch
+    local_init: LocalInitName = "pca"  # per-datapoint guide: where the table's rows start
     max_seconds: Optional[float] = None  # stop training after this much training time
     train_size: Optional[int] = None  # use the first n training rows (smoke runs)
     valid_size: int = 2000  # validation rows scored every epoch
     test_size: Optional[int] = None  # evaluate on the first n test rows (default: all)
+    on_divergence: DivergenceName = "stop"  # non-finite loss: stop, or halve the rates and go on
     seed: int = 0
     device: str = "auto"
 
     def validate(self) -> "Config":
         for name, choices in (("dataset", DatasetName), ("binarize", BinarizeName),
                               ("likelihood", LikelihoodName), ("prior", PriorName),
-                              ("guide", GuideName), ("objective", ObjectiveName)):
+                              ("guide", GuideName), ("objective", ObjectiveName),
+                              ("local_init", LocalInitName), ("on_divergence", DivergenceName)):
             value, valid = getattr(self, name), get_args(choices)
             if value not in valid:
                 raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(valid)}")
@@ -136,13 +140,22 @@ def build_model(config: Config, data_dim: int):
     return VAEModel(decoder, LIKELIHOODS[config.likelihood](data_dim), PRIORS[config.prior](config))
 
 
-def build_guide(config: Config, data_dim: int, num_data: int):
-    """The guide named by ``config.guide``; initialized from its own seed stream."""
+def build_guide(config: Config, data_dim: int, num_data: int, x=None):
+    """The guide named by ``config.guide``; initialized from its own seed stream.
+
+    A per-datapoint guide with ``local_init="pca"`` starts from the principal-component
+    scores of the (grayscale) training rows ``x``; without ``x`` it starts at N(0, I).
+    """
     torch.manual_seed(config.seed + 1)
-    if config.guide == "amortized":
-        return guides.AmortizedNormal(nets.Encoder(data_dim, tuple(reversed(config.hidden)),
-                                                   config.latent_dim))
-    return guides.LocalNormal(num_data, config.latent_dim)
+    if config.guide in ("amortized", "iaf"):
+        encoder = nets.Encoder(data_dim, tuple(reversed(config.hidden)), config.latent_dim)
+        if config.guide == "iaf":
+            return guides.AmortizedIAF(encoder, num_flows=2)
+        return guides.AmortizedNormal(encoder)
+    guide = guides.LocalNormal(num_data, config.latent_dim)
+    if config.local_init == "pca" and x is not None:
+        guide = guide.to(x.device).init_pca(x)
+    return guide
 
 
 def build_objective(config: Config):

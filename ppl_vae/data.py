@@ -104,8 +104,8 @@ def load_mnist(root: Optional[Path] = None) -> Splits:
 
 def _split(train_x, train_y, test_x, test_y) -> Splits:
     def make(x, y) -> Split:
-        x = torch.from_numpy(np.ascontiguousarray(x)).reshape(len(x), -1).float().div_(255.0)
-        return Split(x, torch.from_numpy(np.asarray(y, dtype=np.int64)))
+        x = torch.from_numpy(np.array(x, copy=True)).reshape(len(x), -1).float().div_(255.0)
+        return Split(x, torch.from_numpy(np.array(y, dtype=np.int64)))
 
     n = SPLIT_SIZES["train"]
     return Splits(make(train_x[:n], train_y[:n]), make(train_x[n:], train_y[n:]),
@@ -170,8 +170,12 @@ class Binarize:
 
 def minibatches(split: Split, batch_size: int, binarize: Binarize,
                 generator: Optional[torch.Generator] = None, shuffle: bool = True,
-                drop_last: bool = False) -> Iterator[Batch]:
-    """Minibatches of a device-resident split in the order of a seeded permutation."""
+                drop_last: bool = False, start: int = 0) -> Iterator[Batch]:
+    """Minibatches of a device-resident split in the order of a seeded permutation.
+
+    ``start`` skips that many batches of the permutation without drawing their binarization
+    noise, so a resumed epoch continues exactly where it stopped.
+    """
     n = len(split)
     device = split.x.device
     if shuffle:
@@ -179,8 +183,8 @@ def minibatches(split: Split, batch_size: int, binarize: Binarize,
     else:
         order = torch.arange(n, device=device)
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
+    for first in range(start * batch_size, stop, batch_size):
+        idx = order[first:first + batch_size]
         yield Batch(binarize(split.x[idx]), idx, n)
 
 

@@ -10,6 +10,9 @@ References:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import math
 import time
 from typing import Callable, NamedTuple, Optional
@@ -21,6 +24,31 @@ from .guides import LocalNormal
 from .objectives import ELBO, log_weights
 
 Progress = Optional[Callable[[int], None]]  # called with the number of rows (or steps) done
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: Optional[torch.device] = None):
+    """Run a block with its own seeded RNG stream, leaving the caller's RNG state untouched.
+
+    Evaluation inside training (validation every epoch) must not reset the training noise.
+    """
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def own_rng(fn):
+    """Decorator: run ``fn`` under ``seeded(seed, x.device)`` from its ``seed`` and ``x`` arguments."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with seeded(bound.arguments["seed"], bound.arguments["x"].device):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 class Estimate(NamedTuple):
@@ -43,6 +71,7 @@ def batches_of(x: torch.Tensor, batch_size: int):
         yield Batch(x[idx], idx, n)
 
 
+@own_rng
 @torch.no_grad()
 def log_px(model, guide, x: torch.Tensor, num_particles: int = 5000, seed: int = 0,
            max_rows: int = 2 ** 16, progress: Progress = None) -> torch.Tensor:
@@ -51,7 +80,6 @@ def log_px(model, guide, x: torch.Tensor, num_particles: int = 5000, seed: int =
     Vectorized over particles and data and chunked so that at most ``max_rows`` decoder rows
     are alive at once, whatever K. Unbiased for p(x), so a stochastic lower bound on log p(x).
     """
-    torch.manual_seed(seed)
     batch_size = max(1, min(len(x), max_rows // min(num_particles, max_rows)))
     k_chunk = max(1, min(num_particles, max_rows // batch_size))
     out = []
@@ -75,11 +103,11 @@ class ELBOParts(NamedTuple):
     distortion: torch.Tensor  # [N] -E_q[log p(x | z)]
 
 
+@own_rng
 @torch.no_grad()
 def elbo_parts(model, guide, x: torch.Tensor, num_particles: int = 1, seed: int = 0,
                batch_size: int = 1000) -> ELBOParts:
     """The ELBO of ``guide`` on ``x`` split into rate and distortion, per datapoint."""
-    torch.manual_seed(seed)
     rate, distortion = [], []
     for batch in batches_of(x, batch_size):
         lw = log_weights(model, guide, batch, num_particles)
@@ -108,6 +136,7 @@ class LocalFit(NamedTuple):
     seconds: float
 
 
+@own_rng
 def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05,
                     max_steps: int = 3000, window: int = 50, tol: float = 0.01,
                     decays: int = 4, num_particles: int = 1, chunk_size: int = 5000,
@@ -121,7 +150,6 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05,
     window's; when it improved by less than ``tol`` nats, halve the learning rate; stop after
     the ``decays``-th halving or at ``max_steps``.
     """
-    torch.manual_seed(seed)
     start_time = time.perf_counter()
     n, device = len(x), x.device
     guide = LocalNormal(n, model.latent_dim, sparse=False).to(device)
@@ -167,3 +195,90 @@ def _fit_rows(model, chunk: LocalNormal, batch: Batch, objective, lr, max_steps,
                     group["lr"] *= 0.5
             previous = mean
     return max_steps
+
+
+def _paired(a: torch.Tensor, b: torch.Tensor) -> Estimate:
+    """mean(a - b) with the standard error of the paired differences."""
+    return Estimate.of(a - b)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
+                   local: bool = True, proposal: str = "auto", seed: int = 0,
+                   local_options: Optional[dict] = None, progress: bool = True):
+    """Every held-out number of one model on rows ``x``; returns (results dict, arrays dict).
+
+    - ``test_elbo``: the ELBO of the model's own guide (for a per-datapoint guide, that guide
+      fitted to the held-out rows from N(0, I), which is how such a model is used).
+    - ``test_elbo_local`` = L[q*]: a per-datapoint Normal fitted by ``local_inference``,
+      warm-started from the guide when it is amortized.
+    - ``test_log_px``: importance-sampled log p(x) with ``num_particles`` samples from
+      ``proposal``: ``"guide"`` (the encoder), ``"local"`` (q*), or ``"auto"`` (q* when fitted).
+    - ``approximation_gap`` = log p(x) - L[q*]; ``amortization_gap`` = L[q*] - L[q]
+      (amortized guides only; None otherwise), with standard errors of the paired differences.
+    - ``rate``/``distortion`` of the own guide; ``active_units`` of its posterior means.
+    """
+    start = time.perf_counter()
+    amortized = not getattr(guide, "is_local", False)
+    local_options = dict(local_options or {})
+    results: dict = {"num_rows": len(x), "num_particles": num_particles}
+    q_star = None
+    if local or not amortized:
+        with _bar(0, "local inference (steps)", progress) as bar:
+            fit_ = local_inference(model, x, init=guide if amortized else None, seed=seed,
+                                   progress=bar.update, **local_options)
+        q_star = fit_.guide
+        results.update(local_steps=fit_.steps, local_seconds=fit_.seconds)
+    own = guide if amortized else q_star
+    parts = elbo_parts(model, own, x, num_particles=10, seed=seed)
+    elbo = Estimate.of(parts.elbo)
+    results.update(test_elbo=elbo.mean, test_elbo_stderr=elbo.stderr,
+                   rate=float(parts.rate.mean()), distortion=float(parts.distortion.mean()))
+    if proposal == "auto":
+        proposal = "local" if q_star is not None else "guide"
+    if proposal == "local" and q_star is None:
+        raise ValueError("proposal 'local' needs local=True")
+    t0 = time.perf_counter()
+    with _bar(len(x), f"log p(x), K={num_particles}", progress) as bar:
+        lpx = log_px(model, q_star if proposal == "local" else own, x, num_particles,
+                     seed=seed, progress=bar.update)
+    est = Estimate.of(lpx)
+    results.update(test_log_px=est.mean, log_px_stderr=est.stderr, proposal=proposal,
+                   log_px_seconds=time.perf_counter() - t0)
+    if q_star is not None:
+        local_elbo = elbo_parts(model, q_star, x, num_particles=10, seed=seed).elbo
+        approx = _paired(lpx, local_elbo)
+        results.update(test_elbo_local=float(local_elbo.mean()),
+                       test_elbo_local_stderr=Estimate.of(local_elbo).stderr,
+                       approximation_gap=approx.mean, approximation_gap_stderr=approx.stderr)
+        if amortized:
+            amort = _paired(local_elbo, parts.elbo)
+            results.update(amortization_gap=amort.mean, amortization_gap_stderr=amort.stderr)
+        else:
+            results.update(amortization_gap=None, amortization_gap_stderr=None)
+    means = posterior_means(own, x)
+    results["active_units"] = active_units(means)
+    results["seconds"] = time.perf_counter() - start
+    return results, {"posterior_means": means}
+
+
+@own_rng
+@torch.no_grad()
+def figure_arrays(model, x: torch.Tensor, means: torch.Tensor, num_images: int = 16,
+                  seed: int = 0) -> dict:
+    """What the figures show, as arrays: inputs and reconstructions, prior samples, 2-D means.
+
+    Reconstructions and samples are the likelihood's mean image at the posterior mean and at
+    z ~ p(z). The 2-D view projects the posterior means on their first two principal axes.
+    """
+    recon = model.likelihood(model.decoder(means[:num_images])).mean
+    z = model.prior().sample((num_images * 4,))
+    samples = model.likelihood(model.decoder(z)).mean
+    centred = means - means.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return {"inputs": x[:num_images].cpu().numpy(), "reconstructions": recon.cpu().numpy(),
+            "samples": samples.cpu().numpy(), "pca": (centred @ v[:2].T).cpu().numpy()}

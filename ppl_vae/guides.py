@@ -43,6 +43,44 @@ class AmortizedNormal(nn.Module):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
+class AmortizedIAF(nn.Module):
+    """q(z | x): the amortized Normal pushed through inverse autoregressive flows.
+
+    z = f_T o ... o f_1 (eps), eps ~ N(mu(x), diag sigma(x)^2), each f_t an affine
+    autoregressive transform (Kingma et al. 2016; Pyro's ``AffineAutoregressive``, the
+    numerically stable variant), so q is no longer mean-field; log q(z | x) follows by the
+    change of variables, exactly, for sampled z. ``loc_scale`` gives the base Normal's
+    parameters (an approximation of q's mean for warm starts and the 2-D view).
+    """
+
+    is_local = False
+
+    def __init__(self, encoder: nn.Module, num_flows: int = 2, hidden: int = 0):
+        from pyro.distributions.transforms import affine_autoregressive
+        super().__init__()
+        self.encoder = encoder
+        dim = encoder.latent_dim
+        self.flows = nn.ModuleList([affine_autoregressive(dim, [hidden or 2 * dim], stable=True)
+                                    for _ in range(num_flows)])
+
+    @property
+    def latent_dim(self) -> int:
+        return self.encoder.latent_dim
+
+    def loc_scale(self, batch: Batch):
+        return self.encoder(batch.x)
+
+    def distribution(self, x: torch.Tensor):
+        loc, scale = self.encoder(x)
+        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), list(self.flows))
+
+    def forward(self, batch: Batch) -> None:
+        register("encoder", self.encoder)
+        register("flows", self.flows)
+        with data_plate(batch):
+            pyro.sample("z", self.distribution(batch.x))
+
+
 class LocalNormal(nn.Module):
     """q(z_n) = N(m_n, diag s_n^2) with free parameters for each of N datapoints, no encoder.
 
@@ -75,6 +113,22 @@ class LocalNormal(nn.Module):
         """(loc [B, L], scale [B, L]) of the rows ``idx``."""
         loc, raw = F.embedding(idx, self.params, sparse=self.sparse).chunk(2, dim=-1)
         return loc, F.softplus(raw) + 1e-5
+
+    @torch.no_grad()
+    def init_pca(self, x: torch.Tensor, scale: float = 0.5) -> "LocalNormal":
+        """Start every row at its image's principal-component scores (unit variance per axis).
+
+        A data-dependent start that involves no encoder: each datapoint gets a distinct,
+        informative code from the first step, where N(0, I) rows give the decoder nothing
+        to learn from until they have moved.
+        """
+        centred = x - x.mean(0)
+        _, _, v = torch.svd_lowrank(centred, q=self.latent_dim + 10, niter=4)
+        scores = centred @ v[:, :self.latent_dim]
+        loc = scores / scores.std(0).clamp_min(1e-6)
+        self.set_rows(torch.arange(len(x), device=x.device), loc,
+                      torch.full_like(loc, scale))
+        return self
 
     @torch.no_grad()
     def set_rows(self, idx: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:

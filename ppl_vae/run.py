@@ -23,7 +23,7 @@ from .errors import UserError
 from .evaluate import Estimate, elbo_parts, local_inference
 from .guides import LocalNormal
 from .optim import make_optimizers
-from .train import EpochMetrics, fit
+from .train import EpochMetrics, Interrupted, Position, fit
 
 EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
 ARCHITECTURE = ("dataset", "latent_dim", "hidden", "likelihood", "prior", "guide", "train_size")
@@ -140,7 +140,7 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     binarize = data.Binarize(config.binarize)
     train_split = binarize.prepare(splits.train, config.seed)
     model = build_model(config, train_split.x.shape[1]).to(device)
-    guide = build_guide(config, train_split.x.shape[1], len(train_split)).to(device)
+    guide = build_guide(config, train_split.x.shape[1], len(train_split), splits.train.x).to(device)
     model.likelihood.check(binarize(train_split.x[:1000]))
     optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps)
     x_valid = eval_pixels(config, splits.valid, config.valid_size)
@@ -151,12 +151,11 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
                                                    max_steps=100)
         return float(elbo.mean())
 
-    history, start_epoch = [], 0
+    history, position = [], None
     torch.manual_seed(config.seed + 2)
     if resume:
         state = checkpoint.load(out, warn=log)
-        saved = Config.from_dict(state["config"])
-        check_compatible(saved, config)
+        check_compatible(Config.from_dict(state["config"]), config)
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
         for opt, opt_state in zip(optimizers.all(), state["optimizers"]):
@@ -166,35 +165,49 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
                                                sparse=False).to(device)
             valid_state["guide"].load_state_dict(state["valid_guide"])
         history = [EpochMetrics(**m) for m in state["history"]]
-        start_epoch = len(history)
+        if state.get("position") is not None:
+            position = Position(**state["position"])
         checkpoint.set_rng_state(state["rng"])
-        log(f"resuming {out} after epoch {start_epoch}")
+        log(f"resuming {out} after epoch {len(history)}"
+            + (f", step {position.step} of epoch {position.epoch + 1}" if position else ""))
     if out is not None:
         (out / "config.json").write_text(json.dumps(
             {"config": config.to_dict(), "versions": versions(), "device": str(device)},
             indent=2) + "\n")
         _write_metrics(out, history)
 
-    def on_epoch(metrics: EpochMetrics) -> None:
+    def save(done: list, position: Optional[Position] = None) -> None:
         if out is None:
             return
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics._asdict()) + "\n")
         valid_guide = valid_state["guide"]
         checkpoint.save({
             "config": config.to_dict(), "model": model.state_dict(), "guide": guide.state_dict(),
             "optimizers": [o.state_dict() for o in optimizers.all()],
             "valid_guide": valid_guide.state_dict() if valid_guide is not None else None,
-            "history": [m._asdict() for m in history + [metrics]],
+            "history": [m._asdict() for m in done],
+            "position": position._asdict() if position is not None else None,
             "rng": checkpoint.rng_state()}, out)
 
+    def on_epoch(metrics: EpochMetrics) -> None:
+        done.append(metrics)
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics._asdict()) + "\n")
+        save(done)
+
+    done = list(history)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    history = fit(model, guide, build_objective(config), train_split, optimizers,
-                  config.epochs, config.batch_size, binarize, seed=config.seed,
-                  start_epoch=start_epoch, warmup_epochs=config.warmup_epochs,
-                  max_seconds=config.max_seconds, validate=validate, on_epoch=on_epoch,
-                  progress=progress, history=history)
+    try:
+        history = fit(model, guide, build_objective(config), train_split, optimizers,
+                      config.epochs, config.batch_size, binarize, seed=config.seed,
+                      start_epoch=len(history), warmup_epochs=config.warmup_epochs,
+                      max_seconds=config.max_seconds, validate=validate, on_epoch=on_epoch,
+                      progress=progress, history=history, position=position,
+                      on_divergence=config.on_divergence, log=log)
+    except Interrupted as e:
+        save(done, e.position)
+        raise
     return Trained(config, model, guide, splits, history, device)
 
 

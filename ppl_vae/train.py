@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 import time
 from typing import Callable, List, NamedTuple, Optional
 
@@ -51,7 +53,12 @@ def step(model, guide, objective, batch: Batch, optimizers: Optimizers,
     if optimizers.local is not None:
         table = guide.params
         for _ in range(optimizers.inner_steps):
-            (table.grad,) = torch.autograd.grad(objective(model, guide, batch), [table])
+            loss = objective(model, guide, batch)
+            (table.grad,) = torch.autograd.grad(loss, [table])
+            if guard and not (torch.isfinite(loss) and _finite(table.grad)):
+                table.grad = None
+                raise DivergenceError("non-finite loss or gradient in a local step; "
+                                      "the step was not applied")
             optimizers.local.step()
         table.grad = None
     optimizers.zero_grad()
@@ -68,15 +75,56 @@ def check_finite(loss: torch.Tensor, optimizers: Optimizers) -> bool:
     """True when the loss and every gradient are finite."""
     if not torch.isfinite(loss):
         return False
+    return all(_finite(p.grad) for opt in optimizers.all() for group in opt.param_groups
+               for p in group["params"] if p.grad is not None)
+
+
+def _finite(grad: torch.Tensor) -> bool:
+    values = grad.coalesce().values() if grad.is_sparse else grad
+    return bool(torch.isfinite(values).all())
+
+
+class Position(NamedTuple):
+    """Where an interrupted epoch stopped: the next step and what the epoch had summed so far."""
+
+    epoch: int  # 0-based epoch in progress
+    step: int  # next step within it
+    loss_sum: float  # sum of the epoch's step losses so far
+    seconds: float  # training time spent in the epoch so far
+    wall: float  # training time of the whole run so far
+    steps: int  # optimizer steps of the whole run so far
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT (Ctrl-C) after finishing its current step."""
+
+    def __init__(self, position: Position):
+        super().__init__(f"interrupted at epoch {position.epoch + 1}, step {position.step}")
+        self.position = position
+
+
+class _StopOnSigint:
+    """Turn SIGINT into a flag the loop reads between steps, so no step is cut in half."""
+
+    def __enter__(self):
+        self.flag = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def lower_lr(optimizers: Optimizers, factor: float = 0.5) -> None:
     for opt in optimizers.all():
         for group in opt.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    values = g.coalesce().values() if g.is_sparse else g
-                    if not torch.isfinite(values).all():
-                        return False
-    return True
+            group["lr"] *= factor
 
 
 def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: int,
@@ -84,13 +132,20 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
         warmup_epochs: int = 0, max_seconds: Optional[float] = None,
         validate: Optional[Callable[[], float]] = None,
         on_epoch: Optional[Callable[[EpochMetrics], None]] = None,
-        progress: bool = True, history: Optional[List[EpochMetrics]] = None) -> List[EpochMetrics]:
+        progress: bool = True, history: Optional[List[EpochMetrics]] = None,
+        position: Optional[Position] = None, on_divergence: str = "stop",
+        log: Callable[[str], None] = print) -> List[EpochMetrics]:
     """Train for epochs ``start_epoch .. epochs-1``; returns the per-epoch metrics.
 
     The data order of epoch e comes from a generator seeded with (seed, e), so two guides
     trained with the same seed see the same minibatches, and a resumed run sees the same
-    order as an uninterrupted one. ``validate()`` scores the model after every epoch;
-    ``on_epoch`` (checkpointing, logging) runs after it.
+    order as an uninterrupted one; ``position`` resumes inside an epoch. ``validate()``
+    scores the model after every epoch; ``on_epoch`` (checkpointing, logging) runs after it.
+
+    A non-finite loss or gradient never reaches the parameters: with ``on_divergence="stop"``
+    it raises ``DivergenceError`` naming the epoch and step; with ``"lower_lr"`` it halves
+    every learning rate, skips the batch and goes on (at most 10 times). Ctrl-C finishes the
+    current step and raises ``Interrupted`` carrying the position to resume from.
     """
     from tqdm.auto import tqdm
 
@@ -99,39 +154,60 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     steps_per_epoch = num_batches(n, batch_size)
     wall = history[-1].wall if history else 0.0
     total_steps = history[-1].steps if history else 0
+    if position is not None:
+        start_epoch, wall, total_steps = position.epoch, position.wall, position.steps
+    lowered = 0
     bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, disable=not progress,
                unit="step", dynamic_ncols=True, leave=False)
-    for epoch in range(start_epoch, epochs):
-        order = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        epoch_loss, start = torch.zeros((), device=train.x.device), time.perf_counter()
-        beta = objective.beta
-        for i, batch in enumerate(minibatches(train, batch_size, binarize, order)):
-            if warmup_epochs:
-                beta = beta_at(epoch, i, steps_per_epoch, warmup_epochs, objective.beta)
-                current = dataclasses.replace(objective, beta=beta)
-            else:
-                current = objective
-            try:
-                loss = step(model, guide, current, batch, optimizers)
-            except DivergenceError as e:
-                bar.close()
-                raise DivergenceError(f"epoch {epoch + 1}, step {i + 1}: {e}") from None
-            epoch_loss += loss
-            total_steps += 1
-            if i % 20 == 0:
-                bar.set_postfix(epoch=epoch + 1, elbo=f"{-float(loss) / n:.2f}")
-            bar.update(1)
-        seconds = time.perf_counter() - start
-        wall += seconds
-        valid = validate() if validate is not None else math.nan
-        metrics = EpochMetrics(epoch + 1, -float(epoch_loss) / (n * steps_per_epoch), valid,
-                               seconds, wall, total_steps, beta)
-        history.append(metrics)
-        bar.write(f"epoch {epoch + 1:3d}  train {metrics.train_elbo:9.3f}  "
-                  f"valid {valid:9.3f}  {seconds:6.1f}s") if progress else None
-        if on_epoch is not None:
-            on_epoch(metrics)
-        if max_seconds is not None and wall >= max_seconds:
-            break
+    with _StopOnSigint() as sigint:
+        for epoch in range(start_epoch, epochs):
+            order = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            first, loss_sum, before = 0, 0.0, 0.0
+            if position is not None and epoch == position.epoch:
+                first, loss_sum, before = position.step, position.loss_sum, position.seconds
+                bar.update(first)
+            epoch_loss, start = torch.zeros((), device=train.x.device), time.perf_counter()
+            beta = objective.beta
+            batches = minibatches(train, batch_size, binarize, order, start=first)
+            for i, batch in enumerate(batches, start=first):
+                if warmup_epochs:
+                    beta = beta_at(epoch, i, steps_per_epoch, warmup_epochs, objective.beta)
+                    current = dataclasses.replace(objective, beta=beta)
+                else:
+                    current = objective
+                try:
+                    loss = step(model, guide, current, batch, optimizers)
+                except DivergenceError as e:
+                    where = f"epoch {epoch + 1}, step {i + 1}: {e}"
+                    if on_divergence != "lower_lr" or lowered >= 10:
+                        bar.close()
+                        raise DivergenceError(where) from None
+                    lowered += 1
+                    lower_lr(optimizers)
+                    log(f"{where}; learning rates halved, batch skipped")
+                    continue
+                epoch_loss += loss
+                total_steps += 1
+                if i % 20 == 0:
+                    bar.set_postfix(epoch=epoch + 1, elbo=f"{-float(loss) / n:.2f}")
+                bar.update(1)
+                if sigint.flag:
+                    bar.close()
+                    seconds = before + time.perf_counter() - start
+                    raise Interrupted(Position(epoch, i + 1, loss_sum + float(epoch_loss),
+                                               seconds, wall + seconds - before, total_steps))
+            seconds = before + time.perf_counter() - start
+            wall += seconds - before
+            valid = validate() if validate is not None else math.nan
+            train_elbo = -(loss_sum + float(epoch_loss)) / (n * steps_per_epoch)
+            metrics = EpochMetrics(epoch + 1, train_elbo, valid, seconds, wall, total_steps, beta)
+            history.append(metrics)
+            if progress:
+                bar.write(f"epoch {epoch + 1:3d}  train {metrics.train_elbo:9.3f}  "
+                          f"valid {valid:9.3f}  {seconds:6.1f}s")
+            if on_epoch is not None:
+                on_epoch(metrics)
+            if max_seconds is not None and wall >= max_seconds:
+                break
     bar.close()
     return history

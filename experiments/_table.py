@@ -1,0 +1,27 @@
+"""Shared by the experiment scripts: run one configuration to a result row, print tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+from ppl_vae.compare import evaluate_trained
+from ppl_vae.config import Config
+from ppl_vae.run import finish, fit_run
+
+
+def train_and_score(config: Config, out: Path, num_particles: int, local: bool = False,
+                    progress: bool = True) -> Dict:
+    """Train ``config`` into ``out`` and return its summary merged with held-out results."""
+    trained = fit_run(config, out, overwrite=True, progress=progress)
+    summary = finish(trained, out, progress=progress)
+    results, _ = evaluate_trained(trained, num_particles, local=local, progress=progress)
+    (Path(out) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    return {**summary, **results}
+
+
+def markdown(rows: List[Dict], columns: List[str]) -> str:
+    def cell(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(cell(r.get(c)) for c in columns) + " |\n" for r in rows)

@@ -1,0 +1,221 @@
+"""Benchmark: ppl_vae's SVI steps against a hand-written PyTorch VAE and Pyro's tutorial VAE.
+
+Same data (binarized MNIST), architecture (784-400-50 MLPs) and batch sizes; medians over
+interleaved repeats after a warm-up; CUDA synchronized before clocks are read. Prints a table
+of ms per step with the ratios ppl_vae / hand-written and ppl_vae / plain Pyro, and saves JSON.
+
+    uv run python experiments/bench.py                    # full (CPU; CUDA too when present)
+    uv run python experiments/bench.py --smoke            # seconds, for the tests
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import Adam as PyroAdam
+
+from ppl_vae import data, guides, nets, objectives, optim, priors, train
+from ppl_vae.evaluate import log_px
+from ppl_vae.likelihoods import Bernoulli
+from ppl_vae.model import VAEModel
+
+
+class HandVAE(nn.Module):
+    """The same VAE written directly in PyTorch: the reference limit."""
+
+    def __init__(self, d=784, h=400, z=50):
+        super().__init__()
+        self.enc = nets.mlp([d, h, 2 * z])
+        self.dec = nets.mlp([z, h, d])
+
+    def loss(self, x):
+        loc, raw = self.enc(x).chunk(2, -1)
+        scale = F.softplus(raw) + 1e-5
+        z = loc + scale * torch.randn_like(loc)
+        rec = -F.binary_cross_entropy_with_logits(self.dec(z), x, reduction="sum")
+        kl = (0.5 * (loc ** 2 + scale ** 2 - 1) - scale.log()).sum()
+        return -(rec - kl)
+
+
+def hand_step(model, opt, x):
+    opt.zero_grad(set_to_none=True)
+    loss = model.loss(x)
+    loss.backward()
+    opt.step()
+
+
+class TutorialVAE(nn.Module):
+    """Pyro's VAE tutorial: pyro.module, SVI + Trace_ELBO + pyro.optim.Adam, a DataLoader."""
+
+    def __init__(self, d=784, h=400, z=50):
+        super().__init__()
+        self.enc, self.dec, self.z = nets.mlp([d, h, 2 * z]), nets.mlp([z, h, d]), z
+
+    def model(self, x):
+        pyro.module("dec", self.dec)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.z), 1.0).expand([self.z]).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("enc", self.enc)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.enc(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-5).to_event(1))
+
+
+def timed(fn, sync, n):
+    """Median over ``n`` calls of one call's seconds."""
+    out = []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def ours(n, device, local=False):
+    model = VAEModel(nets.Decoder(50, [400], 784), Bernoulli(), priors.StandardNormal(50)).to(device)
+    if local:
+        guide = guides.LocalNormal(n, 50).to(device)
+        opts = optim.make_optimizers(model, guide, 1e-3, 0.1, inner_steps=0)
+    else:
+        guide = guides.AmortizedNormal(nets.Encoder(784, [400], 50)).to(device)
+        opts = optim.make_optimizers(model, guide, 1e-3)
+    return model, guide, opts
+
+
+def bench_device(device, batch_sizes, repeats, steps, local_sizes, epoch, logpx_k, logpx_rows):
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    splits = data.load("mnist")
+    train_x = splits.train.x.to(device)
+    binar = data.Binarize("dynamic")
+    rows = {}
+    for b in batch_sizes:
+        g = torch.Generator().manual_seed(b)
+        idx = torch.randint(len(train_x), (b,), generator=g).to(device)
+        x = torch.bernoulli(train_x[idx])
+        hand = HandVAE().to(device)
+        hand_opt = torch.optim.Adam(hand.parameters(), 1e-3)
+        tut = TutorialVAE().to(device)
+        pyro.clear_param_store()
+        svi = SVI(tut.model, tut.guide, PyroAdam({"lr": 1e-3}), Trace_ELBO())
+        model, guide, opts = ours(len(train_x), device)
+        objective = objectives.ELBO()
+        batch = data.Batch(x, idx, len(train_x))
+        cases = {
+            "hand-written PyTorch": lambda: hand_step(hand, hand_opt, x),
+            "plain Pyro (tutorial)": lambda: svi.step(x),
+            "ppl_vae amortized": lambda: train.step(model, guide, objective, batch, opts),
+        }
+        for n in local_sizes:
+            m, gd, o = ours(n, device, local=True)
+            bidx = torch.randint(n, (b,), generator=g).to(device)
+            cases[f"ppl_vae per-datapoint N={n:,}"] = (
+                lambda m=m, gd=gd, o=o, bidx=bidx, n=n:
+                train.step(m, gd, objective, data.Batch(x, bidx, n), o))
+        times = {k: [] for k in cases}
+        for fn in cases.values():  # warm-up
+            for _ in range(5):
+                fn()
+        for _ in range(repeats):  # interleaved
+            for k, fn in cases.items():
+                times[k].append(timed(fn, sync, steps))
+        rows[b] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    result = {"ms_per_step": rows}
+    if epoch:
+        result["seconds_per_epoch"] = epoch_times(device, train_x, binar, sync)
+    if logpx_k:
+        model, guide, _ = ours(len(train_x), device)
+        x_test = torch.bernoulli(splits.test.x[:logpx_rows].to(device))
+        sync()
+        t = time.perf_counter()
+        log_px(model, guide, x_test, logpx_k)
+        sync()
+        result["log_px_seconds"] = time.perf_counter() - t
+        result["log_px_setting"] = {"K": logpx_k, "rows": len(x_test)}
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return result
+
+
+def epoch_times(device, train_x, binar, sync, batch_size=128):
+    """One epoch of each: ppl_vae's fit and the tutorial's SVI loop over a DataLoader."""
+    model, guide, opts = ours(len(train_x), device)
+    split = data.Split(train_x, torch.zeros(len(train_x), dtype=torch.long, device=device))
+    sync()
+    t = time.perf_counter()
+    train.fit(model, guide, objectives.ELBO(), split, opts, 1, batch_size, binar, progress=False)
+    sync()
+    ours_s = time.perf_counter() - t
+    tut = TutorialVAE().to(device)
+    pyro.clear_param_store()
+    svi = SVI(tut.model, tut.guide, PyroAdam({"lr": 1e-3}), Trace_ELBO())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x.cpu()),
+                                         batch_size=batch_size, shuffle=True)
+    sync()
+    t = time.perf_counter()
+    for (x,) in loader:
+        svi.step(torch.bernoulli(x.to(device)))
+    sync()
+    return {"ppl_vae": ours_s, "plain Pyro (tutorial)": time.perf_counter() - t}
+
+
+def table(name, result) -> str:
+    lines = [f"### {name}", "", "| batch | " + " | ".join(next(iter(result["ms_per_step"].values())))
+             + " | ours/hand | ours/Pyro |", "|---" * (len(next(iter(result["ms_per_step"].values()))) + 3) + "|"]
+    for b, row in result["ms_per_step"].items():
+        ours_ms = row["ppl_vae amortized"]
+        lines.append(f"| {b} | " + " | ".join(f"{v:.2f}" for v in row.values())
+                     + f" | {ours_ms / row['hand-written PyTorch']:.2f} | "
+                       f"{ours_ms / row['plain Pyro (tutorial)']:.2f} |")
+    if "seconds_per_epoch" in result:
+        e = result["seconds_per_epoch"]
+        lines.append(f"\nepoch (50k rows, batch 128): ppl_vae {e['ppl_vae']:.2f} s, plain Pyro "
+                     f"{e['plain Pyro (tutorial)']:.2f} s, ratio {e['ppl_vae'] / e['plain Pyro (tutorial)']:.2f}")
+    if "log_px_seconds" in result:
+        s = result["log_px_setting"]
+        lines.append(f"\nlog p(x), K={s['K']} over {s['rows']:,} test rows: {result['log_px_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny settings, seconds")
+    p.add_argument("--out", type=Path, default=Path("runs/bench.json"))
+    p.add_argument("--no-logpx", action="store_true", help="skip the K=5000 log p(x) timing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        kw = dict(batch_sizes=[32], repeats=2, steps=2, local_sizes=[1000], epoch=False,
+                  logpx_k=10, logpx_rows=20)
+    else:
+        kw = dict(batch_sizes=[32, 128, 512], repeats=7, steps=20,
+                  local_sizes=[50_000, 1_000_000], epoch=True,
+                  logpx_k=0 if args.no_logpx else 5000, logpx_rows=10_000)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    doc = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "pyro": pyro.__version__, "date": time.strftime("%Y-%m-%d"),
+           "settings": kw}
+    for device in devices:
+        doc[device.type] = bench_device(device, **kw)
+        print(table(device.type, doc[device.type]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Which likelihood for grayscale MNIST? Continuous Bernoulli vs Normal (per-pixel / shared scale).
+
+All on grayscale pixels in [0, 1] (``--binarize none``), amortized guide, same budget. A
+Bernoulli is refused on grayscale data (it does not normalize over [0, 1]). Densities of
+different likelihood families are on different scales, so compare ELBO and log p(x) within
+a family and read the figures for quality.
+
+    uv run python experiments/likelihoods.py --epochs 10       # the table in experiments/README.md
+    uv run python experiments/likelihoods.py --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _table import markdown, train_and_score
+from ppl_vae.config import Config
+
+LIKELIHOODS = ["continuous_bernoulli", "normal", "normal_shared"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--num-particles", type=int, default=1000)
+    p.add_argument("--out", type=Path, default=Path("runs/likelihoods"))
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    base = Config(binarize="none", epochs=args.epochs)
+    if args.smoke:
+        base = base.replace(epochs=1, train_size=300, valid_size=100, test_size=100,
+                            hidden=(32,), latent_dim=4)
+        args.num_particles = 10
+    rows = []
+    for name in LIKELIHOODS:
+        r = train_and_score(base.replace(likelihood=name), args.out / name, args.num_particles,
+                            progress=not args.smoke)
+        rows.append({"likelihood": name, **r})
+    table = markdown(rows, ["likelihood", "epochs", "test_elbo", "test_log_px", "log_px_stderr",
+                            "rate", "distortion", "active_units", "seconds_per_epoch"])
+    print(table)
+    (args.out / "table.md").write_text(table)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The ``ppl-vae`` command: train, evaluate and compare.
+
+Every user error is one line on stderr and exit code 2; options map one-to-one onto
+``Config`` fields, so the CLI and the Python API cannot drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, get_args
+
+from .config import Config
+from .errors import UserError
+from .train import DivergenceError, Interrupted
+
+HELP = {
+    "dataset": "data set", "data_dir": "folder with the dataset's raw files (default: shipped MNIST)",
+    "binarize": "dynamic: fresh Bernoulli draw per minibatch; static: one seeded draw; none: grayscale",
+    "latent_dim": "dimension of z", "hidden": "hidden layer sizes of decoder (and encoder, reversed)",
+    "likelihood": "p(x|z)", "prior": "p(z)", "guide": "amortized (encoder), meanfield (per-datapoint table) or iaf (encoder + flows)",
+    "objective": "training objective", "num_particles": "particles of the training objective",
+    "dreg": "doubly reparameterized gradients for --objective iwae",
+    "beta": "KL weight of the ELBO objectives", "warmup_epochs": "linear KL warm-up from 0 to beta",
+    "epochs": "training epochs", "batch_size": "minibatch size", "lr": "Adam learning rate of the networks",
+    "local_lr": "meanfield: learning rate of the per-datapoint table",
+    "inner_steps": "meanfield: local-only steps per minibatch before each joint step",
+    "local_init": "meanfield: start rows at the data's principal-component scores (pca) or at N(0, I)",
+    "on_divergence": "on a non-finite loss: stop with the last good checkpoint, or lower_lr (halve rates, go on)",
+    "max_seconds": "stop training once this much training time has passed",
+    "train_size": "use only the first N training rows", "valid_size": "validation rows scored each epoch",
+    "test_size": "evaluate on the first N test rows only", "seed": "seed of initialization, data order and noise",
+    "device": "auto (CUDA when available), cpu or cuda[:N]",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _add_config(parser: argparse.ArgumentParser, defaults: Config) -> None:
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kind = f.type if isinstance(f.type, str) else str(f.type)
+        help_ = HELP.get(f.name, "") + f" (default: {default})"
+        if f.name == "hidden":
+            parser.add_argument(flag, type=int, nargs="+", default=list(default), help=help_)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_)
+        else:
+            choices = _choices(f.name)
+            typ = int if "int" in kind else float if "float" in kind else str
+            parser.add_argument(flag, type=typ, default=default, help=help_,
+                                metavar=("{" + ",".join(choices) + "}") if choices else None)
+
+
+def _choices(name: str):
+    from . import config as c
+    table = {"dataset": c.DatasetName, "binarize": c.BinarizeName, "likelihood": c.LikelihoodName,
+             "prior": c.PriorName, "guide": c.GuideName, "objective": c.ObjectiveName,
+             "local_init": c.LocalInitName, "on_divergence": c.DivergenceName}
+    return get_args(table[name]) if name in table else None
+
+
+def _config(args) -> Config:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    values["hidden"] = tuple(values["hidden"])
+    return Config(**values).validate()
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="ppl-vae", description="VAEs as Pyro programs: amortized vs mean-field SVI.")
+    sub = p.add_subparsers(dest="command", parser_class=Parser, required=True)
+
+    t = sub.add_parser("train", help="train one model and score it on the test set")
+    _add_config(t, Config())
+    t.add_argument("--out", type=Path, default=Path("runs/train"), help="run folder")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--evaluate", action="store_true",
+                   help="run `evaluate` (log p(x), figures) at the end")
+    t.add_argument("--num-particles-eval", type=int, default=5000, help="K of log p(x) with --evaluate")
+
+    e = sub.add_parser("evaluate", help="log p(x), gaps, rate/distortion, figures of a run")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--num-particles", type=int, default=5000, help="K of log p(x) (default 5000)")
+    e.add_argument("--split", default="test", help="test or valid (default test)")
+    e.add_argument("--proposal", default="auto",
+                   help="log p(x) proposal: auto (q* for meanfield, encoder for amortized), guide, local")
+    e.add_argument("--local", action=argparse.BooleanOptionalAction, default=None,
+                   help="also fit q* for L[q*] and the gaps (default: only for meanfield)")
+    e.add_argument("--test-size", type=int, default=None, help="evaluate on the first N rows only")
+    e.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
+
+    c = sub.add_parser("compare", help="amortized vs mean-field on the same decoder and budget")
+    _add_config(c, COMPARE_DEFAULTS)
+    c.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
+    c.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
+    c.add_argument("--quick", action="store_true",
+                   help="a first look in about 2 minutes: 10k training rows, 2k test rows, K=100")
+    c.add_argument("--num-particles-eval", type=int, default=1000, help="K of log p(x) (default 1000)")
+    c.add_argument("--guides", nargs="+", default=["amortized", "meanfield"],
+                   help="guides to compare (default: amortized meanfield); iaf adds a flow guide")
+    return p
+
+
+# The default comparison fits a 2-core CPU in 15 minutes; larger budgets by flags.
+COMPARE_DEFAULTS = Config(epochs=100, max_seconds=240.0)
+QUICK = dict(train_size=10_000, test_size=2000, valid_size=500, epochs=100, max_seconds=30.0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Interrupted) as e:
+        where = f" ({e})" if isinstance(e, Interrupted) else ""
+        print(f"interrupted{where}; the checkpoint is kept: continue with --resume",
+              file=sys.stderr)
+        return 130
+    except DivergenceError as e:
+        print(f"error: training diverged at {e}; the last good checkpoint is kept. Try a "
+              f"smaller --lr or --on-divergence lower_lr", file=sys.stderr)
+        return 1
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from .run import train_run
+        config = _config(args)
+        if args.num_particles_eval <= 0:
+            raise UserError("--num-particles-eval must be positive")
+        train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
+        if args.evaluate:
+            from .report import evaluate_run
+            evaluate_run(args.out, args.num_particles_eval)
+        return 0
+    if args.command == "evaluate":
+        from .report import evaluate_run
+        if args.num_particles <= 0:
+            raise UserError("--num-particles must be positive")
+        evaluate_run(args.run_dir, args.num_particles, split=args.split, proposal=args.proposal,
+                     local=args.local, test_size=args.test_size, device=args.device)
+        return 0
+    if args.command == "compare":
+        from .compare import compare
+        config = _config(args)
+        k = args.num_particles_eval
+        if args.quick:
+            config = config.replace(**QUICK)
+            k = min(k, 100)
+        if k <= 0:
+            raise UserError("--num-particles-eval must be positive")
+        doc = compare(config, args.out, num_particles=k, overwrite=args.overwrite,
+                      guides=args.guides)
+        print(json.dumps({g: {key: doc[g].get(key) for key in (
+            "test_elbo", "test_elbo_local", "test_log_px", "approximation_gap",
+            "amortization_gap")} for g in args.guides}, indent=2))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

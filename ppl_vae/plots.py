@@ -1,0 +1,137 @@
+"""Figures, drawn from saved results only (metrics.jsonl, eval.json, results.json, arrays.npz)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_metrics(run_dir: Path) -> List[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves(histories: Dict[str, List[dict]], path: Path, title: str = "") -> Path:
+    """Train (dashed) and validation (solid) ELBO against epoch and against training time."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for (name, history), colour in zip(histories.items(), plt.rcParams["axes.prop_cycle"]):
+        c = colour["color"]
+        epochs = [m["epoch"] for m in history]
+        wall = [m["wall"] for m in history]
+        for ax, xs in zip(axes, (epochs, wall)):
+            ax.plot(xs, [m["train_elbo"] for m in history], "--", color=c, label=f"{name} train")
+            ax.plot(xs, [m["valid_elbo"] for m in history], "-", color=c, label=f"{name} valid")
+    valid = [m["valid_elbo"] for h in histories.values() for m in h]
+    valid = [v for v in valid if np.isfinite(v)]
+    if valid:
+        top = max(valid)
+        axes[0].set_ylim(top - 40, top + 5)
+    axes[0].set_xlabel("epoch")
+    axes[1].set_xlabel("training time (s)")
+    axes[0].set_ylabel("ELBO per image (nats)")
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "training curves")
+    return _save(fig, path)
+
+
+def _tile(images: np.ndarray, cols: int) -> np.ndarray:
+    """[N, D] images of side sqrt(D) -> one [rows*s, cols*s] mosaic."""
+    n, d = images.shape
+    s = int(round(d ** 0.5))
+    rows = -(-n // cols)
+    out = np.ones((rows * s, cols * s))
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        out[r * s:(r + 1) * s, c * s:(c + 1) * s] = img.reshape(s, s)
+    return out
+
+
+def image_rows(rows: Dict[str, np.ndarray], path: Path, title: str) -> Path:
+    """One labelled row of images per entry (inputs, then reconstructions, ...)."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.0 * len(rows) + 0.6), squeeze=False)
+    for ax, (name, images) in zip(axes[:, 0], rows.items()):
+        ax.imshow(_tile(images, len(images)), cmap="gray", vmin=0, vmax=1)
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def samples(images: np.ndarray, path: Path, title: str = "samples from the prior") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 8 * (-(-len(images) // 8)) / 8))
+    ax.imshow(_tile(images, 8), cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def latent(pca: np.ndarray, labels: np.ndarray, path: Path,
+           title: str = "posterior means, first two principal axes") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    points = ax.scatter(pca[:, 0], pca[:, 1], c=labels, cmap="tab10", s=2, alpha=0.6)
+    fig.colorbar(points, ax=ax, ticks=range(10), label="digit")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def gaps(results: Dict[str, dict], path: Path) -> Path:
+    """Approximation and amortization gaps (nats) per guide, with 2-stderr error bars."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(results)
+    kinds = [("approximation_gap", "approximation gap  log p(x) - L[q*]"),
+             ("amortization_gap", "amortization gap  L[q*] - L[q]")]
+    width = 0.38
+    for j, (key, label) in enumerate(kinds):
+        xs = np.arange(len(names)) + (j - 0.5) * width
+        values = [results[n].get(key) for n in names]
+        errs = [results[n].get(key + "_stderr") for n in names]
+        ax.bar(xs, [v or 0.0 for v in values], width, yerr=[2 * (e or 0.0) for e in errs],
+               label=label, capsize=3)
+        for x_, v in zip(xs, values):
+            ax.annotate("n/a" if v is None else f"{v:.2f}", (x_, v or 0.0), ha="center",
+                        va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("nats per image")
+    ax.set_title("inference gaps on the test set")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def run_figures(run_dir: Path, arrays: Path, labels: Sequence[int],
+                name: str = "model") -> List[Path]:
+    """The figures of one evaluated run: curves, reconstructions, samples, latent view."""
+    run_dir = Path(run_dir)
+    a = np.load(arrays)
+    return [
+        curves({name: read_metrics(run_dir)}, run_dir / "curves.png"),
+        image_rows({"input": a["inputs"], "reconstruction": a["reconstructions"]},
+                   run_dir / "reconstructions.png", "test images and their reconstructions"),
+        samples(a["samples"], run_dir / "samples.png"),
+        latent(a["pca"], np.asarray(labels), run_dir / "latent.png"),
+    ]

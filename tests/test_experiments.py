@@ -1,0 +1,44 @@
+"""Every experiment script runs in its smoke mode (tiny sizes, seconds)."""
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def run_script(name, args, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    return runpy.run_path(str(EXPERIMENTS / name), run_name="__main__")
+
+
+@pytest.mark.parametrize("name", ["likelihoods.py", "objectives.py"])
+def test_table_experiments_smoke(name, monkeypatch, tmp_path):
+    run_script(name, ["--smoke", "--out", str(tmp_path / "out")], monkeypatch, tmp_path)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table.count("\n") == 2 + 3  # header, rule, three rows
+    assert "nan" not in table
+
+
+def test_meanfield_budget_smoke(monkeypatch, tmp_path):
+    run_script("meanfield_budget.py", ["--smoke", "--out", str(tmp_path / "out")], monkeypatch,
+               tmp_path)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table.count("\n") == 2 + 3 and "nan" not in table
+
+
+def test_local_inference_smoke(monkeypatch, tmp_path, capsys):
+    run_script("local_inference.py", ["--smoke"], monkeypatch, tmp_path)
+    out = capsys.readouterr().out
+    assert '"difference"' in out
+
+
+def test_bench_smoke(monkeypatch, tmp_path):
+    run_script("bench.py", ["--smoke", "--out", str(tmp_path / "bench.json")], monkeypatch, tmp_path)
+    import json
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    row = doc["cpu"]["ms_per_step"]["32"]
+    assert row["hand-written PyTorch"] > 0 and row["ppl_vae amortized"] > 0
