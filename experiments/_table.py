@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ppl_vae.compare import evaluate_trained
+from ppl_vae.evaluate import Estimate
 from ppl_vae.config import Config
 from ppl_vae.run import finish, fit_run
 
@@ -14,8 +15,8 @@ def train_and_score(config: Config, out: Path, num_particles: int, local: bool =
                     progress: bool = True) -> Dict:
     """Train ``config`` into ``out`` and return its summary merged with held-out results."""
     trained = fit_run(config, out, overwrite=True, progress=progress)
-    summary = finish(trained, out, progress=progress)
     results, _ = evaluate_trained(trained, num_particles, local=local, progress=progress)
+    summary = finish(trained, out, test=Estimate(results["test_elbo"], results["test_elbo_stderr"]))
     (Path(out) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     return {**summary, **results}
 

@@ -110,7 +110,7 @@ def build_parser() -> Parser:
 
 
 # The default comparison fits a 2-core CPU in 15 minutes; larger budgets by flags.
-COMPARE_DEFAULTS = Config(epochs=100, max_seconds=240.0)
+COMPARE_DEFAULTS = Config(epochs=1000, max_seconds=200.0, test_size=5000)
 QUICK = dict(train_size=10_000, test_size=2000, valid_size=500, epochs=100, max_seconds=30.0)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import plots
 from .config import Config
-from .evaluate import evaluate_model, figure_arrays
+from .evaluate import Estimate, evaluate_model, figure_arrays
 from .run import EVAL_SEED, eval_pixels, finish, fit_run, memory_summary, prepare_out, versions
 
 GUIDES = ("amortized", "meanfield")
@@ -28,6 +28,9 @@ def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local:
                      local_options: Optional[dict] = None):
     """``evaluate_model`` on a trained run's held-out split; returns (results, arrays)."""
     held_out = trained.splits.get(split)
+    rows = trained.config.test_size
+    if rows is not None:  # load_splits cut the test split; cut any other the same way
+        held_out = type(held_out)(held_out.x[:rows], held_out.y[:rows])
     x = eval_pixels(trained.config, held_out)
     results, arrays = evaluate_model(trained.model, trained.guide, x, num_particles, local=local,
                                      proposal=proposal, seed=EVAL_SEED, progress=progress,
@@ -58,9 +61,10 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         log(f"== training the {guide} guide")
         trained = fit_run(config.replace(guide=guide), out / guide, overwrite=overwrite,
                           progress=progress, log=log)
-        summary = finish(trained, out / guide, log=log)
         log(f"== evaluating the {guide} model")
         res, arrays[guide] = evaluate_trained(trained, num_particles, progress=progress)
+        summary = finish(trained, out / guide, log=log,
+                         test=Estimate(res["test_elbo"], res["test_elbo_stderr"]))
         res.update(train_seconds=summary["train_seconds"], epochs=summary["epochs"],
                    steps_per_second=summary["steps_per_second"],
                    seconds_per_epoch=summary["seconds_per_epoch"], **memory_summary(trained))

@@ -59,12 +59,12 @@ class Config:
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
-    local_lr: float = 0.05  # per-datapoint guide: RowAdam learning rate of the table
-    inner_steps: int = 3  # per-datapoint guide: local-only steps per minibatch
+    local_lr: float = 0.2  # per-datapoint guide: RowAdam learning rate of the table
+    inner_steps: int = 1  # per-datapoint guide: local-only steps per minibatch
     local_init: LocalInitName = "pca"  # per-datapoint guide: where the table's rows start
     max_seconds: Optional[float] = None  # stop training after this much training time
     train_size: Optional[int] = None  # use the first n training rows (smoke runs)
-    valid_size: int = 2000  # validation rows scored every epoch
+    valid_size: int = 1000  # validation rows scored every epoch
     test_size: Optional[int] = None  # evaluate on the first n test rows (default: all)
     on_divergence: DivergenceName = "stop"  # non-finite loss: stop, or halve the rates and go on
     seed: int = 0
@@ -94,6 +94,12 @@ class Config:
             raise UserError("--inner-steps, --warmup-epochs and --beta must be >= 0")
         if self.dreg and self.objective != "iwae":
             raise UserError("--dreg applies to --objective iwae only")
+        if self.dreg and self.guide == "iaf":
+            raise UserError("--dreg needs a Normal guide; with --guide iaf drop --dreg or use "
+                            "--guide amortized or meanfield")
+        if self.warmup_epochs and self.objective == "iwae":
+            raise UserError("--warmup-epochs weights the KL term of the ELBO objectives; "
+                            "IWAE has none: drop it or use --objective elbo")
         if self.objective == "iwae" and self.beta != 1.0:
             raise UserError("--beta applies to the ELBO objectives; IWAE has no separate KL term")
         resolve_device(self.device)

@@ -21,7 +21,7 @@ import torch
 
 from .data import Batch
 from .guides import LocalNormal
-from .objectives import ELBO, log_weights
+from .objectives import AnalyticKLELBO, log_weights
 
 Progress = Optional[Callable[[int], None]]  # called with the number of rows (or steps) done
 
@@ -137,18 +137,22 @@ class LocalFit(NamedTuple):
 
 
 @own_rng
-def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05,
-                    max_steps: int = 3000, window: int = 50, tol: float = 0.01,
-                    decays: int = 4, num_particles: int = 1, chunk_size: int = 5000,
-                    seed: int = 0, progress: Progress = None) -> LocalFit:
+def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objective=None,
+                    max_steps: int = 3000, window: int = 30, tol: float = 0.01,
+                    decays: int = 6, chunk_size: int = 5000, seed: int = 0,
+                    progress: Progress = None) -> LocalFit:
     """Fit q*(z_n) = N(m_n, diag s_n^2) for every row of ``x`` by maximizing its ELBO.
 
     Adam on the table's rows from ``init`` (any guide with ``loc_scale(batch)`` over these rows:
     an amortized guide, or an earlier fit to warm-start; ``None`` starts at N(0, I)), with the
     decoder frozen.
+    The objective defaults to the ELBO with the KL in closed form (one sample for the
+    reconstruction term): its gradient has less variance than the all-Monte-Carlo ELBO's,
+    and it falls back to Monte Carlo where no closed form exists.
     Stopping rule: every ``window`` steps compare the mean per-datapoint loss with the previous
     window's; when it improved by less than ``tol`` nats, halve the learning rate; stop after
-    the ``decays``-th halving or at ``max_steps``.
+    the ``decays``-th halving or at ``max_steps``. On a 30-epoch MNIST decoder this lands
+    within 0.02 nats of a 3000-step cosine-decayed fit (experiments/local_inference.py).
     """
     start_time = time.perf_counter()
     n, device = len(x), x.device
@@ -158,7 +162,7 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05,
             with torch.no_grad():
                 loc, scale = init.loc_scale(batch)
             guide.set_rows(batch.idx, loc, scale)
-    objective = ELBO(num_particles)
+    objective = objective or AnalyticKLELBO()
     total_steps = 0
     for batch in batches_of(x, chunk_size):
         chunk = LocalNormal(len(batch.idx), model.latent_dim, sparse=False).to(device)
@@ -280,5 +284,8 @@ def figure_arrays(model, x: torch.Tensor, means: torch.Tensor, num_images: int =
     samples = model.likelihood(model.decoder(z)).mean
     centred = means - means.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    pca = centred @ v[:2].T  # [N, min(2, L)]
+    if pca.shape[1] < 2:  # a one-dimensional latent space: plot it against zero
+        pca = torch.cat([pca, torch.zeros_like(pca)], dim=1)
     return {"inputs": x[:num_images].cpu().numpy(), "reconstructions": recon.cpu().numpy(),
-            "samples": samples.cpu().numpy(), "pca": (centred @ v[:2].T).cpu().numpy()}
+            "samples": samples.cpu().numpy(), "pca": pca.cpu().numpy()}

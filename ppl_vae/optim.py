@@ -37,7 +37,7 @@ class RowAdam(torch.optim.Optimizer):
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["steps"] = torch.zeros(p.shape[0], device=p.device)
+                    state["steps"] = torch.zeros(p.shape[0], device=p.device, dtype=p.dtype)
                 steps = state["steps"].index_add_(0, rows, torch.ones_like(rows, dtype=p.dtype))
                 t = steps[rows].unsqueeze(-1)  # [R, 1]
                 m = state["exp_avg"][rows].lerp_(values, 1 - beta1)
@@ -47,6 +47,22 @@ class RowAdam(torch.optim.Optimizer):
                 m_hat = m / (1 - beta1 ** t)
                 v_hat = v / (1 - beta2 ** t)
                 p[rows] = p[rows] - group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
+
+
+def save_rows(optimizer: RowAdam, p: torch.Tensor, rows: torch.Tensor) -> dict:
+    """Copies of rows ``rows`` of ``p`` and of its RowAdam state, for ``restore_rows``."""
+    saved = {"param": p.detach()[rows].clone()}
+    for key, value in optimizer.state.get(p, {}).items():
+        saved[key] = value[rows].clone()
+    return saved
+
+
+@torch.no_grad()
+def restore_rows(optimizer: RowAdam, p: torch.Tensor, rows: torch.Tensor, saved: dict) -> None:
+    """Put back what ``save_rows`` copied (state created since then is reset for those rows)."""
+    p[rows] = saved["param"]
+    for key, value in optimizer.state.get(p, {}).items():
+        value[rows] = saved[key] if key in saved else 0
 
 
 class Optimizers(NamedTuple):

@@ -147,8 +147,9 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     valid_state = {"guide": None}
 
     def validate() -> float:
+        # a per-datapoint model's validation rows get a warm-started local fit each epoch
         elbo, valid_state["guide"] = held_out_elbo(model, guide, x_valid, valid_state["guide"],
-                                                   max_steps=100)
+                                                   max_steps=30)
         return float(elbo.mean())
 
     history, position = [], None
@@ -229,12 +230,15 @@ def memory_summary(trained: Trained, optimizers_bytes: Optional[int] = None) -> 
 
 
 def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = print,
-           progress: bool = True) -> dict:
-    """Score the trained model's own guide on the test set and write ``summary.json``."""
+           test: Optional[Estimate] = None) -> dict:
+    """Score the trained model's own guide on the test set and write ``summary.json``.
+
+    ``test`` passes a test ELBO already computed (by ``evaluate_model``) instead.
+    """
     x_test = eval_pixels(trained.config, trained.splits.test)
     start = time.perf_counter()
-    elbo, _ = held_out_elbo(trained.model, trained.guide, x_test)
-    test = Estimate.of(elbo)
+    if test is None:
+        test = Estimate.of(held_out_elbo(trained.model, trained.guide, x_test)[0])
     history = trained.history
     train_seconds = history[-1].wall if history else 0.0
     summary = {

@@ -17,7 +17,7 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 
 from .data import Batch, Binarize, Split, minibatches, num_batches
-from .optim import Optimizers
+from .optim import Optimizers, restore_rows, save_rows
 
 
 class EpochMetrics(NamedTuple):
@@ -47,9 +47,22 @@ def step(model, guide, objective, batch: Batch, optimizers: Optimizers,
          guard: bool = True) -> torch.Tensor:
     """One SVI step; returns the (detached) loss.
 
-    With ``guard`` a non-finite loss or gradient raises ``DivergenceError`` before the
-    optimizers touch the parameters.
+    With ``guard`` the step is all or nothing: a non-finite loss or gradient raises
+    ``DivergenceError`` before the optimizers touch the parameters, and rows of a
+    per-datapoint table already moved by the step's inner updates are put back.
     """
+    saved = None
+    if guard and optimizers.local is not None and optimizers.inner_steps:
+        saved = save_rows(optimizers.local, guide.params, batch.idx)
+    try:
+        return _step(model, guide, objective, batch, optimizers, guard)
+    except DivergenceError:
+        if saved is not None:
+            restore_rows(optimizers.local, guide.params, batch.idx, saved)
+        raise
+
+
+def _step(model, guide, objective, batch, optimizers, guard) -> torch.Tensor:
     if optimizers.local is not None:
         table = guide.params
         for _ in range(optimizers.inner_steps):
@@ -93,6 +106,7 @@ class Position(NamedTuple):
     seconds: float  # training time spent in the epoch so far
     wall: float  # training time of the whole run so far
     steps: int  # optimizer steps of the whole run so far
+    taken: int  # steps applied in this epoch so far (skipped batches excluded)
 
 
 class Interrupted(Exception):
@@ -162,9 +176,10 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     with _StopOnSigint() as sigint:
         for epoch in range(start_epoch, epochs):
             order = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            first, loss_sum, before = 0, 0.0, 0.0
+            first, loss_sum, before, taken = 0, 0.0, 0.0, 0
             if position is not None and epoch == position.epoch:
                 first, loss_sum, before = position.step, position.loss_sum, position.seconds
+                taken = position.taken
                 bar.update(first)
             epoch_loss, start = torch.zeros((), device=train.x.device), time.perf_counter()
             beta = objective.beta
@@ -188,6 +203,7 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
                     continue
                 epoch_loss += loss
                 total_steps += 1
+                taken += 1
                 if i % 20 == 0:
                     bar.set_postfix(epoch=epoch + 1, elbo=f"{-float(loss) / n:.2f}")
                 bar.update(1)
@@ -195,11 +211,12 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
                     bar.close()
                     seconds = before + time.perf_counter() - start
                     raise Interrupted(Position(epoch, i + 1, loss_sum + float(epoch_loss),
-                                               seconds, wall + seconds - before, total_steps))
+                                               seconds, wall + seconds - before, total_steps,
+                                               taken))
             seconds = before + time.perf_counter() - start
             wall += seconds - before
             valid = validate() if validate is not None else math.nan
-            train_elbo = -(loss_sum + float(epoch_loss)) / (n * steps_per_epoch)
+            train_elbo = -(loss_sum + float(epoch_loss)) / (n * max(taken, 1))
             metrics = EpochMetrics(epoch + 1, train_elbo, valid, seconds, wall, total_steps, beta)
             history.append(metrics)
             if progress:

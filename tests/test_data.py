@@ -1,0 +1,277 @@
+"""ppl_vae.data: the IDX reader, the shipped MNIST, splits, binarization, minibatches."""
+from __future__ import annotations
+
+import gzip
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_vae import data
+from ppl_vae.errors import UserError
+
+RAW = data.PACKAGE_DATA / "MNIST" / "raw"
+
+# The well-known MNIST label counts.
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def _one_line(e: BaseException) -> bool:
+    return "\n" not in str(e) and len(str(e)) > 0
+
+
+# ---------------------------------------------------------------------------------------
+# IDX reader
+# ---------------------------------------------------------------------------------------
+def test_read_shipped_labels_with_md5():
+    train = data.read_idx(RAW / "train-labels-idx1-ubyte.gz", data.MNIST_FILES["train-labels-idx1-ubyte"])
+    test = data.read_idx(RAW / "t10k-labels-idx1-ubyte.gz", data.MNIST_FILES["t10k-labels-idx1-ubyte"])
+    assert train.shape == (60000,) and test.shape == (10000,)
+    assert train.dtype == np.uint8
+    assert np.bincount(train).tolist() == TRAIN_COUNTS
+    assert np.bincount(test).tolist() == TEST_COUNTS
+    assert train[0] == 5 and test[0] == 7  # the famous first digits
+
+
+def test_read_shipped_test_images_with_md5():
+    x = data.read_idx(RAW / "t10k-images-idx3-ubyte.gz", data.MNIST_FILES["t10k-images-idx3-ubyte"])
+    assert x.shape == (10000, 28, 28) and x.dtype == np.uint8
+    assert x.max() == 255 and x.min() == 0
+    # MNIST digits are centred in a 20x20 box: the border is (nearly) blank
+    assert x[:, 0, :].sum() == 0
+    assert x[:, :, 0].mean() < 0.01 * x[:, :, 14].mean()
+
+
+def _idx_bytes(array: np.ndarray, code: int) -> bytes:
+    header = bytes([0, 0, code, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.tobytes()
+
+
+@pytest.mark.parametrize("code,dtype", [(0x08, np.uint8), (0x0C, ">i4"), (0x0D, ">f4")])
+def test_read_idx_handmade(tmp_path, code, dtype):
+    array = (np.arange(24).reshape(2, 3, 4) - (0 if code == 0x08 else 7)).astype(dtype)
+    raw = _idx_bytes(array, code)
+    plain = tmp_path / "a-idx"
+    plain.write_bytes(raw)
+    zipped = tmp_path / "a-idx.gz"
+    zipped.write_bytes(gzip.compress(raw))
+    import hashlib
+    for path in (plain, zipped):
+        out = data.read_idx(path, hashlib.md5(raw).hexdigest())
+        assert out.shape == (2, 3, 4)
+        np.testing.assert_array_equal(out, array)
+
+
+def test_read_idx_errors(tmp_path):
+    array = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    raw = _idx_bytes(array, 0x08)
+    truncated = tmp_path / "trunc"
+    truncated.write_bytes(raw[:-1])
+    with pytest.raises(UserError, match="truncated") as e:
+        data.read_idx(truncated)
+    assert _one_line(e.value)
+    bad_magic = tmp_path / "magic"
+    bad_magic.write_bytes(b"\x01\x02" + raw[2:])
+    with pytest.raises(UserError, match="magic") as e:
+        data.read_idx(bad_magic)
+    assert _one_line(e.value)
+    with pytest.raises(UserError, match="cannot read") as e:
+        data.read_idx(tmp_path / "missing.gz")
+    assert _one_line(e.value)
+
+
+def test_corrupted_copy_raises_one_line_user_error(tmp_path):
+    """A copy whose uncompressed bytes differ in one byte fails the md5 check."""
+    stem = "t10k-labels-idx1-ubyte"
+    raw = bytearray(gzip.decompress((RAW / f"{stem}.gz").read_bytes()))
+    raw[100] = (raw[100] + 1) % 10  # still a valid label, only the checksum can tell
+    bad = tmp_path / f"{stem}.gz"
+    bad.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(UserError, match="corrupt") as e:
+        data.read_idx(bad, data.MNIST_FILES[stem])
+    assert _one_line(e.value)
+    # the same through load(): a folder with one corrupted and three good files
+    for other in data.MNIST_FILES:
+        if other != stem:
+            (tmp_path / f"{other}.gz").symlink_to(RAW / f"{other}.gz")
+    with pytest.raises(UserError, match="corrupt") as e:
+        data.load("mnist", tmp_path)
+    assert _one_line(e.value)
+
+
+def test_truncated_gzip_and_missing_files_raise_user_error(tmp_path):
+    stem = "train-images-idx3-ubyte"
+    blob = (RAW / f"{stem}.gz").read_bytes()
+    (tmp_path / f"{stem}.gz").write_bytes(blob[: len(blob) // 50])
+    with pytest.raises(UserError) as e:
+        data.read_idx(tmp_path / f"{stem}.gz", data.MNIST_FILES[stem])
+    assert _one_line(e.value)
+    with pytest.raises(UserError, match="not found") as e:
+        data.load("mnist", tmp_path / "empty")
+    assert _one_line(e.value)
+
+
+def test_unknown_dataset_and_split():
+    with pytest.raises(UserError, match="unknown dataset"):
+        data.load("cifar")
+    s = data.Split(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(UserError, match="unknown split"):
+        data.Splits(s, s, s).get("training")
+
+
+# ---------------------------------------------------------------------------------------
+# splits
+# ---------------------------------------------------------------------------------------
+def test_splits_are_50k_10k_10k_and_exactly_the_idx_files(mnist):
+    assert [len(mnist.train), len(mnist.valid), len(mnist.test)] == [50000, 10000, 10000]
+    for split in mnist:
+        assert split.x.shape[1] == 784 and split.x.dtype == torch.float32
+        assert split.y.dtype == torch.long
+        assert float(split.x.min()) == 0.0 and float(split.x.max()) == 1.0
+    images = data.read_idx(RAW / "train-images-idx3-ubyte.gz", data.MNIST_FILES["train-images-idx3-ubyte"])
+    labels = data.read_idx(RAW / "train-labels-idx1-ubyte.gz")
+    flat = torch.from_numpy(images.reshape(60000, 784).astype(np.float32)) / 255.0
+    # first 50k -> train, last 10k -> valid, in file order (deterministic, no shuffling)
+    assert torch.equal(mnist.train.x, flat[:50000])
+    assert torch.equal(mnist.valid.x, flat[50000:])
+    assert torch.equal(mnist.train.y, torch.from_numpy(labels[:50000].astype(np.int64)))
+    assert torch.equal(mnist.valid.y, torch.from_numpy(labels[50000:].astype(np.int64)))
+    counts = (torch.bincount(mnist.train.y, minlength=10) + torch.bincount(mnist.valid.y, minlength=10))
+    assert counts.tolist() == TRAIN_COUNTS
+    assert torch.bincount(mnist.test.y).tolist() == TEST_COUNTS
+    # pixel values are k / 255 exactly
+    k = mnist.test.x[:100] * 255
+    assert torch.allclose(k, k.round(), atol=1e-4)
+
+
+def test_splits_deterministic_between_loads(mnist):
+    again = data.load("mnist")
+    for a, b in zip(mnist, again):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+
+
+# ---------------------------------------------------------------------------------------
+# minibatches
+# ---------------------------------------------------------------------------------------
+def _split(n=103, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return data.Split(torch.rand(n, d, generator=g), torch.arange(n))
+
+
+@pytest.mark.parametrize("n,batch_size", [(103, 10), (100, 10), (7, 7), (5, 8)])
+def test_minibatches_cover_split_exactly_once(n, batch_size):
+    split = _split(n)
+    batches = list(data.minibatches(split, batch_size, data.Binarize("none"),
+                                    torch.Generator().manual_seed(1)))
+    assert len(batches) == data.num_batches(n, batch_size) == math.ceil(n / batch_size)
+    idx = torch.cat([b.idx for b in batches])
+    assert sorted(idx.tolist()) == list(range(n))
+    for b in batches:
+        assert b.num_data == n
+        assert torch.equal(b.x, split.x[b.idx])  # binarize none: the pixels themselves
+        assert len(b.idx) <= batch_size
+    assert all(len(b.idx) == batch_size for b in batches[:-1])
+
+
+def test_minibatches_drop_last():
+    split = _split(103)
+    batches = list(data.minibatches(split, 10, data.Binarize("none"),
+                                    torch.Generator().manual_seed(0), drop_last=True))
+    assert len(batches) == data.num_batches(103, 10, drop_last=True) == 10
+    idx = torch.cat([b.idx for b in batches])
+    assert len(set(idx.tolist())) == 100
+
+
+def test_minibatch_order_is_seeded():
+    split = _split(50)
+
+    def order(seed, shuffle=True):
+        g = torch.Generator().manual_seed(seed)
+        return torch.cat([b.idx for b in data.minibatches(split, 8, data.Binarize("none"), g,
+                                                          shuffle=shuffle)])
+
+    assert torch.equal(order(3), order(3))
+    assert not torch.equal(order(3), order(4))
+    assert torch.equal(order(3, shuffle=False), torch.arange(50))
+    # the global RNG does not influence a seeded order
+    torch.manual_seed(123)
+    a = order(5)
+    torch.manual_seed(456)
+    assert torch.equal(a, order(5))
+
+
+# ---------------------------------------------------------------------------------------
+# binarization
+# ---------------------------------------------------------------------------------------
+def test_binarize_none_is_identity():
+    x = torch.rand(4, 6)
+    assert torch.equal(data.Binarize("none")(x), x)
+    split = data.Split(x, torch.zeros(4, dtype=torch.long))
+    assert data.Binarize("none").prepare(split, 0) is split
+    assert data.Binarize("dynamic").prepare(split, 0) is split
+
+
+def test_binarize_unknown_mode():
+    with pytest.raises(UserError, match="unknown binarization"):
+        data.Binarize("threshold")
+
+
+def test_static_binarization_is_a_deterministic_bernoulli_draw():
+    n, d = 4000, 8
+    p = torch.linspace(0.05, 0.95, d)
+    split = data.Split(p.expand(n, d).clone(), torch.zeros(n, dtype=torch.long))
+    a = data.Binarize("static").prepare(split, seed=7)
+    b = data.Binarize("static").prepare(split, seed=7)
+    c = data.Binarize("static").prepare(split, seed=8)
+    assert torch.equal(a.x, b.x) and not torch.equal(a.x, c.x)
+    assert torch.equal(a.y, split.y)
+    assert set(a.x.unique().tolist()) <= {0.0, 1.0}
+    # mean of each column ~ its intensity: within 4 binomial standard errors
+    se = (p * (1 - p) / n).sqrt()
+    assert ((a.x.mean(0) - p).abs() < 4 * se).all()
+    # static: calling the binarizer on the prepared rows leaves them unchanged
+    assert torch.equal(data.Binarize("static")(a.x), a.x)
+    # the global RNG is untouched by a seeded static draw
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    data.static_binarize(split, 1)
+    assert torch.equal(torch.rand(3), before)
+
+
+def test_dynamic_binarization_mean_matches_intensity():
+    n, d = 5000, 6
+    p = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.8, 1.0])
+    x = p.expand(n, d).clone()
+    binarize = data.Binarize("dynamic", torch.Generator().manual_seed(0))
+    first = binarize(x)
+    second = binarize(x)
+    assert set(first.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(first, second)  # fresh draw every call
+    se = (p * (1 - p) / n).sqrt()
+    assert ((first.mean(0) - p).abs() <= 4 * se + 1e-7).all()
+    assert torch.equal(first[:, 0], torch.zeros(n)) and torch.equal(first[:, -1], torch.ones(n))
+    # same generator seed -> same draws
+    again = data.Binarize("dynamic", torch.Generator().manual_seed(0))(x)
+    assert torch.equal(first, again)
+
+
+def test_dynamic_minibatches_on_real_pixels(mnist):
+    """Averaged over many draws, a dynamically binarized batch recovers the grayscale image."""
+    split = data.Split(mnist.train.x[:20], mnist.train.y[:20])
+    binarize = data.Binarize("dynamic", torch.Generator().manual_seed(0))
+    draws = torch.stack([next(iter(data.minibatches(split, 20, binarize, shuffle=False))).x
+                         for _ in range(400)])
+    p = split.x
+    se = (p * (1 - p) / 400).sqrt()
+    assert ((draws.mean(0) - p).abs() <= 5 * se + 1e-6).all()
+
+
+def test_read_idx_truncated_header_is_a_user_error(tmp_path):
+    path = tmp_path / "short-idx"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + (2).to_bytes(4, "big"))  # 3 dims, 1 given
+    with pytest.raises(UserError):
+        data.read_idx(path)

@@ -1,0 +1,398 @@
+"""ppl_vae.train, run and checkpoint: the loop, divergence guard, resume, atomic checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from ppl_vae import checkpoint, data, guides, likelihoods, nets, objectives, optim, priors, run, train
+from ppl_vae.config import Config
+from ppl_vae.data import Batch
+from ppl_vae.errors import UserError
+from ppl_vae.model import VAEModel
+
+from conftest import tiny_binary_data
+
+TINY = Config(train_size=200, valid_size=40, test_size=30, epochs=4, hidden=(16,), latent_dim=3,
+              batch_size=64, device="cpu", seed=3)
+
+
+def _quiet(_msg):
+    pass
+
+
+# ---------------------------------------------------------------------------------------
+# beta schedule and fit
+# ---------------------------------------------------------------------------------------
+def test_beta_warmup_is_linear():
+    assert train.beta_at(0, 0, 10, 0, 0.7) == 0.7  # no warm-up
+    assert train.beta_at(0, 0, 10, 2, 1.0) == 0.0
+    assert train.beta_at(0, 5, 10, 2, 1.0) == pytest.approx(0.25)
+    assert train.beta_at(1, 0, 10, 2, 1.0) == pytest.approx(0.5)
+    assert train.beta_at(1, 5, 10, 2, 0.5) == pytest.approx(0.375)
+    assert train.beta_at(2, 0, 10, 2, 1.0) == 1.0
+    assert train.beta_at(7, 3, 10, 2, 1.0) == 1.0
+
+
+def _fit_setup(local: bool, n=96, d=12, L=2):
+    torch.manual_seed(0)
+    model = VAEModel(nets.Decoder(L, (16,), d), likelihoods.Bernoulli(), priors.StandardNormal(L))
+    guide = guides.LocalNormal(n, L) if local else guides.AmortizedNormal(nets.Encoder(d, (16,), L))
+    split = data.Split(tiny_binary_data(n, d), torch.zeros(n, dtype=torch.long))
+    opts = optim.make_optimizers(model, guide, lr=0.01, local_lr=0.05, inner_steps=1)
+    return model, guide, split, opts
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_fit_improves_the_elbo_and_reports_metrics(local):
+    model, guide, split, opts = _fit_setup(local)
+    seen = []
+    history = train.fit(model, guide, objectives.ELBO(), split, opts, epochs=6, batch_size=32,
+                        binarize=data.Binarize("none"), seed=1, validate=lambda: -1.5,
+                        on_epoch=seen.append, progress=False)
+    assert [m.epoch for m in history] == [1, 2, 3, 4, 5, 6] and seen == history
+    assert [m.steps for m in history] == [3, 6, 9, 12, 15, 18]  # ceil(96 / 32) per epoch
+    assert all(m.valid_elbo == -1.5 and m.beta == 1.0 for m in history)
+    assert all(m.seconds > 0 for m in history)
+    walls = [m.wall for m in history]
+    assert walls == sorted(walls)
+    assert history[-1].wall == pytest.approx(sum(m.seconds for m in history))
+    assert history[-1].train_elbo > history[0].train_elbo + 0.5
+    assert history[-1].train_elbo < 0  # nats per image of binary data
+
+
+def test_fit_train_elbo_is_the_mean_per_image_objective():
+    """train_elbo = -(sum of the epoch's losses) / (N * steps): loss is N/B * batch sum."""
+    model, guide, split, opts = _fit_setup(False)
+    losses = []
+
+    class Recording:
+        beta = 1.0
+
+        def __call__(self, m, g, b):
+            loss = objectives.ELBO()(m, g, b)
+            losses.append(float(loss.detach()))
+            return loss
+
+    (metrics,) = train.fit(model, guide, Recording(), split, opts, epochs=1, batch_size=40,
+                           binarize=data.Binarize("none"), progress=False)
+    assert len(losses) == 3
+    assert metrics.train_elbo == pytest.approx(-sum(losses) / (96 * 3), rel=1e-5)
+    assert math.isnan(metrics.valid_elbo)
+
+
+def test_fit_warmup_passes_beta_to_the_objective():
+    model, guide, split, opts = _fit_setup(False)
+    betas = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Recording:
+        beta: float = 1.0
+
+        def __call__(self, m, g, b):
+            betas.append(self.beta)
+            return objectives.ELBO(beta=self.beta)(m, g, b)
+
+    history = train.fit(model, guide, Recording(), split, opts, epochs=3, batch_size=48,
+                        binarize=data.Binarize("none"), warmup_epochs=2, progress=False)
+    assert betas == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    assert [m.beta for m in history] == pytest.approx([0.25, 0.75, 1.0])
+
+
+def test_fit_same_seed_same_result_and_max_seconds_stops():
+    out = []
+    for _ in range(2):
+        model, guide, split, opts = _fit_setup(False)
+        torch.manual_seed(5)
+        h = train.fit(model, guide, objectives.ELBO(), split, opts, epochs=2, batch_size=32,
+                      binarize=data.Binarize("dynamic"), seed=4, progress=False)
+        out.append(([m.train_elbo for m in h], [p.detach().clone() for p in model.parameters()]))
+    assert out[0][0] == out[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+    model, guide, split, opts = _fit_setup(False)
+    h = train.fit(model, guide, objectives.ELBO(), split, opts, epochs=50, batch_size=32,
+                  binarize=data.Binarize("none"), max_seconds=1e-9, progress=False)
+    assert len(h) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# divergence guard
+# ---------------------------------------------------------------------------------------
+class NaNLoss:
+    beta = 1.0
+
+    def __call__(self, model, guide, batch):
+        return objectives.ELBO()(model, guide, batch) * float("nan")
+
+
+class NaNGradient:
+    """A finite loss whose gradient is NaN: 0 * sqrt(p - p) has value 0 and gradient 0 * inf."""
+
+    beta = 1.0
+
+    def __call__(self, model, guide, batch):
+        loss = objectives.ELBO()(model, guide, batch)
+        w = next(model.parameters())
+        return loss + 0.0 * torch.sqrt(w - w).sum()
+
+
+def _snapshot(model, guide, opts):
+    params = [p.detach().clone() for m in (model, guide) for p in m.parameters()]
+    states = [json.dumps({k: str(v) for k, v in o.state_dict()["state"].items()}) for o in opts.all()]
+    return params, states
+
+
+def _assert_unchanged(before, after):
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert before[1] == after[1]
+
+
+@pytest.mark.parametrize("objective,local,inner", [
+    (NaNLoss(), False, 0), (NaNGradient(), False, 0),
+    (NaNLoss(), True, 0), (NaNGradient(), True, 0),
+    (NaNLoss(), True, 3), (NaNGradient(), True, 3),
+], ids=["amortized-nan-loss", "amortized-nan-grad", "local-nan-loss", "local-nan-grad",
+        "local-inner-nan-loss", "local-inner-nan-grad"])
+def test_divergence_raises_and_leaves_parameters_unchanged(objective, local, inner):
+    model, guide, split, _ = _fit_setup(local)
+    opts = optim.make_optimizers(model, guide, lr=0.01, local_lr=0.05, inner_steps=inner)
+    # a few healthy steps first, so the optimizers have state to protect
+    train.fit(model, guide, objectives.ELBO(), split, opts, epochs=1, batch_size=32,
+              binarize=data.Binarize("none"), progress=False)
+    before = _snapshot(model, guide, opts)
+    idx = torch.arange(10)
+    with pytest.raises(train.DivergenceError):
+        train.step(model, guide, objective, Batch(split.x[idx], idx, len(split)), opts)
+    _assert_unchanged(before, _snapshot(model, guide, opts))
+    with pytest.raises(train.DivergenceError, match="epoch 2, step 1"):
+        train.fit(model, guide, objective, split, opts, epochs=2, batch_size=32,
+                  binarize=data.Binarize("none"), start_epoch=1, progress=False)
+    _assert_unchanged(before, _snapshot(model, guide, opts))
+
+
+def test_divergence_in_an_inner_step_leaves_the_table_unchanged():
+    """The per-datapoint guide's local-only steps are guarded too (no NaN rows)."""
+    model, guide, split, _ = _fit_setup(True)
+    opts = optim.make_optimizers(model, guide, lr=0.01, local_lr=0.05, inner_steps=3)
+    before = _snapshot(model, guide, opts)
+    idx = torch.arange(10)
+    with pytest.raises(train.DivergenceError):
+        train.step(model, guide, NaNLoss(), Batch(split.x[idx], idx, len(split)), opts)
+    assert torch.isfinite(guide.params).all()
+    _assert_unchanged(before, _snapshot(model, guide, opts))
+
+
+def test_on_divergence_lower_lr_skips_the_batch_and_halves_the_rates():
+    model, guide, split, opts = _fit_setup(False)
+    calls = []
+
+    class NaNEveryOther:
+        beta = 1.0
+
+        def __call__(self, m, g, b):
+            calls.append(1)
+            loss = objectives.ELBO()(m, g, b)
+            return loss * float("nan") if len(calls) % 2 == 1 else loss
+
+    messages = []
+    history = train.fit(model, guide, NaNEveryOther(), split, opts, epochs=1, batch_size=24,
+                        binarize=data.Binarize("none"), on_divergence="lower_lr",
+                        progress=False, log=messages.append)
+    assert history[0].steps == 2  # 4 batches, 2 of them skipped
+    assert len(messages) == 2 and all("halved" in m for m in messages)
+    assert opts.global_.param_groups[0]["lr"] == pytest.approx(0.01 / 4)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # at most 10 halvings, then it stops
+    with pytest.raises(train.DivergenceError):
+        train.fit(model, guide, NaNLoss(), split, opts, epochs=5, batch_size=8,
+                  binarize=data.Binarize("none"), on_divergence="lower_lr", progress=False,
+                  log=messages.append)
+
+
+def test_check_finite_reads_sparse_gradients():
+    model, guide, split, opts = _fit_setup(True)
+    guide.params.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.full((1, 4), math.inf),
+                                                guide.params.shape, check_invariants=True)
+    assert not train.check_finite(torch.tensor(1.0), opts)
+    guide.params.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.ones(1, 4),
+                                                guide.params.shape, check_invariants=True)
+    assert train.check_finite(torch.tensor(1.0), opts)
+    assert not train.check_finite(torch.tensor(math.nan), opts)
+
+
+# ---------------------------------------------------------------------------------------
+# resume: 2 + 2 epochs == 4 epochs, bitwise
+# ---------------------------------------------------------------------------------------
+def _final_state(out):
+    state = torch.load(out / checkpoint.NAME, map_location="cpu", weights_only=False)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        m.pop("seconds"), m.pop("wall")
+    return state, metrics
+
+
+def _assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            _assert_same_tensors(u, v, f"{where}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
+
+
+@pytest.mark.parametrize("guide", ["amortized", "meanfield"])
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cached_mnist, guide):
+    config = TINY.replace(guide=guide)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    s4 = run.train_run(config, straight, progress=False, log=_quiet)
+    run.train_run(config.replace(epochs=2), resumed, progress=False, log=_quiet)
+    s22 = run.train_run(config, resumed, resume=True, progress=False, log=_quiet)
+    (a, ma), (b, mb) = _final_state(straight), _final_state(resumed)
+    assert ma == mb and len(ma) == 4
+    for key in ("model", "guide", "optimizers", "valid_guide"):
+        _assert_same_tensors(a[key], b[key], key)
+    assert s4["test_elbo"] == s22["test_elbo"] and s4["epochs"] == s22["epochs"] == 4
+
+
+def test_resume_refuses_a_different_architecture(tmp_path, cached_mnist):
+    run.train_run(TINY.replace(epochs=1), tmp_path, progress=False, log=_quiet)
+    with pytest.raises(UserError, match="latent_dim"):
+        run.train_run(TINY.replace(latent_dim=4), tmp_path, resume=True, progress=False, log=_quiet)
+    with pytest.raises(UserError, match="--resume"):
+        run.train_run(TINY, tmp_path / "empty", resume=True, progress=False, log=_quiet)
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------
+def test_checkpoint_save_keeps_the_previous_and_load_falls_back(tmp_path):
+    assert checkpoint.load(tmp_path) is None
+    checkpoint.save({"config": {}, "n": 1}, tmp_path)
+    assert not (tmp_path / checkpoint.PREVIOUS).exists()
+    checkpoint.save({"config": {}, "n": 2}, tmp_path)
+    assert checkpoint.load(tmp_path)["n"] == 2
+    assert torch.load(tmp_path / checkpoint.PREVIOUS, weights_only=False)["n"] == 1
+    assert not (tmp_path / (checkpoint.NAME + ".tmp")).exists()
+    # truncate the newest: load warns and uses the previous one
+    blob = (tmp_path / checkpoint.NAME).read_bytes()
+    (tmp_path / checkpoint.NAME).write_bytes(blob[: len(blob) // 2])
+    warnings = []
+    assert checkpoint.load(tmp_path, warn=warnings.append)["n"] == 1
+    assert len(warnings) == 1 and checkpoint.PREVIOUS in warnings[0]
+    # newest missing (killed between the two renames): the previous one
+    (tmp_path / checkpoint.NAME).unlink()
+    assert checkpoint.load(tmp_path)["n"] == 1
+
+
+def test_checkpoint_truncated_without_previous_raises_user_error(tmp_path):
+    checkpoint.save({"config": {}, "n": 1}, tmp_path)
+    blob = (tmp_path / checkpoint.NAME).read_bytes()
+    (tmp_path / checkpoint.NAME).write_bytes(blob[:100])
+    with pytest.raises(UserError, match="corrupt or truncated") as e:
+        checkpoint.load(tmp_path)
+    assert "\n" not in str(e.value)
+    torch.save({"model": 1}, tmp_path / checkpoint.NAME)  # a dict, but not ours
+    with pytest.raises(UserError, match="not a ppl_vae checkpoint"):
+        checkpoint.load(tmp_path)
+
+
+def test_rng_state_roundtrip():
+    state = checkpoint.rng_state()
+    a = torch.rand(3)
+    checkpoint.set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, cached_mnist):
+    config = TINY.replace(epochs=2)
+    run.train_run(config, tmp_path, progress=False, log=_quiet)
+    blob = (tmp_path / checkpoint.NAME).read_bytes()
+    (tmp_path / checkpoint.NAME).write_bytes(blob[:200])
+    messages = []
+    summary = run.train_run(config.replace(epochs=3), tmp_path, resume=True, progress=False,
+                            log=messages.append)
+    assert any("checkpoint.prev.pt" in m for m in messages)
+    assert any("after epoch 1" in m for m in messages)  # the previous checkpoint is epoch 1
+    assert summary["epochs"] == 3
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+
+
+class _InterruptAt:
+    """The run's objective, sending this process SIGINT during its ``at``-th call."""
+
+    def __init__(self, objective, at):
+        self.objective, self.at, self.calls = objective, at, 0
+
+    @property
+    def beta(self):
+        return self.objective.beta
+
+    def __call__(self, model, guide, batch):
+        self.calls += 1
+        if self.calls == self.at:
+            import os
+            import signal
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.objective(model, guide, batch)
+
+
+@pytest.mark.parametrize("guide", ["amortized", "meanfield"])
+def test_ctrl_c_mid_epoch_then_resume_is_bitwise_equal(tmp_path, cached_mnist, monkeypatch, guide):
+    """Ctrl-C finishes the step, checkpoints the position inside the epoch; --resume goes on
+    from that step, with the same result as a run that was never interrupted."""
+    config = TINY.replace(guide=guide, epochs=3, inner_steps=0)
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    run.fit_run(config, straight, progress=False, log=_quiet)
+    build = run.build_objective
+    monkeypatch.setattr(run, "build_objective", lambda c: _InterruptAt(build(c), at=6))
+    with pytest.raises(train.Interrupted) as e:
+        run.fit_run(config, cut, progress=False, log=_quiet)
+    assert (e.value.position.epoch, e.value.position.step) == (1, 2)  # 4 steps per epoch
+    state = checkpoint.load(cut)
+    assert state["position"]["step"] == 2 and len(state["history"]) == 1
+    monkeypatch.setattr(run, "build_objective", build)
+    messages = []
+    run.fit_run(config, cut, resume=True, progress=False, log=messages.append)
+    assert any("step 2 of epoch 2" in m for m in messages)
+    (a, ma), (b, mb) = _final_state(straight), _final_state(cut)
+    assert len(ma) == len(mb) == 3
+    # train_elbo of the interrupted epoch sums its losses in two parts (a Python float saved
+    # in the checkpoint + the float32 sum after resuming): equal up to float32 rounding only
+    for u, v in zip(ma, mb):
+        assert u.pop("train_elbo") == pytest.approx(v.pop("train_elbo"), rel=1e-6, abs=0)
+    assert ma == mb
+    for key in ("model", "guide", "optimizers", "valid_guide"):
+        _assert_same_tensors(a[key], b[key], key)
+
+
+def test_train_elbo_averages_the_applied_steps_only():
+    model, guide, split, opts = _fit_setup(False)
+    applied = []
+
+    class NaNEveryOther:
+        beta = 1.0
+        calls = 0
+
+        def __call__(self, m, g, b):
+            NaNEveryOther.calls += 1
+            loss = objectives.ELBO()(m, g, b)
+            if NaNEveryOther.calls % 2 == 1:
+                return loss * float("nan")
+            applied.append(float(loss.detach()))
+            return loss
+
+    (metrics,) = train.fit(model, guide, NaNEveryOther(), split, opts, epochs=1, batch_size=24,
+                           binarize=data.Binarize("none"), on_divergence="lower_lr",
+                           progress=False, log=_quiet)
+    assert len(applied) == 2 and metrics.steps == 2
+    assert metrics.train_elbo == pytest.approx(-sum(applied) / (96 * len(applied)), rel=1e-5)
