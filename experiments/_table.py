@@ -26,3 +26,13 @@ def markdown(rows: List[Dict], columns: List[str]) -> str:
         return f"{v:.2f}" if isinstance(v, float) else str(v)
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     return head + "".join("| " + " | ".join(cell(r.get(c)) for c in columns) + " |\n" for r in rows)
+
+
+def write(rows: List[Dict], columns: List[str], out: Path) -> str:
+    """Print the rows as a Markdown table and save it (table.md) with the rows (results.json)."""
+    table = markdown(rows, columns)
+    print(table)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "table.md").write_text(table)
+    (Path(out) / "results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return table

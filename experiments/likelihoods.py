@@ -11,10 +11,9 @@ a family and read the figures for quality.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from _table import markdown, train_and_score
+from _table import train_and_score, write
 from ppl_vae.config import Config
 
 LIKELIHOODS = ["continuous_bernoulli", "normal", "normal_shared"]
@@ -25,9 +24,10 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--num-particles", type=int, default=1000)
     p.add_argument("--out", type=Path, default=Path("runs/likelihoods"))
+    p.add_argument("--test-size", type=int, default=None, help="score the first N test rows")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
-    base = Config(binarize="none", epochs=args.epochs)
+    base = Config(binarize="none", epochs=args.epochs, test_size=args.test_size)
     if args.smoke:
         base = base.replace(epochs=1, train_size=300, valid_size=100, test_size=100,
                             hidden=(32,), latent_dim=4)
@@ -37,11 +37,8 @@ def main(argv=None):
         r = train_and_score(base.replace(likelihood=name), args.out / name, args.num_particles,
                             progress=not args.smoke)
         rows.append({"likelihood": name, **r})
-    table = markdown(rows, ["likelihood", "epochs", "test_elbo", "test_log_px", "log_px_stderr",
-                            "rate", "distortion", "active_units", "seconds_per_epoch"])
-    print(table)
-    (args.out / "table.md").write_text(table)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    write(rows, ["likelihood", "epochs", "test_elbo", "test_log_px", "log_px_stderr",
+               "rate", "distortion", "active_units", "seconds_per_epoch"], args.out)
     return rows
 
 

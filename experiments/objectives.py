@@ -9,10 +9,9 @@ Burda et al. (2016) report that IWAE training improves test log p(x) over ELBO t
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from _table import markdown, train_and_score
+from _table import train_and_score, write
 from ppl_vae.config import Config
 
 RUNS = [("elbo", "elbo", 1), ("iwae-5", "iwae", 5), ("iwae-50", "iwae", 50)]
@@ -25,9 +24,10 @@ def main(argv=None):
     p.add_argument("--num-particles", type=int, default=5000)
     p.add_argument("--dreg", action="store_true", help="DReG gradients for the IWAE runs")
     p.add_argument("--out", type=Path, default=Path("runs/objectives"))
+    p.add_argument("--test-size", type=int, default=None, help="score the first N test rows")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
-    base = Config(epochs=args.epochs, max_seconds=args.max_seconds)
+    base = Config(epochs=args.epochs, max_seconds=args.max_seconds, test_size=args.test_size)
     if args.smoke:
         base = base.replace(epochs=1, train_size=300, valid_size=100, test_size=100,
                             hidden=(32,), latent_dim=4)
@@ -38,11 +38,8 @@ def main(argv=None):
                               dreg=args.dreg and objective == "iwae")
         r = train_and_score(config, args.out / label, args.num_particles, progress=not args.smoke)
         rows.append({"objective": label, **r})
-    table = markdown(rows, ["objective", "epochs", "train_seconds", "test_elbo", "test_log_px",
-                            "log_px_stderr", "active_units"])
-    print(table)
-    (args.out / "table.md").write_text(table)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    write(rows, ["objective", "epochs", "train_seconds", "test_elbo", "test_log_px",
+               "log_px_stderr", "active_units"], args.out)
     return rows
 
 

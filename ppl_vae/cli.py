@@ -55,8 +55,24 @@ def _add_config(parser: argparse.ArgumentParser, defaults: Config) -> None:
         else:
             choices = _choices(f.name)
             typ = int if "int" in kind else float if "float" in kind else str
+            if "Optional" in kind and typ is not str:
+                typ = _optional(typ)
+                help_ = help_.replace(" (default", "; 'all' for no limit (default")
             parser.add_argument(flag, type=typ, default=default, help=help_,
                                 metavar=("{" + ",".join(choices) + "}") if choices else None)
+
+
+def _optional(typ):
+    """A number, or ``all``/``none`` for no limit (None)."""
+    def parse(text: str):
+        if text.lower() in ("all", "none"):
+            return None
+        try:
+            return typ(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+    parse.__name__ = typ.__name__
+    return parse
 
 
 def _choices(name: str):
@@ -110,7 +126,7 @@ def build_parser() -> Parser:
 
 
 # The default comparison fits a 2-core CPU in 15 minutes; larger budgets by flags.
-COMPARE_DEFAULTS = Config(epochs=1000, max_seconds=200.0, test_size=5000)
+COMPARE_DEFAULTS = Config(epochs=1000, max_seconds=150.0, test_size=5000)
 QUICK = dict(train_size=10_000, test_size=2000, valid_size=500, epochs=100, max_seconds=30.0)
 
 

@@ -146,7 +146,7 @@ under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, MLP h
 {c['likelihood']} likelihood, {c['prior']} prior. Both guides: same decoder initialization (seed {c['seed']}),
 same data order, {c['epochs']} epochs{'' if c['max_seconds'] is None else f" or {c['max_seconds']:.0f} s of training"},
 batch {c['batch_size']}, Adam lr {c['lr']}; the per-datapoint table: RowAdam lr {c['local_lr']},
-{c['inner_steps']} local steps per minibatch.
+{c["inner_steps"]} local-only step(s) per minibatch before each joint step.
 
 log p(x) is importance-sampled with K = {a['num_particles']} particles from the locally optimized q*
 (proposal `{a['proposal']}`). Errors are ± one standard error over test images (paired for the gaps).

@@ -71,6 +71,12 @@ def _is_sample(site) -> bool:
     return site["type"] == "sample" and not site_is_subsample(site)
 
 
+def _latent_sites(trace: poutine.Trace):
+    """(name, site) of every non-observed sample site."""
+    return ((name, site) for name, site in trace.nodes.items()
+            if _is_sample(site) and not site["is_observed"])
+
+
 def _site_sum(trace: poutine.Trace, keep):
     """Sum of the unscaled log-densities of the sample sites that ``keep`` accepts, [K, B]."""
     total = 0.0
@@ -142,9 +148,7 @@ class AnalyticKLELBO(ELBO):
         model_tr, guide_tr = traces(model, guide, batch, self.num_particles)
         lw = _log_weights(model_tr, guide_tr, batch, self.num_particles)
         kl = 0.0
-        for name, site in guide_tr.nodes.items():
-            if not _is_sample(site):
-                continue
+        for name, site in _latent_sites(guide_tr):
             prior_site = model_tr.nodes[name]
             try:
                 kl = kl + kl_divergence(site["fn"], prior_site["fn"])  # [K, B] or [B]
@@ -188,14 +192,12 @@ class IWAE:
         model_tr, guide_tr = traces(model, guide, batch, self.num_particles)
         lw_full = _log_weights(model_tr, guide_tr, batch, self.num_particles)
         log_q = 0.0
-        for name, site in guide_tr.nodes.items():
-            if not _is_sample(site):
-                continue
+        for name, site in _latent_sites(guide_tr):
             log_q = log_q + _stop_params(site["fn"], name).log_prob(site["value"])
         lw = lw_full.log_lik + lw_full.log_prior - log_q  # [K, B]
         w = torch.softmax(lw.detach(), 0)  # [K, B]
-        for name, site in guide_tr.nodes.items():
-            if _is_sample(site) and site["value"].requires_grad:
+        for _, site in _latent_sites(guide_tr):
+            if site["value"].requires_grad:
                 site["value"].register_hook(lambda g, w=w: g * w.unsqueeze(-1))
         bound = torch.logsumexp(lw.detach(), 0) - math.log(self.num_particles)  # [B]
         return bound + (w * lw).sum(0) - (w * lw).sum(0).detach()  # value = bound
