@@ -68,7 +68,7 @@ def _step(model, guide, objective, batch, optimizers, guard) -> torch.Tensor:
         for _ in range(optimizers.inner_steps):
             loss = objective(model, guide, batch)
             (table.grad,) = torch.autograd.grad(loss, [table])
-            if guard and not (torch.isfinite(loss) and _finite(table.grad)):
+            if guard and not _finite(loss, table.grad):
                 table.grad = None
                 raise DivergenceError("non-finite loss or gradient in a local step; "
                                       "the step was not applied")
@@ -86,15 +86,19 @@ def _step(model, guide, objective, batch, optimizers, guard) -> torch.Tensor:
 
 def check_finite(loss: torch.Tensor, optimizers: Optimizers) -> bool:
     """True when the loss and every gradient are finite."""
-    if not torch.isfinite(loss):
-        return False
-    return all(_finite(p.grad) for opt in optimizers.all() for group in opt.param_groups
-               for p in group["params"] if p.grad is not None)
+    grads = [p.grad for opt in optimizers.all() for group in opt.param_groups
+             for p in group["params"] if p.grad is not None]
+    return _finite(loss, *grads)
 
 
-def _finite(grad: torch.Tensor) -> bool:
-    values = grad.coalesce().values() if grad.is_sparse else grad
-    return bool(torch.isfinite(values).all())
+def _finite(*tensors: torch.Tensor) -> bool:
+    """True when every entry is finite: one reduction per tensor, one host sync in all.
+
+    A sum is non-finite exactly when some entry is NaN or infinite (or the finite entries
+    overflow, which is as much a sign of divergence).
+    """
+    sums = [(t.coalesce().values() if t.is_sparse else t).sum() for t in tensors]
+    return bool(torch.isfinite(torch.stack(sums)).all())
 
 
 class Position(NamedTuple):
