@@ -21,7 +21,7 @@ import torch
 from ppl_vae.data import Batch
 from ppl_vae.evaluate import batches_of, elbo_parts, local_inference
 from ppl_vae.guides import LocalNormal
-from ppl_vae.objectives import ELBO
+from ppl_vae.objectives import AnalyticKLELBO
 from ppl_vae.report import load_trained
 from ppl_vae.run import EVAL_SEED, eval_pixels
 
@@ -30,7 +30,7 @@ def long_fit(model, x, init, steps: int, lr: float, chunk_size: int = 5000) -> L
     """Adam for ``steps`` steps per chunk with a cosine decay of the learning rate to zero."""
     torch.manual_seed(EVAL_SEED)
     guide = LocalNormal(len(x), model.latent_dim, sparse=False).to(x.device)
-    objective = ELBO()
+    objective = AnalyticKLELBO()  # the objective local_inference uses
     for batch in batches_of(x, chunk_size):
         chunk = LocalNormal(len(batch.idx), model.latent_dim, sparse=False).to(x.device)
         if init is not None:

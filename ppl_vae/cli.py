@@ -136,11 +136,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, Interrupted) as e:
-        where = f" ({e})" if isinstance(e, Interrupted) else ""
-        print(f"interrupted{where}; the checkpoint is kept: continue with --resume",
+    except Interrupted as e:
+        print(f"{e}; the checkpoint is kept: continue with `ppl-vae train ... --resume`",
               file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print("interrupted; finished epochs keep their checkpoints", file=sys.stderr)
+        return 130
+    except OSError as e:  # an unwritable --out, a full disk, a path through a file
+        print(f"error: {e.strerror or e}: {e.filename or ''}; choose another --out or free "
+              f"the disk", file=sys.stderr)
+        return 2
     except DivergenceError as e:
         print(f"error: training diverged at {e}; the last good checkpoint is kept. Try a "
               f"smaller --lr or --on-divergence lower_lr", file=sys.stderr)

@@ -16,9 +16,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from . import plots
+from .errors import UserError
 from .config import Config
 from .evaluate import Estimate, evaluate_model, figure_arrays
-from .run import EVAL_SEED, eval_pixels, finish, fit_run, memory_summary, prepare_out, versions
+from .run import EVAL_SEED, eval_pixels, finish, fit_run, prepare_out, versions
 
 GUIDES = ("amortized", "meanfield")
 
@@ -50,12 +51,17 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     """
     out = Path(out)
     config.validate()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; choose another path")
     if (out / "results.json").exists() and not overwrite:
-        from .errors import UserError
         raise UserError(f"{out} holds a finished comparison; pass --overwrite or choose another --out")
+    if overwrite:
+        for name in ("results.json", "report.md", "curves.png", "gaps.png",
+                     "reconstructions.png", "arrays.npz"):
+            (out / name).unlink(missing_ok=True)
     for guide in guides:  # refuse before spending any time on training
         config.replace(guide=guide).validate()
-        prepare_out(out / guide, overwrite, resume=False)
+        prepare_out(out / guide, overwrite, resume=False, resumable=False)
     results, arrays, histories = {}, {}, {}
     for guide in guides:
         log(f"== training the {guide} guide")
@@ -65,9 +71,9 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         res, arrays[guide] = evaluate_trained(trained, num_particles, progress=progress)
         summary = finish(trained, out / guide, log=log,
                          test=Estimate(res["test_elbo"], res["test_elbo_stderr"]))
-        res.update(train_seconds=summary["train_seconds"], epochs=summary["epochs"],
-                   steps_per_second=summary["steps_per_second"],
-                   seconds_per_epoch=summary["seconds_per_epoch"], **memory_summary(trained))
+        res.update({k: summary[k] for k in ("train_seconds", "epochs", "steps_per_second",
+                                            "seconds_per_epoch", "param_mb", "peak_rss_mb")
+                    + (("peak_cuda_mb",) if "peak_cuda_mb" in summary else ())})
         results[guide] = res
         histories[guide] = [m._asdict() for m in trained.history]
         log(_line(guide, res))

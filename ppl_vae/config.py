@@ -135,6 +135,11 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA "
+                        f"device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use auto, cpu or cuda[:N]")
     return device
 
 

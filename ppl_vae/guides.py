@@ -15,9 +15,7 @@ import torch.nn.functional as F
 from .data import Batch
 from .errors import UserError
 from .model import data_plate, register
-
-SOFTPLUS_INV_1 = 0.5413248546129181  # softplus^-1(1): a unit scale
-
+from .nets import softplus_inv
 
 class AmortizedNormal(nn.Module):
     """q(z | x) = N(mu(x), diag sigma(x)^2) from an encoder network shared by all datapoints."""
@@ -100,7 +98,7 @@ class LocalNormal(nn.Module):
                  init_scale: float = 1.0):
         super().__init__()
         self.num_data, self.latent_dim, self.sparse = num_data, latent_dim, sparse
-        raw = torch.tensor(float(init_scale)).expm1().log().item()
+        raw = softplus_inv(float(init_scale)).item()
         table = torch.zeros(num_data, 2 * latent_dim)
         table[:, latent_dim:] = raw
         self.params = nn.Parameter(table)
@@ -133,8 +131,7 @@ class LocalNormal(nn.Module):
     @torch.no_grad()
     def set_rows(self, idx: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
         """Overwrite rows ``idx`` with N(loc, scale) (for instance an encoder's output)."""
-        raw = (scale - 1e-5).clamp_min(1e-6)
-        raw = raw + torch.log(-torch.expm1(-raw))  # softplus^-1
+        raw = softplus_inv((scale - 1e-5).clamp_min(1e-6))
         self.params[idx] = torch.cat([loc, raw], dim=-1)
 
     def forward(self, batch: Batch) -> None:

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .nets import softplus_inv
 
 
 class Likelihood(nn.Module):
@@ -67,7 +68,7 @@ class Normal(Likelihood):
                  init_scale: float = 0.2):
         super().__init__()
         self.min_scale = min_scale
-        raw = torch.tensor(init_scale - min_scale).expm1().log()  # inverse softplus
+        raw = softplus_inv(init_scale - min_scale)
         self.raw_scale = nn.Parameter(raw.expand(1 if shared else out_dim).clone())
 
     @property

@@ -8,6 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def softplus_inv(y: torch.Tensor) -> torch.Tensor:
+    """The inverse of softplus: x with log(1 + exp(x)) = y, for y > 0 (stable for small y)."""
+    y = torch.as_tensor(y, dtype=torch.get_default_dtype())
+    return y + torch.log(-torch.expm1(-y))
+
+
 def mlp(sizes: Sequence[int], activation=nn.ReLU) -> nn.Sequential:
     """Linear layers with ``activation`` between them (none after the last)."""
     layers = []

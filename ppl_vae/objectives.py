@@ -117,8 +117,18 @@ def _scale(batch: Batch) -> float:
     return batch.num_data / len(batch.idx)
 
 
+class _Bound:
+    """An objective from a per-datapoint bound: loss = -(N / B) * sum over the batch."""
+
+    def per_datapoint(self, model, guide, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, model, guide, batch: Batch) -> torch.Tensor:
+        return -_scale(batch) * self.per_datapoint(model, guide, batch).sum()
+
+
 @dataclass(frozen=True)
-class ELBO:
+class ELBO(_Bound):
     """Monte Carlo ELBO with ``num_particles`` vectorized reparameterized samples.
 
     With ``beta`` != 1 it is the beta-weighted bound E_q[log p(x|z)] - beta KL(q || p)
@@ -131,9 +141,6 @@ class ELBO:
     def per_datapoint(self, model, guide, batch: Batch) -> torch.Tensor:
         lw = log_weights(model, guide, batch, self.num_particles)
         return (lw.log_lik + self.beta * (lw.log_prior - lw.log_q)).mean(0)  # [B]
-
-    def __call__(self, model, guide, batch: Batch) -> torch.Tensor:
-        return -_scale(batch) * self.per_datapoint(model, guide, batch).sum()
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,7 @@ class AnalyticKLELBO(ELBO):
 
 
 @dataclass(frozen=True)
-class IWAE:
+class IWAE(_Bound):
     """The importance-weighted bound of Burda et al. (2016) with K = ``num_particles``.
 
     IWAE_K = E[log (1/K) sum_k w_k] per datapoint, computed from unscaled log weights and
@@ -177,9 +184,6 @@ class IWAE:
             return self._dreg(model, guide, batch)
         lw = log_weights(model, guide, batch, self.num_particles).total  # [K, B]
         return torch.logsumexp(lw, 0) - math.log(self.num_particles)  # [B]
-
-    def __call__(self, model, guide, batch: Batch) -> torch.Tensor:
-        return -_scale(batch) * self.per_datapoint(model, guide, batch).sum()
 
     def _dreg(self, model, guide, batch: Batch) -> torch.Tensor:
         """Surrogate whose value is IWAE_K and whose guide gradient is DReG's.

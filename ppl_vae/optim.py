@@ -89,10 +89,15 @@ def adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
-def make_optimizers(model, guide, lr: float, local_lr: float = 0.0,
-                    inner_steps: int = 0) -> Optimizers:
-    """Adam(lr) for the model's and an amortized guide's networks; RowAdam(local_lr) for a table."""
+def make_optimizers(model, guide, lr: float, local_lr: float = 0.2,
+                    inner_steps: int = 1) -> Optimizers:
+    """Adam(lr) for the model's and an amortized guide's networks; RowAdam(local_lr) for a table.
+
+    The defaults for a per-datapoint table are ``Config``'s (see experiments/README.md).
+    """
     if getattr(guide, "is_local", False):
+        if not local_lr > 0:
+            raise ValueError(f"a per-datapoint guide needs local_lr > 0, got {local_lr}")
         params = [p for p in model.parameters() if p.requires_grad]
         local = RowAdam([guide.params], lr=local_lr)
         return Optimizers(adam(params, lr), local, inner_steps)

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .nets import softplus_inv
+
 
 class StandardNormal(nn.Module):
     """p(z) = N(0, I)."""
@@ -32,7 +34,7 @@ class MixtureOfGaussians(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.logits = nn.Parameter(torch.zeros(num_components))
         self.locs = nn.Parameter(torch.randn(num_components, latent_dim, generator=g))
-        self.raw_scales = nn.Parameter(torch.full((num_components, latent_dim), 0.5413))
+        self.raw_scales = nn.Parameter(softplus_inv(torch.ones(num_components, latent_dim)))
 
     def forward(self):
         components = dist.Normal(self.locs, F.softplus(self.raw_scales) + 1e-4).to_event(1)

@@ -26,7 +26,12 @@ from .optim import make_optimizers
 from .train import EpochMetrics, Interrupted, Position, fit
 
 EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
-ARCHITECTURE = ("dataset", "latent_dim", "hidden", "likelihood", "prior", "guide", "train_size")
+# settings a resumed run must share with its checkpoint (epochs, lr, max_seconds may change)
+RESUME_FIXED = ("dataset", "latent_dim", "hidden", "likelihood", "prior", "guide", "train_size",
+                "valid_size", "binarize", "batch_size", "seed", "objective", "num_particles",
+                "dreg", "local_init")
+OUTPUTS = ("summary.json", "metrics.jsonl", "eval.json", "arrays.npz", "curves.png",
+           "reconstructions.png", "samples.png", "latent.png")
 
 
 class Trained(NamedTuple):
@@ -91,7 +96,8 @@ def held_out_elbo(model, guide, x: torch.Tensor, warm: Optional[LocalNormal] = N
     return elbo_parts(model, fit_.guide, x, num_particles=10, seed=EVAL_SEED).elbo, fit_.guide
 
 
-def prepare_out(out: Path, overwrite: bool, resume: bool) -> None:
+def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) -> None:
+    """Refuse to clobber a run unless asked; clear what a new or resumed run will rewrite."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another path")
@@ -100,20 +106,21 @@ def prepare_out(out: Path, overwrite: bool, resume: bool) -> None:
     if resume:
         if not started:
             raise UserError(f"--resume: no checkpoint in {out}; start a new run without --resume")
+        for name in OUTPUTS[:1] + OUTPUTS[2:]:  # results of the run as it was: stale now
+            (out / name).unlink(missing_ok=True)
         return
     if (finished or started) and not overwrite:
         what = "a finished run" if finished else "an unfinished run"
-        raise UserError(f"{out} holds {what}; pass --resume to continue it, --overwrite to "
-                        f"replace it, or choose another --out")
+        how = "pass --resume to continue it, --overwrite to" if resumable else "pass --overwrite to"
+        raise UserError(f"{out} holds {what}; {how} replace it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for name in ("summary.json", "metrics.jsonl", checkpoint.NAME, checkpoint.PREVIOUS,
-                     "eval.json"):
+        for name in OUTPUTS + (checkpoint.NAME, checkpoint.PREVIOUS, checkpoint.NAME + ".tmp"):
             (out / name).unlink(missing_ok=True)
 
 
 def check_compatible(saved: Config, config: Config) -> None:
-    for name in ARCHITECTURE:
+    for name in RESUME_FIXED:
         a, b = getattr(saved, name), getattr(config, name)
         if a != b:
             raise UserError(f"checkpoint was trained with {name}={a!r} but this run asks for "
@@ -137,11 +144,17 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     if out is not None:
         prepare_out(out, overwrite, resume)
     splits = load_splits(config, device)
-    binarize = data.Binarize(config.binarize)
+    # binarization noise has its own stream: every guide sees the same pixels
+    binarize = data.Binarize(config.binarize,
+                             torch.Generator(device=device).manual_seed(config.seed + 3))
     train_split = binarize.prepare(splits.train, config.seed)
     model = build_model(config, train_split.x.shape[1]).to(device)
-    guide = build_guide(config, train_split.x.shape[1], len(train_split), splits.train.x).to(device)
-    model.likelihood.check(binarize(train_split.x[:1000]))
+    guide = build_guide(config, train_split.x.shape[1], len(train_split),
+                        None if resume else splits.train.x).to(device)
+    if config.binarize == "none":
+        model.likelihood.check(train_split.x)
+    else:
+        model.likelihood.check(torch.bernoulli(train_split.x[:100]))
     optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps)
     x_valid = eval_pixels(config, splits.valid, config.valid_size)
     valid_state = {"guide": None}
@@ -161,6 +174,9 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
         guide.load_state_dict(state["guide"])
         for opt, opt_state in zip(optimizers.all(), state["optimizers"]):
             opt.load_state_dict(opt_state)
+        for opt, lr in zip(optimizers.all(), (config.lr, config.local_lr)):
+            for group in opt.param_groups:  # a resumed run may ask for another rate
+                group["lr"] = lr
         if state.get("valid_guide") is not None:
             valid_state["guide"] = LocalNormal(len(x_valid), config.latent_dim,
                                                sparse=False).to(device)
@@ -169,6 +185,7 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
         if state.get("position") is not None:
             position = Position(**state["position"])
         checkpoint.set_rng_state(state["rng"])
+        binarize.generator.set_state(state["binarize_rng"])
         log(f"resuming {out} after epoch {len(history)}"
             + (f", step {position.step} of epoch {position.epoch + 1}" if position else ""))
     if out is not None:
@@ -187,7 +204,7 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
             "valid_guide": valid_guide.state_dict() if valid_guide is not None else None,
             "history": [m._asdict() for m in done],
             "position": position._asdict() if position is not None else None,
-            "rng": checkpoint.rng_state()}, out)
+            "rng": checkpoint.rng_state(), "binarize_rng": binarize.generator.get_state()}, out)
 
     def on_epoch(metrics: EpochMetrics) -> None:
         done.append(metrics)
@@ -218,7 +235,7 @@ def _write_metrics(out: Path, history) -> None:
             f.write(json.dumps(m._asdict()) + "\n")
 
 
-def memory_summary(trained: Trained, optimizers_bytes: Optional[int] = None) -> dict:
+def memory_summary(trained: Trained) -> dict:
     """Peak memory: process RSS (CPU) or allocator peak (CUDA), and parameter bytes."""
     params = sum(p.numel() * p.element_size()
                  for m in (trained.model, trained.guide) for p in m.parameters())

@@ -177,8 +177,13 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     lowered = 0
     bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, disable=not progress,
                unit="step", dynamic_ncols=True, leave=False)
+    def out_of_time(seconds_in_epoch: float) -> bool:
+        return max_seconds is not None and wall + seconds_in_epoch >= max_seconds
+
     with _StopOnSigint() as sigint:
         for epoch in range(start_epoch, epochs):
+            if out_of_time(0.0):  # a resumed run whose budget is spent
+                break
             order = torch.Generator().manual_seed(seed * 100_003 + epoch)
             first, loss_sum, before, taken = 0, 0.0, 0.0, 0
             if position is not None and epoch == position.epoch:
@@ -204,19 +209,21 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
                     lowered += 1
                     lower_lr(optimizers)
                     log(f"{where}; learning rates halved, batch skipped")
-                    continue
-                epoch_loss += loss
-                total_steps += 1
-                taken += 1
-                if i % 20 == 0:
-                    bar.set_postfix(epoch=epoch + 1, elbo=f"{-float(loss) / n:.2f}")
-                bar.update(1)
+                else:
+                    epoch_loss += loss
+                    total_steps += 1
+                    taken += 1
+                    if i % 20 == 0:
+                        bar.set_postfix(epoch=epoch + 1, elbo=f"{-float(loss) / n:.2f}")
+                    bar.update(1)
                 if sigint.flag:
                     bar.close()
                     seconds = before + time.perf_counter() - start
                     raise Interrupted(Position(epoch, i + 1, loss_sum + float(epoch_loss),
                                                seconds, wall + seconds - before, total_steps,
                                                taken))
+                if out_of_time(before + time.perf_counter() - start):
+                    break  # the budget ends mid-epoch: score and record the partial epoch
             seconds = before + time.perf_counter() - start
             wall += seconds - before
             valid = validate() if validate is not None else math.nan
@@ -228,7 +235,10 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
                           f"valid {valid:9.3f}  {seconds:6.1f}s")
             if on_epoch is not None:
                 on_epoch(metrics)
-            if max_seconds is not None and wall >= max_seconds:
+            if sigint.flag:  # Ctrl-C during validation or checkpointing: stop at the boundary
+                bar.close()
+                raise Interrupted(Position(epoch + 1, 0, 0.0, 0.0, wall, total_steps, 0))
+            if out_of_time(0.0):
                 break
     bar.close()
     return history
