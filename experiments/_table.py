@@ -11,6 +11,11 @@ from ppl_vae.config import Config
 from ppl_vae.run import finish, fit_run
 
 
+# the toy size every experiment's --smoke mode runs at (seconds on a CPU)
+SMOKE = dict(epochs=1, max_seconds=None, train_size=300, valid_size=50, test_size=50,
+             hidden=(32,), latent_dim=4)
+
+
 def train_and_score(config: Config, out: Path, num_particles: int, local: bool = False,
                     progress: bool = True) -> Dict:
     """Train ``config`` into ``out`` and return its summary merged with held-out results."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _table import train_and_score, write
+from _table import SMOKE, train_and_score, write
 from ppl_vae.config import Config
 
 LIKELIHOODS = ["continuous_bernoulli", "normal", "normal_shared"]
@@ -29,8 +29,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     base = Config(binarize="none", epochs=args.epochs, test_size=args.test_size)
     if args.smoke:
-        base = base.replace(epochs=1, train_size=300, valid_size=100, test_size=100,
-                            hidden=(32,), latent_dim=4)
+        base = base.replace(**SMOKE)
         args.num_particles = 10
     rows = []
     for name in LIKELIHOODS:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from _table import SMOKE
 from ppl_vae.data import Batch
 from ppl_vae.evaluate import batches_of, elbo_parts, local_inference
 from ppl_vae.guides import LocalNormal
@@ -61,8 +62,7 @@ def main(argv=None):
         from ppl_vae.config import Config
         from ppl_vae.run import train_run
         args.run_dir = Path("runs/local_inference_smoke")
-        train_run(Config(epochs=1, train_size=300, valid_size=50, test_size=50, hidden=(32,),
-                         latent_dim=4), args.run_dir, overwrite=True, progress=False)
+        train_run(Config(**SMOKE), args.run_dir, overwrite=True, progress=False)
         args.test_size = 50
     trained = load_trained(args.run_dir, test_size=args.test_size)
     x = eval_pixels(trained.config, trained.splits.test)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from _table import write
+from _table import SMOKE, write
 from ppl_vae import data
 from ppl_vae.config import Config, build_guide, build_model, build_objective, resolve_device
 from ppl_vae.evaluate import Estimate
@@ -58,8 +58,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     base = Config(epochs=10_000, max_seconds=args.max_seconds)
     if args.smoke:
-        base = base.replace(epochs=1, max_seconds=None, train_size=300, valid_size=50,
-                            test_size=50, hidden=(32,), latent_dim=4)
+        base = base.replace(**SMOKE)
     rows = []
     for label, guide in (("amortized", "amortized"), ("meanfield (ours)", "meanfield")):
         if guide not in args.setups:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _table import train_and_score, write
+from _table import SMOKE, train_and_score, write
 from ppl_vae.config import Config
 
 RUNS = [("elbo", "elbo", 1), ("iwae-5", "iwae", 5), ("iwae-50", "iwae", 50)]
@@ -30,8 +30,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     base = Config(epochs=args.epochs, max_seconds=args.max_seconds, test_size=args.test_size)
     if args.smoke:
-        base = base.replace(epochs=1, train_size=300, valid_size=100, test_size=100,
-                            hidden=(32,), latent_dim=4)
+        base = base.replace(**SMOKE)
         args.num_particles = 10
     rows = []
     for label, objective, k in RUNS:

@@ -158,6 +158,11 @@ log p(x) is importance-sampled with K = {a['num_particles']} particles from the 
 (proposal `{a['proposal']}`). Errors are ± one standard error over test images (paired for the gaps).
 
 {head}{body}
+Curves: "train" is the training objective over the epoch's minibatches (for the per-datapoint
+guide, the ELBO of its table rows as they were when visited); "valid" is the ELBO on
+{c['valid_size']} validation rows, of the encoder for an amortized guide and of a per-datapoint
+fit warm-started from the previous epoch (30 steps with the decoder frozen) for a mean-field one.
+
 ![ELBO curves](curves.png)
 
 ![gaps](gaps.png)

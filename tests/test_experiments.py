@@ -30,6 +30,16 @@ def test_meanfield_budget_smoke(monkeypatch, tmp_path):
     assert table.count("\n") == 2 + 3 and "nan" not in table
 
 
+def test_long_compare_smoke(monkeypatch, tmp_path):
+    run_script("long_compare.py", ["--smoke", "--out", str(tmp_path / "out")], monkeypatch,
+               tmp_path)
+    import json
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["meanfield"]["amortization_gap"] is None
+    assert doc["amortized"]["approximation_gap"] == pytest.approx(
+        doc["amortized"]["test_log_px"] - doc["amortized"]["test_elbo_local"])
+
+
 def test_local_inference_smoke(monkeypatch, tmp_path, capsys):
     run_script("local_inference.py", ["--smoke"], monkeypatch, tmp_path)
     out = capsys.readouterr().out
