@@ -37,7 +37,7 @@ def test_long_compare_smoke(monkeypatch, tmp_path):
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert doc["meanfield"]["amortization_gap"] is None
     assert doc["amortized"]["approximation_gap"] == pytest.approx(
-        doc["amortized"]["test_log_px"] - doc["amortized"]["test_elbo_local"])
+        doc["amortized"]["test_log_px"] - doc["amortized"]["test_elbo_local"], abs=1e-3)
 
 
 def test_local_inference_smoke(monkeypatch, tmp_path, capsys):

@@ -1,0 +1,57 @@
+"""A training process killed with SIGKILL at random moments always leaves a loadable checkpoint
+that has lost at most the epoch in progress, and the run resumes from it."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ppl_vae import checkpoint
+
+TRIALS = int(os.environ.get("PPL_VAE_KILL_TRIALS", "6"))  # per test run, split over guides
+TOY = ["--train-size", "256", "--valid-size", "8", "--test-size", "8", "--hidden", "8",
+       "--latent-dim", "2", "--batch-size", "32", "--device", "cpu"]
+
+
+def _train(out, *extra):
+    """``ppl-vae train`` in a subprocess; its stderr goes to ``<out>.log``."""
+    code = "import sys; from ppl_vae.cli import main; sys.exit(main(sys.argv[1:]))"
+    with open(f"{out}.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-c", code, "train", *TOY, "--out", str(out),
+                                 *extra], stdout=subprocess.DEVNULL, stderr=log,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _log(out) -> str:
+    return open(f"{out}.log").read()
+
+
+@pytest.mark.parametrize("guide", ["amortized", "meanfield"])
+def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(tmp_path, guide):
+    rng = random.Random(1234)
+    for trial in range(TRIALS // 2):
+        out = tmp_path / f"{guide}{trial}"
+        proc = _train(out, "--epochs", "100000", "--guide", guide)
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None, _log(out)
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5))  # many epochs (and checkpoint writes) per second
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = checkpoint.load(out, warn=lambda _m: None)
+        assert state is not None
+        saved = len(state["history"])
+        written = len((out / "metrics.jsonl").read_text().splitlines())
+        assert written - saved in (0, 1), (written, saved)  # at most the epoch in progress
+        assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()
+                ][:saved] == [m["epoch"] for m in state["history"]]
+    # the last killed run continues from its checkpoint
+    resumed = _train(out, "--epochs", str(saved + 2), "--guide", guide, "--resume")
+    assert resumed.wait(timeout=120) == 0, _log(out)
+    assert json.loads((out / "summary.json").read_text())["epochs"] == saved + 2
