@@ -84,7 +84,7 @@ def eval_pixels(config: Config, split: data.Split, rows: Optional[int] = None) -
 
 
 def held_out_elbo(model, guide, x: torch.Tensor, warm: Optional[LocalNormal] = None,
-                  progress: bool = False, **local) -> tuple:
+                  **local) -> tuple:
     """(per-datapoint ELBO [N], fitted local guide or None) of ``guide`` on held-out ``x``.
 
     An amortized guide is scored as it is; a per-datapoint guide has no rows for held-out
