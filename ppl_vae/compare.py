@@ -28,10 +28,8 @@ def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local:
                      split: str = "test", progress: bool = True,
                      local_options: Optional[dict] = None):
     """``evaluate_model`` on a trained run's held-out split; returns (results, arrays)."""
-    held_out = trained.splits.get(split)
-    rows = trained.config.test_size
-    if rows is not None:  # load_splits cut the test split; cut any other the same way
-        held_out = type(held_out)(held_out.x[:rows], held_out.y[:rows])
+    # load_splits cut the test split to test_size; cut a validation split the same way
+    held_out = trained.splits.get(split).head(trained.config.test_size)
     x = eval_pixels(trained.config, held_out)
     results, arrays = evaluate_model(trained.model, trained.guide, x, num_particles, local=local,
                                      proposal=proposal, seed=EVAL_SEED, progress=progress,

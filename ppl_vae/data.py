@@ -49,6 +49,10 @@ class Split(NamedTuple):
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def head(self, n: Optional[int]) -> "Split":
+        """The first ``n`` rows (all of them when ``n`` is None)."""
+        return self if n is None else Split(self.x[:n], self.y[:n])
+
     def to(self, device) -> "Split":
         return Split(self.x.to(device), self.y.to(device))
 

@@ -66,18 +66,13 @@ def git_revision() -> Optional[str]:
 def load_splits(config: Config, device: torch.device) -> data.Splits:
     """The dataset's splits on ``device``, cut to ``train_size``/``test_size`` when set."""
     splits = data.load(config.dataset, config.data_dir)
-    train = splits.train
-    if config.train_size is not None:
-        train = data.Split(train.x[:config.train_size], train.y[:config.train_size])
-    test = splits.test
-    if config.test_size is not None:
-        test = data.Split(test.x[:config.test_size], test.y[:config.test_size])
-    return data.Splits(train.to(device), splits.valid.to(device), test.to(device))
+    return data.Splits(splits.train.head(config.train_size).to(device),
+                       splits.valid.to(device), splits.test.head(config.test_size).to(device))
 
 
 def eval_pixels(config: Config, split: data.Split, rows: Optional[int] = None) -> torch.Tensor:
     """Held-out pixels as every model sees them: one fixed binarization (seed ``EVAL_SEED``)."""
-    split = data.Split(split.x[:rows], split.y[:rows]) if rows is not None else split
+    split = split.head(rows)
     if config.binarize == "none":
         return split.x
     return data.static_binarize(split, EVAL_SEED).x
