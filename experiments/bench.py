@@ -25,6 +25,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam as PyroAdam
 
 from ppl_vae import data, guides, nets, objectives, optim, priors, train
+from ppl_vae.compiled import Compiled
 from ppl_vae.evaluate import log_px
 from ppl_vae.likelihoods import Bernoulli
 from ppl_vae.model import VAEModel
@@ -47,9 +48,9 @@ class HandVAE(nn.Module):
         return -(rec - kl)
 
 
-def hand_step(model, opt, x):
+def hand_step(model, opt, x, loss_fn=None):
     opt.zero_grad(set_to_none=True)
-    loss = model.loss(x)
+    loss = (loss_fn or model.loss)(x)
     loss.backward()
     opt.step()
 
@@ -102,7 +103,7 @@ def bench_device(device, batch_sizes, repeats, steps, local_sizes, epoch, logpx_
     splits = data.load("mnist")
     train_x = splits.train.x.to(device)
     binar = data.Binarize("dynamic")
-    rows = {}
+    rows, compile_seconds = {}, {}
     for b in batch_sizes:
         g = torch.Generator().manual_seed(b)
         idx = torch.randint(len(train_x), (b,), generator=g).to(device)
@@ -115,11 +116,27 @@ def bench_device(device, batch_sizes, repeats, steps, local_sizes, epoch, logpx_
         model, guide, opts = ours(len(train_x), device)
         objective = objectives.ELBO()
         batch = data.Batch(x, idx, len(train_x))
+        cmodel, cguide, copts = ours(len(train_x), device)
+        compiled = Compiled(objectives.ELBO())
+        chand = HandVAE().to(device)
+        chand_opt = torch.optim.Adam(chand.parameters(), 1e-3, fused=True)
+        chand_loss = torch.compile(chand.loss)
         cases = {
             "hand-written PyTorch": lambda: hand_step(hand, hand_opt, x),
+            "hand-written, torch.compile": lambda: hand_step(chand, chand_opt, x, chand_loss),
             "plain Pyro (tutorial)": lambda: svi.step(x),
             "ppl_vae amortized": lambda: train.step(model, guide, objective, batch, opts),
+            "ppl_vae amortized, compiled": (
+                lambda: train.step(cmodel, cguide, compiled, batch, copts)),
         }
+        compile_s = {}
+        for name in ("hand-written, torch.compile", "ppl_vae amortized, compiled"):
+            sync()
+            t = time.perf_counter()
+            for _ in range(2):  # the compiled objective runs eagerly once, then compiles
+                cases[name]()
+            sync()
+            compile_s[name] = time.perf_counter() - t
         for n in local_sizes:
             m, gd, o = ours(n, device, local=True)
             bidx = torch.randint(n, (b,), generator=g).to(device)
@@ -134,32 +151,45 @@ def bench_device(device, batch_sizes, repeats, steps, local_sizes, epoch, logpx_
             for k, fn in cases.items():
                 times[k].append(timed(fn, sync, steps))
         rows[b] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    result = {"ms_per_step": rows}
+        compile_seconds[b] = compile_s
+    result = {"ms_per_step": rows, "compile_seconds": compile_seconds}
     if epoch:
         result["seconds_per_epoch"] = epoch_times(device, train_x, binar, sync)
     if logpx_k:
         model, guide, _ = ours(len(train_x), device)
         x_test = torch.bernoulli(splits.test.x[:logpx_rows].to(device))
+        sub = x_test[:max(1, logpx_rows // 20)]
+        for compile in (False, True):  # eager against compiled on a twentieth of the rows
+            sync()
+            t = time.perf_counter()
+            log_px(model, guide, sub, logpx_k, compile=compile)
+            sync()
+            result[f"log_px_seconds_subset_{'compiled' if compile else 'eager'}"] = (
+                time.perf_counter() - t)
         sync()
         t = time.perf_counter()
-        log_px(model, guide, x_test, logpx_k)
+        log_px(model, guide, x_test, logpx_k)  # the default: compiled at this size
         sync()
         result["log_px_seconds"] = time.perf_counter() - t
-        result["log_px_setting"] = {"K": logpx_k, "rows": len(x_test)}
+        result["log_px_setting"] = {"K": logpx_k, "rows": len(x_test), "subset_rows": len(sub)}
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return result
 
 
 def epoch_times(device, train_x, binar, sync, batch_size=128):
-    """One epoch of each: ppl_vae's fit and the tutorial's SVI loop over a DataLoader."""
-    model, guide, opts = ours(len(train_x), device)
+    """One epoch of each: ppl_vae's fit (eager; compiled, whose first epoch pays the compile
+    and whose second is timed) and the tutorial's SVI loop over a DataLoader."""
     split = data.Split(train_x, torch.zeros(len(train_x), dtype=torch.long, device=device))
+    model, guide, opts = ours(len(train_x), device)
     sync()
     t = time.perf_counter()
     train.fit(model, guide, objectives.ELBO(), split, opts, 1, batch_size, binar, progress=False)
     sync()
     ours_s = time.perf_counter() - t
+    model, guide, opts = ours(len(train_x), device)
+    history = train.fit(model, guide, Compiled(objectives.ELBO()), split, opts, 2, batch_size,
+                        binar, progress=False, log=lambda _: None)
     tut = TutorialVAE().to(device)
     pyro.clear_param_store()
     svi = SVI(tut.model, tut.guide, PyroAdam({"lr": 1e-3}), Trace_ELBO())
@@ -170,7 +200,9 @@ def epoch_times(device, train_x, binar, sync, batch_size=128):
     for (x,) in loader:
         svi.step(torch.bernoulli(x.to(device)))
     sync()
-    return {"ppl_vae": ours_s, "plain Pyro (tutorial)": time.perf_counter() - t}
+    return {"ppl_vae": ours_s, "ppl_vae compiled": history[1].seconds,
+            "ppl_vae compiled, first epoch": history[0].seconds,
+            "plain Pyro (tutorial)": time.perf_counter() - t}
 
 
 def table(name, result) -> str:
@@ -178,14 +210,16 @@ def table(name, result) -> str:
     rows = result["ms_per_step"]
     cases = list(next(iter(rows.values())))
     local = [c for c in cases if c.startswith("ppl_vae per-datapoint")]
-    ratios = ["ours/hand", "ours/Pyro"]
+    ratios = ["ours/hand", "ours/Pyro", "compiled/hand", "compiled/Pyro"]
     if local:
         ratios += ["local/ours", "local N max/min"] if len(local) > 1 else ["local/ours"]
     lines = [f"### {name}", "", "| batch | " + " | ".join(cases + ratios) + " |",
              "|---" * (len(cases) + len(ratios) + 1) + "|"]
     for b, row in rows.items():
         ours_ms = row["ppl_vae amortized"]
-        values = [ours_ms / row["hand-written PyTorch"], ours_ms / row["plain Pyro (tutorial)"]]
+        comp_ms = row["ppl_vae amortized, compiled"]
+        values = [ours_ms / row["hand-written PyTorch"], ours_ms / row["plain Pyro (tutorial)"],
+                  comp_ms / row["hand-written PyTorch"], comp_ms / row["plain Pyro (tutorial)"]]
         if local:
             values.append(row[local[0]] / ours_ms)
             if len(local) > 1:
@@ -194,11 +228,20 @@ def table(name, result) -> str:
                      + " | ".join(f"{v:.2f}" for v in values) + " |")
     if "seconds_per_epoch" in result:
         e = result["seconds_per_epoch"]
-        lines.append(f"\nepoch (50k rows, batch 128): ppl_vae {e['ppl_vae']:.2f} s, plain Pyro "
-                     f"{e['plain Pyro (tutorial)']:.2f} s, ratio {e['ppl_vae'] / e['plain Pyro (tutorial)']:.2f}")
+        pyro_s = e["plain Pyro (tutorial)"]
+        lines.append(f"\nepoch (50k rows, batch 128): plain Pyro {pyro_s:.2f} s; ppl_vae "
+                     f"{e['ppl_vae']:.2f} s (ratio {e['ppl_vae'] / pyro_s:.2f}); compiled "
+                     f"{e['ppl_vae compiled']:.2f} s (ratio {e['ppl_vae compiled'] / pyro_s:.2f}; "
+                     f"its first epoch, with the compile, {e['ppl_vae compiled, first epoch']:.2f} s)")
+    lines.append("\ncompile seconds (first two calls) by batch: " + "; ".join(
+        f"{b}: " + ", ".join(f"{k} {v:.1f}" for k, v in c.items())
+        for b, c in result["compile_seconds"].items()))
     if "log_px_seconds" in result:
         s = result["log_px_setting"]
-        lines.append(f"\nlog p(x), K={s['K']} over {s['rows']:,} test rows: {result['log_px_seconds']:.1f} s")
+        lines.append(f"\nlog p(x), K={s['K']} over {s['rows']:,} test rows: {result['log_px_seconds']:.1f} s "
+                     f"(compiled, the default at this size). On {s['subset_rows']:,} rows: eager "
+                     f"{result['log_px_seconds_subset_eager']:.1f} s, compiled (with its compile) "
+                     f"{result['log_px_seconds_subset_compiled']:.1f} s")
     return "\n".join(lines)
 
 

@@ -33,6 +33,8 @@ HELP = {
     "train_size": "use only the first N training rows", "valid_size": "validation rows scored each epoch",
     "test_size": "evaluate on the first N test rows only", "seed": "seed of initialization, data order and noise",
     "device": "auto (CUDA when available), cpu or cuda[:N]",
+    "compile": "amortized guides: trace the objective once per batch shape and compile it "
+               "(torch.compile; costs a compile at the start, pays on long runs)",
 }
 
 

@@ -8,6 +8,7 @@ from typing import Literal, Optional, Tuple, get_args
 import torch
 
 from . import guides, likelihoods, nets, objectives, priors
+from .compiled import Compiled, check_compilable
 from .errors import UserError
 
 DatasetName = Literal["mnist", "fashion_mnist", "kmnist"]
@@ -67,6 +68,7 @@ class Config:
     valid_size: int = 1000  # validation rows scored every epoch
     test_size: Optional[int] = None  # evaluate on the first n test rows (default: all)
     on_divergence: DivergenceName = "stop"  # non-finite loss: stop, or halve the rates and go on
+    compile: bool = False  # trace the objective once per batch shape and compile it (compiled.py)
     seed: int = 0
     device: str = "auto"
 
@@ -102,6 +104,8 @@ class Config:
                             "IWAE has none: drop it or use --objective elbo")
         if self.objective == "iwae" and self.beta != 1.0:
             raise UserError("--beta applies to the ELBO objectives; IWAE has no separate KL term")
+        if self.compile:
+            check_compilable(self.guide == "meanfield", self.dreg, self.warmup_epochs)
         resolve_device(self.device)
         return self
 
@@ -170,4 +174,5 @@ def build_guide(config: Config, data_dim: int, num_data: int, x=None):
 
 
 def build_objective(config: Config):
-    return OBJECTIVES[config.objective](config)
+    objective = OBJECTIVES[config.objective](config)
+    return Compiled(objective) if config.compile else objective

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from .compiled import Compiled
 from .data import Batch
 from .guides import AmortizedNormal, LocalNormal
 from .objectives import AnalyticKLELBO, log_weights
@@ -71,28 +72,45 @@ def batches_of(x: torch.Tensor, batch_size: int):
         yield Batch(x[idx], idx, n)
 
 
+COMPILE_LOG_PX_ROWS = 2_000_000  # decoder rows (K x N) from which log_px compiles by default
+
+
 @own_rng
 @torch.no_grad()
 def log_px(model, guide, x: torch.Tensor, num_particles: int = 5000, seed: int = 0,
-           max_rows: int = 2 ** 13, progress: Progress = None) -> torch.Tensor:
+           max_rows: int = 2 ** 13, progress: Progress = None,
+           compile: Optional[bool] = None) -> torch.Tensor:
     """Importance-sampled log p(x) per datapoint [N]: logsumexp_k lw_k - log K (IWAE_K).
 
     Vectorized over particles and data and chunked so that at most ``max_rows`` decoder rows
     are alive at once, whatever K. Unbiased for p(x), so a stochastic lower bound on log p(x).
+    ``compile`` runs each chunk as a compiled graph (``compiled.Compiled``): the same estimate
+    up to float rounding, with the elementwise work fused (about twice as fast on a CPU, after
+    a compile of seconds). ``None`` compiles when K x N reaches ``COMPILE_LOG_PX_ROWS``.
     """
+    if compile is None:
+        compile = num_particles * len(x) >= COMPILE_LOG_PX_ROWS
     batch_size = max(1, min(len(x), max_rows // min(num_particles, max_rows)))
     k_chunk = max(1, min(num_particles, max_rows // batch_size))
+    chunks = {}  # particles per chunk -> (model, guide, batch) -> logsumexp_k lw [B]
     out = []
     for batch in batches_of(x, batch_size):
         acc = torch.full((len(batch.idx),), -math.inf, device=x.device)
         for start in range(0, num_particles, k_chunk):
             k = min(k_chunk, num_particles - start)
-            lw = log_weights(model, guide, batch, k).total  # [k, B]
-            acc = torch.logaddexp(acc, torch.logsumexp(lw, 0))
+            if k not in chunks:
+                chunks[k] = _logsumexp_weights(k, compile)
+            acc = torch.logaddexp(acc, chunks[k](model, guide, batch))
         out.append(acc - math.log(num_particles))
         if progress:
             progress(len(batch.idx))
     return torch.cat(out)
+
+
+def _logsumexp_weights(k: int, compile: bool):
+    def lse(model, guide, batch):
+        return torch.logsumexp(log_weights(model, guide, batch, k).total, 0)  # [B]
+    return Compiled(lse) if compile else lse
 
 
 class ELBOParts(NamedTuple):
