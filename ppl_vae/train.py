@@ -175,10 +175,25 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     if position is not None:
         start_epoch, wall, total_steps = position.epoch, position.wall, position.steps
     lowered = 0
-    bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, disable=not progress,
-               unit="step", dynamic_ncols=True, leave=False)
-    def out_of_time(seconds_in_epoch: float) -> bool:
-        return max_seconds is not None and wall + seconds_in_epoch >= max_seconds
+    # A budget run counts seconds of its budget (its epochs are only a ceiling, so a bar of
+    # epochs x steps would stop at a fraction); otherwise the bar counts steps.
+    if max_seconds is not None:
+        bar = tqdm(total=float(max_seconds), initial=min(wall, max_seconds), unit="s",
+                   disable=not progress, dynamic_ncols=True, leave=False,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training [{elapsed}{postfix}]")
+    else:
+        bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, disable=not progress,
+                   unit="step", dynamic_ncols=True, leave=False)
+
+    def out_of_time(seconds_this_epoch: float) -> bool:
+        """Whether the budget is spent, given the seconds run in this epoch since ``start``."""
+        return max_seconds is not None and wall + seconds_this_epoch >= max_seconds
+
+    def advance(seconds_this_epoch: float) -> None:
+        if max_seconds is None:
+            bar.update(1)
+        else:
+            bar.update(min(wall + seconds_this_epoch, max_seconds) - bar.n)
 
     with _StopOnSigint() as sigint:
         for epoch in range(start_epoch, epochs):
@@ -189,7 +204,8 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
             if position is not None and epoch == position.epoch:
                 first, loss_sum, before = position.step, position.loss_sum, position.seconds
                 taken = position.taken
-                bar.update(first)
+                if max_seconds is None:
+                    bar.update(first)
             epoch_loss, start = torch.zeros((), device=train.x.device), time.perf_counter()
             beta = objective.beta
             batches = minibatches(train, batch_size, binarize, order, start=first)
@@ -215,14 +231,14 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
                     taken += 1
                     if i % 20 == 0:
                         bar.set_postfix(epoch=epoch + 1, elbo=f"{-float(loss) / n:.2f}")
-                    bar.update(1)
+                    advance(time.perf_counter() - start)
                 if sigint.flag:
                     bar.close()
                     seconds = before + time.perf_counter() - start
                     raise Interrupted(Position(epoch, i + 1, loss_sum + float(epoch_loss),
                                                seconds, wall + seconds - before, total_steps,
                                                taken))
-                if out_of_time(before + time.perf_counter() - start):
+                if out_of_time(time.perf_counter() - start):  # (wall already holds ``before``)
                     break  # the budget ends mid-epoch: score and record the partial epoch
             seconds = before + time.perf_counter() - start
             wall += seconds - before
