@@ -7,14 +7,16 @@ in the spirit of Pyro's ``JitTrace_ELBO``. It wraps any function of that signatu
 returns a tensor (``evaluate.log_px`` compiles its per-chunk log-mean-exp of the weights):
 
 1. the first call for a given model, guide, batch shape and dataset size runs the objective
-   eagerly, so Pyro and torch.distributions check every site's arguments once;
+   once eagerly, so Pyro and torch.distributions check every site's arguments (its random
+   draws are kept out of the caller's stream);
 2. it then records the tensor program the objective executes, with model and guide
    parameters and buffers as inputs (``make_fx`` over ``torch.func.functional_call``, argument
    validation off), and compiles that graph with ``torch.compile`` (Inductor: fused C++
    kernels on a CPU, Triton on a GPU; ``fallback_random`` so the noise is drawn from torch's
-   own generator, as in eager mode, and checkpoints keep reproducing their runs);
-3. later calls with that key run the compiled graph on the current parameters. The loss and
-   its gradients are those of the eager objective up to float rounding (tested).
+   own generator in the order eager mode draws it);
+3. this and every later call with that key run the compiled graph on the current parameters.
+   The loss and gradients are those of the eager objective on the same draws up to float
+   rounding, and a resumed compiled run repeats an uninterrupted one bit for bit (tested).
 
 What tracing freezes: shapes, the subsample scale N / B, Python numbers such as ``beta``, and
 any branch taken on a tensor's value (none in this package's models and guides; a custom
@@ -95,11 +97,12 @@ class Compiled:
                 raise ValueError("Compiled trains amortized guides only: a per-datapoint table "
                                  "gets a sparse gradient, which the compiled graph cannot "
                                  "produce (under torch.no_grad any guide is fine)")
-            loss = self.objective(model, guide, batch)  # eager: validates every site once
-            if len(self._graphs) < self.max_graphs:
-                program = _Program(self.objective, model, guide, batch.num_data)
-                self._graphs[key] = [program, self._compile(program, batch), False]
-            return loss
+            if len(self._graphs) >= self.max_graphs:
+                return self.objective(model, guide, batch)
+            with _own_rng(batch.x.device), torch.no_grad():
+                self.objective(model, guide, batch)  # eager once: Pyro checks every site's arguments
+            program = _Program(self.objective, model, guide, batch.num_data)
+            entry = self._graphs[key] = [program, self._compile(program, batch), False]
         program, graph, ran = entry
         if graph is None:  # compiling failed once: eager from then on
             return self.objective(model, guide, batch)
@@ -123,13 +126,16 @@ class Compiled:
         def pure(tensors, x, idx):
             return functional_call(program, tensors, (x, idx))
 
-        device = batch.x.device
-        # tracing runs the program on real tensors: keep its draws out of the caller's stream
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                pyro.validation_enabled(False):
+        with _own_rng(batch.x.device), pyro.validation_enabled(False):
             graph = make_fx(pure)(_tensors(program), batch.x, batch.idx)
         return torch.compile(graph, backend=self.backend, mode=self.mode, dynamic=False,
                              fullgraph=True, options=self.options or None)
+
+
+def _own_rng(device: torch.device):
+    """Keep the draws of the checking run and of tracing (which runs the program on real
+    tensors) out of the caller's random stream: every loss the caller sees is the graph's."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _tensors(program: nn.Module) -> dict:

@@ -40,7 +40,7 @@ def _loss_and_grads(objective, model, guide, batch, seed):
 def test_compiled_loss_and_gradients_equal_the_eager_ones(objective):
     model, guide, batch = _setup()
     compiled = Compiled(objective)
-    first = _loss_and_grads(compiled, model, guide, batch, SEED + 1)  # eager, then compiles
+    first = _loss_and_grads(compiled, model, guide, batch, SEED + 1)  # traces and compiles
     assert len(compiled._graphs) == 1
     eager = _loss_and_grads(objective, model, guide, batch, SEED + 2)
     replay = _loss_and_grads(compiled, model, guide, batch, SEED + 2)  # the compiled graph
@@ -65,7 +65,6 @@ def test_compiled_training_steps_follow_the_eager_ones():
         model, guide, batch = _setup()
         opts = optim.make_optimizers(model, guide, 1e-2)
         objective = make(objectives.ELBO())
-        train.step(model, guide, objective, batch, opts)  # (the compiled one compiles here)
         pyro.set_rng_seed(SEED + 4)
         losses = [train.step(model, guide, objective, batch, opts).item() for _ in range(10)]
         results.append((losses, [p.detach().clone() for p in model.parameters()]))
@@ -114,7 +113,6 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning():
 
     model, guide, batch = _setup()
     compiled = Compiled(objectives.ELBO(), backend=no_compiler)
-    compiled(model, guide, batch)  # eager, sets up the graph
     with pytest.warns(RuntimeWarning, match="running it eagerly"):
         loss = compiled(model, guide, batch)
     assert torch.isfinite(loss)
