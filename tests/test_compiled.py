@@ -97,11 +97,16 @@ def test_build_objective_wraps_only_when_asked():
     assert isinstance(build_objective(Config()), objectives.ELBO)
 
 
-def test_compiled_log_px_equals_the_eager_estimate():
-    """Same seed, same noise (``fallback_random``): the compiled estimate is the eager one."""
+@pytest.mark.parametrize("local", [False, True], ids=["encoder", "local"])
+def test_compiled_log_px_equals_the_eager_estimate(local):
+    """Same seed, same noise (``fallback_random``): the compiled estimate is the eager one,
+    with the encoder or a per-datapoint q* (as after test-time inference) as proposal."""
     from ppl_vae.evaluate import log_px
     model, guide, _ = _setup()
     x = tiny_binary_data(5, D, seed=1)
+    if local:
+        guide = guides.LocalNormal(len(x), L)
+        guide.set_rows(torch.arange(len(x)), torch.randn(len(x), L), torch.rand(len(x), L) + 0.5)
     eager = log_px(model, guide, x, 64, max_rows=128, compile=False)  # 3 chunks of <= 2 rows
     compiled = log_px(model, guide, x, 64, max_rows=128, compile=True)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
