@@ -24,7 +24,9 @@ program that branches on data must not be compiled). Not compiled, refused by
 ``check_compilable``: guides whose tables get sparse gradients (the per-datapoint guide: its
 rows are updated by ``RowAdam`` from a sparse gradient), DReG (a gradient hook), and KL
 warm-up (beta changes every step). A batch of a new shape (the last, partial batch of an
-epoch) compiles a second graph; past ``max_graphs`` shapes it runs eagerly.
+epoch) compiles a second graph; past ``max_graphs`` shapes it runs eagerly. If tracing or
+compiling fails (no C++ compiler, a program that branches on data), it warns once per shape
+and runs eagerly.
 
 Compiling takes seconds to a minute, once per shape and process; Inductor caches kernels on
 disk, so a second run starts faster. It pays on long runs: see ``experiments/bench.py``.
@@ -72,11 +74,11 @@ class Compiled:
     batch shape, N, grad mode); called like ``objective``."""
 
     def __init__(self, objective, max_graphs: int = 4, backend: str = "inductor",
-                 mode: Optional[str] = None, options: Optional[dict] = None):
+                 options: Optional[dict] = None):
         self.objective = objective
         self.max_graphs = max_graphs
-        self.backend, self.mode = backend, mode
-        self.options = dict(options or {})
+        self.backend = backend
+        self.options = dict(options or {})  # Inductor's settings, e.g. {"max_autotune": True}
         if backend == "inductor":
             self.options.setdefault("fallback_random", True)
         self._graphs: Dict[Tuple, List] = {}  # key -> [program, graph or None, has run]
@@ -102,7 +104,11 @@ class Compiled:
             with _own_rng(batch.x.device), torch.no_grad():
                 self.objective(model, guide, batch)  # eager once: Pyro checks every site's arguments
             program = _Program(self.objective, model, guide, batch.num_data)
-            entry = self._graphs[key] = [program, self._compile(program, batch), False]
+            entry = self._graphs[key] = [program, None, False]
+            try:  # a program that branches on a tensor's value cannot be traced
+                entry[1] = self._compile(program, batch)
+            except Exception as e:  # noqa: BLE001 - whatever failed, eager still works
+                return self._eager_after(e, model, guide, batch)
         program, graph, ran = entry
         if graph is None:  # compiling failed once: eager from then on
             return self.objective(model, guide, batch)
@@ -110,14 +116,18 @@ class Compiled:
             return graph(_tensors(program), batch.x, batch.idx)
         try:  # torch.compile compiles on the first call; a machine without a C++ compiler fails here
             out = graph(_tensors(program), batch.x, batch.idx)
-        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+        except Exception as e:  # noqa: BLE001 - whatever failed, eager still works
             entry[1] = None
-            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            warnings.warn(f"compiling the objective failed ({type(e).__name__}: {message[:200]}); "
-                          f"running it eagerly", RuntimeWarning, stacklevel=2)
-            return self.objective(model, guide, batch)
+            return self._eager_after(e, model, guide, batch)
         entry[2] = True
         return out
+
+    def _eager_after(self, error: Exception, model, guide, batch: Batch) -> torch.Tensor:
+        text = str(error).strip()
+        first_line = text.splitlines()[0][:200] if text else ""
+        warnings.warn(f"compiling the objective failed ({type(error).__name__}: {first_line}); "
+                      f"running it eagerly", RuntimeWarning, stacklevel=3)
+        return self.objective(model, guide, batch)
 
     def _compile(self, program: _Program, batch: Batch):
         from torch.func import functional_call
@@ -128,8 +138,8 @@ class Compiled:
 
         with _own_rng(batch.x.device), pyro.validation_enabled(False):
             graph = make_fx(pure)(_tensors(program), batch.x, batch.idx)
-        return torch.compile(graph, backend=self.backend, mode=self.mode, dynamic=False,
-                             fullgraph=True, options=self.options or None)
+        return torch.compile(graph, backend=self.backend, dynamic=False, fullgraph=True,
+                             options=self.options or None)
 
 
 def _own_rng(device: torch.device):

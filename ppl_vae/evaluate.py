@@ -65,7 +65,14 @@ class Estimate(NamedTuple):
 
 
 def batches_of(x: torch.Tensor, batch_size: int):
-    """Fixed-order minibatches over held-out rows; ``idx`` indexes ``x`` (and a local guide)."""
+    """Fixed-order minibatches over held-out rows; ``idx`` indexes ``x`` (and a local guide).
+
+    Loops over them write their per-row results into one tensor allocated up front. Keeping
+    a small new tensor per batch alive between the batches' large temporaries fragments the
+    C heap: log p(x) on 1,000 rows with K = 1000 grew the process by 2.6 MB per batch (3.6
+    compiled), and a 10,000-row, K = 5000 estimate runs 10,000 batches. Filled in place, the
+    process stays flat.
+    """
     n = len(x)
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n), device=x.device)
@@ -93,7 +100,7 @@ def log_px(model, guide, x: torch.Tensor, num_particles: int = 5000, seed: int =
     batch_size = max(1, min(len(x), max_rows // min(num_particles, max_rows)))
     k_chunk = max(1, min(num_particles, max_rows // batch_size))
     chunks = {}  # particles per chunk -> (model, guide, batch) -> logsumexp_k lw [B]
-    out = []
+    out = x.new_empty(len(x))  # filled in place: see ``batches_of``
     for batch in batches_of(x, batch_size):
         acc = torch.full((len(batch.idx),), -math.inf, device=x.device)
         for start in range(0, num_particles, k_chunk):
@@ -101,10 +108,10 @@ def log_px(model, guide, x: torch.Tensor, num_particles: int = 5000, seed: int =
             if k not in chunks:
                 chunks[k] = _logsumexp_weights(k, compile)
             acc = torch.logaddexp(acc, chunks[k](model, guide, batch))
-        out.append(acc - math.log(num_particles))
+        out[batch.idx] = acc - math.log(num_particles)
         if progress:
             progress(len(batch.idx))
-    return torch.cat(out)
+    return out
 
 
 def _logsumexp_weights(k: int, compile: bool):
@@ -126,12 +133,11 @@ class ELBOParts(NamedTuple):
 def elbo_parts(model, guide, x: torch.Tensor, num_particles: int = 1, seed: int = 0,
                batch_size: int = 1000) -> ELBOParts:
     """The ELBO of ``guide`` on ``x`` split into rate and distortion, per datapoint."""
-    rate, distortion = [], []
+    rate, distortion = x.new_empty(len(x)), x.new_empty(len(x))  # filled in place
     for batch in batches_of(x, batch_size):
         lw = log_weights(model, guide, batch, num_particles)
-        rate.append((lw.log_q - lw.log_prior).mean(0))
-        distortion.append(-lw.log_lik.mean(0))
-    rate, distortion = torch.cat(rate), torch.cat(distortion)
+        rate[batch.idx] = (lw.log_q - lw.log_prior).mean(0)
+        distortion[batch.idx] = -lw.log_lik.mean(0)
     return ELBOParts(-(rate + distortion), rate, distortion)
 
 

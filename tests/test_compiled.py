@@ -125,3 +125,15 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning():
     again = compiled(model, guide, batch)  # eager from now on, without another warning
     pyro.set_rng_seed(SEED + 5)
     torch.testing.assert_close(again, objectives.ELBO()(model, guide, batch))
+
+
+def test_a_program_that_branches_on_data_runs_eagerly_with_a_warning():
+    """make_fx cannot trace ``if tensor:``; the objective still works, eagerly."""
+    def branching(model, guide, batch):
+        loss = objectives.ELBO()(model, guide, batch)
+        return loss if bool(batch.x.sum() > 0) else -loss
+
+    model, guide, batch = _setup()
+    with pytest.warns(RuntimeWarning, match="running it eagerly"):
+        loss = Compiled(branching)(model, guide, batch)
+    assert torch.isfinite(loss)
