@@ -127,7 +127,7 @@ def build_parser() -> Parser:
     return p
 
 
-# The default comparison takes about 10 minutes on a 2-core CPU (the target is 15); larger
+# The default comparison takes about 9 minutes on a 2-core CPU (the target is 15); larger
 # budgets by flags.
 COMPARE_DEFAULTS = Config(epochs=1000, max_seconds=150.0, test_size=5000)
 QUICK = dict(train_size=10_000, test_size=1000, valid_size=500, epochs=100, max_seconds=20.0)
