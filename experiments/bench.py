@@ -135,7 +135,7 @@ def bench_device(device, batch_sizes, repeats, steps, local_sizes, epoch, logpx_
         for name in ("hand-written, torch.compile", "ppl_vae amortized, compiled"):
             sync()
             t = time.perf_counter()
-            for _ in range(2):  # the compiled objective runs eagerly once, then compiles
+            for _ in range(2):  # the first call traces and compiles
                 cases[name]()
             sync()
             compile_s[name] = time.perf_counter() - t
