@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
-from ppl_vae.compare import evaluate_trained
+from ppl_vae.heldout import evaluate_trained
 from ppl_vae.evaluate import Estimate
 from ppl_vae.config import Config
 from ppl_vae.run import finish, fit_run

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from _table import SMOKE
+from ppl_vae import guides
 from ppl_vae.data import Batch
 from ppl_vae.evaluate import batches_of, elbo_parts, local_inference
 from ppl_vae.guides import LocalNormal
@@ -66,7 +67,8 @@ def main(argv=None):
         args.test_size = 50
     trained = load_trained(args.run_dir, test_size=args.test_size)
     x = eval_pixels(trained.config, trained.splits.test)
-    init = None if getattr(trained.guide, "is_local", False) else trained.guide
+    # the guide's own start for new rows: an encoder's output, or N(0, I) rows for a table
+    init = guides.held_out(trained.guide, trained.model, x, max_steps=0).guide
     model = trained.model
     t = time.perf_counter()
     rule = local_inference(model, x, init=init, seed=EVAL_SEED)

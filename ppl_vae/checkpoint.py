@@ -7,6 +7,7 @@ newest is missing or unreadable.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Optional
@@ -14,25 +15,36 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, setting
 
 NAME, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    """Every global random stream as tensors and numbers (loadable with ``weights_only``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+             "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore ``rng_state()``; CUDA streams only where CUDA is (a run moved to a CPU goes on)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()),
+                     p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def save(state: dict, folder: Path) -> Path:
@@ -58,28 +70,44 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path, required=()) -> dict:
+    """Load with ``weights_only=True``: tensors, numbers, strings and containers only, so a
+    crafted file cannot run code; anything else is refused."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise UserError(f"checkpoint {path} holds objects other than tensors and plain data "
+                        f"({first}); it was not written by ppl_vae and was not loaded") from None
     except Exception as e:  # truncated zip, bad pickle, ...
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
-                        f"delete it to use the previous one, or start again with --overwrite") from None
+                        f"delete it to use the previous one, or start again with "
+                        f"{setting('overwrite')}") from None
     if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"{path} is not a ppl_vae checkpoint")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it is incomplete or "
+                        f"from another program")
     return state
 
 
-def load(folder: Path, warn=print) -> Optional[dict]:
-    """The newest readable checkpoint in ``folder``; None when there is none at all."""
+def load(folder: Path, warn=print, fallback: bool = True, required=()) -> Optional[dict]:
+    """The newest readable checkpoint in ``folder``; None when there is none at all.
+
+    When the newest is unreadable, ``fallback`` takes the previous one (with a warning) and
+    records which in ``state["file"]``; without it the error stands. A file lacking any key
+    of ``required`` counts as unreadable.
+    """
     folder = Path(folder)
     path, previous = folder / NAME, folder / PREVIOUS
     if path.exists():
         try:
-            return _read(path)
+            return {**_read(path, required), "file": NAME}
         except UserError as e:
-            if not previous.exists():
+            if not previous.exists() or not fallback:
                 raise
             warn(f"warning: {e}; using {previous.name}")
     if previous.exists():
-        return _read(previous)
+        return {**_read(previous, required), "file": PREVIOUS}
     return None

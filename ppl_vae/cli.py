@@ -10,21 +10,34 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional, get_args
+from typing import List, Optional
 
+from .compare import DEFAULT_GUIDES
 from .config import Config
 from .errors import UserError
 from .train import DivergenceError, Interrupted
 
 HELP = {
-    "dataset": "data set", "data_dir": "folder with the dataset's raw files (default: shipped MNIST)",
+    "dataset": "data set (mnist, fashion_mnist, kmnist)", "data_dir": "folder with the dataset's raw files (default: shipped MNIST)",
     "binarize": "dynamic: fresh Bernoulli draw per minibatch; static: one seeded draw; none: grayscale",
     "latent_dim": "dimension of z", "hidden": "hidden layer sizes of decoder (and encoder, reversed)",
-    "likelihood": "p(x|z)", "prior": "p(z)", "guide": "amortized (encoder), meanfield (per-datapoint table) or iaf (encoder + flows)",
+    "activation": "activation of the hidden layers",
+    "likelihood": "p(x|z)", "prior": "p(z)",
+    "guide": "amortized (encoder), meanfield (per-datapoint table), semiamortized (encoder + "
+             "gradient refinement) or iaf (encoder + flows)",
     "objective": "training objective", "num_particles": "particles of the training objective",
     "dreg": "doubly reparameterized gradients for --objective iwae",
     "beta": "KL weight of the ELBO objectives", "warmup_epochs": "linear KL warm-up from 0 to beta",
     "epochs": "training epochs", "batch_size": "minibatch size", "lr": "Adam learning rate of the networks",
+    "adam_eps": "Adam's epsilon", "lr_schedule": "constant, or burda: 3^i epochs at lr * 10^(-i/7), i = 0..7",
+    "refine_steps": "semiamortized: gradient steps from the encoder's output",
+    "refine_lr": "semiamortized: step size of the refinement",
+    "refine_stop_gradient": "semiamortized: no gradient through the refinement; the encoder "
+                            "trains on its own ELBO",
+    "track_gaps": "score L[q], L[q*], log p(x) and both gaps on training and test rows at "
+                  "gap-epochs (gaps.jsonl, gaps.png)",
+    "gap_epochs": "epochs at which --track-gaps scores (and the last)",
+    "gap_rows": "training and test rows of the gap curves", "gap_particles": "K of log p(x) in the gap curves",
     "local_lr": "meanfield: learning rate of the per-datapoint table",
     "inner_steps": "meanfield: local-only steps per minibatch before each joint step",
     "local_init": "meanfield: start rows at the data's principal-component scores (pca) or at N(0, I)",
@@ -49,7 +62,7 @@ def _add_config(parser: argparse.ArgumentParser, defaults: Config) -> None:
         default = getattr(defaults, f.name)
         kind = f.type if isinstance(f.type, str) else str(f.type)
         help_ = HELP.get(f.name, "") + f" (default: {default})"
-        if f.name == "hidden":
+        if f.name in ("hidden", "gap_epochs"):
             parser.add_argument(flag, type=int, nargs="+", default=list(default), help=help_)
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
@@ -79,15 +92,16 @@ def _optional(typ):
 
 def _choices(name: str):
     from . import config as c
-    table = {"dataset": c.DatasetName, "binarize": c.BinarizeName, "likelihood": c.LikelihoodName,
-             "prior": c.PriorName, "guide": c.GuideName, "objective": c.ObjectiveName,
-             "local_init": c.LocalInitName, "on_divergence": c.DivergenceName}
-    return get_args(table[name]) if name in table else None
+    tables = {"binarize": c.BINARIZE, "local_init": c.LOCAL_INIT, "on_divergence": c.ON_DIVERGENCE}
+    for registry in (c.LIKELIHOODS, c.PRIORS, c.GUIDES, c.OBJECTIVES, c.ACTIVATIONS,
+                     c.LR_SCHEDULES):
+        tables[registry.field] = registry.names() + ("module:attr",)
+    return tables.get(name)
 
 
 def _config(args) -> Config:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-    values["hidden"] = tuple(values["hidden"])
+    values["hidden"], values["gap_epochs"] = tuple(values["hidden"]), tuple(values["gap_epochs"])
     return Config(**values).validate()
 
 
@@ -115,29 +129,42 @@ def build_parser() -> Parser:
     e.add_argument("--test-size", type=int, default=None, help="evaluate on the first N rows only")
     e.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
 
-    c = sub.add_parser("compare", help="amortized vs mean-field on the same decoder and budget")
+    c = sub.add_parser("compare", help="amortized, semi-amortized and mean-field on the same "
+                                       "decoder and budget")
     _add_config(c, COMPARE_DEFAULTS)
     c.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     c.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
     c.add_argument("--quick", action="store_true",
-                   help="a first look in under 2 minutes: 10k training rows, 20 s each, 1k test rows, K=100")
+                   help="a first look: 10k training rows, 2 epochs each, 1k test rows, K=100")
     c.add_argument("--num-particles-eval", type=int, default=1000, help="K of log p(x) (default 1000)")
-    c.add_argument("--guides", nargs="+", default=["amortized", "meanfield"],
-                   help="guides to compare (default: amortized meanfield); iaf adds a flow guide")
+    c.add_argument("--guides", type=_guides, default=list(DEFAULT_GUIDES),
+                   help="comma-separated guides to compare, any subset (default: "
+                        "amortized,semiamortized,meanfield; iaf adds a flow guide)")
     return p
 
 
-# The default comparison takes about 9 minutes on a 2-core CPU (the target is 15); larger
-# budgets by flags.
-COMPARE_DEFAULTS = Config(epochs=1000, max_seconds=150.0, test_size=5000)
-QUICK = dict(train_size=10_000, test_size=1000, valid_size=500, epochs=100, max_seconds=20.0)
+def _guides(text: str) -> List[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected guide names separated by commas, got {text!r}")
+    return names
+
+
+# The default comparison's budget is the same number of epochs for every guide (never
+# seconds, which a busy machine would hand out unequally); experiments/README.md has its time.
+COMPARE_DEFAULTS = Config(epochs=10, test_size=5000)
+QUICK = dict(train_size=10_000, test_size=1000, valid_size=500, epochs=2)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         return _main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.for_cli()}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"{e}; the checkpoint is kept: continue with `ppl-vae train ... --resume`",
@@ -173,7 +200,8 @@ def _main(argv) -> int:
         if args.num_particles <= 0:
             raise UserError("--num-particles must be positive")
         evaluate_run(args.run_dir, args.num_particles, split=args.split, proposal=args.proposal,
-                     local=args.local, test_size=args.test_size, device=args.device)
+                     local=args.local, test_size=args.test_size, device=args.device,
+                     warn=_warn)
         return 0
     if args.command == "compare":
         from .compare import compare

@@ -18,12 +18,14 @@ returns a tensor (``evaluate.log_px`` compiles its per-chunk log-mean-exp of the
    The loss and gradients are those of the eager objective on the same draws up to float
    rounding, and a resumed compiled run repeats an uninterrupted one bit for bit (tested).
 
-What tracing freezes: shapes, the subsample scale N / B, Python numbers such as ``beta``, and
+What tracing freezes: shapes, the subsample scale N / B, Python numbers in the program, and
 any branch taken on a tensor's value (none in this package's models and guides; a custom
-program that branches on data must not be compiled). Not compiled, refused by
-``check_compilable``: guides whose tables get sparse gradients (the per-datapoint guide: its
-rows are updated by ``RowAdam`` from a sparse gradient), DReG (a gradient hook), and KL
-warm-up (beta changes every step). A batch of a new shape (the last, partial batch of an
+program that branches on data must not be compiled). Keyword arguments of a call (the KL
+weight ``beta`` of a warm-up schedule) are inputs of the graph, so they may change every
+step. Not compiled, refused by ``check_compilable``: guides that say they are not
+(``guides.compilable``: per-datapoint tables, whose rows are updated by ``RowAdam`` from a
+sparse gradient; a semi-amortized guide, which differentiates inside the program) and DReG
+(a gradient hook). A batch of a new shape (the last, partial batch of an
 epoch) compiles a second graph; past ``max_graphs`` shapes it runs eagerly. If tracing or
 compiling fails (no C++ compiler, a program that branches on data), it warns once per shape
 and runs eagerly.
@@ -44,29 +46,30 @@ from .data import Batch
 from .errors import UserError
 
 
-def check_compilable(guide_is_local: bool, dreg: bool, warmup_epochs: int) -> None:
+def check_compilable(guide, dreg: bool) -> None:
     """Refuse, with the fix, the settings whose step cannot be traced once and replayed."""
-    if guide_is_local:
-        raise UserError("--compile applies to the amortized guides (amortized, iaf), not to "
-                        "meanfield, whose table is updated row by row from a sparse gradient; "
-                        "drop --compile or the meanfield guide")
+    from .guides import compilable
+    if not compilable(guide):
+        raise UserError(f"setting compile: the {type(guide).__name__} guide cannot be compiled "
+                        f"(per-datapoint tables get sparse gradients; a refining guide "
+                        f"differentiates inside the program); drop compile or use an "
+                        f"amortized guide (amortized, iaf)")
     if dreg:
-        raise UserError("--compile cannot trace DReG's gradient hook; drop --compile or --dreg")
-    if warmup_epochs:
-        raise UserError("--compile freezes beta, which KL warm-up changes every step; "
-                        "drop --compile or --warmup-epochs")
+        raise UserError("setting compile: DReG's gradient hook cannot be traced; drop compile "
+                        "or dreg")
 
 
 class _Program(nn.Module):
     """Model and guide under one module, so one ``functional_call`` swaps in all their tensors."""
 
-    def __init__(self, fn, model: nn.Module, guide: nn.Module, num_data: int):
+    def __init__(self, fn, model: nn.Module, guide: nn.Module, num_data: int, names):
         super().__init__()
         self.model, self.guide = model, guide
-        self.fn, self.num_data = fn, num_data
+        self.fn, self.num_data, self.names = fn, num_data, names
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.model, self.guide, Batch(x, idx, self.num_data))
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, *values) -> torch.Tensor:
+        return self.fn(self.model, self.guide, Batch(x, idx, self.num_data),
+                       **dict(zip(self.names, values)))
 
 
 class Compiled:
@@ -83,61 +86,62 @@ class Compiled:
             self.options.setdefault("fallback_random", True)
         self._graphs: Dict[Tuple, List] = {}  # key -> [program, graph or None, has run]
 
-    @property
-    def beta(self) -> float:
-        return self.objective.beta
-
     def __repr__(self) -> str:
         return f"Compiled({self.objective!r})"
 
-    def __call__(self, model: nn.Module, guide: nn.Module, batch: Batch) -> torch.Tensor:
+    def __call__(self, model: nn.Module, guide: nn.Module, batch: Batch,
+                 **kwargs) -> torch.Tensor:
+        names = tuple(sorted(kwargs))
+        values = [torch.as_tensor(kwargs[n], dtype=batch.x.dtype, device=batch.x.device)
+                  for n in names]  # graph inputs, so they may change between calls
         key = (id(model), id(guide), tuple(batch.x.shape), batch.x.dtype, batch.x.device,
-               tuple(batch.idx.shape), batch.num_data, torch.is_grad_enabled())
+               tuple(batch.idx.shape), batch.num_data, torch.is_grad_enabled(), names)
         entry = self._graphs.get(key)
         if entry is None:
-            if torch.is_grad_enabled() and getattr(guide, "is_local", False):
-                raise ValueError("Compiled trains amortized guides only: a per-datapoint table "
-                                 "gets a sparse gradient, which the compiled graph cannot "
-                                 "produce (under torch.no_grad any guide is fine)")
+            from .guides import compilable
+            if torch.is_grad_enabled() and not compilable(guide):
+                raise ValueError(f"Compiled trains amortized guides only: the {type(guide).__name__} "
+                                 f"guide says it is not compilable (a per-datapoint table gets a "
+                                 f"sparse gradient; under torch.no_grad any guide is fine)")
             if len(self._graphs) >= self.max_graphs:
-                return self.objective(model, guide, batch)
+                return self.objective(model, guide, batch, **kwargs)
             with _own_rng(batch.x.device), torch.no_grad():
-                self.objective(model, guide, batch)  # eager once: Pyro checks every site's arguments
-            program = _Program(self.objective, model, guide, batch.num_data)
+                self.objective(model, guide, batch, **kwargs)  # eager once: Pyro checks every site
+            program = _Program(self.objective, model, guide, batch.num_data, names)
             entry = self._graphs[key] = [program, None, False]
             try:  # a program that branches on a tensor's value cannot be traced
-                entry[1] = self._compile(program, batch)
+                entry[1] = self._compile(program, batch, values)
             except Exception as e:  # noqa: BLE001 - whatever failed, eager still works
-                return self._eager_after(e, model, guide, batch)
+                return self._eager_after(e, model, guide, batch, kwargs)
         program, graph, ran = entry
         if graph is None:  # compiling failed once: eager from then on
-            return self.objective(model, guide, batch)
+            return self.objective(model, guide, batch, **kwargs)
         if ran:
-            return graph(_tensors(program), batch.x, batch.idx)
+            return graph(_tensors(program), batch.x, batch.idx, *values)
         try:  # torch.compile compiles on the first call; a machine without a C++ compiler fails here
-            out = graph(_tensors(program), batch.x, batch.idx)
+            out = graph(_tensors(program), batch.x, batch.idx, *values)
         except Exception as e:  # noqa: BLE001 - whatever failed, eager still works
             entry[1] = None
-            return self._eager_after(e, model, guide, batch)
+            return self._eager_after(e, model, guide, batch, kwargs)
         entry[2] = True
         return out
 
-    def _eager_after(self, error: Exception, model, guide, batch: Batch) -> torch.Tensor:
+    def _eager_after(self, error: Exception, model, guide, batch: Batch, kwargs) -> torch.Tensor:
         text = str(error).strip()
         first_line = text.splitlines()[0][:200] if text else ""
         warnings.warn(f"compiling the objective failed ({type(error).__name__}: {first_line}); "
                       f"running it eagerly", RuntimeWarning, stacklevel=3)
-        return self.objective(model, guide, batch)
+        return self.objective(model, guide, batch, **kwargs)
 
-    def _compile(self, program: _Program, batch: Batch):
+    def _compile(self, program: _Program, batch: Batch, values):
         from torch.func import functional_call
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        def pure(tensors, x, idx):
-            return functional_call(program, tensors, (x, idx))
+        def pure(tensors, x, idx, *values):
+            return functional_call(program, tensors, (x, idx, *values))
 
         with _own_rng(batch.x.device), pyro.validation_enabled(False):
-            graph = make_fx(pure)(_tensors(program), batch.x, batch.idx)
+            graph = make_fx(pure)(_tensors(program), batch.x, batch.idx, *values)
         return torch.compile(graph, backend=self.backend, dynamic=False, fullgraph=True,
                              options=self.options or None)
 

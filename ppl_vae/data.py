@@ -155,6 +155,10 @@ class Binarize:
 
     ``dynamic`` draws x ~ Bernoulli(pixel) afresh for every minibatch (Burda et al. 2016);
     ``static`` uses one seeded draw; ``none`` keeps grayscale values in [0, 1].
+
+    The dynamic noise comes from its own generator on the CPU (uniforms, moved to the data's
+    device), so every guide sees the same pixels and a checkpoint's generator state resumes
+    on any device with the same pixels.
     """
 
     MODES = ("dynamic", "static", "none")
@@ -162,6 +166,8 @@ class Binarize:
     def __init__(self, mode: str, generator: Optional[torch.Generator] = None):
         if mode not in self.MODES:
             raise UserError(f"unknown binarization {mode!r}; choose one of {', '.join(self.MODES)}")
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError("Binarize takes a CPU generator (its state is then portable)")
         self.mode = mode
         self.generator = generator
 
@@ -170,7 +176,8 @@ class Binarize:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dynamic":
-            return torch.bernoulli(x, generator=self.generator)
+            u = torch.rand(x.shape, generator=self.generator, dtype=x.dtype)
+            return (u.to(x.device) < x).to(x.dtype)
         return x
 
 
@@ -192,6 +199,21 @@ def minibatches(split: Split, batch_size: int, binarize: Binarize,
     for first in range(start * batch_size, stop, batch_size):
         idx = order[first:first + batch_size]
         yield Batch(binarize(split.x[idx]), idx, n)
+
+
+def batches_of(x: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+    """Fixed-order minibatches over held-out rows; ``idx`` indexes ``x`` (and a local guide).
+
+    Loops over them write their per-row results into one tensor allocated up front. Keeping
+    a small new tensor per batch alive between the batches' large temporaries fragments the
+    C heap: log p(x) on 1,000 rows with K = 1000 grew the process by 2.6 MB per batch (3.6
+    compiled), and a 10,000-row, K = 5000 estimate runs 10,000 batches. Filled in place, the
+    process stays flat.
+    """
+    n = len(x)
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n), device=x.device)
+        yield Batch(x[idx], idx, n)
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:

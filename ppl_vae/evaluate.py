@@ -10,46 +10,20 @@ References:
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import math
 import time
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from . import guides
 from .compiled import Compiled
-from .data import Batch
-from .guides import AmortizedNormal, LocalNormal
-from .objectives import AnalyticKLELBO, log_weights
+from .data import Batch, batches_of
+from .guides import LocalFit, local_inference  # noqa: F401  (re-exported: held-out fits)
+from .objectives import log_weights
+from .rng import own_rng, seeded  # noqa: F401
 
 Progress = Optional[Callable[[int], None]]  # called with the number of rows (or steps) done
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: Optional[torch.device] = None):
-    """Run a block with its own seeded RNG stream, leaving the caller's RNG state untouched.
-
-    Evaluation inside training (validation every epoch) must not reset the training noise.
-    """
-    devices = [device] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def own_rng(fn):
-    """Decorator: run ``fn`` under ``seeded(seed, x.device)`` from its ``seed`` and ``x`` arguments."""
-    signature = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        with seeded(bound.arguments["seed"], bound.arguments["x"].device):
-            return fn(*args, **kwargs)
-    return wrapper
 
 
 class Estimate(NamedTuple):
@@ -62,21 +36,6 @@ class Estimate(NamedTuple):
     def of(cls, values: torch.Tensor) -> "Estimate":
         v = values.double()
         return cls(float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0)
-
-
-def batches_of(x: torch.Tensor, batch_size: int):
-    """Fixed-order minibatches over held-out rows; ``idx`` indexes ``x`` (and a local guide).
-
-    Loops over them write their per-row results into one tensor allocated up front. Keeping
-    a small new tensor per batch alive between the batches' large temporaries fragments the
-    C heap: log p(x) on 1,000 rows with K = 1000 grew the process by 2.6 MB per batch (3.6
-    compiled), and a 10,000-row, K = 5000 estimate runs 10,000 batches. Filled in place, the
-    process stays flat.
-    """
-    n = len(x)
-    for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n), device=x.device)
-        yield Batch(x[idx], idx, n)
 
 
 COMPILE_LOG_PX_ROWS = 2_000_000  # decoder rows (K x N) from which log_px compiles by default
@@ -143,86 +102,13 @@ def elbo_parts(model, guide, x: torch.Tensor, num_particles: int = 1, seed: int 
 
 @torch.no_grad()
 def posterior_means(guide, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """E_q[z | x] for every row [N, L]: the encoder's loc, or the local table's loc."""
-    return torch.cat([guide.loc_scale(b)[0] for b in batches_of(x, batch_size)])
+    """E_q[z | x] for every row [N, L]: what the guide offers as its loc (``guides.loc_scale``)."""
+    return torch.cat([guides.loc_scale(guide, b)[0] for b in batches_of(x, batch_size)])
 
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> int:
     """Latent dimensions whose posterior mean varies over the data: Var_x E_q[z_d] > threshold."""
     return int((means.var(0) > threshold).sum())
-
-
-class LocalFit(NamedTuple):
-    """A per-datapoint Normal q* fitted to held-out rows with the decoder frozen."""
-
-    guide: LocalNormal
-    steps: int  # optimizer steps, summed over chunks
-    seconds: float
-
-
-@own_rng
-def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objective=None,
-                    max_steps: int = 3000, window: int = 30, tol: float = 0.01,
-                    decays: int = 6, chunk_size: int = 5000, seed: int = 0,
-                    progress: Progress = None) -> LocalFit:
-    """Fit q*(z_n) = N(m_n, diag s_n^2) for every row of ``x`` by maximizing its ELBO.
-
-    Adam on the table's rows from ``init`` (any guide with ``loc_scale(batch)`` over these rows:
-    an amortized guide, or an earlier fit to warm-start; ``None`` starts at N(0, I)), with the
-    decoder frozen.
-    The objective defaults to the ELBO with the KL in closed form (one sample for the
-    reconstruction term): its gradient has less variance than the all-Monte-Carlo ELBO's,
-    and it falls back to Monte Carlo where no closed form exists.
-    Stopping rule: every ``window`` steps compare the mean per-datapoint loss with the previous
-    window's; when it improved by less than ``tol`` nats, halve the learning rate; stop after
-    the ``decays``-th halving or at ``max_steps``. experiments/local_inference.py checks it
-    against a fit four times longer (numbers in experiments/README.md).
-    """
-    start_time = time.perf_counter()
-    n, device = len(x), x.device
-    guide = LocalNormal(n, model.latent_dim, sparse=False).to(device)
-    if init is not None:
-        for batch in batches_of(x, chunk_size):
-            with torch.no_grad():
-                loc, scale = init.loc_scale(batch)
-            guide.set_rows(batch.idx, loc, scale)
-    objective = objective or AnalyticKLELBO()
-    total_steps = 0
-    for batch in batches_of(x, chunk_size):
-        chunk = LocalNormal(len(batch.idx), model.latent_dim, sparse=False).to(device)
-        with torch.no_grad():
-            chunk.params.copy_(guide.params[batch.idx])
-        local_batch = Batch(batch.x, torch.arange(len(batch.idx), device=device), len(batch.idx))
-        total_steps += _fit_rows(model, chunk, local_batch, objective, lr, max_steps, window,
-                                 tol, decays, progress)
-        with torch.no_grad():
-            guide.params[batch.idx] = chunk.params
-    return LocalFit(guide, total_steps, time.perf_counter() - start_time)
-
-
-def _fit_rows(model, chunk: LocalNormal, batch: Batch, objective, lr, max_steps, window, tol,
-              decays, progress) -> int:
-    """Adam on one chunk's rows under the plateau rule of ``local_inference``; returns steps."""
-    opt = torch.optim.Adam([chunk.params], lr=lr)
-    previous, running, halvings = math.inf, 0.0, 0
-    for step in range(1, max_steps + 1):
-        loss = -objective.per_datapoint(model, chunk, batch).sum()
-        (grad,) = torch.autograd.grad(loss, [chunk.params])
-        chunk.params.grad = grad
-        opt.step()
-        running += float(loss.detach()) / len(batch.idx)
-        if progress:
-            progress(1)
-        if step % window == 0:
-            mean, running = running / window, 0.0
-            if previous - mean < tol:
-                halvings += 1
-                if halvings >= decays:
-                    return step
-                for group in opt.param_groups:
-                    group["lr"] *= 0.5
-            previous = mean
-    return max_steps
 
 
 def _paired(a: torch.Tensor, b: torch.Tensor) -> Estimate:
@@ -240,29 +126,33 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
                    local_options: Optional[dict] = None, progress: bool = True):
     """Every held-out number of one model on rows ``x``; returns (results dict, arrays dict).
 
-    - ``test_elbo``: the ELBO of the model's own guide (for a per-datapoint guide, that guide
-      fitted to the held-out rows from N(0, I), which is how such a model is used).
+    - ``test_elbo``: the ELBO of the model's own guide on these rows, as the guide answers
+      ``held_out`` (an encoder as it is; a per-datapoint guide fitted to the rows from
+      N(0, I), which is how such a model is used; a semi-amortized guide after refinement).
     - ``test_elbo_local`` = L[q*]: a per-datapoint Normal fitted by ``local_inference``,
-      warm-started from the guide when it is amortized.
+      warm-started from the guide (or the own guide itself when that already is such a fit).
     - ``test_log_px``: importance-sampled log p(x) with ``num_particles`` samples from
-      ``proposal``: ``"guide"`` (the encoder), ``"local"`` (q*), or ``"auto"`` (q* when fitted).
-    - ``approximation_gap`` = log p(x) - L[q*]; ``amortization_gap`` = L[q*] - L[q]
-      (the amortized Normal guide only: for a flow guide q is not in q*'s family; None
-      otherwise), with standard errors of the paired differences.
+      ``proposal``: ``"guide"`` (the own guide), ``"local"`` (q*), or ``"auto"`` (q* when fitted).
+    - ``approximation_gap`` = log p(x) - L[q*]; ``amortization_gap`` = L[q*] - L[q] when q is
+      in q*'s family (``guides.family``; None otherwise, e.g. for a flow), with standard errors
+      of the paired differences. Each of ``guides.views(guide)`` (a semi-amortized guide's
+      bare encoder) adds ``test_elbo_<view>`` and ``amortization_gap_<view>``.
     - ``rate``/``distortion`` of the own guide; ``active_units`` of its posterior means.
     """
     start = time.perf_counter()
-    amortized = not getattr(guide, "is_local", False)
     local_options = dict(local_options or {})
     results: dict = {"num_rows": len(x), "num_particles": num_particles}
-    q_star = None
-    if local or not amortized:
+    with _bar(0, "held-out fit (steps)", progress) as bar:
+        held = guides.held_out(guide, model, x, seed=seed, progress=bar.update, **local_options)
+    own = held.guide
+    q_star = own if own is not guide else None  # the own guide is already a local fit
+    if q_star is None and local:
         with _bar(0, "local inference (steps)", progress) as bar:
-            fit_ = local_inference(model, x, init=guide if amortized else None, seed=seed,
-                                   progress=bar.update, **local_options)
-        q_star = fit_.guide
-        results.update(local_steps=fit_.steps, local_seconds=fit_.seconds)
-    own = guide if amortized else q_star
+            held = guides.local_inference(model, x, init=own, seed=seed, progress=bar.update,
+                                          **local_options)
+        q_star = held.guide
+    if q_star is not None:
+        results.update(local_steps=held.steps, local_seconds=held.seconds)
     parts = elbo_parts(model, own, x, num_particles=10, seed=seed)
     elbo = Estimate.of(parts.elbo)
     results.update(test_elbo=elbo.mean, test_elbo_stderr=elbo.stderr,
@@ -278,6 +168,7 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
     est = Estimate.of(lpx)
     results.update(test_log_px=est.mean, log_px_stderr=est.stderr, proposal=proposal,
                    log_px_seconds=time.perf_counter() - t0)
+    probe = Batch(x[:2], torch.arange(min(2, len(x)), device=x.device), len(x))
     if q_star is not None:
         local_elbo = parts.elbo if own is q_star else elbo_parts(model, q_star, x,
                                                                  num_particles=10, seed=seed).elbo
@@ -285,11 +176,18 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
         results.update(test_elbo_local=float(local_elbo.mean()),
                        test_elbo_local_stderr=Estimate.of(local_elbo).stderr,
                        approximation_gap=approx.mean, approximation_gap_stderr=approx.stderr)
-        if isinstance(guide, AmortizedNormal):  # Cremer et al.'s gap compares like with like
-            amort = _paired(local_elbo, parts.elbo)
-            results.update(amortization_gap=amort.mean, amortization_gap_stderr=amort.stderr)
-        else:
-            results.update(amortization_gap=None, amortization_gap_stderr=None)
+        comparable = own is not q_star and guides.family(own, probe) == guides.family(q_star)
+        amort = _paired(local_elbo, parts.elbo) if comparable else None
+        results.update(amortization_gap=amort and amort.mean,
+                       amortization_gap_stderr=amort and amort.stderr)
+    for name, view in guides.views(own).items():
+        view_elbo = elbo_parts(model, view, x, num_particles=10, seed=seed).elbo
+        results[f"test_elbo_{name}"] = float(view_elbo.mean())
+        results[f"test_elbo_{name}_stderr"] = Estimate.of(view_elbo).stderr
+        if q_star is not None and guides.family(view, probe) == guides.family(q_star):
+            gap = _paired(local_elbo, view_elbo)
+            results[f"amortization_gap_{name}"] = gap.mean
+            results[f"amortization_gap_{name}_stderr"] = gap.stderr
     means = posterior_means(own, x)
     results["active_units"] = active_units(means)
     results["seconds"] = time.perf_counter() - start

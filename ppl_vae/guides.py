@@ -1,10 +1,32 @@
-"""Guides q(z | x): an amortized Normal (encoder network) and a per-datapoint Normal (free table).
+"""Guides q(z | x) and the protocol the pipeline asks them.
 
-Both are mean-field (diagonal Normal) in z; they differ in amortization. Both have the
-model's signature ``(batch: Batch) -> None`` and sample the site ``"z"`` inside the same
-subsampled ``"data"`` plate.
+A guide is a Pyro program with the model's signature ``(batch: Batch) -> None`` that samples
+the site ``"z"`` inside the model's subsampled ``"data"`` plate. Beyond that, the pipeline
+asks a guide, never its kind:
+
+- ``local_parameters()``: per-datapoint tables that an optimizer updates row by row
+  (``RowAdam``); an encoder has none. A guide with tables cannot be compiled.
+- ``held_out(model, x, warm=None, **options) -> HeldOut``: a guide over new rows ``x``
+  (an encoder answers itself; a table fits fresh rows with the decoder frozen; a
+  semi-amortized guide refines its encoder's output by itself).
+- ``loc_scale(batch)``: the Normal it offers as a warm start and for the 2-D view.
+- ``family``: the variational family it searches; the amortization gap L[q*] - L[q] is
+  reported when it is q*'s family (``LocalNormal.family``, a diagonal Normal).
+- ``views()``: other guides worth scoring beside it (a semi-amortized guide's bare encoder).
+
+``Guide`` gives the defaults of an amortized guide. Guides that do not derive from it (a
+hand-written function, Pyro's autoguides) are asked through the module-level functions of
+the same names, which probe what the object cannot say (``reads_rows``).
+
+Built-ins: ``AmortizedNormal`` (encoder), ``AmortizedIAF`` (encoder + flows),
+``LocalNormal`` (per-datapoint table, no encoder; base ``PerDatapoint`` owns the table) and
+``SemiAmortizedNormal`` (encoder + gradient refinement, Kim et al. 2018).
 """
 from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -17,10 +39,43 @@ from .errors import UserError
 from .model import data_plate, register
 from .nets import softplus_inv
 
-class AmortizedNormal(nn.Module):
+Progress = Optional[Callable[[int], None]]  # called with the number of steps done
+
+
+class HeldOut(NamedTuple):
+    """A guide for held-out rows, and what fitting it cost (zero for an encoder)."""
+
+    guide: object
+    steps: int = 0
+    seconds: float = 0.0
+
+
+class Guide(nn.Module):
+    """The protocol with an amortized guide's answers; subclasses override what differs."""
+
+    family: Optional[str] = None
+    compilable = True
+
+    def local_parameters(self) -> List[torch.Tensor]:
+        return []
+
+    def held_out(self, model, x: torch.Tensor, warm=None, **options) -> HeldOut:
+        return HeldOut(self)
+
+    def loc_scale(self, batch: Batch):
+        raise NotImplementedError(f"{type(self).__name__} offers no loc/scale")
+
+    def views(self) -> Dict[str, object]:
+        return {}
+
+
+# ---------------------------------------------------------------------------------------
+# amortized guides
+# ---------------------------------------------------------------------------------------
+class AmortizedNormal(Guide):
     """q(z | x) = N(mu(x), diag sigma(x)^2) from an encoder network shared by all datapoints."""
 
-    is_local = False
+    family = "diagonal normal"
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
@@ -41,17 +96,16 @@ class AmortizedNormal(nn.Module):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
-class AmortizedIAF(nn.Module):
+class AmortizedIAF(Guide):
     """q(z | x): the amortized Normal pushed through inverse autoregressive flows.
 
     z = f_T o ... o f_1 (eps), eps ~ N(mu(x), diag sigma(x)^2), each f_t an affine
     autoregressive transform (Kingma et al. 2016; Pyro's ``AffineAutoregressive``, the
     numerically stable variant), so q is no longer mean-field; log q(z | x) follows by the
     change of variables, exactly, for sampled z. ``loc_scale`` gives the base Normal's
-    parameters (an approximation of q's mean for warm starts and the 2-D view).
+    parameters (an approximation of q's mean for warm starts and the 2-D view). Its family is
+    not q*'s, so no amortization gap is reported for it.
     """
-
-    is_local = False
 
     def __init__(self, encoder: nn.Module, num_flows: int = 2, hidden: int = 0):
         from pyro.distributions.transforms import affine_autoregressive
@@ -79,7 +133,44 @@ class AmortizedIAF(nn.Module):
             pyro.sample("z", self.distribution(batch.x))
 
 
-class LocalNormal(nn.Module):
+# ---------------------------------------------------------------------------------------
+# per-datapoint guides
+# ---------------------------------------------------------------------------------------
+class PerDatapoint(Guide):
+    """Base of guides with a free table of parameters per datapoint and no encoder.
+
+    Owns the table ``params`` [N, width], its reads by ``batch.idx`` (sparse gradients with
+    ``sparse=True``, so ``RowAdam`` touches B rows, not N), the check that the data plate is
+    the whole dataset, and the held-out answer: new rows get a fresh fit with the decoder
+    frozen (``local_inference``). Subclasses say what a row means.
+    """
+
+    compilable = False  # the table's gradient is sparse, which a compiled graph cannot produce
+
+    def __init__(self, num_data: int, width: int, sparse: bool = True):
+        super().__init__()
+        self.num_data, self.sparse = num_data, sparse
+        self.params = nn.Parameter(torch.zeros(num_data, width))
+
+    def local_parameters(self) -> List[torch.Tensor]:
+        return [self.params]
+
+    def table_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.params, sparse=self.sparse)
+
+    def check_plate(self, batch: Batch) -> None:
+        if batch.num_data != self.num_data:
+            raise UserError(
+                f"{type(self).__name__} holds {self.num_data} rows but the data plate has size "
+                f"{batch.num_data}; declare the plate with the full dataset size and the "
+                f"batch's dataset indices as subsample (Batch(x, idx, num_data={self.num_data}))")
+
+    def held_out(self, model, x: torch.Tensor, warm=None, **options) -> HeldOut:
+        fit = local_inference(model, x, init=warm, **options)
+        return HeldOut(fit.guide, fit.steps, fit.seconds)
+
+
+class LocalNormal(PerDatapoint):
     """q(z_n) = N(m_n, diag s_n^2) with free parameters for each of N datapoints, no encoder.
 
     The table ``params`` is [N, 2L] (loc, then softplus^-1 of the scale). Rows are read with
@@ -92,16 +183,14 @@ class LocalNormal(nn.Module):
     reuse the first B rows for every minibatch (Pyro issue 238) and is refused.
     """
 
-    is_local = True
+    family = "diagonal normal"
 
     def __init__(self, num_data: int, latent_dim: int, sparse: bool = True,
                  init_scale: float = 1.0):
-        super().__init__()
-        self.num_data, self.latent_dim, self.sparse = num_data, latent_dim, sparse
-        raw = softplus_inv(float(init_scale)).item()
-        table = torch.zeros(num_data, 2 * latent_dim)
-        table[:, latent_dim:] = raw
-        self.params = nn.Parameter(table)
+        super().__init__(num_data, 2 * latent_dim, sparse)
+        self.latent_dim = latent_dim
+        with torch.no_grad():
+            self.params[:, latent_dim:] = softplus_inv(float(init_scale)).item()
 
     def loc_scale(self, batch: Batch):
         """(loc [B, L], scale [B, L]) of q(z_n) for the batch's rows."""
@@ -109,7 +198,7 @@ class LocalNormal(nn.Module):
 
     def rows(self, idx: torch.Tensor):
         """(loc [B, L], scale [B, L]) of the rows ``idx``."""
-        loc, raw = F.embedding(idx, self.params, sparse=self.sparse).chunk(2, dim=-1)
+        loc, raw = self.table_rows(idx).chunk(2, dim=-1)
         return loc, F.softplus(raw) + 1e-5
 
     @torch.no_grad()
@@ -120,9 +209,15 @@ class LocalNormal(nn.Module):
         informative code from the first step, where N(0, I) rows give the decoder nothing
         to learn from until they have moved.
         """
+        if len(x) < 2:  # no principal axes to take: keep the N(0, I) start
+            return self
         centred = x - x.mean(0)
-        _, _, v = torch.svd_lowrank(centred, q=self.latent_dim + 10, niter=4)
+        q = min(self.latent_dim + 10, *centred.shape)
+        _, _, v = torch.svd_lowrank(centred, q=q, niter=4)
         scores = centred @ v[:, :self.latent_dim]
+        if scores.shape[1] < self.latent_dim:  # fewer rows or pixels than latent dimensions
+            scores = torch.cat([scores, torch.randn(len(x), self.latent_dim - scores.shape[1],
+                                                    device=x.device)], dim=1)
         loc = scores / scores.std(0).clamp_min(1e-6)
         self.set_rows(torch.arange(len(x), device=x.device), loc,
                       torch.full_like(loc, scale))
@@ -135,12 +230,285 @@ class LocalNormal(nn.Module):
         self.params[idx] = torch.cat([loc, raw], dim=-1)
 
     def forward(self, batch: Batch) -> None:
-        if batch.num_data != self.num_data:
-            raise UserError(
-                f"LocalNormal holds {self.num_data} rows but the data plate has size "
-                f"{batch.num_data}; declare the plate with the full dataset size and the "
-                f"batch's dataset indices as subsample (Batch(x, idx, num_data={self.num_data}))")
+        self.check_plate(batch)
         register("local", self)
         with data_plate(batch):
             loc, scale = self.rows(batch.idx)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+class LocalFit(NamedTuple):
+    """A per-datapoint Normal q* fitted to held-out rows with the decoder frozen."""
+
+    guide: LocalNormal
+    steps: int  # optimizer steps, summed over chunks
+    seconds: float
+
+
+def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objective=None,
+                    max_steps: int = 3000, window: int = 30, tol: float = 0.01,
+                    decays: int = 6, chunk_size: int = 5000, seed: int = 0,
+                    progress: Progress = None) -> LocalFit:
+    """Fit q*(z_n) = N(m_n, diag s_n^2) for every row of ``x`` by maximizing its ELBO.
+
+    Adam on the table's rows from ``init`` (any guide with ``loc_scale(batch)`` over these rows:
+    an amortized guide, or an earlier fit to warm-start; ``None`` starts at N(0, I)), with the
+    decoder frozen.
+    The objective defaults to the ELBO with the KL in closed form (one sample for the
+    reconstruction term): its gradient has less variance than the all-Monte-Carlo ELBO's,
+    and it falls back to Monte Carlo where no closed form exists.
+    Stopping rule: every ``window`` steps compare the mean per-datapoint loss with the previous
+    window's; when it improved by less than ``tol`` nats, halve the learning rate; stop after
+    the ``decays``-th halving or at ``max_steps``. experiments/local_inference.py checks it
+    against a fit four times longer (numbers in experiments/README.md).
+    """
+    from .data import batches_of
+    from .objectives import AnalyticKLELBO
+    from .rng import seeded
+
+    start_time = time.perf_counter()
+    n, device = len(x), x.device
+    guide = LocalNormal(n, model.latent_dim, sparse=False).to(device)
+    with seeded(seed, device):
+        if init is not None:
+            for batch in batches_of(x, chunk_size):
+                with torch.no_grad():
+                    loc, scale = loc_scale(init, batch)
+                guide.set_rows(batch.idx, loc, scale)
+        objective = objective or AnalyticKLELBO()
+        total_steps = 0
+        for batch in batches_of(x, chunk_size):
+            chunk = LocalNormal(len(batch.idx), model.latent_dim, sparse=False).to(device)
+            with torch.no_grad():
+                chunk.params.copy_(guide.params[batch.idx])
+            local_batch = Batch(batch.x, torch.arange(len(batch.idx), device=device),
+                                len(batch.idx))
+            total_steps += _fit_rows(model, chunk, local_batch, objective, lr, max_steps,
+                                     window, tol, decays, progress)
+            with torch.no_grad():
+                guide.params[batch.idx] = chunk.params
+    return LocalFit(guide, total_steps, time.perf_counter() - start_time)
+
+
+def _fit_rows(model, chunk: LocalNormal, batch: Batch, objective, lr, max_steps, window, tol,
+              decays, progress) -> int:
+    """Adam on one chunk's rows under the plateau rule of ``local_inference``; returns steps."""
+    opt = torch.optim.Adam([chunk.params], lr=lr)
+    previous, running, halvings = math.inf, 0.0, 0
+    for step in range(1, max_steps + 1):
+        with torch.enable_grad():
+            loss = -objective.per_datapoint(model, chunk, batch).sum()
+            (grad,) = torch.autograd.grad(loss, [chunk.params])
+        chunk.params.grad = grad
+        opt.step()
+        running += float(loss.detach()) / len(batch.idx)
+        if progress:
+            progress(1)
+        if step % window == 0:
+            mean, running = running / window, 0.0
+            if previous - mean < tol:
+                halvings += 1
+                if halvings >= decays:
+                    return step
+                for group in opt.param_groups:
+                    group["lr"] *= 0.5
+            previous = mean
+    return max_steps
+
+
+# ---------------------------------------------------------------------------------------
+# semi-amortized
+# ---------------------------------------------------------------------------------------
+class _GivenNormal:
+    """A guide sampling z ~ N(loc, softplus(raw)) inside the data plate (the rows' own q)."""
+
+    def __init__(self, loc: torch.Tensor, raw: torch.Tensor):
+        self.loc, self.raw = loc, raw
+
+    def __call__(self, batch: Batch) -> None:
+        with data_plate(batch):
+            pyro.sample("z", dist.Normal(self.loc, F.softplus(self.raw) + 1e-5).to_event(1))
+
+
+class SemiAmortizedNormal(Guide):
+    """Semi-amortized inference (Kim, Wiseman, Miller, Sontag & Rush 2018, "SA-VAE").
+
+    q(z | x) = N(loc_K, diag scale_K^2), where (loc_0, scale_0) is the encoder's output and each
+    of ``steps`` refinement steps moves the datapoint's own parameters up the gradient of its
+    ELBO (analytic KL, one reparameterized sample), step size ``step_size``, each row's
+    gradient clipped to norm ``max_norm``. In training and at test time alike. The refined
+    parameters stay differentiable, so encoder and decoder train end to end through the
+    refinement (SAVI, second-order terms included); with ``stop_gradient`` the refinement
+    starts from a detached encoder output: the decoder trains on the refined q and the encoder
+    on its own ELBO (``training_loss``).
+
+    The model is held by reference (not as a submodule: its parameters are the model's).
+    ``views()`` offers the bare encoder, so both amortization gaps can be measured.
+    """
+
+    family = "diagonal normal"
+    compilable = False  # the refinement differentiates inside the program
+
+    def __init__(self, encoder: nn.Module, model: nn.Module, steps: int = 5,
+                 step_size: float = 0.05, stop_gradient: bool = False, max_norm: float = 10.0):
+        super().__init__()
+        self.encoder = encoder
+        self._model = [model]
+        self.steps, self.step_size = steps, step_size
+        self.stop_gradient, self.max_norm = stop_gradient, max_norm
+
+    @property
+    def latent_dim(self) -> int:
+        return self.encoder.latent_dim
+
+    def _refine(self, batch: Batch):
+        """(loc_K, raw_K) of the batch's rows."""
+        from .objectives import AnalyticKLELBO, isolated
+
+        loc, scale = self.encoder(batch.x)
+        raw = softplus_inv((scale - 1e-5).clamp_min(1e-6))
+        through = torch.is_grad_enabled() and not self.stop_gradient
+        if not through:
+            loc, raw = loc.detach().requires_grad_(), raw.detach().requires_grad_()
+        model, elbo = self._model[0], AnalyticKLELBO()
+        with torch.enable_grad(), isolated():  # the inner traces stay out of the caller's
+            for _ in range(self.steps):
+                value = elbo.per_datapoint(model, _GivenNormal(loc, raw), batch).sum()
+                g_loc, g_raw = torch.autograd.grad(value, [loc, raw], create_graph=through)
+                norm = torch.cat([g_loc, g_raw], -1).norm(dim=-1, keepdim=True)
+                clip = (self.max_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
+                loc = loc + self.step_size * clip * g_loc
+                raw = raw + self.step_size * clip * g_raw
+        if not torch.is_grad_enabled() or not through:
+            loc, raw = loc.detach(), raw.detach()
+        return loc, raw
+
+    def loc_scale(self, batch: Batch):
+        loc, raw = self._refine(batch)
+        return loc, F.softplus(raw) + 1e-5
+
+    def forward(self, batch: Batch) -> None:
+        register("encoder", self.encoder)
+        loc, raw = self._refine(batch)
+        _GivenNormal(loc, raw)(batch)
+
+    def views(self) -> Dict[str, object]:
+        return {"encoder": AmortizedNormal(self.encoder)}
+
+    def training_loss(self, objective, model, batch: Batch, **kwargs) -> torch.Tensor:
+        loss = objective(model, self, batch, **kwargs)
+        if not self.stop_gradient:
+            return loss
+        # the encoder's own ELBO, with the decoder's parameters detached: its value is left
+        # out of the reported loss, its gradient reaches the encoder only
+        encoder_loss = objective(_Detached(model), AmortizedNormal(self.encoder), batch, **kwargs)
+        return loss + encoder_loss - encoder_loss.detach()
+
+
+class _Detached(nn.Module):
+    """``model`` run on detached copies of its parameters: no gradient reaches them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._inner = [model]
+
+    def forward(self, batch: Batch) -> None:
+        from torch.func import functional_call
+        model = self._inner[0]
+        tensors = {n: t.detach() for n, t in model.named_parameters()}
+        return functional_call(model, tensors, (batch,))
+
+
+# ---------------------------------------------------------------------------------------
+# asking any guide: built-ins answer themselves, other programs are probed
+# ---------------------------------------------------------------------------------------
+def local_parameters(guide) -> List[torch.Tensor]:
+    """The guide's per-datapoint tables (updated row by row); none for a guide without them."""
+    fn = getattr(guide, "local_parameters", None)
+    return list(fn()) if fn is not None else []
+
+
+def compilable(guide) -> bool:
+    return bool(getattr(guide, "compilable", True)) and not local_parameters(guide)
+
+
+def training_loss(guide, objective, model, batch: Batch, **kwargs) -> torch.Tensor:
+    """The loss a step minimizes: the guide's own recipe, or ``objective(model, guide, batch)``."""
+    fn = getattr(guide, "training_loss", None)
+    if fn is not None:
+        return fn(objective, model, batch, **kwargs)
+    return objective(model, guide, batch, **kwargs)
+
+
+def held_out(guide, model, x: torch.Tensor, warm=None, **options) -> HeldOut:
+    """A guide for the held-out rows ``x``.
+
+    A guide without ``held_out`` is probed: if what it samples depends on the rows' indices
+    rather than on ``x`` (an autoguide with a parameter per training row), its parameters
+    mean nothing for new rows, so q is fitted afresh like a per-datapoint guide's.
+    """
+    fn = getattr(guide, "held_out", None)
+    if fn is not None:
+        return fn(model, x, warm=warm, **options)
+    if reads_rows(guide, x):
+        fit = local_inference(model, x, init=warm, **options)
+        return HeldOut(fit.guide, fit.steps, fit.seconds)
+    return HeldOut(guide)
+
+
+def views(guide) -> Dict[str, object]:
+    fn = getattr(guide, "views", None)
+    return dict(fn()) if fn is not None else {}
+
+
+def family(guide, batch: Optional[Batch] = None) -> Optional[str]:
+    """The guide's variational family: its own answer, or a probe of its ``z`` site."""
+    if hasattr(guide, "family"):
+        return guide.family
+    if batch is None:
+        return None
+    site = _trace(guide, batch).nodes.get("z")
+    fn = site["fn"] if site is not None else None
+    while isinstance(fn, dist.Independent):
+        fn = fn.base_dist
+    return "diagonal normal" if isinstance(fn, (dist.Normal, torch.distributions.Normal)) else None
+
+
+@torch.no_grad()
+def loc_scale(guide, batch: Batch, num_samples: int = 64):
+    """(loc, scale) the guide offers for the batch: its own, or moments of its ``z`` samples."""
+    fn = getattr(guide, "loc_scale", None)
+    if fn is not None:
+        try:
+            return fn(batch)
+        except NotImplementedError:
+            pass
+    from .objectives import traces
+    _, guide_tr = traces(lambda b: None, guide, batch, num_samples)
+    z = guide_tr.nodes["z"]["value"]  # [S, B, L]
+    return z.mean(0), z.std(0).clamp_min(1e-5)
+
+
+def _trace(guide, batch: Batch):
+    from .objectives import traces
+    with torch.no_grad():
+        return traces(lambda b: None, guide, batch, 1)[1]
+
+
+def reads_rows(guide, x: torch.Tensor, probe: int = 8) -> bool:
+    """Whether the guide's ``z`` depends on the batch's row indices given the same pixels.
+
+    The same rows are offered twice, once under their indices and once under the indices
+    reversed, with the same noise; an encoder gives the same z, a table of rows does not.
+    """
+    from .rng import seeded
+
+    m = min(len(x), probe)
+    if m < 2:
+        return False
+    idx = torch.arange(m, device=x.device)
+    zs = []
+    for order in (idx, idx.flip(0)):
+        with seeded(0, x.device):
+            zs.append(_trace(guide, Batch(x[:m], order, len(x))).nodes["z"]["value"])
+    return not torch.allclose(zs[0], zs[1])

@@ -27,10 +27,10 @@ def mlp(sizes: Sequence[int], activation=nn.ReLU) -> nn.Sequential:
 class Decoder(nn.Module):
     """z [..., L] -> decoder output [..., out_dim] (logits, means, ... as the likelihood reads it)."""
 
-    def __init__(self, latent_dim: int, hidden: Sequence[int], out_dim: int):
+    def __init__(self, latent_dim: int, hidden: Sequence[int], out_dim: int, activation=nn.ReLU):
         super().__init__()
         self.latent_dim, self.out_dim = latent_dim, out_dim
-        self.net = mlp([latent_dim, *hidden, out_dim])
+        self.net = mlp([latent_dim, *hidden, out_dim], activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -39,10 +39,10 @@ class Decoder(nn.Module):
 class Encoder(nn.Module):
     """x [B, D] -> (loc [B, L], scale [B, L]) of a diagonal Normal."""
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], latent_dim: int):
+    def __init__(self, in_dim: int, hidden: Sequence[int], latent_dim: int, activation=nn.ReLU):
         super().__init__()
         self.latent_dim = latent_dim
-        self.net = mlp([in_dim, *hidden, 2 * latent_dim])
+        self.net = mlp([in_dim, *hidden, 2 * latent_dim], activation)
 
     def forward(self, x: torch.Tensor):
         loc, raw = self.net(x).chunk(2, dim=-1)

@@ -16,6 +16,7 @@ so it stays a correct bound under subsampling (Pyro's ``RenyiELBO`` scales first
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Tuple
@@ -41,8 +42,11 @@ class _ModuleParams(Messenger):
     """
 
     def _pyro_param(self, msg):
+        # ``pyro.module`` names its parameters "module$$$name"; a plain ``pyro.param`` with a
+        # fresh initial tensor (a hand-written guide) is left to Pyro's param store
         args = msg["args"]
-        if len(args) > 1 and isinstance(args[1], torch.Tensor):
+        if len(args) > 1 and isinstance(args[1], torch.Tensor) and (
+                "$$$" in msg["name"] or args[1].requires_grad):
             msg["value"] = args[1]
             msg["done"] = True
 
@@ -57,6 +61,24 @@ class LogWeights(NamedTuple):
     @property
     def total(self) -> torch.Tensor:
         return self.log_lik + self.log_prior - self.log_q  # [K, B]
+
+
+@contextlib.contextmanager
+def isolated():
+    """Run a Pyro program as if no handler were active: a program evaluated *inside* another
+    one (the semi-amortized guide refines q with the model's ELBO while the objective traces
+    the guide). Pyro's plates are global (one dimension allocator), so a nested "particles"
+    or "data" plate would collide with the caller's; this sets the handler stack and the
+    allocator aside and puts them back."""
+    from pyro.poutine import runtime
+    stack, dims = runtime._PYRO_STACK[:], runtime._DIM_ALLOCATOR._stack[:]
+    runtime._PYRO_STACK.clear()
+    runtime._DIM_ALLOCATOR._stack.clear()
+    try:
+        yield
+    finally:
+        runtime._PYRO_STACK[:] = stack
+        runtime._DIM_ALLOCATOR._stack[:] = dims
 
 
 def traces(model, guide, batch: Batch, num_particles: int) -> Tuple[poutine.Trace, poutine.Trace]:
@@ -120,11 +142,11 @@ def _scale(batch: Batch) -> float:
 class _Bound:
     """An objective from a per-datapoint bound: loss = -(N / B) * sum over the batch."""
 
-    def per_datapoint(self, model, guide, batch: Batch) -> torch.Tensor:
+    def per_datapoint(self, model, guide, batch: Batch, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, model, guide, batch: Batch) -> torch.Tensor:
-        return -_scale(batch) * self.per_datapoint(model, guide, batch).sum()
+    def __call__(self, model, guide, batch: Batch, **kwargs) -> torch.Tensor:
+        return -_scale(batch) * self.per_datapoint(model, guide, batch, **kwargs).sum()
 
 
 @dataclass(frozen=True)
@@ -132,15 +154,18 @@ class ELBO(_Bound):
     """Monte Carlo ELBO with ``num_particles`` vectorized reparameterized samples.
 
     With ``beta`` != 1 it is the beta-weighted bound E_q[log p(x|z)] - beta KL(q || p)
-    (Higgins et al. 2017), used for KL warm-up. Equals Pyro's ``Trace_ELBO`` at beta = 1.
+    (Higgins et al. 2017). A call may pass ``beta=`` (a number or a 0-d tensor) to override
+    the field for that step: KL warm-up is a schedule of beta given per step (``train.fit``).
+    Equals Pyro's ``Trace_ELBO`` at beta = 1.
     """
 
     num_particles: int = 1
     beta: float = 1.0
 
-    def per_datapoint(self, model, guide, batch: Batch) -> torch.Tensor:
+    def per_datapoint(self, model, guide, batch: Batch, beta=None) -> torch.Tensor:
+        beta = self.beta if beta is None else beta
         lw = log_weights(model, guide, batch, self.num_particles)
-        return (lw.log_lik + self.beta * (lw.log_prior - lw.log_q)).mean(0)  # [B]
+        return (lw.log_lik + beta * (lw.log_prior - lw.log_q)).mean(0)  # [B]
 
 
 @dataclass(frozen=True)
@@ -151,7 +176,8 @@ class AnalyticKLELBO(ELBO):
     and Normal prior. Sites without a registered KL fall back to the Monte Carlo difference.
     """
 
-    def per_datapoint(self, model, guide, batch: Batch) -> torch.Tensor:
+    def per_datapoint(self, model, guide, batch: Batch, beta=None) -> torch.Tensor:
+        beta = self.beta if beta is None else beta
         model_tr, guide_tr = traces(model, guide, batch, self.num_particles)
         lw = _log_weights(model_tr, guide_tr, batch, self.num_particles)
         kl = 0.0
@@ -162,7 +188,7 @@ class AnalyticKLELBO(ELBO):
             except NotImplementedError:
                 kl = kl + site["unscaled_log_prob"] - prior_site["unscaled_log_prob"]
         kl = lw.log_q.new_zeros(lw.log_q.shape) + kl
-        return (lw.log_lik - self.beta * kl).mean(0)  # [B]
+        return (lw.log_lik - beta * kl).mean(0)  # [B]
 
 
 @dataclass(frozen=True)
@@ -177,7 +203,6 @@ class IWAE(_Bound):
 
     num_particles: int = 5
     dreg: bool = False
-    beta: float = 1.0  # unused: the bound has no separate KL term; kept for a uniform schedule
 
     def per_datapoint(self, model, guide, batch: Batch) -> torch.Tensor:
         if self.dreg:

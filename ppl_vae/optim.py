@@ -66,7 +66,8 @@ def restore_rows(optimizer: RowAdam, p: torch.Tensor, rows: torch.Tensor, saved:
 
 
 class Optimizers(NamedTuple):
-    """The optimizers of one run: networks (``global_``) and, for a local guide, its table."""
+    """The optimizers of one run: networks (``global_``) and, for a guide with per-datapoint
+    tables, a row-wise optimizer of those tables."""
 
     global_: Optional[torch.optim.Optimizer]
     local: Optional[torch.optim.Optimizer] = None
@@ -74,6 +75,12 @@ class Optimizers(NamedTuple):
 
     def all(self) -> List[torch.optim.Optimizer]:
         return [o for o in (self.global_, self.local) if o is not None]
+
+    def tables(self) -> List[torch.Tensor]:
+        """The per-datapoint tables (the local optimizer's parameters)."""
+        if self.local is None:
+            return []
+        return [p for group in self.local.param_groups for p in group["params"]]
 
     def zero_grad(self) -> None:
         for o in self.all():
@@ -84,22 +91,56 @@ class Optimizers(NamedTuple):
             o.step()
 
 
-def adam(params, lr: float) -> torch.optim.Adam:
+def adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     """Adam with its fused kernel (one pass over all parameters; CPU and CUDA)."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
 
 
-def make_optimizers(model, guide, lr: float, local_lr: float = 0.2,
-                    inner_steps: int = 1) -> Optimizers:
-    """Adam(lr) for the model's and an amortized guide's networks; RowAdam(local_lr) for a table.
+def trainable(module_or_fn, batch=None) -> List[torch.Tensor]:
+    """The parameters of a model or guide: an ``nn.Module``'s, plus those a program keeps in
+    Pyro's param store (a hand-written guide's ``pyro.param``s), found by running it once on
+    ``batch`` (which also creates the lazy parameters of Pyro's autoguides)."""
+    if batch is not None:
+        import pyro
+        from pyro import poutine
+        from .objectives import traces
+        with torch.no_grad():
+            traces(lambda b: None, module_or_fn, batch, 1)  # creates lazy parameters
+        tr = poutine.trace(module_or_fn, param_only=True).get_trace(batch)
+        store = pyro.get_param_store()
+        in_store = [store._params[name] for name, site in tr.nodes.items()
+                    if site["type"] == "param" and name in store._params]
+    else:
+        in_store = []
+    own = list(module_or_fn.parameters()) if hasattr(module_or_fn, "parameters") else []
+    seen, out = set(), []
+    for p in own + in_store:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
-    The defaults for a per-datapoint table are ``Config``'s (see experiments/README.md).
+
+def make_optimizers(model, guide, lr: float, local_lr: float = 0.2, inner_steps: int = 1,
+                    batch=None, eps: float = 1e-8) -> Optimizers:
+    """Adam(lr) for the model's and the guide's networks; RowAdam(local_lr) for the guide's
+    per-datapoint tables (``guides.local_parameters``), when it has any.
+
+    ``batch`` is needed for a guide that is not an ``nn.Module`` or creates its parameters
+    lazily (a hand-written guide, Pyro's autoguides): it is run once to find them. The
+    defaults for a per-datapoint table are ``Config``'s (see experiments/README.md).
     """
-    if getattr(guide, "is_local", False):
-        if not local_lr > 0:
-            raise ValueError(f"a per-datapoint guide needs local_lr > 0, got {local_lr}")
-        params = [p for p in model.parameters() if p.requires_grad]
-        local = RowAdam([guide.params], lr=local_lr)
-        return Optimizers(adam(params, lr), local, inner_steps)
-    params = [p for m in (model, guide) for p in m.parameters() if p.requires_grad]
-    return Optimizers(adam(params, lr), None, 0)
+    from .guides import local_parameters
+
+    tables = local_parameters(guide)
+    table_ids = {id(t) for t in tables}
+    params = trainable(model) + [p for p in trainable(guide, batch) if id(p) not in table_ids]
+    if not params and not tables:
+        raise ValueError("neither model nor guide has parameters to train; a guide that keeps "
+                         "its parameters in Pyro's param store needs make_optimizers(..., batch=)")
+    global_ = adam(params, lr, eps) if params else None
+    if not tables:
+        return Optimizers(global_, None, 0)
+    if not local_lr > 0:
+        raise ValueError(f"a per-datapoint guide needs local_lr > 0, got {local_lr}")
+    return Optimizers(global_, RowAdam(tables, lr=local_lr), inner_steps)

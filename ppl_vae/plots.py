@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -123,15 +123,54 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def gap_curves(gaps: Dict[str, List[dict]], path: Path) -> Path:
+    """Amortization and approximation gap (nats, 2-stderr bands) against epoch, training rows
+    and test rows side by side, one colour per guide (from ``gaps.jsonl`` rows)."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    kinds = [("amortization_gap", "amortization gap  L[q*] - L[q]"),
+             ("approximation_gap", "approximation gap  log p(x) - L[q*]")]
+    for (name, rows), colour in zip(gaps.items(), plt.rcParams["axes.prop_cycle"]):
+        for col, split in enumerate(("train", "test")):
+            these = sorted((r for r in rows if r["split"] == split), key=lambda r: r["epoch"])
+            for row, (key, label) in enumerate(kinds):
+                pts = [(r["epoch"], r[key], r.get(key + "_stderr") or 0.0) for r in these
+                       if r.get(key) is not None]
+                ax = axes[row, col]
+                if pts:
+                    e, v, s_ = (np.array(t, dtype=float) for t in zip(*pts))
+                    ax.plot(e, v, "o-", color=colour["color"], label=name)
+                    ax.fill_between(e, v - 2 * s_, v + 2 * s_, color=colour["color"], alpha=0.2)
+                ax.set_title(f"{label}, {split} rows", fontsize=9)
+                ax.set_xscale("log")
+                ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("nats per image")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("inference gaps over training")
+    return _save(fig, path)
+
+
 def run_figures(run_dir: Path, arrays: Path, labels: Sequence[int],
-                name: str = "model") -> List[Path]:
-    """The figures of one evaluated run: curves, reconstructions, samples, latent view."""
+                name: str = "model", history: Optional[List[dict]] = None) -> List[Path]:
+    """The figures of one evaluated run: curves, reconstructions, samples, latent view.
+
+    The curves come from ``history`` (the checkpoint's) when given, else ``metrics.jsonl``.
+    """
     run_dir = Path(run_dir)
     a = np.load(arrays)
-    return [
-        curves({name: read_metrics(run_dir)}, run_dir / "curves.png"),
+    paths = [
+        curves({name: history if history is not None else read_metrics(run_dir)},
+               run_dir / "curves.png"),
         image_rows({"input": a["inputs"], "reconstruction": a["reconstructions"]},
                    run_dir / "reconstructions.png", "test images and their reconstructions"),
         samples(a["samples"], run_dir / "samples.png"),
         latent(a["pca"], np.asarray(labels), run_dir / "latent.png"),
     ]
+    gaps_file = run_dir / "gaps.jsonl"
+    if gaps_file.exists():
+        rows = [json.loads(line) for line in gaps_file.read_text().splitlines() if line.strip()]
+        paths.append(gap_curves({name: rows}, run_dir / "gaps.png"))
+    return paths

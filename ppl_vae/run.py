@@ -1,37 +1,43 @@
-"""A whole run in one call: ``train_run(config, out)`` trains, checkpoints, scores and writes files.
+"""The training pipeline: ``train_run(config, out)`` trains, checkpoints, scores and writes files.
 
-Files written into ``out``: ``config.json`` (settings, library versions, git revision),
-``metrics.jsonl`` (one object per epoch), ``checkpoint.pt`` (every epoch, atomically) and
-``summary.json`` (``test_elbo`` and timings) once the run has finished.
+Files written into ``out``: ``config.json`` (settings, library versions, git revision, the
+command line, and every resume's changed settings), ``metrics.jsonl`` (one object per epoch),
+``checkpoint.pt`` (every epoch, atomically), ``gaps.jsonl`` with ``track_gaps``, and
+``summary.json`` (``test_elbo`` and timings) once the run has finished. Which folders may be
+written is ``rundir``'s business; scoring on held-out rows is ``heldout``'s.
 """
 from __future__ import annotations
 
 import json
 import math
-import platform
 import resource
-import subprocess
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from . import checkpoint, data
-from .config import Config, build_guide, build_model, build_objective, resolve_device
-from .errors import UserError
-from .evaluate import Estimate, elbo_parts, local_inference
-from .guides import LocalNormal
+from .config import Config, build_guide, build_model, build_objective, lr_factor, resolve_device
+from .errors import UserError, setting
+from .evaluate import Estimate
+from .heldout import (EVAL_SEED, GapTracker, Validator, eval_pixels,  # noqa: F401
+                      held_out_elbo)
 from .optim import make_optimizers
-from .train import EpochMetrics, Interrupted, Position, fit
+from .rundir import RunDir, write_config, write_json
+from .train import EpochMetrics, Interrupted, LRSchedule, Position, fit, kl_warmup
 
-EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
-# settings a resumed run must share with its checkpoint (epochs, lr, max_seconds may change)
-RESUME_FIXED = ("dataset", "latent_dim", "hidden", "likelihood", "prior", "guide", "train_size",
-                "valid_size", "binarize", "batch_size", "seed", "objective", "num_particles",
-                "dreg", "local_init")
-OUTPUTS = ("summary.json", "metrics.jsonl", "eval.json", "arrays.npz", "curves.png",
-           "reconstructions.png", "samples.png", "latent.png")
+# settings a resumed run must share with its checkpoint (epochs, lr, local_lr, max_seconds,
+# test_size, on_divergence, compile, device and the gap epochs may change, and are recorded)
+RESUME_FIXED = ("dataset", "data_dir", "latent_dim", "hidden", "activation", "likelihood",
+                "prior", "guide", "train_size", "valid_size", "binarize", "batch_size", "seed",
+                "objective", "num_particles", "dreg", "local_init", "beta", "warmup_epochs",
+                "adam_eps", "lr_schedule", "inner_steps", "refine_steps", "refine_lr",
+                "refine_stop_gradient", "track_gaps", "gap_rows", "gap_particles")
+
+
+REQUIRED = ("config", "model", "guide", "optimizers", "history", "rng", "binarize_rng")
 
 
 class Trained(NamedTuple):
@@ -43,24 +49,35 @@ class Trained(NamedTuple):
     splits: data.Splits  # on the device, grayscale
     history: list
     device: torch.device
+    checkpoint: Optional[str] = None  # the checkpoint file it was loaded from
+    gap_seconds: Optional[float] = None  # time spent on the gap curves
 
 
-def versions() -> dict:
-    import numpy
-    import pyro
-    import torchvision
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "pyro": pyro.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "git": git_revision()}
+@dataclass
+class Summary:
+    """What ``summary.json`` holds."""
 
+    test_elbo: float
+    test_elbo_stderr: float
+    test_rows: int
+    epochs: int
+    steps: int
+    seconds_per_epoch: float
+    train_seconds: float
+    steps_per_second: float
+    eval_seconds: Optional[float]  # None when the caller scored the test set
+    final_train_elbo: float
+    final_valid_elbo: float
+    guide: str
+    dataset: str
+    binarize: str
+    memory: dict = field(default_factory=dict)
+    gap_tracking_seconds: Optional[float] = None
 
-def git_revision() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("memory"))
+        return d
 
 
 def load_splits(config: Config, device: torch.device) -> data.Splits:
@@ -70,56 +87,15 @@ def load_splits(config: Config, device: torch.device) -> data.Splits:
                        splits.valid.to(device), splits.test.head(config.test_size).to(device))
 
 
-def eval_pixels(config: Config, split: data.Split, rows: Optional[int] = None) -> torch.Tensor:
-    """Held-out pixels as every model sees them: one fixed binarization (seed ``EVAL_SEED``)."""
-    split = split.head(rows)
-    if config.binarize == "none":
-        return split.x
-    return data.static_binarize(split, EVAL_SEED).x
-
-
-def held_out_elbo(model, guide, x: torch.Tensor, warm: Optional[LocalNormal] = None,
-                  **local) -> tuple:
-    """(per-datapoint ELBO [N], fitted local guide or None) of ``guide`` on held-out ``x``.
-
-    An amortized guide is scored as it is; a per-datapoint guide has no rows for held-out
-    data, so a fresh q* is fitted with the decoder frozen (warm-started from ``warm``).
-    """
-    if not getattr(guide, "is_local", False):
-        return elbo_parts(model, guide, x, num_particles=10, seed=EVAL_SEED).elbo, None
-    fit_ = local_inference(model, x, init=warm, seed=EVAL_SEED, **local)
-    return elbo_parts(model, fit_.guide, x, num_particles=10, seed=EVAL_SEED).elbo, fit_.guide
-
-
-def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) -> None:
-    """Refuse to clobber a run unless asked; clear what a new or resumed run will rewrite."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder; choose another path")
-    finished = (out / "summary.json").exists()
-    started = (out / checkpoint.NAME).exists() or (out / checkpoint.PREVIOUS).exists()
-    if resume:
-        if not started:
-            raise UserError(f"--resume: no checkpoint in {out}; start a new run without --resume")
-        for name in OUTPUTS[:1] + OUTPUTS[2:]:  # results of the run as it was: stale now
-            (out / name).unlink(missing_ok=True)
-        return
-    if (finished or started) and not overwrite:
-        what = "a finished run" if finished else "an unfinished run"
-        how = "pass --resume to continue it, --overwrite to" if resumable else "pass --overwrite to"
-        raise UserError(f"{out} holds {what}; {how} replace it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for name in OUTPUTS + (checkpoint.NAME, checkpoint.PREVIOUS, checkpoint.NAME + ".tmp"):
-            (out / name).unlink(missing_ok=True)
-
-
-def check_compatible(saved: Config, config: Config) -> None:
+def check_compatible(saved: Config, config: Config) -> dict:
+    """Refuse a resume that changes what the run is; returns the settings it does change."""
     for name in RESUME_FIXED:
         a, b = getattr(saved, name), getattr(config, name)
         if a != b:
             raise UserError(f"checkpoint was trained with {name}={a!r} but this run asks for "
-                            f"{name}={b!r}; use the same setting or a new --out")
+                            f"{name}={b!r}; use the same setting or a new {setting('out')}")
+    return {k: [v, config.to_dict()[k]] for k, v in saved.to_dict().items()
+            if v != config.to_dict()[k]}
 
 
 def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
@@ -132,100 +108,141 @@ def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = Fals
 def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
             resume: bool = False, progress: bool = True,
             log: Callable[[str], None] = print) -> Trained:
-    """Train per ``config`` (writing config, metrics and checkpoints when ``out`` is given)."""
+    """Train per ``config`` (writing config, metrics and checkpoints when ``out`` is given).
+
+    Everything that can be refused is refused before anything is written: the settings, the
+    folder, the data, the pieces and, for ``resume``, the checkpoint.
+    """
     config.validate()
     device = resolve_device(config.device)
-    out = Path(out) if out is not None else None
-    if out is not None:
-        prepare_out(out, overwrite, resume)
+    folder = RunDir(out, overwrite, resume) if out is not None else None
     splits = load_splits(config, device)
-    # binarization noise has its own stream: every guide sees the same pixels
-    binarize = data.Binarize(config.binarize,
-                             torch.Generator(device=device).manual_seed(config.seed + 3))
+    dim, n = splits.train.x.shape[1], len(splits.train)
+    binarize = data.Binarize(config.binarize, torch.Generator().manual_seed(config.seed + 3))
     train_split = binarize.prepare(splits.train, config.seed)
-    model = build_model(config, train_split.x.shape[1]).to(device)
-    guide = build_guide(config, train_split.x.shape[1], len(train_split),
-                        None if resume else splits.train.x).to(device)
-    if config.binarize == "none":
-        model.likelihood.check(train_split.x)
-    else:
-        model.likelihood.check(torch.bernoulli(train_split.x[:100]))
-    optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps)
-    x_valid = eval_pixels(config, splits.valid, config.valid_size)
-    valid_state = {"guide": None}
-
-    def validate() -> float:
-        # a per-datapoint model's validation rows get a warm-started local fit each epoch
-        elbo, valid_state["guide"] = held_out_elbo(model, guide, x_valid, valid_state["guide"],
-                                                   max_steps=30)
-        return float(elbo.mean())
-
-    history, position = [], None
+    model = build_model(config, dim).to(device)
+    guide = build_guide(config, dim, n, None if resume else splits.train.x, model=model)
+    guide = guide.to(device)
+    model.likelihood.check(train_split.x if config.binarize == "none"
+                           else torch.bernoulli(train_split.x[:100]))
+    optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps,
+                                 eps=config.adam_eps)
+    validator = Validator(model, guide, eval_pixels(config, splits.valid, config.valid_size))
+    history, position, resumes = [], None, []
     torch.manual_seed(config.seed + 2)
     if resume:
-        state = checkpoint.load(out, warn=log)
-        check_compatible(Config.from_dict(state["config"]), config)
-        model.load_state_dict(state["model"])
-        guide.load_state_dict(state["guide"])
-        for opt, opt_state in zip(optimizers.all(), state["optimizers"]):
-            opt.load_state_dict(opt_state)
-        for opt, lr in zip(optimizers.all(), (config.lr, config.local_lr)):
-            for group in opt.param_groups:  # a resumed run may ask for another rate
-                group["lr"] = lr
-        if state.get("valid_guide") is not None:
-            valid_state["guide"] = LocalNormal(len(x_valid), config.latent_dim,
-                                               sparse=False).to(device)
-            valid_state["guide"].load_state_dict(state["valid_guide"])
+        state = checkpoint.load(folder.final, warn=log, required=REQUIRED)
+        changed = check_compatible(Config.from_dict(state["config"]).validate(), config)
         history = [EpochMetrics(**m) for m in state["history"]]
-        if state.get("position") is not None:
-            position = Position(**state["position"])
-        checkpoint.set_rng_state(state["rng"])
+        if state.get("position") is None and len(history) >= config.epochs:
+            raise UserError(f"{folder.final} already has {len(history)} epochs; to continue, "
+                            f"ask for more with {setting('epochs')}")
+        _restore(state, model, guide, optimizers, validator, config)
+        position = Position(**state["position"]) if state.get("position") else None
         binarize.generator.set_state(state["binarize_rng"])
-        log(f"resuming {out} after epoch {len(history)}"
+        resumes = _previous_resumes(folder.final)
+        if changed:
+            resumes.append({"after_epoch": len(history), "changed": changed})
+        log(f"resuming {folder.final} after epoch {len(history)}"
             + (f", step {position.step} of epoch {position.epoch + 1}" if position else ""))
-    if out is not None:
-        (out / "config.json").write_text(json.dumps(
-            {"config": config.to_dict(), "versions": versions(), "device": str(device)},
-            indent=2) + "\n")
-        _write_metrics(out, history)
+    if folder is not None:
+        folder.create()
+        write_config(folder.file("config.json"), config.to_dict(), str(device), resumes)
+        _write_metrics(folder.file("metrics.jsonl"), history)
 
     def save(done: list, position: Optional[Position] = None) -> None:
-        if out is None:
+        if folder is None:
             return
-        valid_guide = valid_state["guide"]
         checkpoint.save({
             "config": config.to_dict(), "model": model.state_dict(), "guide": guide.state_dict(),
             "optimizers": [o.state_dict() for o in optimizers.all()],
-            "valid_guide": valid_guide.state_dict() if valid_guide is not None else None,
+            "valid_guide": validator.state_dict(),
             "history": [m._asdict() for m in done],
             "position": position._asdict() if position is not None else None,
-            "rng": checkpoint.rng_state(), "binarize_rng": binarize.generator.get_state()}, out)
+            "rng": checkpoint.rng_state(), "binarize_rng": binarize.generator.get_state()},
+            folder.path)
+        if resume and len(done) == len(history) + 1:
+            folder.clear_results()  # the old summary and evaluation no longer hold
+        folder.commit()
 
     def on_epoch(metrics: EpochMetrics) -> None:
         done.append(metrics)
-        if out is not None:
-            with open(out / "metrics.jsonl", "a") as f:
+        if folder is not None:
+            with open(folder.file("metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics._asdict()) + "\n")
         save(done)
 
     done = list(history)
+    callbacks = _schedules(config, optimizers)
+    tracker = None
+    if config.track_gaps and folder is not None:
+        tracker = _gap_tracker(config, model, guide, splits, n, folder)
+        callbacks.append(tracker)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    steps_per_epoch = data.num_batches(len(train_split), config.batch_size)
+    beta = (kl_warmup(config.beta, config.warmup_epochs, steps_per_epoch)
+            if config.warmup_epochs else None)
+    failed = True
     try:
         history = fit(model, guide, build_objective(config), train_split, optimizers,
-                      config.epochs, config.batch_size, binarize, seed=config.seed,
-                      start_epoch=len(history), warmup_epochs=config.warmup_epochs,
-                      max_seconds=config.max_seconds, validate=validate, on_epoch=on_epoch,
+                      config.epochs, config.batch_size, binarize, seed=config.seed, beta=beta,
+                      max_seconds=config.max_seconds, validate=validator, on_epoch=on_epoch,
                       progress=progress, history=history, position=position,
-                      on_divergence=config.on_divergence, log=log)
+                      on_divergence=config.on_divergence, callbacks=callbacks, log=log)
+        failed = False
     except Interrupted as e:
         save(done, e.position)
+        failed = False
         raise
-    return Trained(config, model, guide, splits, history, device)
+    finally:
+        if folder is not None:
+            folder.close(failed=failed and not done)
+    return Trained(config, model, guide, splits, history, device,
+                   gap_seconds=tracker.seconds if tracker is not None else None)
 
 
-def _write_metrics(out: Path, history) -> None:
-    with open(out / "metrics.jsonl", "w") as f:
+def _restore(state, model, guide, optimizers, validator, config) -> None:
+    try:
+        model.load_state_dict(state["model"])
+        guide.load_state_dict(state["guide"])
+        for opt, opt_state in zip(optimizers.all(), state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        validator.load_state_dict(state.get("valid_guide"))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"the checkpoint does not fit this run's model and guide "
+                        f"({type(e).__name__}); start a new run") from None
+    for opt, lr in zip(optimizers.all(), (config.lr, config.local_lr)
+                       if optimizers.global_ is not None else (config.local_lr,)):
+        for group in opt.param_groups:  # a resumed run may ask for another rate
+            group["lr"] = lr
+            if "base_lr" in group:  # a learning-rate schedule scales this base rate
+                group["base_lr"] = lr
+    checkpoint.set_rng_state(state["rng"])
+
+
+def _previous_resumes(out: Path) -> list:
+    try:
+        return list(json.loads((out / "config.json").read_text()).get("resumes", []))
+    except (OSError, ValueError):
+        return []
+
+
+def _schedules(config: Config, optimizers) -> list:
+    factor = lr_factor(config)
+    return [LRSchedule(optimizers, factor)] if factor is not None else []
+
+
+def _gap_tracker(config: Config, model, guide, splits: data.Splits, n: int,
+                 folder: RunDir) -> GapTracker:
+    x_train = eval_pixels(config, splits.train, config.gap_rows)
+    x_test = eval_pixels(config, splits.test, config.gap_rows)
+    return GapTracker(model, guide, x_train, n, x_test, config.gap_epochs, config.epochs,
+                      config.gap_particles, lambda: folder.file("gaps.jsonl"))
+
+
+def _write_metrics(path: Path, history) -> None:
+    with open(path, "w") as f:
         for m in history:
             f.write(json.dumps(m._asdict()) + "\n")
 
@@ -254,21 +271,58 @@ def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = p
         eval_seconds = time.perf_counter() - start
     history = trained.history
     train_seconds = history[-1].wall if history else 0.0
-    summary = {
-        "test_elbo": test.mean, "test_elbo_stderr": test.stderr,
-        "test_rows": len(x_test), "epochs": len(history),
-        "seconds_per_epoch": train_seconds / max(1, len(history)),
-        "train_seconds": train_seconds,
-        "steps_per_second": (history[-1].steps / train_seconds) if train_seconds else math.nan,
-        "eval_seconds": eval_seconds,  # None when the caller scored the test set
-        "final_train_elbo": history[-1].train_elbo if history else math.nan,
-        "final_valid_elbo": history[-1].valid_elbo if history else math.nan,
-        "guide": trained.config.guide, "dataset": trained.config.dataset,
-        "binarize": trained.config.binarize,
-        **memory_summary(trained),
-    }
+    steps = history[-1].steps if history else 0
+    summary = Summary(
+        test_elbo=test.mean, test_elbo_stderr=test.stderr, test_rows=len(x_test),
+        epochs=len(history), steps=steps,
+        seconds_per_epoch=train_seconds / max(1, len(history)), train_seconds=train_seconds,
+        steps_per_second=(steps / train_seconds) if train_seconds else math.nan,
+        eval_seconds=eval_seconds,
+        final_train_elbo=history[-1].train_elbo if history else math.nan,
+        final_valid_elbo=history[-1].valid_elbo if history else math.nan,
+        guide=trained.config.guide, dataset=trained.config.dataset,
+        binarize=trained.config.binarize, memory=memory_summary(trained),
+        gap_tracking_seconds=trained.gap_seconds)
     log(f"test ELBO {test.mean:.2f} +- {test.stderr:.2f} nats ({len(history)} epochs, "
-        f"{summary['seconds_per_epoch']:.1f} s/epoch)")
+        f"{summary.seconds_per_epoch:.1f} s/epoch)")
+    _warn_if_absurd(summary, log)
     if out is not None:
-        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        write_json(Path(out) / "summary.json", summary.to_json())
+    return summary.to_json()
+
+
+def _warn_if_absurd(summary: Summary, log) -> None:
+    """A finite but absurd ELBO (a rate far too high) deserves a word, not silence."""
+    if not math.isfinite(summary.test_elbo) or summary.test_elbo < -1e5:
+        log(f"warning: the test ELBO {summary.test_elbo:.3g} is absurd: training went astray; "
+            f"try a smaller {setting('lr')}")
+
+
+def load_trained(run_dir: Path, device: Optional[str] = None, test_size: Optional[int] = None,
+                 fallback: bool = True, warn=print) -> Trained:
+    """The model and guide of the newest checkpoint in ``run_dir``, with its data splits."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist; pass the out folder of a "
+                        f"`ppl-vae train` run")
+    state = checkpoint.load(run_dir, warn=warn, fallback=fallback, required=REQUIRED)
+    if state is None:
+        raise UserError(f"{run_dir} has no checkpoint; train into it first with "
+                        f"`ppl-vae train --out {run_dir}`")
+    config = Config.from_dict(state["config"])
+    if test_size is not None:
+        config = config.replace(test_size=test_size)
+    config = config.replace(device=device or config.device).validate()
+    dev = resolve_device(config.device)
+    splits = load_splits(config, dev)
+    dim = splits.train.x.shape[1]
+    model = build_model(config, dim).to(dev)
+    guide = build_guide(config, dim, len(splits.train), model=model).to(dev)
+    try:
+        model.load_state_dict(state["model"])
+        guide.load_state_dict(state["guide"])
+        history = [EpochMetrics(**m) for m in state["history"]]
+    except (RuntimeError, TypeError, KeyError) as e:
+        raise UserError(f"the checkpoint in {run_dir} does not fit the model its config "
+                        f"describes ({type(e).__name__}); it is damaged") from None
+    return Trained(config, model, guide, splits, history, dev, state.get("file"))

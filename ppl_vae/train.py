@@ -1,23 +1,29 @@
-"""The training loop, visible: ``fit(model, guide, objective, data, optimizers, ...)``.
+"""The training loop, visible: ``loop`` draws a batch, takes a step and records it; everything
+around it (progress bar, time budget, Ctrl-C, validation, checkpoints, learning-rate schedule)
+is a ``Callback``, and KL warm-up is a schedule of beta handed to the objective per step.
 
-One step draws a minibatch (rows of a seeded permutation, binarized afresh when dynamic),
-evaluates the objective from the model's and guide's traces and updates the parameters.
-A per-datapoint guide first takes ``inner_steps`` updates of its batch rows alone (stochastic
+``fit(model, guide, objective, data, optimizers, ...)`` assembles the usual callbacks from
+keyword arguments and runs the loop. One step asks the guide for the loss it trains on
+(``guides.training_loss``, by default ``objective(model, guide, batch)``); a guide with
+per-datapoint tables first takes ``inner_steps`` updates of its batch rows alone (stochastic
 variational inference in the style of Hoffman et al. 2013), then a joint step.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import threading
 import time
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from . import guides
 from .data import Batch, Binarize, Split, minibatches, num_batches
 from .optim import Optimizers, restore_rows, save_rows
+
+# (epoch [0-based], step within the epoch) -> beta, the KL weight of that step
+BetaSchedule = Callable[[int, int], float]
 
 
 class EpochMetrics(NamedTuple):
@@ -27,13 +33,36 @@ class EpochMetrics(NamedTuple):
     seconds: float  # training time of this epoch (validation excluded)
     wall: float  # training time since the start of the run
     steps: int  # optimizer steps so far
-    beta: float  # KL weight used in this epoch
+    beta: float  # KL weight used in this epoch's last step
 
 
 class DivergenceError(RuntimeError):
     """A non-finite loss or gradient: the step was stopped before it touched the parameters."""
 
 
+class Position(NamedTuple):
+    """Where an interrupted epoch stopped: the next step and what the epoch had summed so far."""
+
+    epoch: int  # 0-based epoch in progress
+    step: int  # next step within it
+    loss_sum: float  # sum of the epoch's step losses so far
+    seconds: float  # training time spent in the epoch so far
+    wall: float  # training time of the whole run so far
+    steps: int  # optimizer steps of the whole run so far
+    taken: int  # steps applied in this epoch so far (skipped batches excluded)
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT (Ctrl-C) after finishing its current step."""
+
+    def __init__(self, position: Position):
+        super().__init__(f"interrupted at epoch {position.epoch + 1}, step {position.step}")
+        self.position = position
+
+
+# ---------------------------------------------------------------------------------------
+# schedules
+# ---------------------------------------------------------------------------------------
 def beta_at(epoch: int, step_in_epoch: int, steps_per_epoch: int, warmup_epochs: int,
             beta: float) -> float:
     """Linear KL warm-up from 0 to ``beta`` over ``warmup_epochs`` (0 based epoch)."""
@@ -43,9 +72,29 @@ def beta_at(epoch: int, step_in_epoch: int, steps_per_epoch: int, warmup_epochs:
     return beta * min(1.0, progress)
 
 
+def kl_warmup(beta: float, warmup_epochs: int, steps_per_epoch: int) -> BetaSchedule:
+    """The schedule of ``beta_at``: 0 at the first step, ``beta`` from ``warmup_epochs`` on."""
+    return lambda epoch, step: beta_at(epoch, step, steps_per_epoch, warmup_epochs, beta)
+
+
+def burda_factor(epoch: int, stages: int = 8) -> float:
+    """Learning-rate factor of Burda et al. (2016): 3^i epochs at 10^(-i/7), i = 0 .. 7.
+
+    3,280 epochs in all; past them the last factor stays.
+    """
+    i, end = 0, 1
+    while epoch >= end and i < stages - 1:
+        i += 1
+        end += 3 ** i
+    return 10 ** (-i / 7)
+
+
+# ---------------------------------------------------------------------------------------
+# one step
+# ---------------------------------------------------------------------------------------
 def step(model, guide, objective, batch: Batch, optimizers: Optimizers,
-         guard: bool = True) -> torch.Tensor:
-    """One SVI step; returns the (detached) loss.
+         guard: bool = True, **kwargs) -> torch.Tensor:
+    """One SVI step; returns the (detached) loss. ``kwargs`` (``beta``) go to the objective.
 
     With ``guard`` the step is all or nothing: a non-finite loss or gradient raises
     ``DivergenceError`` before the optimizers touch the parameters, and rows of a
@@ -53,29 +102,31 @@ def step(model, guide, objective, batch: Batch, optimizers: Optimizers,
     """
     saved = None
     if guard and optimizers.local is not None and optimizers.inner_steps:
-        saved = save_rows(optimizers.local, guide.params, batch.idx)
+        saved = [save_rows(optimizers.local, t, batch.idx) for t in optimizers.tables()]
     try:
-        return _step(model, guide, objective, batch, optimizers, guard)
+        return _step(model, guide, objective, batch, optimizers, guard, kwargs)
     except DivergenceError:
-        if saved is not None:
-            restore_rows(optimizers.local, guide.params, batch.idx, saved)
+        for table, rows in zip(optimizers.tables(), saved or ()):
+            restore_rows(optimizers.local, table, batch.idx, rows)
         raise
 
 
-def _step(model, guide, objective, batch, optimizers, guard) -> torch.Tensor:
+def _step(model, guide, objective, batch, optimizers, guard, kwargs) -> torch.Tensor:
     if optimizers.local is not None:
-        table = guide.params
+        tables = optimizers.tables()
         for _ in range(optimizers.inner_steps):
-            loss = objective(model, guide, batch)
-            (table.grad,) = torch.autograd.grad(loss, [table])
-            if guard and not _finite(loss, table.grad):
-                table.grad = None
+            loss = guides.training_loss(guide, objective, model, batch, **kwargs)
+            grads = torch.autograd.grad(loss, tables)
+            if guard and not _finite(loss, *grads):
                 raise DivergenceError("non-finite loss or gradient in a local step; "
                                       "the step was not applied")
+            for table, grad in zip(tables, grads):
+                table.grad = grad
             optimizers.local.step()
-        table.grad = None
+        for table in tables:
+            table.grad = None
     optimizers.zero_grad()
-    loss = objective(model, guide, batch)
+    loss = guides.training_loss(guide, objective, model, batch, **kwargs)
     loss.backward()
     if guard and not check_finite(loss, optimizers):
         optimizers.zero_grad()
@@ -101,160 +152,307 @@ def _finite(*tensors: torch.Tensor) -> bool:
     return bool(torch.isfinite(torch.stack(sums)).all())
 
 
-class Position(NamedTuple):
-    """Where an interrupted epoch stopped: the next step and what the epoch had summed so far."""
-
-    epoch: int  # 0-based epoch in progress
-    step: int  # next step within it
-    loss_sum: float  # sum of the epoch's step losses so far
-    seconds: float  # training time spent in the epoch so far
-    wall: float  # training time of the whole run so far
-    steps: int  # optimizer steps of the whole run so far
-    taken: int  # steps applied in this epoch so far (skipped batches excluded)
-
-
-class Interrupted(Exception):
-    """Training stopped on SIGINT (Ctrl-C) after finishing its current step."""
-
-    def __init__(self, position: Position):
-        super().__init__(f"interrupted at epoch {position.epoch + 1}, step {position.step}")
-        self.position = position
-
-
-class _StopOnSigint:
-    """Turn SIGINT into a flag the loop reads between steps, so no step is cut in half."""
-
-    def __enter__(self):
-        self.flag = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 def lower_lr(optimizers: Optimizers, factor: float = 0.5) -> None:
     for opt in optimizers.all():
         for group in opt.param_groups:
             group["lr"] *= factor
+            if "base_lr" in group:  # a schedule's base rate comes down with it
+                group["base_lr"] *= factor
+
+
+# ---------------------------------------------------------------------------------------
+# the loop and its callbacks
+# ---------------------------------------------------------------------------------------
+class Loop:
+    """Where a run stands; the core loop updates it and callbacks read it."""
+
+    def __init__(self, n: int, steps_per_epoch: int, history: Sequence[EpochMetrics] = (),
+                 position: Optional[Position] = None, beta: float = 1.0,
+                 start_epoch: Optional[int] = None):
+        self.n, self.steps_per_epoch = n, steps_per_epoch
+        self.history: List[EpochMetrics] = list(history)
+        last = self.history[-1] if self.history else None
+        self.epoch = len(self.history) if start_epoch is None else start_epoch
+        self.wall = last.wall if last else 0.0  # training seconds up to this epoch's (re)start
+        self.steps = last.steps if last else 0
+        self._resume = position
+        if position is not None:
+            self.epoch, self.wall, self.steps = position.epoch, position.wall, position.steps
+        self.beta, self.lowered, self.stop, self.valid = beta, 0, False, math.nan
+        self.last_loss: Optional[torch.Tensor] = None
+
+    def begin(self, epoch: int, device) -> None:
+        p = self._resume if self._resume is not None and self._resume.epoch == epoch else None
+        self._resume = None
+        self.epoch, self.valid = epoch, math.nan
+        self.step, self.loss_sum, self.before, self.taken = \
+            (p.step, p.loss_sum, p.seconds, p.taken) if p else (0, 0.0, 0.0, 0)
+        self.epoch_loss = torch.zeros((), device=device)
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since this epoch (re)started."""
+        return time.perf_counter() - self.started
+
+    def run_seconds(self) -> float:
+        return self.wall + self.elapsed()
+
+    def record(self, loss: torch.Tensor, beta: Optional[float]) -> None:
+        self.epoch_loss += loss
+        self.steps += 1
+        self.taken += 1
+        self.last_loss = loss
+        if beta is not None:
+            self.beta = float(beta)
+
+    def position(self) -> Position:
+        return Position(self.epoch, self.step, self.loss_sum + float(self.epoch_loss),
+                        self.before + self.elapsed(), self.run_seconds(), self.steps, self.taken)
+
+    def end_epoch(self) -> EpochMetrics:
+        elapsed = self.elapsed()
+        seconds = self.before + elapsed
+        self.wall += elapsed
+        train = -(self.loss_sum + float(self.epoch_loss)) / (self.n * max(self.taken, 1))
+        metrics = EpochMetrics(self.epoch + 1, train, self.valid, seconds, self.wall,
+                               self.steps, self.beta)
+        self.history.append(metrics)
+        return metrics
+
+
+class Callback:
+    """Hooks around the loop; every one is optional. ``True`` from ``after_step`` ends the
+    epoch where it is, from ``on_metrics`` the run."""
+
+    def on_start(self, loop: Loop) -> None:
+        pass
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        pass
+
+    def after_step(self, loop: Loop) -> bool:
+        return False
+
+    def on_epoch_end(self, loop: Loop) -> None:  # before the epoch's metrics are made
+        pass
+
+    def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: int,
+         batch_size: int, binarize: Binarize, seed: int = 0, beta: Optional[BetaSchedule] = None,
+         callbacks: Sequence[Callback] = (), state: Optional[Loop] = None,
+         on_divergence: str = "stop", log: Callable[[str], None] = print) -> List[EpochMetrics]:
+    """The core loop: epochs of seeded minibatches, one guarded step each, callbacks around."""
+    state = state or Loop(len(train), num_batches(len(train), batch_size))
+    try:
+        for cb in callbacks:
+            cb.on_start(state)
+        for epoch in range(state.epoch, epochs):
+            state.begin(epoch, train.x.device)
+            for cb in callbacks:
+                cb.on_epoch_start(state)
+            if state.stop:
+                break
+            order = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            for batch in minibatches(train, batch_size, binarize, order, start=state.step):
+                kwargs = {} if beta is None else {"beta": beta(epoch, state.step)}
+                try:
+                    loss = step(model, guide, objective, batch, optimizers, **kwargs)
+                except DivergenceError as e:
+                    _recover(e, state, optimizers, on_divergence, log)
+                else:
+                    state.record(loss, kwargs.get("beta"))
+                state.step += 1
+                if any([cb.after_step(state) for cb in callbacks]):
+                    break
+            for cb in callbacks:
+                cb.on_epoch_end(state)
+            metrics = state.end_epoch()
+            if any([cb.on_metrics(state, metrics) for cb in callbacks]):
+                break
+    finally:
+        for cb in callbacks:
+            cb.close()
+    return state.history
+
+
+def _recover(error: DivergenceError, state: Loop, optimizers, on_divergence: str, log) -> None:
+    """Stop on a diverged step, or halve every rate and skip its batch (at most 10 times)."""
+    where = f"epoch {state.epoch + 1}, step {state.step + 1}: {error}"
+    if on_divergence != "lower_lr" or state.lowered >= 10:
+        raise DivergenceError(where) from None
+    state.lowered += 1
+    lower_lr(optimizers)
+    log(f"{where}; learning rates halved, batch skipped")
+
+
+class Validate(Callback):
+    """Scores the model after every epoch: ``valid_elbo`` of the epoch's metrics."""
+
+    def __init__(self, score: Callable[[], float]):
+        self.score = score
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        loop.valid = self.score()
+
+
+class OnEpoch(Callback):
+    """Calls ``fn(metrics)`` after every epoch (checkpoints, logs)."""
+
+    def __init__(self, fn: Callable[[EpochMetrics], None]):
+        self.fn = fn
+
+    def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
+        self.fn(metrics)
+        return False
+
+
+class TimeBudget(Callback):
+    """Stops once the run's training seconds reach ``seconds`` (mid-epoch: the partial epoch
+    is scored and recorded)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def spent(self, loop: Loop) -> bool:
+        return loop.run_seconds() >= self.seconds
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        loop.stop = loop.stop or loop.wall >= self.seconds  # a resumed run whose budget is spent
+
+    def after_step(self, loop: Loop) -> bool:
+        return self.spent(loop)
+
+    def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
+        return loop.wall >= self.seconds
+
+
+class LRSchedule(Callback):
+    """Sets every learning rate to its base rate times ``factor(epoch)`` at each epoch's start."""
+
+    def __init__(self, optimizers: Optimizers, factor: Callable[[int], float]):
+        self.optimizers, self.factor = optimizers, factor
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        for opt in self.optimizers.all():
+            for group in opt.param_groups:
+                group["lr"] = group.setdefault("base_lr", group["lr"]) * self.factor(loop.epoch)
+
+
+class StopOnCtrlC(Callback):
+    """Ctrl-C (SIGINT) becomes a flag read between steps, so no step is cut in half; the loop
+    then raises ``Interrupted`` carrying the position to resume from."""
+
+    def on_start(self, loop: Loop) -> None:
+        self.flag, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def after_step(self, loop: Loop) -> bool:
+        if self.flag:
+            raise Interrupted(loop.position())
+        return False
+
+    def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
+        if self.flag:  # Ctrl-C during validation or checkpointing: stop at the boundary
+            raise Interrupted(Position(loop.epoch + 1, 0, 0.0, 0.0, loop.wall, loop.steps, 0))
+        return False
+
+    def close(self) -> None:
+        if getattr(self, "previous", None) is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+class ProgressBar(Callback):
+    """A tqdm bar of steps, or of budget seconds for a budget run (whose epochs are only a
+    ceiling), and a line per epoch. Quiet when disabled."""
+
+    def __init__(self, epochs: int, max_seconds: Optional[float] = None, enabled: bool = True):
+        self.epochs, self.max_seconds, self.enabled = epochs, max_seconds, enabled
+        self.bar = None
+
+    def on_start(self, loop: Loop) -> None:
+        from tqdm.auto import tqdm
+        if self.max_seconds is not None:
+            self.bar = tqdm(total=float(self.max_seconds),
+                            initial=min(loop.wall, self.max_seconds), unit="s",
+                            disable=not self.enabled, dynamic_ncols=True, leave=False,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
+                                       "[{elapsed}{postfix}]")
+        else:
+            done = loop.epoch * loop.steps_per_epoch + (loop._resume.step if loop._resume else 0)
+            self.bar = tqdm(total=self.epochs * loop.steps_per_epoch, initial=done,
+                            disable=not self.enabled, unit="step", dynamic_ncols=True,
+                            leave=False)
+
+    def after_step(self, loop: Loop) -> bool:
+        if loop.step % 20 == 1 and loop.last_loss is not None:
+            self.bar.set_postfix(epoch=loop.epoch + 1,
+                                 elbo=f"{-float(loop.last_loss) / loop.n:.2f}")
+        if self.max_seconds is None:
+            self.bar.update(1)
+        else:
+            self.bar.update(min(loop.run_seconds(), self.max_seconds) - self.bar.n)
+        return False
+
+    def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
+        if self.enabled:
+            self.bar.write(f"epoch {metrics.epoch:3d}  train {metrics.train_elbo:9.3f}  "
+                           f"valid {metrics.valid_elbo:9.3f}  {metrics.seconds:6.1f}s")
+        return False
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: int,
-        batch_size: int, binarize: Binarize, seed: int = 0, start_epoch: int = 0,
-        warmup_epochs: int = 0, max_seconds: Optional[float] = None,
+        batch_size: int, binarize: Binarize, seed: int = 0, start_epoch: Optional[int] = None,
+        warmup_epochs: int = 0,
+        beta: Optional[BetaSchedule] = None, max_seconds: Optional[float] = None,
         validate: Optional[Callable[[], float]] = None,
         on_epoch: Optional[Callable[[EpochMetrics], None]] = None,
         progress: bool = True, history: Optional[List[EpochMetrics]] = None,
         position: Optional[Position] = None, on_divergence: str = "stop",
-        log: Callable[[str], None] = print) -> List[EpochMetrics]:
-    """Train for epochs ``start_epoch .. epochs-1``; returns the per-epoch metrics.
+        callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print
+        ) -> List[EpochMetrics]:
+    """Train for epochs ``start_epoch .. epochs-1`` (by default from ``len(history)``);
+    returns the per-epoch metrics.
 
-    The data order of epoch e comes from a generator seeded with (seed, e), so two guides
-    trained with the same seed see the same minibatches, and a resumed run sees the same
-    order as an uninterrupted one; ``position`` resumes inside an epoch. ``validate()``
-    scores the model after every epoch; ``on_epoch`` (checkpointing, logging) runs after it.
+    ``objective`` is any ``(model, guide, batch, **kwargs) -> loss``. The data order of
+    epoch e comes from a generator seeded with (seed, e), so two guides trained with the same
+    seed see the same minibatches, and a resumed run sees the same order as an uninterrupted
+    one; ``position`` resumes inside an epoch. ``beta`` is a schedule of the KL weight handed
+    to the objective as ``beta=`` every step (``warmup_epochs`` builds the linear warm-up to
+    ``objective.beta``). ``validate()`` scores the model after every epoch; ``on_epoch``
+    (checkpointing, logging) runs after it; ``callbacks`` come after those.
 
     A non-finite loss or gradient never reaches the parameters: with ``on_divergence="stop"``
     it raises ``DivergenceError`` naming the epoch and step; with ``"lower_lr"`` it halves
     every learning rate, skips the batch and goes on (at most 10 times). Ctrl-C finishes the
     current step and raises ``Interrupted`` carrying the position to resume from.
     """
-    from tqdm.auto import tqdm
-
-    history = list(history or [])
-    n = len(train)
-    steps_per_epoch = num_batches(n, batch_size)
-    wall = history[-1].wall if history else 0.0
-    total_steps = history[-1].steps if history else 0
-    if position is not None:
-        start_epoch, wall, total_steps = position.epoch, position.wall, position.steps
-    lowered = 0
-    # A budget run counts seconds of its budget (its epochs are only a ceiling, so a bar of
-    # epochs x steps would stop at a fraction); otherwise the bar counts steps.
+    steps_per_epoch = num_batches(len(train), batch_size)
+    default_beta = getattr(objective, "beta", 1.0)
+    if warmup_epochs and beta is None:
+        beta = kl_warmup(default_beta, warmup_epochs, steps_per_epoch)
+    state = Loop(len(train), steps_per_epoch, history or (), position, default_beta, start_epoch)
+    pieces: List[Callback] = [ProgressBar(epochs, max_seconds, progress)]
+    if validate is not None:
+        pieces.insert(0, Validate(validate))
+    if on_epoch is not None:
+        pieces.append(OnEpoch(on_epoch))
+    pieces.append(StopOnCtrlC())  # after the checkpoint: Ctrl-C there stops at the boundary
     if max_seconds is not None:
-        bar = tqdm(total=float(max_seconds), initial=min(wall, max_seconds), unit="s",
-                   disable=not progress, dynamic_ncols=True, leave=False,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training [{elapsed}{postfix}]")
-    else:
-        bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, disable=not progress,
-                   unit="step", dynamic_ncols=True, leave=False)
-
-    def out_of_time(seconds_this_epoch: float) -> bool:
-        """Whether the budget is spent, given the seconds run in this epoch since ``start``."""
-        return max_seconds is not None and wall + seconds_this_epoch >= max_seconds
-
-    def advance(seconds_this_epoch: float) -> None:
-        if max_seconds is None:
-            bar.update(1)
-        else:
-            bar.update(min(wall + seconds_this_epoch, max_seconds) - bar.n)
-
-    with _StopOnSigint() as sigint:
-        for epoch in range(start_epoch, epochs):
-            if out_of_time(0.0):  # a resumed run whose budget is spent
-                break
-            order = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            first, loss_sum, before, taken = 0, 0.0, 0.0, 0
-            if position is not None and epoch == position.epoch:
-                first, loss_sum, before = position.step, position.loss_sum, position.seconds
-                taken = position.taken
-                if max_seconds is None:
-                    bar.update(first)
-            epoch_loss, start = torch.zeros((), device=train.x.device), time.perf_counter()
-            beta = objective.beta
-            batches = minibatches(train, batch_size, binarize, order, start=first)
-            for i, batch in enumerate(batches, start=first):
-                if warmup_epochs:
-                    beta = beta_at(epoch, i, steps_per_epoch, warmup_epochs, objective.beta)
-                    current = dataclasses.replace(objective, beta=beta)
-                else:
-                    current = objective
-                try:
-                    loss = step(model, guide, current, batch, optimizers)
-                except DivergenceError as e:
-                    where = f"epoch {epoch + 1}, step {i + 1}: {e}"
-                    if on_divergence != "lower_lr" or lowered >= 10:
-                        bar.close()
-                        raise DivergenceError(where) from None
-                    lowered += 1
-                    lower_lr(optimizers)
-                    log(f"{where}; learning rates halved, batch skipped")
-                else:
-                    epoch_loss += loss
-                    total_steps += 1
-                    taken += 1
-                    if i % 20 == 0:
-                        bar.set_postfix(epoch=epoch + 1, elbo=f"{-float(loss) / n:.2f}")
-                    advance(time.perf_counter() - start)
-                if sigint.flag:
-                    bar.close()
-                    seconds = before + time.perf_counter() - start
-                    raise Interrupted(Position(epoch, i + 1, loss_sum + float(epoch_loss),
-                                               seconds, wall + seconds - before, total_steps,
-                                               taken))
-                if out_of_time(time.perf_counter() - start):  # (wall already holds ``before``)
-                    break  # the budget ends mid-epoch: score and record the partial epoch
-            seconds = before + time.perf_counter() - start
-            wall += seconds - before
-            valid = validate() if validate is not None else math.nan
-            train_elbo = -(loss_sum + float(epoch_loss)) / (n * max(taken, 1))
-            metrics = EpochMetrics(epoch + 1, train_elbo, valid, seconds, wall, total_steps, beta)
-            history.append(metrics)
-            if progress:
-                bar.write(f"epoch {epoch + 1:3d}  train {metrics.train_elbo:9.3f}  "
-                          f"valid {valid:9.3f}  {seconds:6.1f}s")
-            if on_epoch is not None:
-                on_epoch(metrics)
-            if sigint.flag:  # Ctrl-C during validation or checkpointing: stop at the boundary
-                bar.close()
-                raise Interrupted(Position(epoch + 1, 0, 0.0, 0.0, wall, total_steps, 0))
-            if out_of_time(0.0):
-                break
-    bar.close()
-    return history
+        pieces.append(TimeBudget(max_seconds))
+    return loop(model, guide, objective, train, optimizers, epochs, batch_size, binarize, seed,
+                beta, [*pieces, *callbacks], state, on_divergence, log)

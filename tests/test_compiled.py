@@ -83,8 +83,8 @@ def test_compiled_refuses_a_per_datapoint_guide():
 
 @pytest.mark.parametrize("changes, words", [
     (dict(guide="meanfield"), "meanfield"),
+    (dict(guide="semiamortized"), "semiamortized"),
     (dict(objective="iwae", dreg=True), "DReG"),
-    (dict(warmup_epochs=2), "warm-up"),
 ])
 def test_config_refuses_what_cannot_be_compiled(changes, words):
     with pytest.raises(UserError, match=words):
@@ -137,3 +137,21 @@ def test_a_program_that_branches_on_data_runs_eagerly_with_a_warning():
     with pytest.warns(RuntimeWarning, match="running it eagerly"):
         loss = Compiled(branching)(model, guide, batch)
     assert torch.isfinite(loss)
+
+
+def test_compiled_takes_beta_as_a_graph_input():
+    """KL warm-up compiles: beta is an input of the graph, so one graph serves every beta and
+    each call's loss and gradients equal the eager objective's at that beta."""
+    model, guide, batch = _setup()
+    objective = objectives.ELBO()
+    compiled = Compiled(objective)
+    for i, beta in enumerate([0.0, 0.3, 1.0]):
+        eager = _loss_and_grads(lambda m, g, b: objective(m, g, b, beta=beta), model, guide,
+                                batch, SEED + 10 + i)
+        graph = _loss_and_grads(lambda m, g, b: compiled(m, g, b, beta=beta), model, guide,
+                                batch, SEED + 10 + i)
+        torch.testing.assert_close(graph[0], eager[0], rtol=1e-5, atol=1e-4)
+        for a, b in zip(graph[1], eager[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert len(compiled._graphs) == 1
+    assert Config(compile=True, warmup_epochs=2).validate().warmup_epochs == 2

@@ -52,3 +52,30 @@ def test_bench_smoke(monkeypatch, tmp_path):
     doc = json.loads((tmp_path / "bench.json").read_text())
     row = doc["cpu"]["ms_per_step"]["32"]
     assert row["hand-written PyTorch"] > 0 and row["ppl_vae amortized"] > 0
+
+
+def test_cremer_smoke_writes_the_gap_table_and_curves(monkeypatch, tmp_path):
+    """The paper's protocol at toy size: three guides, gap rows for training and test rows,
+    gap curves tracked during training, and --resume of a finished protocol rescoring it."""
+    out = tmp_path / "out"
+    run_script("cremer.py", ["--smoke", "--out", str(out)], monkeypatch, tmp_path)
+    import json
+    doc = json.loads((out / "results.json").read_text())
+    rows = {(r["guide"], r["rows"].split()[0]): r for r in doc["rows"]}
+    assert set(rows) == {(g, s) for g in ("amortized", "iaf", "meanfield")
+                         for s in ("train", "test")}
+    for (guide, split), r in rows.items():
+        assert r["approximation_gap"] == pytest.approx(r["test_log_px"] - r["test_elbo_local"],
+                                                       abs=1e-3)
+    # the factorized Gaussian has an amortization gap on both; the flow none (other family);
+    # the mean-field table has one on its own training rows only
+    assert rows["amortized", "test"]["amortization_gap"] is not None
+    assert rows["iaf", "test"]["amortization_gap"] is None
+    assert rows["meanfield", "train"]["amortization_gap"] is not None
+    assert rows["meanfield", "test"]["amortization_gap"] is None
+    gaps = [json.loads(line) for line in (out / "amortized" / "gaps.jsonl").read_text().splitlines()]
+    assert {g["split"] for g in gaps} == {"train", "test"} and gaps[0]["epoch"] == 1
+    config = json.loads((out / "amortized" / "config.json").read_text())["config"]
+    assert config["activation"] == "elu" and config["lr_schedule"] == "burda"
+    assert config["adam_eps"] == 1e-4 and config["warmup_epochs"] == 1
+    run_script("cremer.py", ["--smoke", "--resume", "--out", str(out)], monkeypatch, tmp_path)

@@ -89,12 +89,12 @@ def test_fit_warmup_passes_beta_to_the_objective():
     betas = []
 
     @dataclasses.dataclass(frozen=True)
-    class Recording:
+    class Recording:  # the warm-up hands beta to the objective on every call
         beta: float = 1.0
 
-        def __call__(self, m, g, b):
-            betas.append(self.beta)
-            return objectives.ELBO(beta=self.beta)(m, g, b)
+        def __call__(self, m, g, b, beta=1.0):
+            betas.append(beta)
+            return objectives.ELBO(beta=beta)(m, g, b)
 
     history = train.fit(model, guide, Recording(), split, opts, epochs=3, batch_size=48,
                         binarize=data.Binarize("none"), warmup_epochs=2, progress=False)

@@ -1,0 +1,230 @@
+"""Scoring a trained guide on held-out rows: the fixed evaluation pixels, the per-epoch
+validation ELBO, the gap curves over training (``GapTracker``), and ``evaluate_run``, which
+reloads a run folder, evaluates it and writes ``eval.json`` and its figures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import data, guides, plots
+from .errors import UserError, setting
+from .evaluate import elbo_parts, evaluate_model, figure_arrays
+from .rundir import RESULTS, read_json, training_pid, write_json
+from .train import Callback, EpochMetrics, Loop
+
+EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
+
+
+def eval_pixels(config, split: data.Split, rows: Optional[int] = None) -> torch.Tensor:
+    """Held-out pixels as every model sees them: one fixed binarization (seed ``EVAL_SEED``)."""
+    split = split.head(rows)
+    if config.binarize == "none":
+        return split.x
+    return data.static_binarize(split, EVAL_SEED).x
+
+
+def held_out_elbo(model, guide, x: torch.Tensor, warm=None, **local) -> tuple:
+    """(per-datapoint ELBO [N], the guide used) of ``guide`` on held-out ``x``.
+
+    The guide answers for new rows itself (``guides.held_out``): an encoder as it is, a
+    per-datapoint guide with a fresh fit (decoder frozen, warm-started from ``warm``).
+    """
+    held = guides.held_out(guide, model, x, warm=warm, seed=EVAL_SEED, **local)
+    return elbo_parts(model, held.guide, x, num_particles=10, seed=EVAL_SEED).elbo, held.guide
+
+
+class Validator:
+    """The per-epoch validation ELBO; a refitted held-out guide is warm-started epoch to epoch
+    and its state goes into the checkpoint."""
+
+    def __init__(self, model, guide, x: torch.Tensor, max_steps: int = 30):
+        self.model, self.guide, self.x, self.max_steps = model, guide, x, max_steps
+        self.held: Optional[object] = None  # the last held-out guide, when it is a fit
+
+    def __call__(self) -> float:
+        elbo, used = held_out_elbo(self.model, self.guide, self.x, self.held,
+                                   max_steps=self.max_steps)
+        self.held = used if used is not self.guide else None
+        return float(elbo.mean())
+
+    def state_dict(self):
+        return self.held.state_dict() if self.held is not None else None
+
+    def load_state_dict(self, state) -> None:
+        if state is None:
+            return
+        shell = guides.held_out(self.guide, self.model, self.x, max_steps=0).guide
+        shell.load_state_dict(state)
+        self.held = shell
+
+
+# ---------------------------------------------------------------------------------------
+# gap curves
+# ---------------------------------------------------------------------------------------
+class RowsOf(torch.nn.Module):
+    """A trained guide over a subset of its own training rows: batch indices are positions
+    in the subset, mapped to the dataset rows ``rows`` of a plate of size ``num_data``."""
+
+    def __init__(self, guide, rows: torch.Tensor, num_data: int):
+        super().__init__()
+        self._inner, self.rows, self.num_data = [guide], rows, num_data
+
+    def _batch(self, batch: data.Batch) -> data.Batch:
+        return data.Batch(batch.x, self.rows[batch.idx], self.num_data)
+
+    def forward(self, batch: data.Batch) -> None:
+        return self._inner[0](self._batch(batch))
+
+    def held_out(self, model, x, warm=None, **options) -> guides.HeldOut:
+        return guides.HeldOut(self)  # these rows are the guide's own
+
+    def loc_scale(self, batch: data.Batch):
+        return guides.loc_scale(self._inner[0], self._batch(batch))
+
+    @property
+    def family(self):
+        return guides.family(self._inner[0])
+
+
+GAP_KEYS = ("test_elbo", "test_elbo_stderr", "test_elbo_local", "test_elbo_local_stderr",
+            "test_log_px", "log_px_stderr", "approximation_gap", "approximation_gap_stderr",
+            "amortization_gap", "amortization_gap_stderr")
+
+
+class GapTracker(Callback):
+    """Scores L[q], L[q*], log p(x) and both gaps on fixed training and test rows at chosen
+    epochs (and the last), appending one JSON line per epoch and split to ``path``."""
+
+    def __init__(self, model, guide, x_train: torch.Tensor, num_train: int,
+                 x_test: torch.Tensor, epochs: Sequence[int], last: int, num_particles: int,
+                 path: Callable[[], Path], local_steps: int = 500):
+        self.model, self.guide = model, guide
+        self.x_train, self.x_test = x_train, x_test
+        self.rows = torch.arange(len(x_train), device=x_train.device)
+        self.num_train = num_train
+        self.epochs, self.last = set(epochs), last
+        self.num_particles, self.path, self.local_steps = num_particles, path, local_steps
+        self.seconds = 0.0
+
+    def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
+        if metrics.epoch in self.epochs or metrics.epoch == self.last:
+            self.record(metrics)
+        return False
+
+    def record(self, metrics: EpochMetrics) -> list:
+        import time
+        start = time.perf_counter()
+        lines = []
+        for split, guide, x in (("train", RowsOf(self.guide, self.rows, self.num_train),
+                                 self.x_train), ("test", self.guide, self.x_test)):
+            results, _ = evaluate_model(self.model, guide, x, self.num_particles, local=True,
+                                        seed=EVAL_SEED, progress=False,
+                                        local_options={"max_steps": self.local_steps})
+            lines.append({"epoch": metrics.epoch, "split": split, "rows": len(x),
+                          "num_particles": self.num_particles,
+                          **{k: results.get(k) for k in GAP_KEYS}})
+        self.seconds += time.perf_counter() - start
+        for line in lines:
+            line["tracking_seconds"] = self.seconds
+        with open(self.path(), "a") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+        return lines
+
+
+def read_gaps(path: Path) -> list:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------
+# evaluating a run folder
+# ---------------------------------------------------------------------------------------
+class Evaluated(NamedTuple):
+    results: dict
+    arrays: dict
+
+
+def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local: bool = True,
+                     split: str = "test", progress: bool = True,
+                     local_options: Optional[dict] = None) -> Evaluated:
+    """``evaluate_model`` on a trained run's held-out split, with the figures' arrays."""
+    # load_splits cut the test split to test_size; cut a validation split the same way
+    held_out = trained.splits.get(split).head(trained.config.test_size)
+    x = eval_pixels(trained.config, held_out)
+    results, arrays = evaluate_model(trained.model, trained.guide, x, num_particles, local=local,
+                                     proposal=proposal, seed=EVAL_SEED, progress=progress,
+                                     local_options=local_options)
+    results["split"] = split
+    figs = figure_arrays(trained.model, x, arrays["posterior_means"])
+    figs["labels"] = held_out.y.cpu().numpy()
+    return Evaluated(results, figs)
+
+
+def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
+                 proposal: str = "auto", local: Optional[bool] = None,
+                 test_size: Optional[int] = None, device: Optional[str] = None,
+                 progress: bool = True, log=print, warn=None) -> dict:
+    """Evaluate the run in ``run_dir``; writes eval.json, arrays.npz and four PNG figures.
+
+    A run still training is evaluated at its newest checkpoint with a warning (``eval.json``
+    says which epoch; the run's end clears it). A finished run whose newest checkpoint is
+    unreadable is refused rather than scored at an older epoch than its summary.
+    """
+    from .run import load_trained
+
+    warn = warn or log
+    if proposal not in ("auto", "guide", "local"):
+        raise UserError(f"unknown proposal {proposal!r}; choose one of auto, guide, local")
+    if split not in ("test", "valid"):
+        raise UserError(f"unknown split {split!r}; choose test or valid")
+    if test_size is not None and test_size <= 0:
+        raise UserError(f"{setting('test_size')} must be positive")
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder; pass the out folder of a "
+                        f"`ppl-vae train` run")
+    finished = (run_dir / "summary.json").exists()
+    trained = load_trained(run_dir, device, test_size, fallback=not finished, warn=warn)
+    pid = training_pid(run_dir)
+    if pid is not None or not finished:
+        warn(f"warning: {run_dir} is still training (pid {pid})" if pid is not None else
+             f"warning: {run_dir} has not finished training")
+        warn(f"warning: evaluating its checkpoint after epoch {len(trained.history)}")
+    if finished:
+        summary = read_json(run_dir / "summary.json", "train the run again")
+        if summary.get("epochs") != len(trained.history):
+            raise UserError(f"{run_dir}: summary.json is for epoch {summary.get('epochs')} but "
+                            f"the readable checkpoint is after epoch {len(trained.history)}")
+    fitted = guides.local_parameters(trained.guide)
+    if local is None:
+        local = bool(fitted) or proposal == "local"
+    if proposal == "local" and not local:
+        raise UserError("proposal local needs the local fit; drop --no-local")
+    if proposal == "guide" and fitted:
+        raise UserError(f"the {trained.config.guide} guide has no parameters for held-out "
+                        f"rows; use the proposal local")
+    results, arrays = evaluate_trained(trained, num_particles, proposal=proposal, local=local,
+                                       split=split, progress=progress)
+    results.update(guide=trained.config.guide, dataset=trained.config.dataset,
+                   binarize=trained.config.binarize, epochs=len(trained.history),
+                   finished=finished and pid is None, checkpoint=trained.checkpoint,
+                   device=str(trained.device))
+    for name in RESULTS[1:]:  # a previous evaluation's files are replaced as one set
+        if name not in ("gaps.jsonl", "gaps.png"):
+            (run_dir / name).unlink(missing_ok=True)
+    np.savez_compressed(run_dir / "arrays.npz", **arrays)
+    history = [m._asdict() for m in trained.history]
+    figs = plots.run_figures(run_dir, run_dir / "arrays.npz", arrays["labels"],
+                             trained.config.guide, history)
+    # the required key names say "test" whatever the split; eval.json's "split" says which
+    write_json(run_dir / "eval.json", results)
+    log(f"log p(x) {results['test_log_px']:.2f} ± {results['log_px_stderr']:.2f} "
+        f"(K={num_particles}, {results['num_rows']} {split} rows), ELBO {results['test_elbo']:.2f}, "
+        f"rate {results['rate']:.2f}, distortion {results['distortion']:.2f}, "
+        f"active units {results['active_units']}, {results['seconds']:.0f} s")
+    log("wrote " + ", ".join(str(p) for p in [run_dir / "eval.json", *figs]))
+    return results
