@@ -35,14 +35,26 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore ``rng_state()``; CUDA streams only where CUDA is (a run moved to a CPU goes on)."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()),
-                     p["gauss_next"]))
+    """Restore ``rng_state()``; CUDA streams only where CUDA is (a run moved to a CPU goes on).
+
+    A damaged state is refused with a ``UserError`` before any stream is changed."""
+    try:
+        n, p = state["numpy"], state["python"]
+        numpy_state = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                       n["has_gauss"], n["cached"])
+        python_state = (p["version"], tuple(int(v) for v in p["internal"].tolist()),
+                        p["gauss_next"])
+        old = torch.get_rng_state()
+        torch.set_rng_state(state["torch"])
+        try:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+        except Exception:
+            torch.set_rng_state(old)
+            raise
+    except Exception as e:
+        raise UserError(f"the checkpoint's random-number state is damaged ({type(e).__name__}); "
+                        f"it cannot be resumed: start again with {setting('overwrite')}") from None
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
@@ -89,7 +101,28 @@ def _read(path: Path, required=()) -> dict:
     if missing:
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it is incomplete or "
                         f"from another program")
+    problem = _shape_problem(state)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged: {problem}; it was not loaded")
     return state
+
+
+def _shape_problem(state: dict) -> Optional[str]:
+    """What is wrong with the shape of a checkpoint's plain-data entries, if anything."""
+    from .train import EpochMetrics
+
+    if not isinstance(state["config"], dict):
+        return f"its config is a {type(state['config']).__name__}, not a mapping"
+    history = state.get("history", [])
+    if not isinstance(history, list):
+        return "its history is not a list"
+    for i, m in enumerate(history):
+        if not isinstance(m, dict) or set(m) != set(EpochMetrics._fields):
+            return f"epoch {i + 1} of its history lacks the fields of an epoch"
+    for key in ("model", "guide", "rng"):
+        if key in state and not isinstance(state[key], dict):
+            return f"its {key} is not a mapping"
+    return None
 
 
 def load(folder: Path, warn=print, fallback: bool = True, required=()) -> Optional[dict]:

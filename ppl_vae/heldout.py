@@ -77,7 +77,9 @@ class RowsOf(torch.nn.Module):
         return data.Batch(batch.x, self.rows[batch.idx], self.num_data)
 
     def forward(self, batch: data.Batch) -> None:
-        return self._inner[0](self._batch(batch))
+        from pyro import poutine
+        with poutine.block(hide=["data"]):  # its plate indexes the dataset, not the subset
+            return self._inner[0](self._batch(batch))
 
     def held_out(self, model, x, warm=None, **options) -> guides.HeldOut:
         return guides.HeldOut(self)  # these rows are the guide's own
@@ -143,6 +145,21 @@ def read_gaps(path: Path) -> list:
 # ---------------------------------------------------------------------------------------
 # evaluating a run folder
 # ---------------------------------------------------------------------------------------
+def _check_gaps(run_dir: Path) -> None:
+    """Refuse, before any work, a gaps.jsonl whose lines the gap figure could not read."""
+    path = run_dir / "gaps.jsonl"
+    if not path.is_file():
+        return
+    try:
+        rows = read_gaps(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}); delete it to evaluate "
+                        f"without the gap curves") from None
+    if not all(isinstance(r, dict) and {"epoch", "split"} <= set(r) for r in rows):
+        raise UserError(f"{path} is damaged (lines without epoch and split); delete it to "
+                        f"evaluate without the gap curves")
+
+
 class Evaluated(NamedTuple):
     results: dict
     arrays: dict
@@ -187,6 +204,7 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run folder; pass the out folder of a "
                         f"`ppl-vae train` run")
+    _check_gaps(run_dir)
     finished = (run_dir / "summary.json").exists()
     trained = load_trained(run_dir, device, test_size, fallback=not finished, warn=warn)
     pid = training_pid(run_dir)

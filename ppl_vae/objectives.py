@@ -30,6 +30,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .data import Batch
+from .errors import UserError
 
 Objective = Callable[[torch.nn.Module, torch.nn.Module, Batch], torch.Tensor]
 
@@ -85,6 +86,7 @@ def traces(model, guide, batch: Batch, num_particles: int) -> Tuple[poutine.Trac
     """(model trace, guide trace) with ``num_particles`` vectorized particles at dim -2."""
     with _ModuleParams(), pyro.plate("particles", num_particles, dim=-2):
         guide_tr = poutine.trace(guide).get_trace(batch)
+        _check_plate(guide_tr, batch, "guide")  # before the model runs on its draws
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(batch)
     return model_tr, guide_tr
 
@@ -99,21 +101,49 @@ def _latent_sites(trace: poutine.Trace):
             if _is_sample(site) and not site["is_observed"])
 
 
+def _user_scale(site):
+    """The site's scale without the plates' subsample factors N / B: what ``poutine.scale``
+    (or a user's ``scale`` argument) asked for, 1.0 when nothing did."""
+    scale = site["scale"]
+    for frame in site["cond_indep_stack"]:
+        if frame.full_size is not None and frame.full_size != frame.size:
+            scale = scale / (frame.full_size / frame.size)
+    return scale
+
+
 def _site_sum(trace: poutine.Trace, keep):
-    """Sum of the unscaled log-densities of the sample sites that ``keep`` accepts, [K, B]."""
+    """Sum of the log-densities of the sample sites that ``keep`` accepts, [K, B]: unscaled by
+    the subsample factor, scaled as ``poutine.scale`` asks (as Pyro's objectives do)."""
     total = 0.0
     for site in trace.nodes.values():
         if _is_sample(site) and keep(site):
-            total = total + site["unscaled_log_prob"]
+            log_prob, scale = site["unscaled_log_prob"], _user_scale(site)
+            if not (isinstance(scale, float) and scale == 1.0):
+                log_prob = log_prob * scale
+            total = total + log_prob
     return total
 
 
-def _check_sites(trace: poutine.Trace, shape) -> None:
+def _check_plate(trace: poutine.Trace, batch: Batch, who: str) -> None:
+    plate = trace.nodes.get("data")
+    if plate is not None and site_is_subsample(plate) and not (
+            plate["value"].shape == batch.idx.shape and torch.equal(plate["value"], batch.idx)):
+        raise UserError(
+            f"the {who}'s 'data' plate drew its own subsample instead of the batch's rows; "
+            f"declare it as the model does (ppl_vae.model.data_plate: size N, subsample "
+            f"batch.idx); for Pyro's autoguides pass create_plates=ppl_vae.model.data_plate")
+
+
+def _check_sites(trace: poutine.Trace, shape, batch: Batch, who: str) -> None:
+    _check_plate(trace, batch, who)
     for name, site in trace.nodes.items():
         if _is_sample(site) and site["unscaled_log_prob"].shape != shape:
-            raise ValueError(f"site {name!r} has per-datapoint log-density of shape "
-                             f"{tuple(site['unscaled_log_prob'].shape)}, expected {tuple(shape)}:"
-                             f" every sample site must sit inside the 'data' plate")
+            raise UserError(
+                f"{who} site {name!r} has per-datapoint log-density of shape "
+                f"{tuple(site['unscaled_log_prob'].shape)}, expected {tuple(shape)} (particles, "
+                f"rows): every sample site must sit inside the 'data' plate. Pyro's AutoNormal "
+                f"with create_plates=ppl_vae.model.data_plate does; guides with one joint latent "
+                f"vector (AutoDiagonalNormal, AutoMultivariateNormal) do not")
 
 
 def log_weights(model, guide, batch: Batch, num_particles: int = 1) -> LogWeights:
@@ -126,8 +156,8 @@ def _log_weights(model_tr, guide_tr, batch, num_particles) -> LogWeights:
     model_tr.compute_log_prob()
     guide_tr.compute_log_prob()
     shape = torch.Size([num_particles, len(batch.idx)])
-    _check_sites(model_tr, shape)
-    _check_sites(guide_tr, shape)
+    _check_sites(model_tr, shape, batch, "model")
+    _check_sites(guide_tr, shape, batch, "guide")
     zeros = batch.x.new_zeros(shape)
     log_lik = zeros + _site_sum(model_tr, lambda s: s["is_observed"])
     log_prior = zeros + _site_sum(model_tr, lambda s: not s["is_observed"])

@@ -16,8 +16,17 @@ def _plt():
 
 
 def read_metrics(run_dir: Path) -> List[dict]:
+    """The epochs of ``metrics.jsonl`` that can be read (a line cut off by a kill is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and {"epoch", "train_elbo", "valid_elbo", "wall"} <= set(row):
+            rows.append(row)
+    return rows
 
 
 def curves(histories: Dict[str, List[dict]], path: Path, title: str = "") -> Path:
