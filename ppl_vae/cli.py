@@ -17,7 +17,14 @@ from .errors import UserError
 from .train import DivergenceError, Interrupted
 
 HELP = {
-    "dataset": "data set", "data_dir": "folder with the dataset's raw files (default: shipped MNIST)",
+    "dataset": "mnist, fashion_mnist, kmnist, a folder of IDX files, a .npz/.npy file of images, "
+               "or torchvision:<Class> (files already under --data-dir); see README",
+    "data_dir": "folder with the dataset's raw files (default: shipped MNIST; ~/.cache/ppl_vae "
+                "for fashion_mnist, kmnist, torchvision:<Class>)",
+    "valid_fraction": "fraction of the training rows held out for validation (default 1/6)",
+    "test_fraction": "fraction of the rows held out for testing when the data have no test split",
+    "net": "encoder/decoder: mlp, or conv (stride-2 convolutions built from the image shape)",
+    "tensorboard": "also write TensorBoard events to <out>/tensorboard (needs the tensorboard extra)",
     "binarize": "dynamic: fresh Bernoulli draw per minibatch; static: one seeded draw; none: grayscale",
     "latent_dim": "dimension of z", "hidden": "hidden layer sizes of decoder (and encoder, reversed)",
     "likelihood": "p(x|z)", "prior": "p(z)", "guide": "amortized (encoder), meanfield (per-datapoint table) or iaf (encoder + flows)",
@@ -81,7 +88,8 @@ def _choices(name: str):
     from . import config as c
     table = {"dataset": c.DatasetName, "binarize": c.BinarizeName, "likelihood": c.LikelihoodName,
              "prior": c.PriorName, "guide": c.GuideName, "objective": c.ObjectiveName,
-             "local_init": c.LocalInitName, "on_divergence": c.DivergenceName}
+             "local_init": c.LocalInitName, "on_divergence": c.DivergenceName,
+             "net": c.NetName}
     return get_args(table[name]) if name in table else None
 
 
@@ -89,6 +97,11 @@ def _config(args) -> Config:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     values["hidden"] = tuple(values["hidden"])
     return Config(**values).validate()
+
+
+NO_PROGRESS = ("--no-progress",)
+NO_PROGRESS_KW = dict(dest="progress", action="store_false",
+                      help="no progress bars (they are drawn only on a terminal anyway)")
 
 
 def build_parser() -> Parser:
@@ -103,6 +116,7 @@ def build_parser() -> Parser:
     t.add_argument("--evaluate", action="store_true",
                    help="run `evaluate` (log p(x), figures) at the end")
     t.add_argument("--num-particles-eval", type=int, default=5000, help="K of log p(x) with --evaluate")
+    t.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
 
     e = sub.add_parser("evaluate", help="log p(x), gaps, rate/distortion, figures of a run")
     e.add_argument("run_dir", type=Path)
@@ -114,6 +128,7 @@ def build_parser() -> Parser:
                    help="also fit q* for L[q*] and the gaps (default: only for meanfield)")
     e.add_argument("--test-size", type=int, default=None, help="evaluate on the first N rows only")
     e.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
+    e.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
 
     c = sub.add_parser("compare", help="amortized vs mean-field on the same decoder and budget")
     _add_config(c, COMPARE_DEFAULTS)
@@ -124,6 +139,7 @@ def build_parser() -> Parser:
     c.add_argument("--num-particles-eval", type=int, default=1000, help="K of log p(x) (default 1000)")
     c.add_argument("--guides", nargs="+", default=["amortized", "meanfield"],
                    help="guides to compare (default: amortized meanfield); iaf adds a flow guide")
+    c.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
     return p
 
 
@@ -163,17 +179,19 @@ def _main(argv) -> int:
         config = _config(args)
         if args.num_particles_eval <= 0:
             raise UserError("--num-particles-eval must be positive")
-        train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
+        train_run(config, args.out, overwrite=args.overwrite, resume=args.resume,
+                  progress=args.progress)
         if args.evaluate:
             from .report import evaluate_run
-            evaluate_run(args.out, args.num_particles_eval)
+            evaluate_run(args.out, args.num_particles_eval, progress=args.progress)
         return 0
     if args.command == "evaluate":
         from .report import evaluate_run
         if args.num_particles <= 0:
             raise UserError("--num-particles must be positive")
         evaluate_run(args.run_dir, args.num_particles, split=args.split, proposal=args.proposal,
-                     local=args.local, test_size=args.test_size, device=args.device)
+                     local=args.local, test_size=args.test_size, device=args.device,
+                     progress=args.progress)
         return 0
     if args.command == "compare":
         from .compare import compare
@@ -185,7 +203,7 @@ def _main(argv) -> int:
         if k <= 0:
             raise UserError("--num-particles-eval must be positive")
         doc = compare(config, args.out, num_particles=k, overwrite=args.overwrite,
-                      guides=args.guides)
+                      guides=args.guides, progress=args.progress)
         print(json.dumps({g: {key: doc[g].get(key) for key in (
             "test_elbo", "test_elbo_local", "test_log_px", "approximation_gap",
             "amortization_gap")} for g in args.guides}, indent=2))

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from . import plots
 from .errors import UserError
 from .config import Config
 from .evaluate import Estimate, evaluate_model, figure_arrays
-from .run import EVAL_SEED, eval_pixels, finish, fit_run, prepare_out, versions
+from .run import EVAL_SEED, eval_pixels, finish, fit_run, load_splits, prepare_out, versions
 
 GUIDES = ("amortized", "meanfield")
 
@@ -36,7 +38,9 @@ def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local:
                                      local_options=local_options)
     results["split"] = split
     figs = figure_arrays(trained.model, x, arrays["posterior_means"])
-    figs["labels"] = held_out.y.cpu().numpy()
+    figs["labels"] = held_out.y.cpu().numpy()  # -1: unlabelled
+    figs["shape"] = np.array(held_out.image_shape)  # (C, H, W), for the figures
+    figs["classes"] = np.array(held_out.classes or (), dtype=str)
     return results, figs
 
 
@@ -57,6 +61,7 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         for name in ("results.json", "report.md", "curves.png", "gaps.png",
                      "reconstructions.png", "arrays.npz"):
             (out / name).unlink(missing_ok=True)
+    load_splits(config, torch.device("cpu"))  # bad data: refused before any folder exists
     for guide in guides:  # refuse before spending any time on training
         config.replace(guide=guide).validate()
         prepare_out(out / guide, overwrite, resume=False, resumable=False)
@@ -76,6 +81,7 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         histories[guide] = [m._asdict() for m in trained.history]
         log(_line(guide, res))
     doc = {"date": datetime.date.today().isoformat(), "config": config.to_dict(),
+           "data": trained.splits.describe(), "command": list(sys.argv),
            "versions": versions(), "device": str(trained.device), "guides": list(guides),
            **results}
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -99,7 +105,7 @@ def write_figures(out: Path, histories, results, arrays) -> None:
     rows = {"input": first["inputs"]}
     rows.update({f"{g} recon.": a["reconstructions"] for g, a in arrays.items()})
     plots.image_rows(rows, out / "reconstructions.png",
-                     "test images and reconstructions at the posterior mean")
+                     "test images and reconstructions at the posterior mean", first.get("shape"))
     np.savez_compressed(out / "arrays.npz", **{f"{g}_{k}": v for g, a in arrays.items()
                                                for k, v in a.items()})
 
@@ -146,7 +152,7 @@ def report(doc: dict) -> str:
 Date {doc['date']}, device `{doc['device']}`, torch {doc['versions']['torch']}, pyro {doc['versions']['pyro']}, git `{doc['versions']['git']}`.
 
 Data: {c['dataset']}, {c['binarize']} binarization for training; the test set ({a['num_rows']} rows) is scored
-under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, MLP hidden {c['hidden']},
+under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, {c.get('net', 'mlp')} networks, hidden {c['hidden']},
 {c['likelihood']} likelihood, {c['prior']} prior. Both guides: same decoder initialization (seed {c['seed']}),
 same data order, {c['epochs']} epochs{'' if c['max_seconds'] is None else f" or {c['max_seconds']:.0f} s of training"},
 batch {c['batch_size']}, Adam lr {c['lr']}; the per-datapoint table: RowAdam lr {c['local_lr']},

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Tuple, get_args
 
 import torch
 
-from . import guides, likelihoods, nets, objectives, priors
+from . import data, guides, likelihoods, nets, objectives, priors
 from .compiled import Compiled, check_compilable
 from .errors import UserError
 
@@ -19,6 +19,7 @@ GuideName = Literal["amortized", "meanfield", "iaf"]
 ObjectiveName = Literal["elbo", "analytic_kl", "iwae"]
 LocalInitName = Literal["pca", "prior"]
 DivergenceName = Literal["stop", "lower_lr"]
+NetName = Literal["mlp", "conv"]
 
 LIKELIHOODS = {
     "bernoulli": lambda d: likelihoods.Bernoulli(),
@@ -44,11 +45,14 @@ for _name, _table in (("LikelihoodName", LIKELIHOODS), ("PriorName", PRIORS),
 class Config:
     """Every setting of a run; ``validate`` refuses bad values with a message naming the fix."""
 
-    dataset: DatasetName = "mnist"
+    dataset: str = "mnist"  # a DatasetName, a folder of IDX files, a .npz/.npy, torchvision:<Class>
     data_dir: Optional[str] = None
+    valid_fraction: Optional[float] = None  # of the training rows; None: 1/6 (MNIST's 10k of 60k)
+    test_fraction: float = 0.1  # of the rows, for data sets without their own test split
     binarize: BinarizeName = "dynamic"
     latent_dim: int = 50
     hidden: Tuple[int, ...] = (400,)
+    net: NetName = "mlp"  # encoder/decoder: MLPs, or conv nets built from the image shape
     likelihood: LikelihoodName = "bernoulli"
     prior: PriorName = "normal"
     guide: GuideName = "amortized"
@@ -69,11 +73,13 @@ class Config:
     test_size: Optional[int] = None  # evaluate on the first n test rows (default: all)
     on_divergence: DivergenceName = "stop"  # non-finite loss: stop, or halve the rates and go on
     compile: bool = False  # trace the objective once per batch shape and compile it (compiled.py)
+    tensorboard: bool = False  # also write TensorBoard events into <out>/tensorboard
     seed: int = 0
     device: str = "auto"
 
     def validate(self) -> "Config":
-        for name, choices in (("dataset", DatasetName), ("binarize", BinarizeName),
+        data.check_name(self.dataset)
+        for name, choices in (("net", NetName), ("binarize", BinarizeName),
                               ("likelihood", LikelihoodName), ("prior", PriorName),
                               ("guide", GuideName), ("objective", ObjectiveName),
                               ("local_init", LocalInitName), ("on_divergence", DivergenceName)):
@@ -90,6 +96,14 @@ class Config:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must lie strictly between 0 and 1, "
+                                f"got {value}")
+        if self.tensorboard:
+            from .tracking import require_tensorboard
+            require_tensorboard()
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise UserError(f"--hidden needs positive layer sizes, got {list(self.hidden)}")
         if self.inner_steps < 0 or self.warmup_epochs < 0 or self.beta < 0:
@@ -147,15 +161,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: Config, data_dim: int):
-    """The generative model: prior, MLP decoder and likelihood, seeded by ``config.seed``."""
+def build_model(config: Config, data_dim: int, shape: Optional[data.Shape] = None):
+    """The generative model: prior, decoder (``config.net``; conv nets need the image
+    ``shape`` (C, H, W), inferred from ``data_dim`` when None) and likelihood, seeded by
+    ``config.seed``."""
     torch.manual_seed(config.seed)  # same decoder initialization for every guide
-    decoder = nets.Decoder(config.latent_dim, config.hidden, data_dim)
+    decoder = nets.make_decoder(config.net, config.latent_dim, config.hidden,
+                                shape or data.infer_shape(data_dim))
     from .model import VAEModel
     return VAEModel(decoder, LIKELIHOODS[config.likelihood](data_dim), PRIORS[config.prior](config))
 
 
-def build_guide(config: Config, data_dim: int, num_data: int, x=None):
+def build_guide(config: Config, data_dim: int, num_data: int, x=None,
+                shape: Optional[data.Shape] = None):
     """The guide named by ``config.guide``; initialized from its own seed stream.
 
     A per-datapoint guide with ``local_init="pca"`` starts from the principal-component
@@ -163,7 +181,8 @@ def build_guide(config: Config, data_dim: int, num_data: int, x=None):
     """
     torch.manual_seed(config.seed + 1)
     if config.guide in ("amortized", "iaf"):
-        encoder = nets.Encoder(data_dim, tuple(reversed(config.hidden)), config.latent_dim)
+        encoder = nets.make_encoder(config.net, shape or data.infer_shape(data_dim),
+                                    tuple(reversed(config.hidden)), config.latent_dim)
         if config.guide == "iaf":
             return guides.AmortizedIAF(encoder, num_flows=2)
         return guides.AmortizedNormal(encoder)

@@ -12,6 +12,7 @@ from . import checkpoint, plots
 from .config import Config, build_guide, build_model, resolve_device
 from .errors import UserError
 from .run import Trained, load_splits
+from .tracking import open_tracker
 
 
 def load_trained(run_dir: Path, device: Optional[str] = None,
@@ -30,8 +31,8 @@ def load_trained(run_dir: Path, device: Optional[str] = None,
     dev = resolve_device(config.device)
     splits = load_splits(config, dev)
     dim = splits.train.x.shape[1]
-    model = build_model(config, dim).to(dev)
-    guide = build_guide(config, dim, len(splits.train)).to(dev)
+    model = build_model(config, dim, splits.shape).to(dev)
+    guide = build_guide(config, dim, len(splits.train), shape=splits.shape).to(dev)
     model.load_state_dict(state["model"])
     guide.load_state_dict(state["guide"])
     from .train import EpochMetrics
@@ -71,6 +72,11 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     np.savez_compressed(run_dir / "arrays.npz", **arrays)
     labels = arrays["labels"]
     figs = plots.run_figures(run_dir, run_dir / "arrays.npz", labels, trained.config.guide)
+    tracker = open_tracker(run_dir, trained.config.tensorboard)
+    if tracker is not None:  # the figures and numbers as TensorBoard sees them
+        tracker.figures(figs, step=len(trained.history))
+        tracker.scalars(results, step=len(trained.history), prefix=f"eval_{split}/")
+        tracker.close()
     log(f"log p(x) {results['test_log_px']:.2f} ± {results['log_px_stderr']:.2f} "
         f"(K={num_particles}, {results['num_rows']} {split} rows), ELBO {results['test_elbo']:.2f}, "
         f"rate {results['rate']:.2f}, distortion {results['distortion']:.2f}, "

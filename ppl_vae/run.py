@@ -1,6 +1,8 @@
 """A whole run in one call: ``train_run(config, out)`` trains, checkpoints, scores and writes files.
 
-Files written into ``out``: ``config.json`` (settings, library versions, git revision),
+Files written into ``out``: ``config.json`` (settings, the data's split sizes and image shape,
+library versions, git revision and whether the working tree had uncommitted changes, the
+command line),
 ``metrics.jsonl`` (one object per epoch), ``checkpoint.pt`` (every epoch, atomically) and
 ``summary.json`` (``test_elbo`` and timings) once the run has finished.
 """
@@ -11,6 +13,7 @@ import math
 import platform
 import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -23,11 +26,12 @@ from .errors import UserError
 from .evaluate import Estimate, elbo_parts, local_inference
 from .guides import LocalNormal
 from .optim import make_optimizers
+from .tracking import open_tracker
 from .train import EpochMetrics, Interrupted, Position, fit
 
 EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
 # settings a resumed run must share with its checkpoint (epochs, lr, max_seconds may change)
-RESUME_FIXED = ("dataset", "latent_dim", "hidden", "likelihood", "prior", "guide", "train_size",
+RESUME_FIXED = ("dataset", "valid_fraction", "test_fraction", "net", "latent_dim", "hidden", "likelihood", "prior", "guide", "train_size",
                 "valid_size", "binarize", "batch_size", "seed", "objective", "num_particles",
                 "dreg", "local_init")
 OUTPUTS = ("summary.json", "metrics.jsonl", "eval.json", "arrays.npz", "curves.png",
@@ -51,7 +55,7 @@ def versions() -> dict:
     import torchvision
     return {"python": platform.python_version(), "torch": torch.__version__,
             "pyro": pyro.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "git": git_revision()}
+            "numpy": numpy.__version__, "git": git_revision(), "git_dirty": git_dirty()}
 
 
 def git_revision() -> Optional[str]:
@@ -63,11 +67,43 @@ def git_revision() -> Optional[str]:
         return None
 
 
+def git_dirty() -> Optional[bool]:
+    """Whether the package's git working tree has uncommitted changes (None: not a checkout)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def load_splits(config: Config, device: torch.device) -> data.Splits:
     """The dataset's splits on ``device``, cut to ``train_size``/``test_size`` when set."""
-    splits = data.load(config.dataset, config.data_dir)
-    return data.Splits(splits.train.head(config.train_size).to(device),
-                       splits.valid.to(device), splits.test.head(config.test_size).to(device))
+    splits = data.load(config.dataset, config.data_dir, config.valid_fraction,
+                       config.test_fraction)
+    splits = data.Splits(splits.train.head(config.train_size).to(device),
+                         splits.valid.to(device), splits.test.head(config.test_size).to(device))
+    check_sizes(config, splits)
+    return splits
+
+
+def check_sizes(config: Config, splits: data.Splits) -> None:
+    """Refuse data too small for the run's batch size or (per-datapoint PCA start) latent size."""
+    n, dim = len(splits.train), splits.train.x.shape[1]
+    if n < config.batch_size:
+        raise UserError(f"{n} training rows are fewer than --batch-size {config.batch_size}; "
+                        f"use --batch-size {max(1, n // 4)} or give more rows")
+    if config.guide == "meanfield" and config.local_init == "pca" and \
+            min(n, dim) < config.latent_dim + 10:
+        raise UserError(f"--local-init pca needs at least latent-dim + 10 = "
+                        f"{config.latent_dim + 10} training rows and pixels, the data have {n} "
+                        f"rows of {dim}; use a smaller --latent-dim or --local-init prior")
+
+
+def run_record(config: Config, splits: data.Splits, device: torch.device) -> dict:
+    """What config.json holds: settings, data, command line, versions (git state), device."""
+    return {"config": config.to_dict(), "data": splits.describe(), "command": list(sys.argv),
+            "versions": versions(), "device": str(device)}
 
 
 def eval_pixels(config: Config, split: data.Split, rows: Optional[int] = None) -> torch.Tensor:
@@ -136,16 +172,16 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     config.validate()
     device = resolve_device(config.device)
     out = Path(out) if out is not None else None
+    splits = load_splits(config, device)  # bad data fails before a run folder exists
     if out is not None:
         prepare_out(out, overwrite, resume)
-    splits = load_splits(config, device)
     # binarization noise has its own stream: every guide sees the same pixels
     binarize = data.Binarize(config.binarize,
                              torch.Generator(device=device).manual_seed(config.seed + 3))
     train_split = binarize.prepare(splits.train, config.seed)
-    model = build_model(config, train_split.x.shape[1]).to(device)
+    model = build_model(config, train_split.x.shape[1], splits.shape).to(device)
     guide = build_guide(config, train_split.x.shape[1], len(train_split),
-                        None if resume else splits.train.x).to(device)
+                        None if resume else splits.train.x, splits.shape).to(device)
     if config.binarize == "none":
         model.likelihood.check(train_split.x)
     else:
@@ -184,10 +220,10 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
         log(f"resuming {out} after epoch {len(history)}"
             + (f", step {position.step} of epoch {position.epoch + 1}" if position else ""))
     if out is not None:
-        (out / "config.json").write_text(json.dumps(
-            {"config": config.to_dict(), "versions": versions(), "device": str(device)},
-            indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(run_record(config, splits, device),
+                                                    indent=2) + "\n")
         _write_metrics(out, history)
+    tracker = open_tracker(out, config.tensorboard)
 
     def save(done: list, position: Optional[Position] = None) -> None:
         if out is None:
@@ -206,6 +242,8 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics._asdict()) + "\n")
+        if tracker is not None:
+            tracker.epoch(metrics)
         save(done)
 
     done = list(history)
@@ -221,6 +259,9 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     except Interrupted as e:
         save(done, e.position)
         raise
+    finally:
+        if tracker is not None:
+            tracker.close()
     return Trained(config, model, guide, splits, history, device)
 
 
@@ -271,4 +312,9 @@ def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = p
         f"{summary['seconds_per_epoch']:.1f} s/epoch)")
     if out is not None:
         (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tracker = open_tracker(out, trained.config.tensorboard)
+        if tracker is not None:
+            tracker.hparams(trained.config.to_dict(), {
+                k: summary[k] for k in ("test_elbo", "final_valid_elbo", "final_train_elbo")})
+            tracker.close()
     return summary

@@ -179,10 +179,10 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     # epochs x steps would stop at a fraction); otherwise the bar counts steps.
     if max_seconds is not None:
         bar = tqdm(total=float(max_seconds), initial=min(wall, max_seconds), unit="s",
-                   disable=not progress, dynamic_ncols=True, leave=False,
+                   disable=None if progress else True, dynamic_ncols=True, leave=False,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training [{elapsed}{postfix}]")
     else:
-        bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, disable=not progress,
+        bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, disable=None if progress else True,
                    unit="step", dynamic_ncols=True, leave=False)
 
     def out_of_time(seconds_this_epoch: float) -> bool:
@@ -246,9 +246,9 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
             train_elbo = -(loss_sum + float(epoch_loss)) / (n * max(taken, 1))
             metrics = EpochMetrics(epoch + 1, train_elbo, valid, seconds, wall, total_steps, beta)
             history.append(metrics)
-            if progress:
-                bar.write(f"epoch {epoch + 1:3d}  train {metrics.train_elbo:9.3f}  "
-                          f"valid {valid:9.3f}  {seconds:6.1f}s")
+            line = (f"epoch {epoch + 1:3d}  train {metrics.train_elbo:9.3f}  "
+                    f"valid {valid:9.3f}  {seconds:6.1f}s")
+            bar.write(line) if progress else log(line)  # bars: only on a terminal
             if on_epoch is not None:
                 on_epoch(metrics)
             if sigint.flag:  # Ctrl-C during validation or checkpointing: stop at the boundary
