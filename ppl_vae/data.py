@@ -269,8 +269,6 @@ def load_builtin_torchvision(name: str, root: Path) -> RawData:
     in (the layout torchvision uses, so ``torchvision.datasets.FashionMNIST(root,
     download=True)`` on a machine with a network fills it).
     """
-    import torchvision.datasets as tvd
-
     folder = TORCHVISION_FOLDERS[name]
     raw = Path(root) / folder / "raw"
     if _idx_file(Path(root), IDX_STEMS[0]) is not None:  # --data-dir is the raw folder itself
@@ -281,6 +279,8 @@ def load_builtin_torchvision(name: str, root: Path) -> RawData:
             f"{name} is not shipped and {raw} lacks {', '.join(missing)} (.gz or uncompressed); "
             f"put its four IDX files there (torchvision.datasets.{folder}('{root}', download=True) "
             f"does, where there is a network), pass --data-dir, or use --dataset mnist")
+    import torchvision.datasets as tvd  # only for the class names; slow to import
+
     data = _idx_folder(raw, name)
     return RawData(*data[:5], tuple(getattr(tvd, folder).classes))
 
