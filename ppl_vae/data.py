@@ -6,6 +6,9 @@ carries the dataset row indices that per-datapoint guides need.
 
 MNIST ships inside the package (``ppl_vae/_data/MNIST/raw``: the four original IDX files,
 gzip-wrapped) and is checked against the canonical md5 of the *uncompressed* bytes on load.
+Other data (``load``): Fashion-MNIST/KMNIST IDX files on disk, any ``torchvision.datasets``
+class whose files are on disk, a folder of IDX files, or a ``.npz``/``.npy`` of images; each
+``Split`` carries its image shape (C, H, W) and class names. Nothing is downloaded.
 """
 from __future__ import annotations
 
