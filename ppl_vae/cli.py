@@ -18,7 +18,15 @@ from .errors import UserError
 from .train import DivergenceError, Interrupted
 
 HELP = {
-    "dataset": "data set (mnist, fashion_mnist, kmnist)", "data_dir": "folder with the dataset's raw files (default: shipped MNIST)",
+    "dataset": "mnist, fashion_mnist, kmnist, a folder of IDX files, a .npz/.npy file of images, "
+               "or torchvision:<Class> (files already under --data-dir); see README",
+    "data_dir": "folder with the dataset's raw files (default: shipped MNIST; ~/.cache/ppl_vae "
+                "for fashion_mnist, kmnist, torchvision:<Class>)",
+    "valid_fraction": "fraction of the training rows held out for validation; None: 1/6 "
+                      "(MNIST's 10,000 of 60,000)",
+    "test_fraction": "fraction of the rows held out for testing when the data have no test split",
+    "net": "encoder/decoder: mlp, or conv (stride-2 convolutions built from the image shape)",
+    "tensorboard": "also write TensorBoard events to <out>/tensorboard (needs the tensorboard extra)",
     "binarize": "dynamic: fresh Bernoulli draw per minibatch; static: one seeded draw; none: grayscale",
     "latent_dim": "dimension of z", "hidden": "hidden layer sizes of decoder (and encoder, reversed)",
     "activation": "activation of the hidden layers",
@@ -72,7 +80,8 @@ def _add_config(parser: argparse.ArgumentParser, defaults: Config) -> None:
             typ = int if "int" in kind else float if "float" in kind else str
             if "Optional" in kind and typ is not str:
                 typ = _optional(typ)
-                help_ = help_.replace(" (default", "; 'all' for no limit (default")
+                if f.name != "valid_fraction":
+                    help_ = help_.replace(" (default", "; 'all' for no limit (default")
             parser.add_argument(flag, type=typ, default=default, help=help_,
                                 metavar=("{" + ",".join(choices) + "}") if choices else None)
 
@@ -94,7 +103,7 @@ def _choices(name: str):
     from . import config as c
     tables = {"binarize": c.BINARIZE, "local_init": c.LOCAL_INIT, "on_divergence": c.ON_DIVERGENCE}
     for registry in (c.LIKELIHOODS, c.PRIORS, c.GUIDES, c.OBJECTIVES, c.ACTIVATIONS,
-                     c.LR_SCHEDULES):
+                     c.LR_SCHEDULES, c.NETS):
         tables[registry.field] = registry.names() + ("module:attr",)
     return tables.get(name)
 
@@ -103,6 +112,11 @@ def _config(args) -> Config:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     values["hidden"], values["gap_epochs"] = tuple(values["hidden"]), tuple(values["gap_epochs"])
     return Config(**values).validate()
+
+
+NO_PROGRESS = ("--no-progress",)
+NO_PROGRESS_KW = dict(dest="progress", action="store_false",
+                      help="no progress bars (they are drawn only on a terminal anyway)")
 
 
 def build_parser() -> Parser:
@@ -117,6 +131,7 @@ def build_parser() -> Parser:
     t.add_argument("--evaluate", action="store_true",
                    help="run `evaluate` (log p(x), figures) at the end")
     t.add_argument("--num-particles-eval", type=int, default=5000, help="K of log p(x) with --evaluate")
+    t.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
 
     e = sub.add_parser("evaluate", help="log p(x), gaps, rate/distortion, figures of a run")
     e.add_argument("run_dir", type=Path)
@@ -128,6 +143,7 @@ def build_parser() -> Parser:
                    help="also fit q* for L[q*] and the gaps (default: only for meanfield)")
     e.add_argument("--test-size", type=int, default=None, help="evaluate on the first N rows only")
     e.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
+    e.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
 
     c = sub.add_parser("compare", help="amortized, semi-amortized and mean-field on the same "
                                        "decoder and budget")
@@ -140,6 +156,7 @@ def build_parser() -> Parser:
     c.add_argument("--guides", type=_guides, default=list(DEFAULT_GUIDES),
                    help="comma-separated guides to compare, any subset (default: "
                         "amortized,semiamortized,meanfield; iaf adds a flow guide)")
+    c.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
     return p
 
 
@@ -190,10 +207,11 @@ def _main(argv) -> int:
         config = _config(args)
         if args.num_particles_eval <= 0:
             raise UserError("--num-particles-eval must be positive")
-        train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
+        train_run(config, args.out, overwrite=args.overwrite, resume=args.resume,
+                  progress=args.progress)
         if args.evaluate:
             from .report import evaluate_run
-            evaluate_run(args.out, args.num_particles_eval)
+            evaluate_run(args.out, args.num_particles_eval, progress=args.progress)
         return 0
     if args.command == "evaluate":
         from .report import evaluate_run
@@ -201,7 +219,7 @@ def _main(argv) -> int:
             raise UserError("--num-particles must be positive")
         evaluate_run(args.run_dir, args.num_particles, split=args.split, proposal=args.proposal,
                      local=args.local, test_size=args.test_size, device=args.device,
-                     warn=_warn)
+                     warn=_warn, progress=args.progress)
         return 0
     if args.command == "compare":
         from .compare import compare
@@ -213,7 +231,7 @@ def _main(argv) -> int:
         if k <= 0:
             raise UserError("--num-particles-eval must be positive")
         doc = compare(config, args.out, num_particles=k, overwrite=args.overwrite,
-                      guides=args.guides)
+                      guides=args.guides, progress=args.progress)
         print(json.dumps({g: {key: doc[g].get(key) for key in (
             "test_elbo", "test_elbo_local", "test_log_px", "approximation_gap",
             "amortization_gap")} for g in args.guides}, indent=2))

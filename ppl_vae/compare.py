@@ -10,9 +10,12 @@ Reference: Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational 
 from __future__ import annotations
 
 import datetime
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
+
+import torch
 
 from . import report
 from .config import GUIDES, Config
@@ -20,7 +23,7 @@ from .errors import UserError, setting
 from .evaluate import Estimate
 from .heldout import evaluate_trained, read_gaps
 from .rundir import MARKER, RunDir, check_out, refuse_foreign, versions, write_json
-from .run import finish, fit_run
+from .run import finish, fit_run, load_splits
 
 DEFAULT_GUIDES = ("amortized", "semiamortized", "meanfield")
 FROM_SUMMARY = ("train_seconds", "epochs", "steps", "steps_per_second", "seconds_per_epoch",
@@ -36,6 +39,8 @@ class Comparison:
     versions: dict
     device: str
     guides: List[str]
+    data: dict
+    command: List[str]
     results: Dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -65,10 +70,11 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         GUIDES.resolve(guide)
         config.replace(guide=guide).validate()
         RunDir(out / guide, overwrite, resume=False, resumable=False)
+    splits = load_splits(config, torch.device("cpu"))  # bad data: refused before any folder
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()
     doc = Comparison(datetime.date.today().isoformat(), config.to_dict(), versions(), "",
-                     list(guides))
+                     list(guides), splits.describe(), list(sys.argv))
     arrays, histories, gaps = {}, {}, {}
     for guide in guides:
         log(f"== training the {guide} guide")

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Literal, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import guides, likelihoods, nets, objectives, priors
+from . import data, guides, likelihoods, nets, objectives, priors
 from .compiled import Compiled, check_compilable
 from .errors import UserError, setting
 
@@ -112,13 +112,30 @@ OBJECTIVES.register("analytic_kl", lambda c, **_: objectives.AnalyticKLELBO(c.nu
 OBJECTIVES.register("iwae", lambda c, **_: objectives.IWAE(c.num_particles, dreg=c.dreg))
 
 
-def encoder(c: "Config", data_dim: int) -> nn.Module:
-    return nets.Encoder(data_dim, tuple(reversed(c.hidden)), c.latent_dim,
-                        ACTIVATIONS.build(c))
+def _mlp(c, shape, role, **_):
+    dim = shape[0] * shape[1] * shape[2]
+    if role == "encoder":
+        return nets.Encoder(dim, tuple(reversed(c.hidden)), c.latent_dim, ACTIVATIONS.build(c))
+    return nets.Decoder(c.latent_dim, c.hidden, dim, ACTIVATIONS.build(c))
 
 
-def decoder(c: "Config", data_dim: int) -> nn.Module:
-    return nets.Decoder(c.latent_dim, c.hidden, data_dim, ACTIVATIONS.build(c))
+def _conv(c, shape, role, **_):
+    if role == "encoder":
+        return nets.ConvEncoder(shape, tuple(reversed(c.hidden)), c.latent_dim)
+    return nets.ConvDecoder(c.latent_dim, c.hidden, shape)
+
+
+NETS = Registry("network", "net")  # context: shape (C, H, W), role ("encoder" or "decoder")
+NETS.register("mlp", _mlp)
+NETS.register("conv", _conv)
+
+
+def encoder(c: "Config", data_dim: int, shape=None) -> nn.Module:
+    return NETS.build(c, shape=shape or data.infer_shape(data_dim), role="encoder")
+
+
+def decoder(c: "Config", data_dim: int, shape=None) -> nn.Module:
+    return NETS.build(c, shape=shape or data.infer_shape(data_dim), role="decoder")
 
 
 def _meanfield(c, data_dim, num_data, x=None, **_):
@@ -128,15 +145,17 @@ def _meanfield(c, data_dim, num_data, x=None, **_):
     return guide
 
 
-GUIDES = Registry("guide", "guide")  # context: data_dim, num_data, x (training rows), model
-GUIDES.register("amortized", lambda c, data_dim, **_: guides.AmortizedNormal(encoder(c, data_dim)),
-                guides.AmortizedNormal)
+GUIDES = Registry("guide", "guide")  # context: data_dim, num_data, x (training rows), model, shape
+GUIDES.register("amortized", lambda c, data_dim, shape=None, **_: guides.AmortizedNormal(
+    encoder(c, data_dim, shape)), guides.AmortizedNormal)
 GUIDES.register("meanfield", _meanfield, guides.LocalNormal)
-GUIDES.register("iaf", lambda c, data_dim, **_: guides.AmortizedIAF(encoder(c, data_dim), num_flows=2),
-                guides.AmortizedIAF)
-GUIDES.register("semiamortized", lambda c, data_dim, model, **_: guides.SemiAmortizedNormal(
-    encoder(c, data_dim), model, steps=c.refine_steps, step_size=c.refine_lr,
-    stop_gradient=c.refine_stop_gradient), guides.SemiAmortizedNormal)
+GUIDES.register("iaf", lambda c, data_dim, shape=None, **_: guides.AmortizedIAF(
+    encoder(c, data_dim, shape), num_flows=2), guides.AmortizedIAF)
+GUIDES.register("semiamortized", lambda c, data_dim, model, shape=None, **_:
+                guides.SemiAmortizedNormal(encoder(c, data_dim, shape), model,
+                                           steps=c.refine_steps, step_size=c.refine_lr,
+                                           stop_gradient=c.refine_stop_gradient),
+                guides.SemiAmortizedNormal)
 
 LR_SCHEDULES = Registry("learning-rate schedule", "lr_schedule")  # epoch -> factor
 LR_SCHEDULES.register("constant", lambda c, **_: None)
@@ -164,8 +183,11 @@ MAX_LATENT, MAX_WIDTH = 4096, 65536  # beyond these a run only fails in the allo
 class Config:
     """Every setting of a run; ``validate`` refuses bad values with a message naming the fix."""
 
-    dataset: str = "mnist"
+    dataset: str = "mnist"  # a built-in name, a folder of IDX files, a .npz/.npy, torchvision:<Class>
     data_dir: Optional[str] = None
+    valid_fraction: Optional[float] = None  # of the training rows; None: 1/6 (MNIST's 10k of 60k)
+    test_fraction: float = 0.1  # of the rows, for data sets without their own test split
+    net: str = "mlp"  # encoder/decoder: MLPs, or conv nets built from the image shape
     binarize: str = "dynamic"  # dynamic, static or none
     latent_dim: int = 50
     hidden: Tuple[int, ...] = (400,)
@@ -199,12 +221,22 @@ class Config:
     gap_epochs: Tuple[int, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000)
     gap_rows: int = 1000  # rows of each of the training and test subsets of the gap curves
     gap_particles: int = 500  # K of log p(x) in the gap curves
+    tensorboard: bool = False  # also write TensorBoard events into <out>/tensorboard
     seed: int = 0
     device: str = "auto"
 
     def validate(self) -> "Config":
-        for registry in (LIKELIHOODS, PRIORS, GUIDES, OBJECTIVES, ACTIVATIONS, LR_SCHEDULES):
+        data.check_name(self.dataset)
+        for registry in (LIKELIHOODS, PRIORS, GUIDES, OBJECTIVES, ACTIVATIONS, LR_SCHEDULES,
+                         NETS):
             registry.resolve(getattr(self, registry.field))
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise UserError(f"{setting(name)} must lie strictly between 0 and 1, got {value}")
+        if self.tensorboard:
+            from .tracking import require_tensorboard
+            require_tensorboard()
         for name, choices in (("binarize", BINARIZE), ("local_init", LOCAL_INIT),
                               ("on_divergence", ON_DIVERGENCE)):
             if getattr(self, name) not in choices:
@@ -312,15 +344,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: Config, data_dim: int):
-    """The generative model: prior, decoder and likelihood, seeded by ``config.seed``."""
+def build_model(config: Config, data_dim: int, shape: Optional[data.Shape] = None):
+    """The generative model: prior, decoder (``config.net``; conv nets need the image ``shape``
+    (C, H, W), inferred from ``data_dim`` when None) and likelihood, seeded by ``config.seed``."""
     torch.manual_seed(config.seed)  # same decoder initialization for every guide
     from .model import VAEModel
-    return VAEModel(decoder(config, data_dim), LIKELIHOODS.build(config, data_dim=data_dim),
-                    PRIORS.build(config))
+    return VAEModel(decoder(config, data_dim, shape),
+                    LIKELIHOODS.build(config, data_dim=data_dim), PRIORS.build(config))
 
 
-def build_guide(config: Config, data_dim: int, num_data: int, x=None, model=None):
+def build_guide(config: Config, data_dim: int, num_data: int, x=None, model=None,
+                shape: Optional[data.Shape] = None):
     """The guide named by ``config.guide``; initialized from its own seed stream.
 
     A per-datapoint guide with ``local_init="pca"`` starts from the principal-component
@@ -328,7 +362,8 @@ def build_guide(config: Config, data_dim: int, num_data: int, x=None, model=None
     A semi-amortized guide refines against ``model``.
     """
     torch.manual_seed(config.seed + 1)
-    guide = GUIDES.build(config, data_dim=data_dim, num_data=num_data, x=x, model=model)
+    guide = GUIDES.build(config, data_dim=data_dim, num_data=num_data, x=x, model=model,
+                         shape=shape)
     if config.compile:
         check_compilable(guide, config.dreg)
     return guide

@@ -6,13 +6,16 @@ carries the dataset row indices that per-datapoint guides need.
 
 MNIST ships inside the package (``ppl_vae/_data/MNIST/raw``: the four original IDX files,
 gzip-wrapped) and is checked against the canonical md5 of the *uncompressed* bytes on load.
+Other data (``load``): Fashion-MNIST/KMNIST IDX files on disk, any ``torchvision.datasets``
+class whose files are on disk, a folder of IDX files, or a ``.npz``/``.npy`` of images; each
+``Split`` carries its image shape (C, H, W) and class names. Nothing is downloaded.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +32,15 @@ MNIST_FILES = {
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-SPLIT_SIZES = {"train": 50_000, "valid": 10_000, "test": 10_000}
+BUILTIN = ("mnist", "fashion_mnist", "kmnist")
+TORCHVISION_FOLDERS = {"fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+# The built-in sets keep the literature's split: the last 10,000 of 60,000 training images.
+DEFAULT_VALID_FRACTION = 1 / 6
+NPZ_KEYS = ("x", "y", "x_test", "y_test", "classes")
+SPLIT_SEED = 0  # the row permutation of a user's data set: fixed, so every run sees one test set
+Shape = Tuple[int, int, int]
 
 
 class Batch(NamedTuple):
@@ -40,21 +51,38 @@ class Batch(NamedTuple):
     num_data: int  # N, the size of the data plate
 
 
-class Split(NamedTuple):
-    """One split of a dataset: grayscale pixels in [0, 1] and integer labels."""
+def infer_shape(dim: int) -> Shape:
+    """(1, s, s) for a square number of pixels, else one row (1, 1, D)."""
+    s = int(round(dim ** 0.5))
+    return (1, s, s) if s * s == dim else (1, 1, dim)
 
-    x: torch.Tensor  # [N, D] float
-    y: torch.Tensor  # [N] long
+
+class Split(NamedTuple):
+    """One split of a dataset: flattened pixels in [0, 1], integer labels (-1: none), image shape."""
+
+    x: torch.Tensor  # [N, D] float, D = C * H * W
+    y: torch.Tensor  # [N] long; -1 for unlabelled rows
+    shape: Optional[Shape] = None  # (C, H, W); None: inferred from D (square grayscale)
+    classes: Optional[Tuple[str, ...]] = None  # class names, indexed by y
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def image_shape(self) -> Shape:
+        return tuple(self.shape) if self.shape is not None else infer_shape(self.x.shape[1])
+
     def head(self, n: Optional[int]) -> "Split":
         """The first ``n`` rows (all of them when ``n`` is None)."""
-        return self if n is None else Split(self.x[:n], self.y[:n])
+        return self if n is None else self.rows(self.x[:n], self.y[:n])
 
     def to(self, device) -> "Split":
-        return Split(self.x.to(device), self.y.to(device))
+        return self.rows(self.x.to(device), self.y.to(device))
+
+    def rows(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> "Split":
+        """Other rows of the same data set: same shape and classes (``_replace`` would trip on
+        ``__len__``, which counts rows)."""
+        return Split(x, self.y if y is None else y, self.shape, self.classes)
 
 
 class Splits(NamedTuple):
@@ -66,6 +94,33 @@ class Splits(NamedTuple):
         if name not in self._fields:
             raise UserError(f"unknown split {name!r}; choose one of {', '.join(self._fields)}")
         return getattr(self, name)
+
+    @property
+    def shape(self) -> Shape:
+        """(channels, height, width) of one image."""
+        return self.train.image_shape
+
+    @property
+    def classes(self) -> Optional[Tuple[str, ...]]:
+        return self.train.classes
+
+    def describe(self) -> dict:
+        """What config.json records about the data: split sizes, image shape, classes."""
+        return {"train": len(self.train), "valid": len(self.valid), "test": len(self.test),
+                "shape": list(self.shape),
+                "labelled": bool((self.train.y >= 0).any()),
+                "classes": list(self.classes) if self.classes is not None else None}
+
+
+class RawData(NamedTuple):
+    """A data set as read from disk, before splitting: images in [0, 1] and optional labels."""
+
+    x: torch.Tensor  # [N, D] float
+    y: torch.Tensor  # [N] long, -1 where unlabelled
+    shape: Shape
+    x_test: Optional[torch.Tensor] = None  # the data set's own test split, when it has one
+    y_test: Optional[torch.Tensor] = None
+    classes: Optional[Tuple[str, ...]] = None
 
 
 def read_idx(path: Path, md5: Optional[str] = None) -> np.ndarray:
@@ -92,62 +147,285 @@ def read_idx(path: Path, md5: Optional[str] = None) -> np.ndarray:
     return data.reshape(shape)
 
 
-def _find_idx(root: Path, stem: str) -> Path:
+def _idx_file(root: Path, stem: str) -> Optional[Path]:
     for candidate in (root / f"{stem}.gz", root / stem):
         if candidate.exists():
             return candidate
-    raise UserError(f"MNIST file {stem}(.gz) not found in {root}; reinstall ppl_vae or pass "
-                    f"--data-dir pointing at a folder with the four MNIST IDX files")
+    return None
 
 
-def load_mnist(root: Optional[Path] = None) -> Splits:
-    """MNIST from IDX files, split 50k/10k/10k (first 50k train images, last 10k, then t10k)."""
+def _find_idx(root: Path, stem: str) -> Path:
+    found = _idx_file(root, stem)
+    if found is None:
+        raise UserError(f"MNIST file {stem}(.gz) not found in {root}; reinstall ppl_vae or pass "
+                        f"--data-dir pointing at a folder with the four MNIST IDX files")
+    return found
+
+
+def images(array, what: str) -> Tuple[torch.Tensor, Shape]:
+    """Images [N, H, W], [N, C, H, W] or [N, D] (uint8 0..255, bool, or float in [0, 1])
+    -> (float pixels [N, D] in [0, 1], (C, H, W)); anything else is a one-line ``UserError``."""
+    a = np.asarray(array)
+    if a.ndim == 2:
+        shape = infer_shape(a.shape[1])
+    elif a.ndim == 3:
+        shape = (1, a.shape[1], a.shape[2])
+    elif a.ndim == 4:
+        if a.shape[1] not in (1, 3) and a.shape[3] in (1, 3):
+            raise UserError(f"{what} has shape {list(a.shape)}, which looks channel-last "
+                            f"[N, H, W, C]; store [N, C, H, W] (numpy: x.transpose(0, 3, 1, 2))")
+        shape = tuple(int(s) for s in a.shape[1:])
+    else:
+        raise UserError(f"{what} has shape {list(a.shape)}; images must be [N, H, W], "
+                        f"[N, C, H, W] or [N, D]")
+    if a.shape[0] == 0 or min(a.shape) == 0:
+        raise UserError(f"{what} is empty (shape {list(a.shape)})")
+    flat = a.reshape(a.shape[0], -1)
+    if a.dtype == np.uint8 or a.dtype == bool:
+        x = torch.from_numpy(np.array(flat, dtype=np.float32))
+        return (x.div_(255.0) if a.dtype == np.uint8 else x), shape
+    if not np.issubdtype(a.dtype, np.floating):
+        raise UserError(f"{what} has dtype {a.dtype}; store uint8 (0..255) or float in [0, 1]")
+    x = torch.from_numpy(np.array(flat, dtype=np.float32))
+    if not bool(torch.isfinite(x).all()):
+        raise UserError(f"{what} holds NaN or infinite values; pixels must be finite, in [0, 1]")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise UserError(f"{what} ranges over [{lo:g}, {hi:g}]; float pixels must lie in [0, 1] "
+                        f"(the likelihoods are on [0, 1]): divide 0..255 values by 255 or store "
+                        f"uint8")
+    return x, shape
+
+
+def labels(array, n: int, what: str) -> torch.Tensor:
+    """Integer labels [n] (-1 for all when ``array`` is None)."""
+    if array is None:
+        return torch.full((n,), -1, dtype=torch.long)
+    a = np.asarray(array)
+    if a.shape != (n,) or not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+        raise UserError(f"{what} must be {n} integer labels, one per image; got shape "
+                        f"{list(a.shape)}, dtype {a.dtype}")
+    return torch.from_numpy(a.astype(np.int64))
+
+
+def _raw(x, y, x_test, y_test, what: str, classes=None) -> RawData:
+    xt, shape = images(x, f"{what} images")
+    yt = labels(y, len(xt), f"{what} labels")
+    if x_test is None:
+        if y_test is not None:
+            raise UserError(f"{what} has test labels but no test images")
+        return RawData(xt, yt, shape, classes=classes)
+    xs, test_shape = images(x_test, f"{what} test images")
+    if test_shape != shape:
+        raise UserError(f"{what}: test images are {list(test_shape)} but training images "
+                        f"{list(shape)}; both must have one (C, H, W)")
+    ys = labels(y_test, len(xs), f"{what} test labels")
+    return RawData(xt, yt, shape, xs, ys, classes)
+
+
+def _idx_folder(root: Path, what: str, md5: bool = False, hint: str = "") -> RawData:
+    """IDX files train-images-idx3-ubyte (required), train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
+    t10k-labels-idx1-ubyte (optional; each .gz or uncompressed) in ``root``."""
+    found = {stem: _idx_file(root, stem) for stem in IDX_STEMS}
+    if found[IDX_STEMS[0]] is None:
+        raise UserError(f"{what}: no {IDX_STEMS[0]}(.gz) in {root}{hint}")
+    arrays = [None if path is None else read_idx(path, MNIST_FILES[stem] if md5 else None)
+              for stem, path in found.items()]
+    return _raw(*arrays, what=what)
+
+
+def _npz(path: Path) -> RawData:
+    """``.npy``: the images; ``.npz``: keys x (images), y, x_test, y_test, classes (optional)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"cannot read {path} as numpy data: {str(e).splitlines()[0]}") from None
+    if isinstance(loaded, np.ndarray):
+        return _raw(loaded, None, None, None, str(path))
+    with loaded:
+        keys = set(loaded.files)
+        if "x" not in keys:
+            raise UserError(f"{path} has keys {sorted(keys)}; it needs the images under 'x' "
+                            f"(optional: 'y', 'x_test', 'y_test', 'classes')")
+        unknown = keys - set(NPZ_KEYS)
+        if unknown:
+            raise UserError(f"{path} has unknown keys {sorted(unknown)}; use x, y, x_test, "
+                            f"y_test, classes")
+        get = {k: (loaded[k] if k in keys else None) for k in NPZ_KEYS}
+    classes = None if get["classes"] is None else tuple(str(c) for c in get["classes"])
+    return _raw(get["x"], get["y"], get["x_test"], get["y_test"], str(path), classes)
+
+
+def load_mnist(root: Optional[Path] = None) -> RawData:
+    """MNIST from the four IDX files (md5-checked): 60,000 training and 10,000 test images."""
     root = Path(root) if root is not None else PACKAGE_DATA / "MNIST" / "raw"
-    arrays = {stem: read_idx(_find_idx(root, stem), md5) for stem, md5 in MNIST_FILES.items()}
-    return _split(arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"],
-                  arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"])
+    if _idx_file(root, IDX_STEMS[0]) is None and (root / "MNIST" / "raw").is_dir():
+        root = root / "MNIST" / "raw"
+    arrays = [read_idx(_find_idx(root, stem), md5) for stem, md5 in MNIST_FILES.items()]
+    return _raw(*arrays, what="mnist", classes=tuple(str(d) for d in range(10)))
 
 
-def _split(train_x, train_y, test_x, test_y) -> Splits:
-    def make(x, y) -> Split:
-        x = torch.from_numpy(np.array(x, copy=True)).reshape(len(x), -1).float().div_(255.0)
-        return Split(x, torch.from_numpy(np.array(y, dtype=np.int64)))
+def load_builtin_torchvision(name: str, root: Path) -> RawData:
+    """Fashion-MNIST or KMNIST from IDX files already on disk under ``root/<Folder>/raw``.
 
-    n = SPLIT_SIZES["train"]
-    return Splits(make(train_x[:n], train_y[:n]), make(train_x[n:], train_y[n:]),
-                  make(test_x, test_y))
+    Nothing is downloaded: when the files are absent, the error names the folder they belong
+    in (the layout torchvision uses, so ``torchvision.datasets.FashionMNIST(root,
+    download=True)`` on a machine with a network fills it).
+    """
+    folder = TORCHVISION_FOLDERS[name]
+    raw = Path(root) / folder / "raw"
+    if _idx_file(Path(root), IDX_STEMS[0]) is not None:  # --data-dir is the raw folder itself
+        raw = Path(root)
+    missing = [stem for stem in IDX_STEMS if _idx_file(raw, stem) is None]
+    if missing:
+        raise UserError(
+            f"{name} is not shipped and {raw} lacks {', '.join(missing)} (.gz or uncompressed); "
+            f"put its four IDX files there (torchvision.datasets.{folder}('{root}', download=True) "
+            f"does, where there is a network), pass --data-dir, or use --dataset mnist")
+    import torchvision.datasets as tvd  # only for the class names; slow to import
+
+    data = _idx_folder(raw, name)
+    return RawData(*data[:5], tuple(getattr(tvd, folder).classes))
 
 
-def load_torchvision(name: str, root: Path) -> Splits:
-    """Fashion-MNIST or KMNIST through torchvision (downloads into ``root`` when it can)."""
+def load_torchvision(class_name: str, root: Path) -> RawData:
+    """Any ``torchvision.datasets`` class whose files are already under ``root`` (no download).
+
+    The class is built with ``train=True/False`` or ``split="train"/"test"`` when it takes
+    one, else once (then the test rows are a seeded fraction).
+    """
+    import inspect
+
     import torchvision.datasets as tvd
 
-    cls = {"fashion_mnist": tvd.FashionMNIST, "kmnist": tvd.KMNIST}[name]
-    try:
-        train = cls(str(root), train=True, download=True)
-        test = cls(str(root), train=False, download=True)
-    except Exception as e:  # network errors come in many types
-        raise UserError(f"{name} is not shipped and could not be downloaded into {root} "
-                        f"({type(e).__name__}); put its raw IDX files under {root} or use "
-                        f"--dataset mnist") from None
-    return _split(train.data.numpy(), train.targets.numpy(), test.data.numpy(),
-                  test.targets.numpy())
+    cls = getattr(tvd, class_name, None)
+    if not isinstance(cls, type):
+        raise UserError(f"torchvision.datasets has no class {class_name!r}; use e.g. "
+                        f"torchvision:FashionMNIST or torchvision:CIFAR10 (case matters)")
+    params = inspect.signature(cls).parameters
+
+    def build(which: Optional[str]):
+        kwargs = {"download": False} if "download" in params else {}
+        if which is not None:
+            kwargs["train" if "train" in params else "split"] = (
+                which == "train" if "train" in params else which)
+        try:
+            return cls(str(root), **kwargs)
+        except Exception as e:  # torchvision raises RuntimeError, OSError, ValueError, ...
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"torchvision's {class_name} could not load its files from {root}: "
+                            f"{first}; put them there as torchvision expects (the MNIST family: "
+                            f"{Path(root) / class_name / 'raw'}/) or pass --data-dir") from None
+
+    has_test = "train" in params or "split" in params
+    train = build("train" if has_test else None)
+    test = build("test") if has_test else None
+
+    def arrays(ds):
+        x = getattr(ds, "data", None)
+        if x is None:
+            x = np.stack([np.asarray(ds[i][0]) for i in range(len(ds))])
+        x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.transpose(0, 3, 1, 2)  # torchvision keeps CIFAR as [N, H, W, C]
+        y = getattr(ds, "targets", getattr(ds, "labels", None))
+        y = None if y is None else np.asarray(y.numpy() if isinstance(y, torch.Tensor) else y)
+        return x, y
+
+    x, y = arrays(train)
+    x_test, y_test = arrays(test) if test is not None else (None, None)
+    classes = getattr(train, "classes", None)
+    return _raw(x, y, x_test, y_test, f"torchvision:{class_name}",
+                tuple(str(c) for c in classes) if classes is not None else None)
 
 
-def load(name: str = "mnist", data_dir: Optional[Path] = None) -> Splits:
-    """The named dataset's train/valid/test splits on the CPU."""
+def check_name(name: str) -> None:
+    """Refuse a ``--dataset`` that is no built-in name, ``torchvision:<Class>`` or existing path."""
+    if name in BUILTIN or (name.startswith("torchvision:") and len(name) > len("torchvision:")):
+        return
+    if not Path(name).exists():
+        raise UserError(f"unknown dataset {name!r}: not one of {', '.join(BUILTIN)}, not "
+                        f"torchvision:<Class>, and no file or folder of that name exists")
+
+
+def read(name: str = "mnist", data_dir: Optional[Path] = None) -> RawData:
+    """The named data set as read from disk (see ``load``)."""
+    check_name(name)
     if name == "mnist":
         return load_mnist(data_dir)
-    if name in ("fashion_mnist", "kmnist"):
-        return load_torchvision(name, Path(data_dir or Path.home() / ".cache" / "ppl_vae"))
-    raise UserError(f"unknown dataset {name!r}; choose one of mnist, fashion_mnist, kmnist")
+    root = Path(data_dir) if data_dir is not None else Path.home() / ".cache" / "ppl_vae"
+    if name in TORCHVISION_FOLDERS:
+        return load_builtin_torchvision(name, root)
+    if name.startswith("torchvision:"):
+        return load_torchvision(name.split(":", 1)[1], root)
+    path = Path(name)
+    if path.is_dir():
+        return _idx_folder(path, str(path), hint=" (a folder data set holds IDX files: that one, "
+                           "and optionally train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                           "t10k-labels-idx1-ubyte)")
+    if path.suffix in (".npz", ".npy"):
+        return _npz(path)
+    raise UserError(f"dataset {path} is neither a folder of IDX files nor a .npz/.npy file")
+
+
+def split(raw: RawData, valid_fraction: Optional[float] = None, test_fraction: float = 0.1,
+          shuffle: bool = True, seed: int = SPLIT_SEED) -> Splits:
+    """Train/valid/test from the data: the data set's own test split when it has one, else the
+    last ``test_fraction`` of its rows; the validation rows are the last ``valid_fraction`` of
+    the remaining ones (1/6 when None). ``shuffle`` permutes the rows first (seeded) so that a
+    file sorted by class still gives representative splits."""
+    valid_fraction = DEFAULT_VALID_FRACTION if valid_fraction is None else valid_fraction
+    for name, value in (("--valid-fraction", valid_fraction), ("--test-fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise UserError(f"{name} must lie strictly between 0 and 1, got {value}")
+    n = len(raw.x)
+    order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle
+             else torch.arange(n))
+    if raw.x_test is None:
+        n_test = int(round(test_fraction * n))
+        if n_test < 1 or n - n_test < 2:
+            raise UserError(f"{n} images are too few to split off a test set with "
+                            f"--test-fraction {test_fraction}; give more rows")
+        test_x, test_y, order = raw.x[order[n - n_test:]], raw.y[order[n - n_test:]], order[:n - n_test]
+    else:
+        test_x, test_y = raw.x_test, raw.y_test
+    m = len(order)
+    n_valid = int(round(valid_fraction * m))
+    if n_valid < 1 or n_valid >= m:
+        raise UserError(f"{m} training images are too few for --valid-fraction "
+                        f"{valid_fraction:g} ({n_valid} validation rows); give more rows or "
+                        f"change the fraction")
+
+    def part(x, y) -> Split:
+        return Split(x.contiguous(), y.contiguous(), raw.shape, raw.classes)
+
+    train_idx, valid_idx = order[:m - n_valid], order[m - n_valid:]
+    if not shuffle:  # plain slices: no copy of the whole training set
+        return Splits(part(raw.x[:m - n_valid], raw.y[:m - n_valid]),
+                      part(raw.x[m - n_valid:m], raw.y[m - n_valid:m]), part(test_x, test_y))
+    return Splits(part(raw.x[train_idx], raw.y[train_idx]),
+                  part(raw.x[valid_idx], raw.y[valid_idx]), part(test_x, test_y))
+
+
+def load(name: str = "mnist", data_dir: Optional[Path] = None,
+         valid_fraction: Optional[float] = None, test_fraction: float = 0.1) -> Splits:
+    """The data set's train/valid/test splits on the CPU.
+
+    ``name``: ``mnist`` (shipped, md5-checked), ``fashion_mnist``, ``kmnist`` (IDX files under
+    ``data_dir/FashionMNIST/raw`` or ``data_dir/KMNIST/raw``), ``torchvision:<Class>`` (files
+    under ``data_dir``), a folder of IDX files, or a ``.npz``/``.npy`` file (``read``). The
+    built-in sets keep their file order (MNIST: first 50k train, last 10k valid, t10k test);
+    a user's rows are permuted with a fixed seed before splitting (``split``).
+    """
+    raw = read(name, data_dir)
+    return split(raw, valid_fraction, test_fraction, shuffle=name not in BUILTIN)
 
 
 def static_binarize(split: Split, seed: int) -> Split:
     """One seeded Bernoulli draw of every pixel, fixed for the whole run."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.bernoulli(split.x.cpu(), generator=g).to(split.x.device)
-    return Split(x, split.y)
+    return split.rows(x)
 
 
 class Binarize:

@@ -118,7 +118,9 @@ def _paired(a: torch.Tensor, b: torch.Tensor) -> Estimate:
 
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    # disable=None: tqdm draws only on a terminal (a log file gets no bar updates)
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False,
+                dynamic_ncols=True)
 
 
 def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,

@@ -14,6 +14,7 @@ from . import data, guides, plots
 from .errors import UserError, setting
 from .evaluate import elbo_parts, evaluate_model, figure_arrays
 from .rundir import RESULTS, read_json, training_pid, write_json
+from .tracking import open_tracker
 from .train import Callback, EpochMetrics, Loop
 
 EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
@@ -177,7 +178,9 @@ def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local:
                                      local_options=local_options)
     results["split"] = split
     figs = figure_arrays(trained.model, x, arrays["posterior_means"])
-    figs["labels"] = held_out.y.cpu().numpy()
+    figs["labels"] = held_out.y.cpu().numpy()  # -1: unlabelled
+    figs["shape"] = np.array(held_out.image_shape)  # (C, H, W), for the figures
+    figs["classes"] = np.array(held_out.classes or (), dtype=str)
     return Evaluated(results, figs)
 
 
@@ -238,6 +241,11 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     history = [m._asdict() for m in trained.history]
     figs = plots.run_figures(run_dir, run_dir / "arrays.npz", arrays["labels"],
                              trained.config.guide, history)
+    tracker = open_tracker(run_dir, trained.config.tensorboard)
+    if tracker is not None:  # the figures and numbers as TensorBoard sees them
+        tracker.figures(figs, step=len(trained.history))
+        tracker.scalars(results, step=len(trained.history), prefix=f"eval_{split}/")
+        tracker.close()
     # the required key names say "test" whatever the split; eval.json's "split" says which
     write_json(run_dir / "eval.json", results)
     log(f"log p(x) {results['test_log_px']:.2f} ± {results['log_px_stderr']:.2f} "

@@ -1,4 +1,4 @@
-"""Plain torch networks; no Pyro here."""
+"""Plain torch networks (MLP and convolutional encoders and decoders); no Pyro here."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -47,3 +47,86 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor):
         loc, raw = self.net(x).chunk(2, dim=-1)
         return loc, F.softplus(raw) + 1e-5
+
+
+def conv_sizes(height: int, width: int, max_layers: int = 3):
+    """Spatial sizes after each stride-2 convolution (kernel 3, padding 1: s -> ceil(s / 2)),
+    halving while both sides are at least 8, at most ``max_layers`` times."""
+    sizes = [(height, width)]
+    while len(sizes) <= max_layers and min(sizes[-1]) >= 8:
+        h, w = sizes[-1]
+        sizes.append((-(-h // 2), -(-w // 2)))
+    return sizes
+
+
+class ConvEncoder(nn.Module):
+    """x [B, C*H*W] -> (loc [B, L], scale [B, L]): stride-2 3x3 convolutions, then an MLP.
+
+    Built from the image ``shape`` (C, H, W); any size with sides of at least 1 works (small
+    sides get fewer convolutions). ``hidden`` sizes the dense layers after the convolutions.
+    """
+
+    def __init__(self, shape, hidden: Sequence[int], latent_dim: int,
+                 channels: Sequence[int] = (32, 64, 64)):
+        super().__init__()
+        self.shape, self.latent_dim = tuple(shape), latent_dim
+        c, h, w = self.shape
+        self.sizes = conv_sizes(h, w, len(channels))
+        chans = [c, *channels[:len(self.sizes) - 1]]
+        layers = []
+        for a, b in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+        flat = chans[-1] * self.sizes[-1][0] * self.sizes[-1][1]
+        self.head = mlp([flat, *hidden, 2 * latent_dim])
+
+    def forward(self, x: torch.Tensor):
+        h = self.conv(x.reshape(-1, *self.shape)).flatten(1)
+        loc, raw = self.head(h).reshape(*x.shape[:-1], -1).chunk(2, dim=-1)
+        return loc, F.softplus(raw) + 1e-5
+
+
+class ConvDecoder(nn.Module):
+    """z [..., L] -> decoder output [..., C*H*W]: an MLP, then stride-2 transposed convolutions
+    that retrace the encoder's sizes exactly (output padding per side), so any (C, H, W) fits.
+    Extra leading dimensions (particles) are folded into the batch and restored."""
+
+    def __init__(self, latent_dim: int, hidden: Sequence[int], shape,
+                 channels: Sequence[int] = (32, 64, 64)):
+        super().__init__()
+        self.shape, self.latent_dim = tuple(shape), latent_dim
+        c, h, w = self.shape
+        self.out_dim = c * h * w
+        self.sizes = conv_sizes(h, w, len(channels))
+        chans = [c, *channels[:len(self.sizes) - 1]]
+        self.start = (chans[-1], *self.sizes[-1])
+        self.head = mlp([latent_dim, *hidden, chans[-1] * self.sizes[-1][0] * self.sizes[-1][1]])
+        layers = []
+        for i in range(len(self.sizes) - 1, 0, -1):  # from the smallest size back up
+            (th, tw), last = self.sizes[i - 1], i == 1
+            pad = (1 - th % 2, 1 - tw % 2)  # ceil(t/2) -> t: 2 ceil(t/2) - 1 + pad = t
+            layers += [nn.ReLU(), nn.ConvTranspose2d(chans[i], chans[i - 1], 3, stride=2,
+                                                     padding=1, output_padding=pad)]
+        self.deconv = nn.Sequential(*layers)
+        if not layers:  # an image too small to convolve: the MLP alone
+            self.deconv = nn.Identity()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.head(z.reshape(-1, self.latent_dim)).reshape(-1, *self.start)
+        return self.deconv(h).reshape(*z.shape[:-1], self.out_dim)
+
+
+def make_encoder(kind: str, shape, hidden: Sequence[int], latent_dim: int) -> nn.Module:
+    """``mlp``: ``Encoder`` on the flattened pixels; ``conv``: ``ConvEncoder`` on (C, H, W)."""
+    if kind == "conv":
+        return ConvEncoder(shape, hidden, latent_dim)
+    c, h, w = shape
+    return Encoder(c * h * w, hidden, latent_dim)
+
+
+def make_decoder(kind: str, latent_dim: int, hidden: Sequence[int], shape) -> nn.Module:
+    """``mlp``: ``Decoder`` to the flattened pixels; ``conv``: ``ConvDecoder`` to (C, H, W)."""
+    if kind == "conv":
+        return ConvDecoder(latent_dim, hidden, shape)
+    c, h, w = shape
+    return Decoder(latent_dim, hidden, c * h * w)

@@ -55,24 +55,47 @@ def curves(histories: Dict[str, List[dict]], path: Path, title: str = "") -> Pat
     return _save(fig, path)
 
 
-def _tile(images: np.ndarray, cols: int) -> np.ndarray:
-    """[N, D] images of side sqrt(D) -> one [rows*s, cols*s] mosaic."""
-    n, d = images.shape
+def image_shape(images: np.ndarray, shape=None) -> tuple:
+    """(C, H, W) of flattened images: ``shape`` when given, else square grayscale."""
+    if shape is not None and len(shape) == 3:
+        return tuple(int(v) for v in shape)
+    d = images.shape[-1]
     s = int(round(d ** 0.5))
-    rows = -(-n // cols)
-    out = np.ones((rows * s, cols * s))
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        out[r * s:(r + 1) * s, c * s:(c + 1) * s] = img.reshape(s, s)
+    return (1, s, s) if s * s == d else (1, 1, d)
+
+
+def _tile(images: np.ndarray, cols: int, shape=None, gap: int = 1) -> np.ndarray:
+    """[N, C*H*W] images -> one mosaic with ``cols`` columns, 1-pixel white gaps:
+    [rows*(H+gap), cols*(W+gap)] for grayscale, [..., 3] for colour (C = 3; other C: channel 0)."""
+    c, h, w = image_shape(images, shape)
+    imgs = np.clip(np.asarray(images, dtype=np.float64).reshape(len(images), c, h, w), 0, 1)
+    imgs = imgs.transpose(0, 2, 3, 1) if c == 3 else imgs[:, 0]
+    rows = -(-len(imgs) // cols)
+    out = np.ones((rows * (h + gap) - gap, cols * (w + gap) - gap) + imgs.shape[3:])
+    for i, img in enumerate(imgs):
+        r, k = divmod(i, cols)
+        out[r * (h + gap):r * (h + gap) + h, k * (w + gap):k * (w + gap) + w] = img
     return out
 
 
-def image_rows(rows: Dict[str, np.ndarray], path: Path, title: str) -> Path:
+def _show(ax, mosaic: np.ndarray) -> None:
+    if mosaic.ndim == 3:
+        ax.imshow(mosaic, interpolation="nearest")
+    else:
+        ax.imshow(mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+
+
+def image_rows(rows: Dict[str, np.ndarray], path: Path, title: str, shape=None) -> Path:
     """One labelled row of images per entry (inputs, then reconstructions, ...)."""
     plt = _plt()
-    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.0 * len(rows) + 0.6), squeeze=False)
+    first = next(iter(rows.values()))
+    _, h, w = image_shape(first, shape)
+    n = max(len(images) for images in rows.values())
+    row_height = 12 * (h + 1) / (n * (w + 1))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, row_height * len(rows) + 0.8),
+                             squeeze=False)
     for ax, (name, images) in zip(axes[:, 0], rows.items()):
-        ax.imshow(_tile(images, len(images)), cmap="gray", vmin=0, vmax=1)
+        _show(ax, _tile(images, len(images), shape))
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -80,21 +103,40 @@ def image_rows(rows: Dict[str, np.ndarray], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def samples(images: np.ndarray, path: Path, title: str = "samples from the prior") -> Path:
+def samples(images: np.ndarray, path: Path, title: str = "samples from the prior",
+            shape=None) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 8 * (-(-len(images) // 8)) / 8))
-    ax.imshow(_tile(images, 8), cmap="gray", vmin=0, vmax=1)
+    _, h, w = image_shape(images, shape)
+    rows = -(-len(images) // 8)
+    fig, ax = plt.subplots(figsize=(8, 8 * rows * (h + 1) / (8 * (w + 1)) + 0.5))
+    _show(ax, _tile(images, 8, shape))
     ax.axis("off")
     ax.set_title(title)
     return _save(fig, path)
 
 
-def latent(pca: np.ndarray, labels: np.ndarray, path: Path,
-           title: str = "posterior means, first two principal axes") -> Path:
+def latent(pca: np.ndarray, labels, path: Path,
+           title: str = "posterior means, first two principal axes", classes=None) -> Path:
+    """Posterior means in 2-D, coloured by class with the class names on the colour bar;
+    one colour and no colour bar when the data have no labels (labels None or all -1)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    points = ax.scatter(pca[:, 0], pca[:, 1], c=labels, cmap="tab10", s=2, alpha=0.6)
-    fig.colorbar(points, ax=ax, ticks=range(10), label="digit")
+    labels = None if labels is None else np.asarray(labels)
+    if labels is None or len(labels) != len(pca) or not (labels >= 0).any():
+        ax.scatter(pca[:, 0], pca[:, 1], s=2, alpha=0.6)
+    else:
+        classes = list(classes) if classes is not None and len(classes) else None
+        k = len(classes) if classes else int(labels.max()) + 1
+        cmap = plt.get_cmap("tab10" if k <= 10 else "tab20" if k <= 20 else "viridis", k)
+        known = labels >= 0
+        if not known.all():  # unlabelled rows in grey, underneath
+            ax.scatter(pca[~known, 0], pca[~known, 1], s=2, alpha=0.4, color="0.6")
+        points = ax.scatter(pca[known, 0], pca[known, 1], c=labels[known], cmap=cmap, s=2,
+                            alpha=0.6, vmin=-0.5, vmax=k - 0.5)
+        bar = fig.colorbar(points, ax=ax, label="class")
+        if k <= 20:
+            bar.set_ticks(range(k))
+            bar.set_ticklabels(classes if classes else [str(i) for i in range(k)])
     ax.set_title(title)
     return _save(fig, path)
 
@@ -170,13 +212,16 @@ def run_figures(run_dir: Path, arrays: Path, labels: Sequence[int],
     """
     run_dir = Path(run_dir)
     a = np.load(arrays)
+    shape = a["shape"] if "shape" in a.files else None  # (C, H, W), saved by evaluate
+    classes = a["classes"] if "classes" in a.files else None
     paths = [
         curves({name: history if history is not None else read_metrics(run_dir)},
                run_dir / "curves.png"),
         image_rows({"input": a["inputs"], "reconstruction": a["reconstructions"]},
-                   run_dir / "reconstructions.png", "test images and their reconstructions"),
-        samples(a["samples"], run_dir / "samples.png"),
-        latent(a["pca"], np.asarray(labels), run_dir / "latent.png"),
+                   run_dir / "reconstructions.png", "test images and their reconstructions",
+                   shape),
+        samples(a["samples"], run_dir / "samples.png", shape=shape),
+        latent(a["pca"], np.asarray(labels), run_dir / "latent.png", classes=classes),
     ]
     gaps_file = run_dir / "gaps.jsonl"
     if gaps_file.exists():

@@ -60,7 +60,7 @@ def write_figures(out: Path, histories, results, arrays, gaps=None) -> None:
     rows = {"input": first["inputs"]}
     rows.update({f"{g} recon.": a["reconstructions"] for g, a in arrays.items()})
     plots.image_rows(rows, out / "reconstructions.png",
-                     "test images and reconstructions at the posterior mean")
+                     "test images and reconstructions at the posterior mean", first.get("shape"))
     np.savez_compressed(out / "arrays.npz", **{f"{g}_{k}": v for g, a in arrays.items()
                                                for k, v in a.items()})
 
@@ -96,7 +96,7 @@ def markdown(doc: dict, with_gap_curves: bool = False) -> str:
 Date {doc['date']}, device `{doc['device']}`, torch {doc['versions']['torch']}, pyro {doc['versions']['pyro']}, git `{doc['versions']['git']}`.
 
 Data: {c['dataset']}, {c['binarize']} binarization for training; the test set ({a['num_rows']} rows) is scored
-under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, MLP hidden {c['hidden']} ({c['activation']}),
+under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, {c['net']} networks, hidden {c['hidden']} ({c['activation']}),
 {c['likelihood']} likelihood, {c['prior']} prior. Every guide: same decoder initialization (seed {c['seed']}),
 same data order, the same budget of {budget}, batch {c['batch_size']}, Adam lr {c['lr']}; the per-datapoint table:
 RowAdam lr {c['local_lr']}, {c["inner_steps"]} local-only step(s) per minibatch before each joint step; the

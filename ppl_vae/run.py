@@ -26,11 +26,12 @@ from .heldout import (EVAL_SEED, GapTracker, Validator, eval_pixels,  # noqa: F4
                       held_out_elbo)
 from .optim import make_optimizers
 from .rundir import RunDir, write_config, write_json
+from .tracking import open_tracker
 from .train import EpochMetrics, Interrupted, LRSchedule, Position, fit, kl_warmup
 
 # settings a resumed run must share with its checkpoint (epochs, lr, local_lr, max_seconds,
 # test_size, on_divergence, compile, device and the gap epochs may change, and are recorded)
-RESUME_FIXED = ("dataset", "data_dir", "latent_dim", "hidden", "activation", "likelihood",
+RESUME_FIXED = ("dataset", "data_dir", "valid_fraction", "test_fraction", "net", "latent_dim", "hidden", "activation", "likelihood",
                 "prior", "guide", "train_size", "valid_size", "binarize", "batch_size", "seed",
                 "objective", "num_particles", "dreg", "local_init", "beta", "warmup_epochs",
                 "adam_eps", "lr_schedule", "inner_steps", "refine_steps", "refine_lr",
@@ -82,9 +83,26 @@ class Summary:
 
 def load_splits(config: Config, device: torch.device) -> data.Splits:
     """The dataset's splits on ``device``, cut to ``train_size``/``test_size`` when set."""
-    splits = data.load(config.dataset, config.data_dir)
-    return data.Splits(splits.train.head(config.train_size).to(device),
-                       splits.valid.to(device), splits.test.head(config.test_size).to(device))
+    splits = data.load(config.dataset, config.data_dir, config.valid_fraction,
+                       config.test_fraction)
+    splits = data.Splits(splits.train.head(config.train_size).to(device),
+                         splits.valid.to(device), splits.test.head(config.test_size).to(device))
+    check_sizes(config, splits)
+    return splits
+
+
+def check_sizes(config: Config, splits: data.Splits) -> None:
+    """Refuse data too small for the run's batch size or (per-datapoint PCA start) latent size."""
+    n, dim = len(splits.train), splits.train.x.shape[1]
+    if n < config.batch_size:
+        raise UserError(f"{n} training rows are fewer than {setting('batch_size')} "
+                        f"{config.batch_size}; use a batch size of {max(1, n // 4)} or give "
+                        f"more rows")
+    if config.guide == "meanfield" and config.local_init == "pca" and \
+            min(n, dim) < config.latent_dim + 10:
+        raise UserError(f"{setting('local_init')} pca needs at least latent_dim + 10 = "
+                        f"{config.latent_dim + 10} training rows and pixels, the data have {n} "
+                        f"rows of {dim}; use a smaller {setting('latent_dim')} or local_init prior")
 
 
 def check_compatible(saved: Config, config: Config) -> dict:
@@ -120,9 +138,9 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     dim, n = splits.train.x.shape[1], len(splits.train)
     binarize = data.Binarize(config.binarize, torch.Generator().manual_seed(config.seed + 3))
     train_split = binarize.prepare(splits.train, config.seed)
-    model = build_model(config, dim).to(device)
-    guide = build_guide(config, dim, n, None if resume else splits.train.x, model=model)
-    guide = guide.to(device)
+    model = build_model(config, dim, splits.shape).to(device)
+    guide = build_guide(config, dim, n, None if resume else splits.train.x, model=model,
+                        shape=splits.shape).to(device)
     model.likelihood.check(train_split.x if config.binarize == "none"
                            else torch.bernoulli(train_split.x[:100]))
     optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps,
@@ -147,8 +165,10 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
             + (f", step {position.step} of epoch {position.epoch + 1}" if position else ""))
     if folder is not None:
         folder.create()
-        write_config(folder.file("config.json"), config.to_dict(), str(device), resumes)
+        write_config(folder.file("config.json"), config.to_dict(), str(device), resumes,
+                     splits.describe())
         _write_metrics(folder.file("metrics.jsonl"), history)
+    tracker_tb = open_tracker(folder.path if folder is not None else None, config.tensorboard)
 
     def save(done: list, position: Optional[Position] = None) -> None:
         if folder is None:
@@ -171,6 +191,8 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
             with open(folder.file("metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics._asdict()) + "\n")
         save(done)
+        if tracker_tb is not None:
+            tracker_tb.epoch(metrics)
 
     done = list(history)
     callbacks = _schedules(config, optimizers)
@@ -196,6 +218,8 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
         failed = False
         raise
     finally:
+        if tracker_tb is not None:
+            tracker_tb.close()
         if folder is not None:
             folder.close(failed=failed and not done)
     return Trained(config, model, guide, splits, history, device,
@@ -288,6 +312,12 @@ def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = p
     _warn_if_absurd(summary, log)
     if out is not None:
         write_json(Path(out) / "summary.json", summary.to_json())
+        tracker = open_tracker(out, trained.config.tensorboard)
+        if tracker is not None:
+            tracker.hparams(trained.config.to_dict(), {
+                "test_elbo": summary.test_elbo, "final_valid_elbo": summary.final_valid_elbo,
+                "final_train_elbo": summary.final_train_elbo})
+            tracker.close()
     return summary.to_json()
 
 
@@ -316,8 +346,8 @@ def load_trained(run_dir: Path, device: Optional[str] = None, test_size: Optiona
     dev = resolve_device(config.device)
     splits = load_splits(config, dev)
     dim = splits.train.x.shape[1]
-    model = build_model(config, dim).to(dev)
-    guide = build_guide(config, dim, len(splits.train), model=model).to(dev)
+    model = build_model(config, dim, splits.shape).to(dev)
+    guide = build_guide(config, dim, len(splits.train), model=model, shape=splits.shape).to(dev)
     try:
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])

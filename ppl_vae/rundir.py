@@ -143,8 +143,7 @@ def versions() -> dict:
     import torchvision
     return {"python": platform.python_version(), "torch": torch.__version__,
             "pyro": pyro.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "git": git_revision(), "git_dirty": git_dirty(),
-            "command": sys.argv}
+            "numpy": numpy.__version__, "git": git_revision(), "git_dirty": git_dirty()}
 
 
 def _git(*args) -> Optional[str]:
@@ -167,8 +166,10 @@ def git_dirty() -> Optional[bool]:
     return None if out is None else bool(out.strip())
 
 
-def write_config(path: Path, config_dict: dict, device: str, resumes=()) -> None:
-    doc = {"config": config_dict, "versions": versions(), "device": device}
+def write_config(path: Path, config_dict: dict, device: str, resumes=(), data=None) -> None:
+    """config.json: settings, the data's splits, versions (git state, command line), device."""
+    doc = {"config": config_dict, "data": data, "command": list(sys.argv),
+           "versions": versions(), "device": device}
     if resumes:
         doc["resumes"] = list(resumes)
     write_json(path, doc)

@@ -374,10 +374,11 @@ class StopOnCtrlC(Callback):
 
 class ProgressBar(Callback):
     """A tqdm bar of steps, or of budget seconds for a budget run (whose epochs are only a
-    ceiling), and a line per epoch. Quiet when disabled."""
+    ceiling), drawn only on a terminal, and a line per epoch (through ``log`` when no bar)."""
 
-    def __init__(self, epochs: int, max_seconds: Optional[float] = None, enabled: bool = True):
-        self.epochs, self.max_seconds, self.enabled = epochs, max_seconds, enabled
+    def __init__(self, epochs: int, max_seconds: Optional[float] = None, enabled: bool = True,
+                 log: Callable[[str], None] = print):
+        self.epochs, self.max_seconds, self.enabled, self.log = epochs, max_seconds, enabled, log
         self.bar = None
 
     def on_start(self, loop: Loop) -> None:
@@ -385,14 +386,14 @@ class ProgressBar(Callback):
         if self.max_seconds is not None:
             self.bar = tqdm(total=float(self.max_seconds),
                             initial=min(loop.wall, self.max_seconds), unit="s",
-                            disable=not self.enabled, dynamic_ncols=True, leave=False,
-                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
+                            disable=None if self.enabled else True, dynamic_ncols=True,
+                            leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
                                        "[{elapsed}{postfix}]")
         else:
             done = loop.epoch * loop.steps_per_epoch + (loop._resume.step if loop._resume else 0)
             self.bar = tqdm(total=self.epochs * loop.steps_per_epoch, initial=done,
-                            disable=not self.enabled, unit="step", dynamic_ncols=True,
-                            leave=False)
+                            disable=None if self.enabled else True, unit="step",
+                            dynamic_ncols=True, leave=False)
 
     def after_step(self, loop: Loop) -> bool:
         if loop.step % 20 == 1 and loop.last_loss is not None:
@@ -405,9 +406,12 @@ class ProgressBar(Callback):
         return False
 
     def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
-        if self.enabled:
-            self.bar.write(f"epoch {metrics.epoch:3d}  train {metrics.train_elbo:9.3f}  "
-                           f"valid {metrics.valid_elbo:9.3f}  {metrics.seconds:6.1f}s")
+        line = (f"epoch {metrics.epoch:3d}  train {metrics.train_elbo:9.3f}  "
+                f"valid {metrics.valid_elbo:9.3f}  {metrics.seconds:6.1f}s")
+        if self.enabled and not self.bar.disable:
+            self.bar.write(line)
+        else:
+            self.log(line)
         return False
 
     def close(self) -> None:
@@ -446,7 +450,7 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     if warmup_epochs and beta is None:
         beta = kl_warmup(default_beta, warmup_epochs, steps_per_epoch)
     state = Loop(len(train), steps_per_epoch, history or (), position, default_beta, start_epoch)
-    pieces: List[Callback] = [ProgressBar(epochs, max_seconds, progress)]
+    pieces: List[Callback] = [ProgressBar(epochs, max_seconds, progress, log)]
     if validate is not None:
         pieces.insert(0, Validate(validate))
     if on_epoch is not None:

@@ -167,10 +167,10 @@ def cached_mnist(mnist, monkeypatch):
     checks that nothing writes into them."""
     original = data.load
 
-    def load(name="mnist", data_dir=None):
-        if name == "mnist" and data_dir is None:
+    def load(name="mnist", data_dir=None, valid_fraction=None, test_fraction=0.1):
+        if name == "mnist" and data_dir is None and valid_fraction is None:
             return mnist
-        return original(name, data_dir)
+        return original(name, data_dir, valid_fraction, test_fraction)
 
     monkeypatch.setattr(data, "load", load)
     return mnist
