@@ -81,5 +81,5 @@ def test_conv_smoke_one_epoch_on_random_images(tmp_path, shape, guide):
 
 def test_net_is_validated():
     from ppl_vae.errors import UserError
-    with pytest.raises(UserError, match="unknown net 'resnet'; choose one of mlp, conv"):
+    with pytest.raises(UserError, match="unknown network 'resnet' for net \\(--net\\); choose one of mlp, conv"):
         Config(net="resnet").validate()

@@ -154,9 +154,9 @@ def test_missing_file_and_too_few_rows(tmp_path, capsys):
         data.load(str(tmp_path / "tiny.npz"))
     np.savez(tmp_path / "small.npz", x=np.zeros((100, 8, 8), np.uint8))
     config = Config(dataset=str(tmp_path / "small.npz"), device="cpu")
-    with pytest.raises(UserError, match="fewer than --batch-size 128"):
+    with pytest.raises(UserError, match=r"fewer than batch_size \(--batch-size\) 128"):
         load_splits(config, torch.device("cpu"))
-    with pytest.raises(UserError, match="latent-dim \\+ 10"):
+    with pytest.raises(UserError, match="latent_dim \\+ 10"):
         load_splits(config.replace(guide="meanfield", batch_size=10, latent_dim=60),
                     torch.device("cpu"))
     # through the CLI: one line, exit 2, and no run folder left behind
