@@ -125,7 +125,7 @@ def build_parser() -> Parser:
 
     t = sub.add_parser("train", help="train one model and score it on the test set")
     _add_config(t, Config())
-    t.add_argument("--out", type=Path, default=Path("runs/train"), help="run folder")
+    t.add_argument("--out", type=_folder, default=Path("runs/train"), help="run folder")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--evaluate", action="store_true",
@@ -148,7 +148,7 @@ def build_parser() -> Parser:
     c = sub.add_parser("compare", help="amortized, semi-amortized and mean-field on the same "
                                        "decoder and budget")
     _add_config(c, COMPARE_DEFAULTS)
-    c.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
+    c.add_argument("--out", type=_folder, default=Path("runs/compare"), help="output folder")
     c.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
     c.add_argument("--quick", action="store_true",
                    help="a first look: 10k training rows, 2 epochs each, 1k test rows, K=100")
@@ -160,6 +160,13 @@ def build_parser() -> Parser:
     return p
 
 
+def _folder(text: str) -> Path:
+    """A folder path; an empty one (which Path would read as the current folder) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    return Path(text)
+
+
 def _guides(text: str) -> List[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -169,7 +176,7 @@ def _guides(text: str) -> List[str]:
 
 # The default comparison's budget is the same number of epochs for every guide (never
 # seconds, which a busy machine would hand out unequally); experiments/README.md has its time.
-COMPARE_DEFAULTS = Config(epochs=10, test_size=5000)
+COMPARE_DEFAULTS = Config(epochs=10, test_size=2000)
 QUICK = dict(train_size=10_000, test_size=1000, valid_size=500, epochs=2)
 
 

@@ -56,12 +56,26 @@ class Registry:
         if name in self._builders:
             return self._builders[name]
         if isinstance(name, str) and ":" in name:
-            return _as_builder(_import(name, self))
+            obj = _import(name, self)
+            if not isinstance(obj, type):
+                raise UserError(f"{name!r} for {setting(self.field)} is not a class; name a "
+                                f"{self.kind} class as module:Class (a function is registered "
+                                f"from Python with {self.kind.upper()}S.register)")
+            return _as_builder(obj)
         raise UserError(f"unknown {self.kind} {name!r} for {setting(self.field)}; choose one "
                         f"of {', '.join(self._builders)} or name your own as module:attribute")
 
     def build(self, config: "Config", **context):
-        return self.resolve(getattr(config, self.field))(config, **context)
+        name = getattr(config, self.field)
+        builder = self.resolve(name)
+        try:
+            return builder(config, **context)
+        except TypeError as e:
+            if name in self._builders:  # a built-in's own bug keeps its traceback
+                raise
+            raise UserError(f"cannot build {self.kind} {name!r} for {setting(self.field)} "
+                            f"({e}); give it a from_config(config, **context) classmethod or "
+                            f"an __init__ without arguments") from None
 
 
 def _as_builder(obj) -> Callable:

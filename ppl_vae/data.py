@@ -20,7 +20,7 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, setting
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "_data"
 
@@ -158,7 +158,7 @@ def _find_idx(root: Path, stem: str) -> Path:
     found = _idx_file(root, stem)
     if found is None:
         raise UserError(f"MNIST file {stem}(.gz) not found in {root}; reinstall ppl_vae or pass "
-                        f"--data-dir pointing at a folder with the four MNIST IDX files")
+                        f"{setting('data_dir')} pointing at a folder with the four MNIST IDX files")
     return found
 
 
@@ -281,7 +281,8 @@ def load_builtin_torchvision(name: str, root: Path) -> RawData:
         raise UserError(
             f"{name} is not shipped and {raw} lacks {', '.join(missing)} (.gz or uncompressed); "
             f"put its four IDX files there (torchvision.datasets.{folder}('{root}', download=True) "
-            f"does, where there is a network), pass --data-dir, or use --dataset mnist")
+            f"does, where there is a network), pass {setting('data_dir')}, or use "
+            f"{setting('dataset')} mnist")
     import torchvision.datasets as tvd  # only for the class names; slow to import
 
     data = _idx_folder(raw, name)
@@ -315,7 +316,8 @@ def load_torchvision(class_name: str, root: Path) -> RawData:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise UserError(f"torchvision's {class_name} could not load its files from {root}: "
                             f"{first}; put them there as torchvision expects (the MNIST family: "
-                            f"{Path(root) / class_name / 'raw'}/) or pass --data-dir") from None
+                            f"{Path(root) / class_name / 'raw'}/) or pass {setting('data_dir')}"
+                            ) from None
 
     has_test = "train" in params or "split" in params
     train = build("train" if has_test else None)
@@ -375,9 +377,9 @@ def split(raw: RawData, valid_fraction: Optional[float] = None, test_fraction: f
     the remaining ones (1/6 when None). ``shuffle`` permutes the rows first (seeded) so that a
     file sorted by class still gives representative splits."""
     valid_fraction = DEFAULT_VALID_FRACTION if valid_fraction is None else valid_fraction
-    for name, value in (("--valid-fraction", valid_fraction), ("--test-fraction", test_fraction)):
+    for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < value < 1.0:
-            raise UserError(f"{name} must lie strictly between 0 and 1, got {value}")
+            raise UserError(f"{setting(name)} must lie strictly between 0 and 1, got {value}")
     n = len(raw.x)
     order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle
              else torch.arange(n))
@@ -385,14 +387,14 @@ def split(raw: RawData, valid_fraction: Optional[float] = None, test_fraction: f
         n_test = int(round(test_fraction * n))
         if n_test < 1 or n - n_test < 2:
             raise UserError(f"{n} images are too few to split off a test set with "
-                            f"--test-fraction {test_fraction}; give more rows")
+                            f"{setting('test_fraction')} {test_fraction}; give more rows")
         test_x, test_y, order = raw.x[order[n - n_test:]], raw.y[order[n - n_test:]], order[:n - n_test]
     else:
         test_x, test_y = raw.x_test, raw.y_test
     m = len(order)
     n_valid = int(round(valid_fraction * m))
     if n_valid < 1 or n_valid >= m:
-        raise UserError(f"{m} training images are too few for --valid-fraction "
+        raise UserError(f"{m} training images are too few for {setting('valid_fraction')} "
                         f"{valid_fraction:g} ({n_valid} validation rows); give more rows or "
                         f"change the fraction")
 

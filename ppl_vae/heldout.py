@@ -224,10 +224,11 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     if local is None:
         local = bool(fitted) or proposal == "local"
     if proposal == "local" and not local:
-        raise UserError("proposal local needs the local fit; drop --no-local")
+        raise UserError(f"{setting('proposal')} local needs the local fit; drop the no_ "
+                        f"form of {setting('local')}")
     if proposal == "guide" and fitted:
         raise UserError(f"the {trained.config.guide} guide has no parameters for held-out "
-                        f"rows; use the proposal local")
+                        f"rows; use {setting('proposal')} local")
     results, arrays = evaluate_trained(trained, num_particles, proposal=proposal, local=local,
                                        split=split, progress=progress)
     results.update(guide=trained.config.guide, dataset=trained.config.dataset,

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import UserError, setting
 from .nets import softplus_inv
 
 
@@ -40,9 +40,9 @@ class Bernoulli(Likelihood):
         """Grayscale values are refused: a Bernoulli does not normalize over [0, 1]."""
         super().check(x)
         if bool(((x != 0) & (x != 1)).any()):
-            raise UserError("the Bernoulli likelihood needs binary pixels but the data are "
-                            "grayscale; use --binarize dynamic (or static), or "
-                            "--likelihood continuous_bernoulli for grayscale data")
+            raise UserError(f"the Bernoulli likelihood needs binary pixels but the data are "
+                            f"grayscale; use {setting('binarize')} dynamic (or static), or "
+                            f"{setting('likelihood')} continuous_bernoulli for grayscale data")
 
 
 class ContinuousBernoulli(Likelihood):

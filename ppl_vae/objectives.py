@@ -30,7 +30,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .data import Batch
-from .errors import UserError
+from .errors import UserError, setting
 
 Objective = Callable[[torch.nn.Module, torch.nn.Module, Batch], torch.Tensor]
 
@@ -126,8 +126,11 @@ def _site_sum(trace: poutine.Trace, keep):
 
 def _check_plate(trace: poutine.Trace, batch: Batch, who: str) -> None:
     plate = trace.nodes.get("data")
-    if plate is not None and site_is_subsample(plate) and not (
-            plate["value"].shape == batch.idx.shape and torch.equal(plate["value"], batch.idx)):
+    # the same tensor (no comparison of values, which a compiled trace could not make), or
+    # equal values
+    if plate is not None and site_is_subsample(plate) and plate["value"] is not batch.idx \
+            and not (plate["value"].shape == batch.idx.shape
+                     and torch.equal(plate["value"], batch.idx)):
         raise UserError(
             f"the {who}'s 'data' plate drew its own subsample instead of the batch's rows; "
             f"declare it as the model does (ppl_vae.model.data_plate: size N, subsample "
@@ -268,7 +271,8 @@ def _stop_params(fn, name: str):
     if isinstance(base, dist.Independent):
         base, reinterpreted = base.base_dist, base.reinterpreted_batch_ndims
     if not isinstance(base, (dist.Normal, torch.distributions.Normal)):
-        raise ValueError(f"DReG needs a reparameterized Normal guide site; site {name!r} "
-                         f"is {type(base).__name__}: use --objective iwae without --dreg")
+        raise UserError(f"DReG needs a reparameterized Normal guide site; site {name!r} "
+                         f"is {type(base).__name__}: use {setting('objective')} iwae without "
+                         f"{setting('dreg')}")
     out = dist.Normal(base.loc.detach(), base.scale.detach())
     return out.to_event(reinterpreted) if reinterpreted else out

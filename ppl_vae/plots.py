@@ -15,16 +15,19 @@ def _plt():
     return plt
 
 
-def read_metrics(run_dir: Path) -> List[dict]:
-    """The epochs of ``metrics.jsonl`` that can be read (a line cut off by a kill is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: Path, name: str = "metrics.jsonl") -> List[dict]:
+    """The rows of a JSON-lines file (``metrics.jsonl``, ``gaps.jsonl``) that can be read: a
+    line cut off by a kill, or garbage, is skipped."""
+    path = Path(run_dir) / name
+    needed = ({"epoch", "train_elbo", "valid_elbo", "wall"} if name == "metrics.jsonl"
+              else {"epoch", "split"})
     rows = []
     for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and {"epoch", "train_elbo", "valid_elbo", "wall"} <= set(row):
+        if isinstance(row, dict) and needed <= set(row):
             rows.append(row)
     return rows
 
@@ -225,6 +228,6 @@ def run_figures(run_dir: Path, arrays: Path, labels: Sequence[int],
     ]
     gaps_file = run_dir / "gaps.jsonl"
     if gaps_file.exists():
-        rows = [json.loads(line) for line in gaps_file.read_text().splitlines() if line.strip()]
-        paths.append(gap_curves({name: rows}, run_dir / "gaps.png"))
+        paths.append(gap_curves({name: read_metrics(run_dir, "gaps.jsonl")},
+                                run_dir / "gaps.png"))
     return paths

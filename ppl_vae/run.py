@@ -150,7 +150,8 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     torch.manual_seed(config.seed + 2)
     if resume:
         state = checkpoint.load(folder.final, warn=log, required=REQUIRED)
-        changed = check_compatible(Config.from_dict(state["config"]).validate(), config)
+        saved = Config.from_dict(state["config"]).replace(device=config.device).validate()
+        changed = check_compatible(saved, config)  # (a run may move to another device)
         history = [EpochMetrics(**m) for m in state["history"]]
         if state.get("position") is None and len(history) >= config.epochs:
             raise UserError(f"{folder.final} already has {len(history)} epochs; to continue, "

@@ -480,14 +480,11 @@ def test_a_folder_of_foreign_files_is_refused_and_untouched(tmp_path, capsys, ex
 
 
 @pytest.mark.parametrize("argv", [
-    pytest.param(["train", *TINY, "--out", ""], marks=pytest.mark.xfail(
-        strict=True, reason="cli.py: --out has type=Path and Path('') is '.', so an empty "
-                            "--out trains into the current folder")),
+    ["train", *TINY, "--out", ""],
     ["train", *TINY, "--out", "  "],
-    pytest.param(["compare", "--out", "", "--train-size", "100", "--valid-size", "20",
-                  "--test-size", "20", "--epochs", "1", "--hidden", "16", "--latent-dim", "2",
-                  "--guides", "amortized", "--num-particles-eval", "2", "--device", "cpu"],
-                 marks=pytest.mark.xfail(strict=True, reason="cli.py: --out '' becomes '.'")),
+    ["compare", "--out", "", "--train-size", "100", "--valid-size", "20",
+     "--test-size", "20", "--epochs", "1", "--hidden", "16", "--latent-dim", "2",
+     "--guides", "amortized", "--num-particles-eval", "2", "--device", "cpu"],
 ], ids=["train-empty", "train-blank", "compare-empty"])
 def test_an_empty_out_is_refused(capsys, tmp_path, monkeypatch, argv, cached_mnist):
     monkeypatch.chdir(tmp_path)
@@ -714,10 +711,7 @@ def _assert_same_tensors(a, b, where=""):
 
 @pytest.mark.parametrize("guide", ["amortized", pytest.param("meanfield", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("device", [
-    "auto", pytest.param("cuda", marks=pytest.mark.xfail(
-        strict=not torch.cuda.is_available(), raises=UserError,
-        reason="run.fit_run validates the checkpoint's config with its own device: a run "
-               "trained with --device cuda cannot be resumed with --device cpu"))])
+    "auto", "cuda"])
 def test_a_gpu_checkpoint_resumes_on_the_cpu_bitwise(tmp_path, cached_mnist, guide, device):
     config = TINY_CONFIG.replace(guide=guide, epochs=3)
     straight, moved = tmp_path / "straight", tmp_path / "moved"
