@@ -7,9 +7,12 @@ from typing import Dict, List
 
 from ppl_vae.heldout import evaluate_trained
 from ppl_vae.evaluate import Estimate
+from ppl_vae import logs
 from ppl_vae.config import Config
 from ppl_vae.run import finish, fit_run
 
+
+logs.to_console()  # the scripts print the library's progress lines
 
 # the toy size every experiment's --smoke mode runs at (seconds on a CPU)
 SMOKE = dict(epochs=1, max_seconds=None, train_size=300, valid_size=50, test_size=50,

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import logs
 from .errors import UserError, setting
 
 NAME, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
@@ -125,7 +126,7 @@ def _shape_problem(state: dict) -> Optional[str]:
     return None
 
 
-def load(folder: Path, warn=print, fallback: bool = True, required=()) -> Optional[dict]:
+def load(folder: Path, warn=logs.warning, fallback: bool = True, required=()) -> Optional[dict]:
     """The newest readable checkpoint in ``folder``; None when there is none at all.
 
     When the newest is unreadable, ``fallback`` takes the previous one (with a warning) and

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .compare import DEFAULT_GUIDES
+from . import logs
 from .config import Config
 from .errors import UserError
 from .train import DivergenceError, Interrupted
@@ -180,11 +181,8 @@ COMPARE_DEFAULTS = Config(epochs=10, test_size=2000)
 QUICK = dict(train_size=10_000, test_size=1000, valid_size=500, epochs=2)
 
 
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
+    logs.to_console()
     try:
         return _main(argv)
     except UserError as e:
@@ -215,10 +213,10 @@ def _main(argv) -> int:
         if args.num_particles_eval <= 0:
             raise UserError("--num-particles-eval must be positive")
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume,
-                  progress=args.progress)
+                  progress=args.progress or "lines")
         if args.evaluate:
             from .report import evaluate_run
-            evaluate_run(args.out, args.num_particles_eval, progress=args.progress)
+            evaluate_run(args.out, args.num_particles_eval, progress=args.progress or "lines")
         return 0
     if args.command == "evaluate":
         from .report import evaluate_run
@@ -226,7 +224,7 @@ def _main(argv) -> int:
             raise UserError("--num-particles must be positive")
         evaluate_run(args.run_dir, args.num_particles, split=args.split, proposal=args.proposal,
                      local=args.local, test_size=args.test_size, device=args.device,
-                     warn=_warn, progress=args.progress)
+                     progress=args.progress or "lines")
         return 0
     if args.command == "compare":
         from .compare import compare
@@ -238,7 +236,7 @@ def _main(argv) -> int:
         if k <= 0:
             raise UserError("--num-particles-eval must be positive")
         doc = compare(config, args.out, num_particles=k, overwrite=args.overwrite,
-                      guides=args.guides, progress=args.progress)
+                      guides=args.guides, progress=args.progress or "lines")
         print(json.dumps({g: {key: doc[g].get(key) for key in (
             "test_elbo", "test_elbo_local", "test_log_px", "approximation_gap",
             "amortization_gap")} for g in args.guides}, indent=2))

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from . import report
+from . import logs, report
 from .config import GUIDES, Config
 from .errors import UserError, setting
 from .evaluate import Estimate
@@ -50,7 +50,7 @@ class Comparison:
 
 
 def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: bool = False,
-            progress: bool = True, log: Callable[[str], None] = print,
+            progress: bool = True, log: Callable[[str], None] = logs.info,
             guides: Sequence[str] = DEFAULT_GUIDES) -> dict:
     """Train and evaluate each guide; write results.json, report.md and figures into ``out``.
 

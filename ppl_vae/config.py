@@ -290,7 +290,8 @@ class Config:
             raise UserError(f"{setting('beta')} must be a finite number >= 0, got {self.beta}")
         if self.dreg and self.objective != "iwae":
             raise UserError(f"{setting('dreg')} applies to {setting('objective')} iwae only")
-        if self.dreg and getattr(GUIDES.resolve(self.guide), "piece", None) is guides.AmortizedIAF:
+        piece = getattr(GUIDES.resolve(self.guide), "piece", None)
+        if self.dreg and piece is not None and getattr(piece, "family", None) != "diagonal normal":
             raise UserError(f"{setting('dreg')} needs a Normal guide; with {setting('guide')} "
                             f"{self.guide} drop dreg or use the amortized or meanfield guide")
         if self.warmup_epochs and self.objective == "iwae":

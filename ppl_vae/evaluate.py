@@ -119,7 +119,7 @@ def _paired(a: torch.Tensor, b: torch.Tensor) -> Estimate:
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
     # disable=None: tqdm draws only on a terminal (a log file gets no bar updates)
-    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False,
+    return tqdm(total=total, desc=desc, disable=None if enabled is True else True, leave=False,
                 dynamic_ncols=True)
 
 

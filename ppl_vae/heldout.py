@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from . import data, guides, plots
+from . import data, guides, logs, plots
 from .errors import UserError, setting
 from .evaluate import elbo_parts, evaluate_model, figure_arrays
 from .rundir import RESULTS, read_json, training_pid, write_json
@@ -187,7 +187,7 @@ def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local:
 def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
                  proposal: str = "auto", local: Optional[bool] = None,
                  test_size: Optional[int] = None, device: Optional[str] = None,
-                 progress: bool = True, log=print, warn=None) -> dict:
+                 progress: bool = True, log=logs.info, warn=logs.warning) -> dict:
     """Evaluate the run in ``run_dir``; writes eval.json, arrays.npz and four PNG figures.
 
     A run still training is evaluated at its newest checkpoint with a warning (``eval.json``
@@ -196,7 +196,6 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     """
     from .run import load_trained
 
-    warn = warn or log
     if proposal not in ("auto", "guide", "local"):
         raise UserError(f"unknown proposal {proposal!r}; choose one of auto, guide, local")
     if split not in ("test", "valid"):

@@ -145,26 +145,31 @@ def latent(pca: np.ndarray, labels, path: Path,
 
 
 def gaps(results: Dict[str, dict], path: Path) -> Path:
-    """Approximation and amortization gaps (nats) per guide, with 2-stderr error bars."""
+    """Approximation and amortization gaps (nats) per guide, with 2-stderr error bars; the
+    bare encoder's amortization gap too when a guide has one (semi-amortized)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     names = list(results)
     kinds = [("approximation_gap", "approximation gap  log p(x) - L[q*]"),
              ("amortization_gap", "amortization gap  L[q*] - L[q]")]
-    width = 0.38
+    if any(results[n].get("amortization_gap_encoder") is not None for n in names):
+        kinds.append(("amortization_gap_encoder", "amortization gap of the bare encoder"))
+    width = 0.8 / len(kinds)
     for j, (key, label) in enumerate(kinds):
-        xs = np.arange(len(names)) + (j - 0.5) * width
+        xs = np.arange(len(names)) + (j - (len(kinds) - 1) / 2) * width
         values = [results[n].get(key) for n in names]
-        errs = [results[n].get(key + "_stderr") for n in names]
-        ax.bar(xs, [v or 0.0 for v in values], width, yerr=[2 * (e or 0.0) for e in errs],
+        errs = [results[n].get(key + "_stderr") or 0.0 for n in names]
+        ax.bar(xs, [v or 0.0 for v in values], width, yerr=[2 * e for e in errs],
                label=label, capsize=3)
-        for x_, v in zip(xs, values):
-            ax.annotate("n/a" if v is None else f"{v:.2f}", (x_, v or 0.0), ha="center",
-                        va="bottom", fontsize=8)
+        for x_, v, e in zip(xs, values, errs):
+            ax.annotate("n/a" if v is None else f"{v:.2f}", (x_, (v or 0.0) + 2 * e),
+                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=8)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
     ax.set_ylabel("nats per image")
     ax.set_title("inference gaps on the test set")
+    ax.margins(y=0.15)
     ax.legend(fontsize=8)
     return _save(fig, path)
 

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import checkpoint, data
+from . import checkpoint, data, logs
 from .config import Config, build_guide, build_model, build_objective, lr_factor, resolve_device
 from .errors import UserError, setting
 from .evaluate import Estimate
@@ -118,14 +118,14 @@ def check_compatible(saved: Config, config: Config) -> dict:
 
 def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
               resume: bool = False, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = logs.info) -> dict:
     """Train per ``config``, write the run's files into ``out`` and return the summary."""
     return finish(fit_run(config, out, overwrite, resume, progress, log), out, log)
 
 
 def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
             resume: bool = False, progress: bool = True,
-            log: Callable[[str], None] = print) -> Trained:
+            log: Callable[[str], None] = logs.info) -> Trained:
     """Train per ``config`` (writing config, metrics and checkpoints when ``out`` is given).
 
     Everything that can be refused is refused before anything is written: the settings, the
@@ -150,8 +150,9 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     torch.manual_seed(config.seed + 2)
     if resume:
         state = checkpoint.load(folder.final, warn=log, required=REQUIRED)
-        saved = Config.from_dict(state["config"]).replace(device=config.device).validate()
-        changed = check_compatible(saved, config)  # (a run may move to another device)
+        saved = Config.from_dict(state["config"])
+        saved.replace(device=config.device).validate()  # its device need not exist here
+        changed = check_compatible(saved, config)
         history = [EpochMetrics(**m) for m in state["history"]]
         if state.get("position") is None and len(history) >= config.epochs:
             raise UserError(f"{folder.final} already has {len(history)} epochs; to continue, "
@@ -204,8 +205,10 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     steps_per_epoch = data.num_batches(len(train_split), config.batch_size)
+    # the KL weight is handed to the objective every step (a constant beta too, so that the
+    # metrics record what a compiled objective used)
     beta = (kl_warmup(config.beta, config.warmup_epochs, steps_per_epoch)
-            if config.warmup_epochs else None)
+            if config.warmup_epochs or config.beta != 1.0 else None)
     failed = True
     try:
         history = fit(model, guide, build_objective(config), train_split, optimizers,
@@ -283,7 +286,7 @@ def memory_summary(trained: Trained) -> dict:
     return out
 
 
-def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = print,
+def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = logs.info,
            test: Optional[Estimate] = None) -> dict:
     """Score the trained model's own guide on the test set and write ``summary.json``.
 
@@ -330,7 +333,7 @@ def _warn_if_absurd(summary: Summary, log) -> None:
 
 
 def load_trained(run_dir: Path, device: Optional[str] = None, test_size: Optional[int] = None,
-                 fallback: bool = True, warn=print) -> Trained:
+                 fallback: bool = True, warn=logs.warning) -> Trained:
     """The model and guide of the newest checkpoint in ``run_dir``, with its data splits."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -18,7 +18,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import guides
+from . import guides, logs
 from .data import Batch, Binarize, Split, minibatches, num_batches
 from .optim import Optimizers, restore_rows, save_rows
 
@@ -246,7 +246,8 @@ class Callback:
 def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: int,
          batch_size: int, binarize: Binarize, seed: int = 0, beta: Optional[BetaSchedule] = None,
          callbacks: Sequence[Callback] = (), state: Optional[Loop] = None,
-         on_divergence: str = "stop", log: Callable[[str], None] = print) -> List[EpochMetrics]:
+         on_divergence: str = "stop", log: Callable[[str], None] = logs.info
+         ) -> List[EpochMetrics]:
     """The core loop: epochs of seeded minibatches, one guarded step each, callbacks around."""
     state = state or Loop(len(train), num_batches(len(train), batch_size))
     try:
@@ -374,10 +375,13 @@ class StopOnCtrlC(Callback):
 
 class ProgressBar(Callback):
     """A tqdm bar of steps, or of budget seconds for a budget run (whose epochs are only a
-    ceiling), drawn only on a terminal, and a line per epoch (through ``log`` when no bar)."""
+    ceiling), drawn only on a terminal, and a line per epoch (through ``log`` when no bar).
+
+    ``enabled``: True (a bar on a terminal, else lines), ``"lines"`` (lines only) or False
+    (silent)."""
 
     def __init__(self, epochs: int, max_seconds: Optional[float] = None, enabled: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = logs.info):
         self.epochs, self.max_seconds, self.enabled, self.log = epochs, max_seconds, enabled, log
         self.bar = None
 
@@ -386,13 +390,13 @@ class ProgressBar(Callback):
         if self.max_seconds is not None:
             self.bar = tqdm(total=float(self.max_seconds),
                             initial=min(loop.wall, self.max_seconds), unit="s",
-                            disable=None if self.enabled else True, dynamic_ncols=True,
-                            leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
+                            disable=None if self.enabled is True else True,
+                            dynamic_ncols=True, leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
                                        "[{elapsed}{postfix}]")
         else:
             done = loop.epoch * loop.steps_per_epoch + (loop._resume.step if loop._resume else 0)
             self.bar = tqdm(total=self.epochs * loop.steps_per_epoch, initial=done,
-                            disable=None if self.enabled else True, unit="step",
+                            disable=None if self.enabled is True else True, unit="step",
                             dynamic_ncols=True, leave=False)
 
     def after_step(self, loop: Loop) -> bool:
@@ -408,10 +412,12 @@ class ProgressBar(Callback):
     def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
         line = (f"epoch {metrics.epoch:3d}  train {metrics.train_elbo:9.3f}  "
                 f"valid {metrics.valid_elbo:9.3f}  {metrics.seconds:6.1f}s")
-        if self.enabled and not self.bar.disable:
-            self.bar.write(line)
-        else:
+        if not self.enabled:  # asked for silence
+            return False
+        if self.bar.disable:  # not a terminal: the line alone, through the log
             self.log(line)
+        else:
+            self.bar.write(line)
         return False
 
     def close(self) -> None:
@@ -427,7 +433,7 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
         on_epoch: Optional[Callable[[EpochMetrics], None]] = None,
         progress: bool = True, history: Optional[List[EpochMetrics]] = None,
         position: Optional[Position] = None, on_divergence: str = "stop",
-        callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print
+        callbacks: Sequence[Callback] = (), log: Callable[[str], None] = logs.info
         ) -> List[EpochMetrics]:
     """Train for epochs ``start_epoch .. epochs-1`` (by default from ``len(history)``);
     returns the per-epoch metrics.

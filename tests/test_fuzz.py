@@ -166,7 +166,7 @@ def tiny_run(tmp_path_factory):
     mnist = data.load("mnist")
     out = tmp_path_factory.mktemp("fuzz") / "run"
     with _pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "load", lambda name="mnist", data_dir=None: mnist)
+        mp.setattr(data, "load", lambda name="mnist", data_dir=None, *rest: mnist)
         assert cli.main(["train", *sum(([("--" + k.replace("_", "-")), *v.split()]
                                          for k, v in TINY.items()), []), "--out", str(out)]) == 0
     return out

@@ -39,7 +39,7 @@ def test_a_users_likelihood_trains_resumes_and_evaluates_from_the_cli(tmp_path, 
     assert evaluated["epochs"] == 2
     # a Laplace likelihood with scale 0.1 scores grayscale pixels very differently from a
     # Bernoulli: the numbers are its own
-    assert cli.main(["train", *base[2:], "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
     laplace = json.loads((out / "summary.json").read_text())["test_elbo"]
     bern = json.loads((tmp_path / "b" / "summary.json").read_text())["test_elbo"]
     assert abs(laplace - bern) > 10
@@ -59,3 +59,17 @@ def test_registering_from_python_is_validated_like_the_builtins():
         config.LIKELIHOODS._builders.pop("mine")
     with pytest.raises(UserError, match="cannot import"):
         config.Config(likelihood="no_such_module:Thing").validate()
+
+
+def test_the_library_speaks_through_logging(tmp_path, cached_mnist, caplog):
+    """Progress lines go to the "ppl_vae" logger (INFO), not to print: a program decides."""
+    import logging
+
+    from ppl_vae.config import Config
+    from ppl_vae.run import train_run
+    with caplog.at_level(logging.INFO, logger="ppl_vae"):
+        train_run(Config(train_size=100, valid_size=10, test_size=10, hidden=(8,), latent_dim=2,
+                         batch_size=50, epochs=1, device="cpu"), tmp_path / "r", progress="lines")
+    messages = [r.getMessage() for r in caplog.records if r.name == "ppl_vae"]
+    assert any(m.startswith("epoch   1") for m in messages)
+    assert any(m.startswith("test ELBO") for m in messages)

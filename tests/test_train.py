@@ -227,7 +227,7 @@ def test_check_finite_reads_sparse_gradients():
 # resume: 2 + 2 epochs == 4 epochs, bitwise
 # ---------------------------------------------------------------------------------------
 def _final_state(out):
-    state = torch.load(out / checkpoint.NAME, map_location="cpu", weights_only=False)
+    state = torch.load(out / checkpoint.NAME, map_location="cpu", weights_only=True)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:
         m.pop("seconds"), m.pop("wall")

@@ -16,6 +16,7 @@ import re
 import shutil
 
 import pytest
+import numpy as np
 import torch
 
 from ppl_vae import checkpoint, cli, data, run, train
@@ -241,6 +242,17 @@ def _dataset(base, alt):
     _differs(base, alt)
 
 
+def _data_entry(base, alt):
+    """Other splits, recorded under config.json's data, and other numbers."""
+    assert config_json(alt)["data"] != config_json(base)["data"]
+    _differs(base, alt)
+
+
+def _tensorboard(base, alt):
+    assert not (base / "tensorboard").exists()
+    assert list((alt / "tensorboard").glob("events.out.tfevents.*"))
+
+
 MF, SEMI = ["--guide", "meanfield"], ["--guide", "semiamortized"]
 IWAE = ["--objective", "iwae", "--num-particles", "2"]
 GAPS = ["--track-gaps", "--gap-epochs", "1"]
@@ -286,6 +298,10 @@ EFFECTS = {
     "gap_particles": (GAPS, ["--gap-particles", "3"], 3, _gaps("num_particles", 3)),
     "seed": ([], ["--seed", "4"], 4, _differs),
     "device": ([], ["--device", "auto"], "auto", _device),
+    "valid_fraction": ([], ["--valid-fraction", "0.5"], 0.5, _data_entry),
+    "test_fraction": (["@NPZ"], ["--test-fraction", "0.3"], 0.3, _data_entry),
+    "net": ([], ["--net", "conv"], "conv", _differs),
+    "tensorboard": ([], ["--tensorboard"], True, _tensorboard),
 }
 # compile: a torch.compile; the per-datapoint guide: a test-time fit of q* (~10 s a run here)
 # and the gap curves: a 500-step local fit per split and gap epoch
@@ -321,13 +337,24 @@ def test_every_train_option_changes_what_the_run_does(name, tmp_path, tmp_path_f
     assert name in EFFECTS, f"add an entry for the new setting {name} to EFFECTS"
     base_options, alt_options, recorded, check = EFFECTS[name]
     if name == "dataset":  # not shipped: stands in for a download, with other images
-        monkeypatch.setattr(data, "load_torchvision", lambda n, root: data.Splits(
-            *(data.Split(1 - s.x, s.y) for s in cached_mnist)))
+        inverted = data.Splits(*(data.Split(1 - s.x, s.y, s.shape, s.classes)
+                                 for s in (cached_mnist.train, cached_mnist.valid,
+                                           cached_mnist.test)))
+        mnist_load = data.load
+        monkeypatch.setattr(data, "load", lambda name="mnist", *rest: (
+            inverted if name == "fashion_mnist" else mnist_load(name, *rest)))
     if name == "data_dir":
         shutil.copytree(data.PACKAGE_DATA / "MNIST" / "raw", tmp_path / "mnist")
         alt_options = ["--data-dir", tmp_path / "mnist"]
         recorded = str(tmp_path / "mnist")
         check = lambda b, a: _same_data_other_folder(b, a, tmp_path, capsys)  # noqa: E731
+    if "@NPZ" in base_options:  # data without a test split of its own: 400 MNIST images
+        path = tmp_path_factory.getbasetemp() / "images.npz"
+        if not path.exists():
+            np.savez(path, x=(cached_mnist.train.x[:400].reshape(-1, 28, 28).numpy() * 255
+                              ).astype(np.uint8))
+        base_options = [str(path) if o == "@NPZ" else o for o in base_options]
+        base_options = ["--dataset"] + base_options
     key = tuple(map(str, base_options))
     if key not in _BASES:
         _BASES[key] = _run(tmp_path_factory.mktemp("base"), capsys, monkeypatch, "base",
@@ -587,12 +614,18 @@ def test_bad_numbers_are_one_line(extra, flag, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_meanfield_with_fewer_rows_than_latent_dims_trains(tmp_path, cached_mnist, capsys):
+def test_meanfield_with_fewer_rows_than_latent_dims_is_one_line(tmp_path, cached_mnist, capsys):
+    """The PCA start needs latent_dim + 10 rows: refused up front (it was a shape traceback);
+    with the N(0, I) start the same run trains."""
     out = tmp_path / "few"
     code, stdout, err = train_cli(capsys, out, "--guide", "meanfield", "--train-size", "3",
-                                  "--latent-dim", "10")
+                                  "--latent-dim", "10", "--batch-size", "3")
+    assert_one_error_line(code, err, stdout)
+    assert "--latent-dim" in err and "--local-init" in err and not out.exists()
+    code, stdout, err = train_cli(capsys, out, "--guide", "meanfield", "--train-size", "3",
+                                  "--latent-dim", "10", "--batch-size", "3",
+                                  "--local-init", "prior")
     assert code == 0, err
-    assert "Traceback" not in err
     assert math.isfinite(summary(out)["test_elbo"])
     assert checkpoint.load(out)["guide"]["params"].shape == (3, 20)
 
@@ -694,19 +727,7 @@ def _final_state(out):
     return state, ms
 
 
-def _assert_same_tensors(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (u, v) in enumerate(zip(a, b)):
-            _assert_same_tensors(u, v, f"{where}[{i}]")
-    else:
-        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
+from test_train import _assert_same_tensors  # noqa: E402  (one definition, shared)
 
 
 @pytest.mark.parametrize("guide", ["amortized", pytest.param("meanfield", marks=pytest.mark.slow)])
