@@ -25,7 +25,7 @@ from .evaluate import Estimate
 from .heldout import (EVAL_SEED, GapTracker, Validator, eval_pixels,  # noqa: F401
                       held_out_elbo)
 from .optim import make_optimizers
-from .rundir import RunDir, write_config, write_json
+from .rundir import RunDir, drop_stale_evaluation, write_config, write_json
 from .tracking import open_tracker
 from .train import EpochMetrics, Interrupted, LRSchedule, Position, fit, kl_warmup
 
@@ -315,6 +315,9 @@ def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = l
         f"{summary.seconds_per_epoch:.1f} s/epoch)")
     _warn_if_absurd(summary, log)
     if out is not None:
+        if drop_stale_evaluation(Path(out), len(history)):
+            log(f"removed an evaluation of an earlier epoch from {out}; run `ppl-vae "
+                f"evaluate {out}` again")
         write_json(Path(out) / "summary.json", summary.to_json())
         tracker = open_tracker(out, trained.config.tensorboard)
         if tracker is not None:

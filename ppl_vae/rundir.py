@@ -112,6 +112,21 @@ class RunDir:
         unlock(self.final)
 
 
+def drop_stale_evaluation(folder: Path, epochs: int) -> bool:
+    """Remove an evaluation (eval.json, arrays, figures) made at another epoch than ``epochs``
+    (``evaluate`` run while the run was still training); returns whether it did."""
+    try:
+        evaluated = json.loads((Path(folder) / "eval.json").read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if evaluated == epochs:
+        return False
+    for name in RESULTS[1:]:
+        if name not in ("gaps.jsonl", "gaps.png"):  # the gap curves belong to the training
+            (Path(folder) / name).unlink(missing_ok=True)
+    return True
+
+
 def lock(folder: Path) -> None:
     (folder / LOCK).write_text(str(os.getpid()))
 

@@ -754,3 +754,19 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu_bitwise(tmp_path, cached_mnist, gui
         _assert_same_tensors(a[key], b[key], key)
     assert s3["test_elbo"] == s21["test_elbo"]
     assert config_json(moved)["resumes"][0]["changed"]["device"] == [device, "cpu"]
+
+
+def test_a_finished_run_drops_an_evaluation_of_an_earlier_epoch(tmp_path, cached_mnist):
+    """evaluate during training wrote eval.json at epoch 1; the run ends at epoch 2: the stale
+    evaluation goes, the summary stays alone."""
+    out = tmp_path / "run"
+    trained = run.fit_run(TINY_CONFIG.replace(epochs=2), out, progress=False, log=lambda m: None)
+    (out / "eval.json").write_text(json.dumps({"epochs": 1}))
+    (out / "latent.png").write_bytes(b"old")
+    messages = []
+    run.finish(trained, out, log=messages.append)
+    assert not (out / "eval.json").exists() and not (out / "latent.png").exists()
+    assert any("earlier epoch" in m for m in messages) and (out / "summary.json").exists()
+    (out / "eval.json").write_text(json.dumps({"epochs": 2}))  # a current one stays
+    run.finish(trained, out, log=messages.append)
+    assert (out / "eval.json").exists()
