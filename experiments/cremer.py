@@ -47,7 +47,8 @@ COLUMNS = ["guide", "rows", "epochs", "test_log_px", "test_elbo_local", "test_el
            "approximation_gap", "amortization_gap"]
 
 
-def score(trained, rows: int, num_particles: int, progress: bool) -> list:
+def score(trained, rows: int, num_particles: int, progress: bool,
+          local_steps: int = 3000) -> list:
     """The gap table's rows of one trained model: its first ``rows`` training and test rows."""
     config, n = trained.config, len(trained.splits.train)
     out = []
@@ -57,7 +58,8 @@ def score(trained, rows: int, num_particles: int, progress: bool) -> list:
         if split == "train":  # the guide as trained, on its own rows
             guide = RowsOf(guide, torch.arange(len(x), device=x.device), n)
         results, _ = evaluate_model(trained.model, guide, x, num_particles, local=True,
-                                    seed=EVAL_SEED, progress=progress)
+                                    seed=EVAL_SEED, progress=progress,
+                                    local_options={"max_steps": local_steps})
         out.append({"guide": config.guide, "rows": f"{split} {len(x)}",
                     "epochs": len(trained.history), **results})
     return out
@@ -73,13 +75,15 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("runs/cremer"))
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--local-steps", type=int, default=3000,
+                   help="at most this many steps of the final fits of q* (plateau rule)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     base = PROTOCOL.replace(epochs=args.epochs, device=args.device)
     if args.smoke:
         base = base.replace(**SMOKE, gap_rows=20, gap_particles=10, warmup_epochs=1,
                             gap_epochs=(1,))
-        args.num_particles, args.rows = 10, 20
+        args.num_particles, args.rows, args.local_steps = 10, 20, 30
     rows = []
     for guide in args.guides.split(","):
         config = base.replace(guide=guide, compile=guide != "meanfield" and not args.smoke)
@@ -91,7 +95,8 @@ def main(argv=None):
         else:
             trained = fit_run(config, folder, overwrite=state is None, resume=state is not None,
                               progress=not args.smoke)
-        rows += score(trained, args.rows, args.num_particles, progress=not args.smoke)
+        rows += score(trained, args.rows, args.num_particles, progress=not args.smoke,
+                      local_steps=args.local_steps)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"config": base.to_dict(), "rows": rows,
                                                        "paper": PAPER}, indent=2) + "\n")

@@ -13,6 +13,9 @@ asks a guide, never its kind:
 - ``family``: the variational family it searches; the amortization gap L[q*] - L[q] is
   reported when it is q*'s family (``LocalNormal.family``, a diagonal Normal).
 - ``views()``: other guides worth scoring beside it (a semi-amortized guide's bare encoder).
+- ``compilable``: whether its step may be traced once and replayed (``compiled.py``).
+- ``training_loss(objective, model, batch, **kw)`` (optional): the loss a step minimizes
+  when it is not just ``objective(model, guide, batch)`` (a stopped-gradient refinement).
 
 ``Guide`` gives the defaults of an amortized guide. Guides that do not derive from it (a
 hand-written function, Pyro's autoguides) are asked through the module-level functions of
