@@ -67,7 +67,9 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         raise UserError(f"{out} holds a finished comparison; pass {setting('overwrite')} or "
                         f"choose another {setting('out')}")
     for guide in guides:  # refuse before spending any time on training
-        GUIDES.resolve(guide)
+        if guide not in GUIDES and ":" not in guide:
+            raise UserError(f"unknown guide {guide!r} in {setting('guides')}; choose among "
+                            f"{', '.join(GUIDES.names())} or module:Class, comma-separated")
         config.replace(guide=guide).validate()
         RunDir(out / guide, overwrite, resume=False, resumable=False)
     splits = load_splits(config, torch.device("cpu"))  # bad data: refused before any folder
