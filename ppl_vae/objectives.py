@@ -137,8 +137,7 @@ def _check_plate(trace: poutine.Trace, batch: Batch, who: str) -> None:
             f"batch.idx); for Pyro's autoguides pass create_plates=ppl_vae.model.data_plate")
 
 
-def _check_sites(trace: poutine.Trace, shape, batch: Batch, who: str) -> None:
-    _check_plate(trace, batch, who)
+def _check_sites(trace: poutine.Trace, shape, who: str) -> None:
     for name, site in trace.nodes.items():
         if _is_sample(site) and site["unscaled_log_prob"].shape != shape:
             raise UserError(
@@ -159,8 +158,9 @@ def _log_weights(model_tr, guide_tr, batch, num_particles) -> LogWeights:
     model_tr.compute_log_prob()
     guide_tr.compute_log_prob()
     shape = torch.Size([num_particles, len(batch.idx)])
-    _check_sites(model_tr, shape, batch, "model")
-    _check_sites(guide_tr, shape, batch, "guide")
+    _check_plate(model_tr, batch, "model")  # (the guide's was checked when it was traced)
+    _check_sites(model_tr, shape, "model")
+    _check_sites(guide_tr, shape, "guide")
     zeros = batch.x.new_zeros(shape)
     log_lik = zeros + _site_sum(model_tr, lambda s: s["is_observed"])
     log_prior = zeros + _site_sum(model_tr, lambda s: not s["is_observed"])

@@ -280,7 +280,7 @@ def test_checkpoint_save_keeps_the_previous_and_load_falls_back(tmp_path):
     assert not (tmp_path / checkpoint.PREVIOUS).exists()
     checkpoint.save({"config": {}, "n": 2}, tmp_path)
     assert checkpoint.load(tmp_path)["n"] == 2
-    assert torch.load(tmp_path / checkpoint.PREVIOUS, weights_only=False)["n"] == 1
+    assert torch.load(tmp_path / checkpoint.PREVIOUS, weights_only=True)["n"] == 1
     assert not (tmp_path / (checkpoint.NAME + ".tmp")).exists()
     # truncate the newest: load warns and uses the previous one
     blob = (tmp_path / checkpoint.NAME).read_bytes()
