@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .compare import DEFAULT_GUIDES
-from . import logs
+from . import distributed, logs
 from .config import Config
 from .errors import UserError
 from .train import DivergenceError, Interrupted
@@ -185,6 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logs.to_console()
     try:
         return _main(argv)
+    except distributed.RefusedElsewhere:  # another torchrun process printed why
+        return 2
     except UserError as e:
         print(f"error: {e.for_cli()}", file=sys.stderr)
         return 2
@@ -207,6 +209,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    if distributed.launched():  # under torchrun: join the process group; rank 0 talks
+        world = distributed.init(getattr(args, "device", "auto") or "auto")
+        if not world.main:
+            logs.quiet()
+        try:
+            return _command(args)
+        finally:
+            distributed.shutdown()
+    return _command(args)
+
+
+def _command(args) -> int:
     if args.command == "train":
         from .run import train_run
         config = _config(args)

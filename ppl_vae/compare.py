@@ -17,13 +17,13 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from . import logs, report
+from . import distributed, logs, report
 from .config import GUIDES, Config
 from .errors import UserError, setting
 from .evaluate import Estimate
 from .heldout import evaluate_trained, read_gaps
 from .rundir import MARKER, RunDir, check_out, refuse_foreign, versions, write_json
-from .run import finish, fit_run, load_splits
+from .run import finish, fit_run, load_splits, load_trained
 
 DEFAULT_GUIDES = ("amortized", "semiamortized", "meanfield")
 FROM_SUMMARY = ("train_seconds", "epochs", "steps", "steps_per_second", "seconds_per_epoch",
@@ -49,15 +49,8 @@ class Comparison:
         return doc
 
 
-def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: bool = False,
-            progress: bool = True, log: Callable[[str], None] = logs.info,
-            guides: Sequence[str] = DEFAULT_GUIDES) -> dict:
-    """Train and evaluate each guide; write results.json, report.md and figures into ``out``.
-
-    ``config.guide`` is ignored: every entry of ``guides`` gets the same config otherwise.
-    A finished comparison is replaced only with ``overwrite``, and only once the new one has
-    its results (each guide's run is replaced once it has its first checkpoint).
-    """
+def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str]):
+    """Refuse, before any training, what the comparison cannot do; returns (out, splits)."""
     out = check_out(out)
     config.validate()
     if not guides or len(set(guides)) != len(guides):
@@ -72,9 +65,28 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
                             f"{', '.join(GUIDES.names())} or module:Class, comma-separated")
         config.replace(guide=guide).validate()
         RunDir(out / guide, overwrite, resume=False, resumable=False)
-    splits = load_splits(config, torch.device("cpu"))  # bad data: refused before any folder
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
+    return out, load_splits(config, torch.device("cpu"))  # bad data: refused before any folder
+
+
+def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: bool = False,
+            progress: bool = True, log: Callable[[str], None] = logs.info,
+            guides: Sequence[str] = DEFAULT_GUIDES) -> dict:
+    """Train and evaluate each guide; write results.json, report.md and figures into ``out``.
+
+    ``config.guide`` is ignored: every entry of ``guides`` gets the same config otherwise.
+    A finished comparison is replaced only with ``overwrite``, and only once the new one has
+    its results (each guide's run is replaced once it has its first checkpoint).
+    """
+    world = distributed.current()
+    error, splits = None, None
+    try:
+        out, splits = _check(config, out, overwrite, guides)
+    except UserError as e:
+        error = e
+    distributed.refuse_unless_all(error, world)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).touch()
     doc = Comparison(datetime.date.today().isoformat(), config.to_dict(), versions(), "",
                      list(guides), splits.describe(), list(sys.argv))
     arrays, histories, gaps = {}, {}, {}
@@ -82,6 +94,10 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         log(f"== training the {guide} guide")
         trained = fit_run(config.replace(guide=guide), out / guide, overwrite=overwrite,
                           progress=progress, log=log)
+        if not world.main:  # rank 0 evaluates and writes
+            continue
+        if world.size > 1:  # the whole table, as rank 0 gathered it into the checkpoint
+            trained = load_trained(out / guide, device=config.device)
         log(f"== evaluating the {guide} model")
         res, arrays[guide] = evaluate_trained(trained, num_particles, progress=progress)
         summary = finish(trained, out / guide, log=log,
@@ -94,6 +110,8 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
             gaps[guide] = read_gaps(out / guide / "gaps.jsonl")
             report.gap_curves({guide: gaps[guide]}, out / guide / "gaps.png")
         log(report.line(guide, res))
+    if not world.main:
+        return {}
     result = doc.to_json()
     report.write_figures(out, histories, doc.results, arrays, gaps)
     (out / "report.md").write_text(report.markdown(result, bool(gaps)))

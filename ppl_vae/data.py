@@ -15,7 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -479,6 +479,51 @@ def minibatches(split: Split, batch_size: int, binarize: Binarize,
     for first in range(start * batch_size, stop, batch_size):
         idx = order[first:first + batch_size]
         yield Batch(binarize(split.x[idx]), idx, n)
+
+
+class Shards:
+    """Training rows partitioned over ``world_size`` processes: row i belongs to shard
+    i mod W, and each shard has its own binarization noise (``binarizers[r]``).
+
+    Epoch e's order is one seeded permutation of all N rows; shard r keeps the rows of it that
+    it owns, in that order, so every process computes its own order without talking to the
+    others. Every shard takes ``steps`` batches of ``batch_size`` rows an epoch (``steps``
+    from the smallest shard, whose last batch may be short; a shard one row larger puts that
+    row into its last batch), so the processes stay in step. ``batches(...,
+    shards=range(W))`` gives one process the global minibatch of every step, the union of the
+    shards' batches in rank order: that is what a W-process run trains on, and the
+    single-process reference the distributed tests compare against. With W = 1 it is
+    ``minibatches`` exactly.
+    """
+
+    def __init__(self, num_data: int, world_size: int, batch_size: int):
+        if num_data // world_size < batch_size:
+            raise UserError(f"each of the {world_size} processes gets {num_data // world_size} "
+                            f"training rows, fewer than its batch of {batch_size}; use a "
+                            f"smaller batch_size (--batch-size) or fewer processes")
+        self.num_data, self.world_size, self.batch_size = num_data, world_size, batch_size
+        self.steps = num_batches(num_data // world_size, batch_size)
+
+    def rows(self, rank: int) -> torch.Tensor:
+        """The dataset rows shard ``rank`` owns (and whose table rows it holds)."""
+        return torch.arange(rank, self.num_data, self.world_size)
+
+    def order(self, generator: torch.Generator, rank: int) -> torch.Tensor:
+        perm = torch.randperm(self.num_data, generator=generator, device="cpu")
+        return perm[perm % self.world_size == rank]
+
+    def batches(self, split: Split, binarizers: Sequence[Binarize], generator_seed: int,
+                shards: Sequence[int], start: int = 0) -> Iterator[Batch]:
+        """The batches of ``shards`` (concatenated per step) from step ``start`` on."""
+        device, b = split.x.device, self.batch_size
+        orders = [self.order(torch.Generator().manual_seed(generator_seed), r).to(device)
+                  for r in shards]
+        for step in range(start, self.steps):
+            last = step == self.steps - 1
+            parts = [order[step * b:None if last else (step + 1) * b] for order in orders]
+            xs = [binarizers[r](split.x[idx]) for r, idx in zip(shards, parts)]
+            yield Batch(torch.cat(xs) if len(xs) > 1 else xs[0],
+                        torch.cat(parts) if len(parts) > 1 else parts[0], self.num_data)
 
 
 def batches_of(x: torch.Tensor, batch_size: int) -> Iterator[Batch]:

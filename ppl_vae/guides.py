@@ -71,6 +71,14 @@ class Guide(nn.Module):
     def views(self) -> Dict[str, object]:
         return {}
 
+    def shard(self, rank: int, world_size: int) -> "Guide":
+        """Keep only what process ``rank`` of ``world_size`` needs (networks: everything)."""
+        return self
+
+    def table_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """Where dataset rows ``idx`` sit in this process's tables (``local_parameters``)."""
+        return idx
+
 
 # ---------------------------------------------------------------------------------------
 # amortized guides
@@ -149,6 +157,7 @@ class PerDatapoint(Guide):
     """
 
     compilable = False  # the table's gradient is sparse, which a compiled graph cannot produce
+    rank, world_size = 0, 1  # which shard of the table this process holds (``shard``)
 
     def __init__(self, num_data: int, width: int, sparse: bool = True):
         super().__init__()
@@ -158,8 +167,22 @@ class PerDatapoint(Guide):
     def local_parameters(self) -> List[torch.Tensor]:
         return [self.params]
 
+    def shard(self, rank: int, world_size: int) -> "PerDatapoint":
+        """Keep only the rows of process ``rank``: dataset rows i with i mod W = rank, in
+        order (``data.Shards`` gives that process exactly these rows). The table becomes
+        [ceil((N - rank) / W), width]; ``num_data`` stays N, the size of the data plate."""
+        if world_size > 1:
+            with torch.no_grad():
+                rows = torch.arange(rank, self.num_data, world_size, device=self.params.device)
+                self.params = nn.Parameter(self.params[rows].clone())
+            self.rank, self.world_size = rank, world_size
+        return self
+
+    def table_index(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx // self.world_size if self.world_size > 1 else idx
+
     def table_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.params, sparse=self.sparse)
+        return F.embedding(self.table_index(idx), self.params, sparse=self.sparse)
 
     def check_plate(self, batch: Batch) -> None:
         if batch.num_data != self.num_data:
@@ -230,7 +253,7 @@ class LocalNormal(PerDatapoint):
     def set_rows(self, idx: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
         """Overwrite rows ``idx`` with N(loc, scale) (for instance an encoder's output)."""
         raw = softplus_inv((scale - 1e-5).clamp_min(1e-6))
-        self.params[idx] = torch.cat([loc, raw], dim=-1)
+        self.params[self.table_index(idx)] = torch.cat([loc, raw], dim=-1)
 
     def forward(self, batch: Batch) -> None:
         self.check_plate(batch)
@@ -432,6 +455,18 @@ def local_parameters(guide) -> List[torch.Tensor]:
     """The guide's per-datapoint tables (updated row by row); none for a guide without them."""
     fn = getattr(guide, "local_parameters", None)
     return list(fn()) if fn is not None else []
+
+
+def shard(guide, rank: int, world_size: int):
+    """The guide as process ``rank`` of ``world_size`` keeps it (its table rows only)."""
+    fn = getattr(guide, "shard", None)
+    return fn(rank, world_size) if fn is not None and world_size > 1 else guide
+
+
+def table_index(guide, idx: torch.Tensor) -> torch.Tensor:
+    """Where dataset rows ``idx`` sit in the guide's tables on this process."""
+    fn = getattr(guide, "table_index", None)
+    return fn(idx) if fn is not None else idx
 
 
 def compilable(guide) -> bool:

@@ -33,3 +33,8 @@ def to_console() -> None:
         logger.addHandler(_Console())
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def quiet() -> None:
+    """Only warnings and errors (the other processes of a torchrun run: rank 0 reports)."""
+    logger.setLevel(logging.WARNING)

@@ -22,6 +22,10 @@ class RowAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of the rows in each gradient. Like fused Adam under a ``GradScaler``,
+        it reads ``self.found_inf`` (a 0-dim tensor, or None): where it is non-zero, the
+        rows, their moments and step counts stay as they were, with no host sync."""
+        skip = getattr(self, "found_inf", None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -38,6 +42,8 @@ class RowAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                     state["steps"] = torch.zeros(p.shape[0], device=p.device, dtype=p.dtype)
+                old = None if skip is None else [x[rows].clone() for x in (
+                    p, state["exp_avg"], state["exp_avg_sq"], state["steps"])]
                 steps = state["steps"].index_add_(0, rows, torch.ones_like(rows, dtype=p.dtype))
                 t = steps[rows].unsqueeze(-1)  # [R, 1]
                 m = state["exp_avg"][rows].lerp_(values, 1 - beta1)
@@ -47,6 +53,11 @@ class RowAdam(torch.optim.Optimizer):
                 m_hat = m / (1 - beta1 ** t)
                 v_hat = v / (1 - beta2 ** t)
                 p[rows] = p[rows] - group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
+                if old is not None:
+                    bad = skip.reshape(()) > 0
+                    for x, before in zip((p, state["exp_avg"], state["exp_avg_sq"],
+                                          state["steps"]), old):
+                        x[rows] = torch.where(bad, before, x[rows])
 
 
 def save_rows(optimizer: RowAdam, p: torch.Tensor, rows: torch.Tensor) -> dict:
@@ -58,11 +69,15 @@ def save_rows(optimizer: RowAdam, p: torch.Tensor, rows: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def restore_rows(optimizer: RowAdam, p: torch.Tensor, rows: torch.Tensor, saved: dict) -> None:
-    """Put back what ``save_rows`` copied (state created since then is reset for those rows)."""
-    p[rows] = saved["param"]
+def restore_rows(optimizer: RowAdam, p: torch.Tensor, rows: torch.Tensor, saved: dict,
+                 where: Optional[torch.Tensor] = None) -> None:
+    """Put back what ``save_rows`` copied (state created since then is reset for those rows);
+    with ``where`` (a 0-dim tensor) only if it is non-zero, decided on the device."""
+    def put(x, before):
+        x[rows] = before if where is None else torch.where(where.reshape(()) > 0, before, x[rows])
+    put(p, saved["param"])
     for key, value in optimizer.state.get(p, {}).items():
-        value[rows] = saved[key] if key in saved else 0
+        put(value, saved[key] if key in saved else torch.zeros_like(value[rows]))
 
 
 class Optimizers(NamedTuple):
@@ -72,6 +87,23 @@ class Optimizers(NamedTuple):
     global_: Optional[torch.optim.Optimizer]
     local: Optional[torch.optim.Optimizer] = None
     inner_steps: int = 0  # local-only steps per minibatch before the joint step
+    sync: Optional[object] = None  # distributed.GradSync under torchrun: sums network gradients
+
+    def networks(self) -> List[torch.Tensor]:
+        """The parameters of the networks (the global optimizer's)."""
+        if self.global_ is None:
+            return []
+        return [p for group in self.global_.param_groups for p in group["params"]]
+
+    def skips_on_device(self) -> bool:
+        """True when every optimizer can skip a step on a device-side flag (fused Adam,
+        ``RowAdam``), so the divergence guard needs no host sync."""
+        return all(isinstance(o, RowAdam) or o.defaults.get("fused") for o in self.all())
+
+    def set_found_inf(self, found: Optional[torch.Tensor]) -> None:
+        """Hand the step's found-non-finite flag to every optimizer (None: no guard)."""
+        for o in self.all():
+            o.found_inf = found
 
     def all(self) -> List[torch.optim.Optimizer]:
         return [o for o in (self.global_, self.local) if o is not None]

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import checkpoint, data, logs
+from . import checkpoint, data, distributed, guides, logs
 from .config import Config, build_guide, build_model, build_objective, lr_factor, resolve_device
 from .errors import UserError, setting
 from .evaluate import Estimate
@@ -119,8 +119,10 @@ def check_compatible(saved: Config, config: Config) -> dict:
 def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
               resume: bool = False, progress: bool = True,
               log: Callable[[str], None] = logs.info) -> dict:
-    """Train per ``config``, write the run's files into ``out`` and return the summary."""
-    return finish(fit_run(config, out, overwrite, resume, progress, log), out, log)
+    """Train per ``config``, write the run's files into ``out`` and return the summary
+    (under torchrun: rank 0 scores and writes it; the other processes return None)."""
+    trained = fit_run(config, out, overwrite, resume, progress, log)
+    return finish(trained, out, log) if distributed.current().main else None
 
 
 def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
@@ -129,73 +131,145 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     """Train per ``config`` (writing config, metrics and checkpoints when ``out`` is given).
 
     Everything that can be refused is refused before anything is written: the settings, the
-    folder, the data, the pieces and, for ``resume``, the checkpoint.
+    folder, the data, the pieces and, for ``resume``, the checkpoint. Under torchrun every
+    process trains its shard (``distributed``); rank 0 writes the files, and a refusal on any
+    process stops all of them before the first step.
     """
+    world = distributed.current()
+    setup, error = None, None
+    try:
+        setup = _setup(config, out, overwrite, resume, world, log)
+    except UserError as e:
+        error = e
+    distributed.refuse_unless_all(error, world)
+    return _train(setup, config, world, progress, log)
+
+
+class _Setup(NamedTuple):
+    device: torch.device
+    folder: Optional[RunDir]
+    splits: data.Splits
+    train_split: data.Split
+    shards: data.Shards
+    binarize: data.Binarize
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    optimizers: object
+    validator: Validator
+    history: list
+    position: Optional[Position]
+    resumes: list
+
+
+def _setup(config: Config, out, overwrite: bool, resume: bool, world: distributed.World,
+           log) -> _Setup:
     config.validate()
-    device = resolve_device(config.device)
-    folder = RunDir(out, overwrite, resume) if out is not None else None
+    device = distributed.device_of(world, config.device) or resolve_device(config.device)
+    if world.size > 1:
+        _check_distributed(config)
+    folder = RunDir(out, overwrite, resume) if out is not None and world.main else None
     splits = load_splits(config, device)
     dim, n = splits.train.x.shape[1], len(splits.train)
-    binarize = data.Binarize(config.binarize, torch.Generator().manual_seed(config.seed + 3))
+    shards = data.Shards(n, world.size, config.batch_size)
+    binarize = data.Binarize(config.binarize, torch.Generator().manual_seed(
+        distributed.rank_seed(config.seed + 3, world)))
     train_split = binarize.prepare(splits.train, config.seed)
     model = build_model(config, dim, splits.shape).to(device)
     guide = build_guide(config, dim, n, None if resume else splits.train.x, model=model,
                         shape=splits.shape).to(device)
     model.likelihood.check(train_split.x if config.binarize == "none"
                            else torch.bernoulli(train_split.x[:100]))
-    optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps,
-                                 eps=config.adam_eps)
-    validator = Validator(model, guide, eval_pixels(config, splits.valid, config.valid_size))
-    history, position, resumes = [], None, []
-    torch.manual_seed(config.seed + 2)
+    history, position, resumes, state = [], None, [], None
+    torch.manual_seed(distributed.rank_seed(config.seed + 2, world))
     if resume:
-        state = checkpoint.load(folder.final, warn=log, required=REQUIRED)
+        final = folder.final if folder is not None else Path(out)
+        state = checkpoint.load(final, warn=log, required=REQUIRED)
         saved = Config.from_dict(state["config"])
         saved.replace(device=config.device).validate()  # its device need not exist here
+        distributed.check_world_size(int(state.get("world_size", 1)), world, final)
         changed = check_compatible(saved, config)
         history = [EpochMetrics(**m) for m in state["history"]]
         if state.get("position") is None and len(history) >= config.epochs:
-            raise UserError(f"{folder.final} already has {len(history)} epochs; to continue, "
+            raise UserError(f"{final} already has {len(history)} epochs; to continue, "
                             f"ask for more with {setting('epochs')}")
-        _restore(state, model, guide, optimizers, validator, config)
+        _restore_networks(state, model, guide)
         position = Position(**state["position"]) if state.get("position") else None
-        binarize.generator.set_state(state["binarize_rng"])
-        resumes = _previous_resumes(folder.final)
+        resumes = _previous_resumes(final)
         if changed:
             resumes.append({"after_epoch": len(history), "changed": changed})
-        log(f"resuming {folder.final} after epoch {len(history)}"
+        log(f"resuming {final} after epoch {len(history)}"
             + (f", step {position.step} of epoch {position.epoch + 1}" if position else ""))
+    guide = guides.shard(guide, world.rank, world.size)
+    optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps,
+                                 eps=config.adam_eps)
+    if world.size > 1:
+        optimizers = optimizers._replace(sync=distributed.GradSync(world))
+    validator = Validator(model, guide, eval_pixels(config, splits.valid, config.valid_size))
+    if state is not None:
+        _restore_optimizers(state, optimizers, validator, config, world, n)
+        ranks = state.get("rng_ranks")
+        checkpoint.set_rng_state(ranks[world.rank] if ranks else state["rng"])
+        ranks = state.get("binarize_rng_ranks")
+        binarize.generator.set_state(ranks[world.rank] if ranks else state["binarize_rng"])
+    return _Setup(device, folder, splits, train_split, shards, binarize, model, guide,
+                  optimizers, validator, history, position, resumes)
+
+
+def _check_distributed(config: Config) -> None:
+    """Settings a torchrun run cannot honour yet, refused with the way out."""
+    for name, value in (("max_seconds", config.max_seconds), ("track_gaps", config.track_gaps)):
+        if value:
+            what = ("a time budget would stop the processes at different steps"
+                    if name == "max_seconds" else "the gap curves need the whole table")
+            raise UserError(f"{setting(name)} is not available under torchrun ({what}); "
+                            f"train with one process, or drop it")
+
+
+def _train(setup: _Setup, config: Config, world: distributed.World, progress, log) -> Trained:
+    (device, folder, splits, train_split, shards, binarize, model, guide, optimizers,
+     validator, history, position, resumes) = setup
+    n = len(splits.train)
     if folder is not None:
         folder.create()
         write_config(folder.file("config.json"), config.to_dict(), str(device), resumes,
-                     splits.describe())
+                     splits.describe(), world_size=world.size)
         _write_metrics(folder.file("metrics.jsonl"), history)
     tracker_tb = open_tracker(folder.path if folder is not None else None, config.tensorboard)
 
     def save(done: list, position: Optional[Position] = None) -> None:
+        if folder is None and world.size == 1:
+            return
+        guide_state, opt_states = distributed.full_state(guide, optimizers, world, n)
+        rng, noise = checkpoint.rng_state(), binarize.generator.get_state()
+        ranks = (distributed.gather_objects((rng, noise), world) if world.size > 1 else None)
         if folder is None:
             return
-        checkpoint.save({
-            "config": config.to_dict(), "model": model.state_dict(), "guide": guide.state_dict(),
-            "optimizers": [o.state_dict() for o in optimizers.all()],
-            "valid_guide": validator.state_dict(),
+        state = {
+            "config": config.to_dict(), "model": model.state_dict(), "guide": guide_state,
+            "optimizers": opt_states, "valid_guide": validator.state_dict(),
             "history": [m._asdict() for m in done],
             "position": position._asdict() if position is not None else None,
-            "rng": checkpoint.rng_state(), "binarize_rng": binarize.generator.get_state()},
-            folder.path)
-        if resume and len(done) == len(history) + 1:
+            "rng": rng, "binarize_rng": noise, "world_size": world.size}
+        if ranks is not None:
+            state["rng_ranks"] = [r for r, _ in ranks]
+            state["binarize_rng_ranks"] = [b for _, b in ranks]
+        checkpoint.save(state, folder.path)
+        if setup_resumed and len(done) == len(history) + 1:
             folder.clear_results()  # the old summary and evaluation no longer hold
         folder.commit()
 
     def on_epoch(metrics: EpochMetrics) -> None:
+        # the checkpoint first: every epoch metrics.jsonl shows is saved (a kill in between
+        # loses only the line, which a resume writes again from the checkpoint's history)
         done.append(metrics)
+        save(done)
         if folder is not None:
             with open(folder.file("metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics._asdict()) + "\n")
-        save(done)
         if tracker_tb is not None:
             tracker_tb.epoch(metrics)
 
+    setup_resumed = bool(history) or position is not None
     done = list(history)
     callbacks = _schedules(config, optimizers)
     tracker = None
@@ -204,18 +278,20 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
         callbacks.append(tracker)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    steps_per_epoch = data.num_batches(len(train_split), config.batch_size)
     # the KL weight is handed to the objective every step (a constant beta too, so that the
     # metrics record what a compiled objective used)
-    beta = (kl_warmup(config.beta, config.warmup_epochs, steps_per_epoch)
+    beta = (kl_warmup(config.beta, config.warmup_epochs, shards.steps)
             if config.warmup_epochs or config.beta != 1.0 else None)
     failed = True
     try:
         history = fit(model, guide, build_objective(config), train_split, optimizers,
                       config.epochs, config.batch_size, binarize, seed=config.seed, beta=beta,
-                      max_seconds=config.max_seconds, validate=validator, on_epoch=on_epoch,
-                      progress=progress, history=history, position=position,
-                      on_divergence=config.on_divergence, callbacks=callbacks, log=log)
+                      max_seconds=config.max_seconds,
+                      validate=validator if world.main else None, on_epoch=on_epoch,
+                      progress=progress if world.main else False, history=history,
+                      position=position, on_divergence=config.on_divergence,
+                      callbacks=callbacks, log=log, shards=shards, rank=world.rank,
+                      ctrl_c=world.size == 1)
         failed = False
     except Interrupted as e:
         save(done, e.position)
@@ -230,14 +306,24 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
                    gap_seconds=tracker.seconds if tracker is not None else None)
 
 
-def _restore(state, model, guide, optimizers, validator, config) -> None:
+def _restore_networks(state, model, guide) -> None:
     try:
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
-        for opt, opt_state in zip(optimizers.all(), state["optimizers"]):
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"the checkpoint does not fit this run's model and guide "
+                        f"({type(e).__name__}); start a new run") from None
+
+
+def _restore_optimizers(state, optimizers, validator, config, world, num_data) -> None:
+    try:
+        opt_states = list(state["optimizers"])
+        if optimizers.local is not None and opt_states:
+            opt_states[-1] = distributed.local_optimizer_state(opt_states[-1], world, num_data)
+        for opt, opt_state in zip(optimizers.all(), opt_states):
             opt.load_state_dict(opt_state)
         validator.load_state_dict(state.get("valid_guide"))
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (RuntimeError, KeyError, ValueError, IndexError) as e:
         raise UserError(f"the checkpoint does not fit this run's model and guide "
                         f"({type(e).__name__}); start a new run") from None
     for opt, lr in zip(optimizers.all(), (config.lr, config.local_lr)
@@ -246,7 +332,6 @@ def _restore(state, model, guide, optimizers, validator, config) -> None:
             group["lr"] = lr
             if "base_lr" in group:  # a learning-rate schedule scales this base rate
                 group["base_lr"] = lr
-    checkpoint.set_rng_state(state["rng"])
 
 
 def _previous_resumes(out: Path) -> list:

@@ -181,10 +181,12 @@ def git_dirty() -> Optional[bool]:
     return None if out is None else bool(out.strip())
 
 
-def write_config(path: Path, config_dict: dict, device: str, resumes=(), data=None) -> None:
-    """config.json: settings, the data's splits, versions (git state, command line), device."""
+def write_config(path: Path, config_dict: dict, device: str, resumes=(), data=None,
+                 world_size: int = 1) -> None:
+    """config.json: settings, the data's splits, versions (git state, command line), device
+    and the number of processes (torchrun's world size)."""
     doc = {"config": config_dict, "data": data, "command": list(sys.argv),
-           "versions": versions(), "device": device}
+           "versions": versions(), "device": device, "world_size": world_size}
     if resumes:
         doc["resumes"] = list(resumes)
     write_json(path, doc)

@@ -14,12 +14,12 @@ import math
 import signal
 import threading
 import time
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from . import guides, logs
-from .data import Batch, Binarize, Split, minibatches, num_batches
+from .data import Batch, Binarize, Shards, Split
 from .optim import Optimizers, restore_rows, save_rows
 
 # (epoch [0-based], step within the epoch) -> beta, the KL weight of that step
@@ -97,59 +97,94 @@ def step(model, guide, objective, batch: Batch, optimizers: Optimizers,
     """One SVI step; returns the (detached) loss. ``kwargs`` (``beta``) go to the objective.
 
     With ``guard`` the step is all or nothing: a non-finite loss or gradient raises
-    ``DivergenceError`` before the optimizers touch the parameters, and rows of a
-    per-datapoint table already moved by the step's inner updates are put back.
+    ``DivergenceError`` and neither the networks nor the rows of a per-datapoint table (which
+    the step's inner updates may have moved) change. This reads the verdict on the host;
+    the training loop uses ``step_on_device`` and reads it every few steps instead.
     """
-    saved = None
-    if guard and optimizers.local is not None and optimizers.inner_steps:
-        saved = [save_rows(optimizers.local, t, batch.idx) for t in optimizers.tables()]
-    try:
-        return _step(model, guide, objective, batch, optimizers, guard, kwargs)
-    except DivergenceError:
-        for table, rows in zip(optimizers.tables(), saved or ()):
-            restore_rows(optimizers.local, table, batch.idx, rows)
-        raise
+    return step_on_device(model, guide, objective, batch, optimizers, guard, defer=False,
+                          **kwargs)[0]
 
 
-def _step(model, guide, objective, batch, optimizers, guard, kwargs) -> torch.Tensor:
-    if optimizers.local is not None:
-        tables = optimizers.tables()
-        for _ in range(optimizers.inner_steps):
-            loss = guides.training_loss(guide, objective, model, batch, **kwargs)
-            grads = torch.autograd.grad(loss, tables)
-            if guard and not _finite(loss, *grads):
-                raise DivergenceError("non-finite loss or gradient in a local step; "
-                                      "the step was not applied")
-            for table, grad in zip(tables, grads):
-                table.grad = grad
-            optimizers.local.step()
-        for table in tables:
-            table.grad = None
+def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers,
+                   guard: bool = True, defer: bool = True, **kwargs):
+    """One SVI step that never waits on the host; returns (loss, bad), both on the device.
+
+    With ``guard``, ``bad`` is 1.0 when the loss or a gradient of the step (inner updates
+    included, on any process) was non-finite, else 0.0, and then nothing was applied: the
+    flag goes to the optimizers as ``found_inf`` (fused Adam and ``RowAdam`` skip on it, as
+    under a ``GradScaler``) and the table rows moved by inner updates are put back with a
+    device-side select. With ``defer=False``, or optimizers that cannot skip on a flag, the
+    flag is read on the host before anything is applied (``DivergenceError`` at once).
+    Without ``guard``, ``bad`` is None.
+
+    Under torchrun (``optimizers.sync``) every process's loss is divided by the world size
+    and the networks' gradients are summed over processes, with the flag in the same
+    all-reduce; a table's gradient stays on its process.
+    """
+    sync = optimizers.sync
+    scale = 1.0 / sync.size if sync is not None else 1.0
+    tables = optimizers.tables()
+    rows = guides.table_index(guide, batch.idx) if tables else None
+    bad = torch.zeros((), device=batch.x.device) if guard else None
+    on_device = defer and optimizers.skips_on_device()
+    saved = ([save_rows(optimizers.local, t, rows) for t in tables]
+             if guard and tables and optimizers.inner_steps else None)
+
+    def give_up() -> None:  # an optimizer that cannot skip on a flag: decide on the host
+        if not on_device and bool(bad):
+            optimizers.zero_grad()
+            for table, kept in zip(tables, saved or ()):
+                restore_rows(optimizers.local, table, rows, kept)
+            raise DivergenceError("non-finite loss or gradient; the step was not applied")
+
+    for _ in range(optimizers.inner_steps if tables else 0):
+        loss = guides.training_loss(guide, objective, model, batch, **kwargs)
+        grads = torch.autograd.grad(loss * scale if sync is not None else loss, tables)
+        if guard:
+            bad = _nonfinite(bad, loss, *grads)
+            give_up()
+        for table, grad in zip(tables, grads):
+            table.grad = grad
+        optimizers.local.found_inf = bad
+        optimizers.local.step()
+    for table in tables:
+        table.grad = None
     optimizers.zero_grad()
     loss = guides.training_loss(guide, objective, model, batch, **kwargs)
-    loss.backward()
-    if guard and not check_finite(loss, optimizers):
-        optimizers.zero_grad()
-        raise DivergenceError("non-finite loss or gradient; the step was not applied")
+    (loss * scale if sync is not None else loss).backward()
+    if guard:
+        bad = _nonfinite(bad, loss, *_grads(optimizers))
+    if sync is not None:
+        total = sync.reduce(optimizers.networks(),
+                            bad if guard else torch.zeros((), device=batch.x.device))
+        bad = (total > 0).to(total.dtype) if guard else None
+    if guard:
+        give_up()
+    optimizers.set_found_inf(bad if on_device else None)
     optimizers.step()
-    return loss.detach()
+    for table, kept in zip(tables, saved or ()):
+        restore_rows(optimizers.local, table, rows, kept, where=bad)
+    return loss.detach(), bad
+
+
+def _grads(optimizers: Optimizers) -> List[torch.Tensor]:
+    return [p.grad for opt in optimizers.all() for group in opt.param_groups
+            for p in group["params"] if p.grad is not None]
 
 
 def check_finite(loss: torch.Tensor, optimizers: Optimizers) -> bool:
-    """True when the loss and every gradient are finite."""
-    grads = [p.grad for opt in optimizers.all() for group in opt.param_groups
-             for p in group["params"] if p.grad is not None]
-    return _finite(loss, *grads)
+    """True when the loss and every gradient are finite (a host read)."""
+    return not bool(_nonfinite(torch.zeros((), device=loss.device), loss, *_grads(optimizers)))
 
 
-def _finite(*tensors: torch.Tensor) -> bool:
-    """True when every entry is finite: one reduction per tensor, one host sync in all.
+def _nonfinite(bad: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    """``bad`` or'ed with "some entry is not finite": one reduction per tensor, on the device.
 
     A sum is non-finite exactly when some entry is NaN or infinite (or the finite entries
     overflow, which is as much a sign of divergence).
     """
-    sums = [(t.coalesce().values() if t.is_sparse else t).sum() for t in tensors]
-    return bool(torch.isfinite(torch.stack(sums)).all())
+    sums = torch.stack([(t.coalesce().values() if t.is_sparse else t).sum() for t in tensors])
+    return torch.maximum(bad, (~torch.isfinite(sums)).any().to(bad.dtype))
 
 
 def lower_lr(optimizers: Optimizers, factor: float = 0.5) -> None:
@@ -180,6 +215,7 @@ class Loop:
             self.epoch, self.wall, self.steps = position.epoch, position.wall, position.steps
         self.beta, self.lowered, self.stop, self.valid = beta, 0, False, math.nan
         self.last_loss: Optional[torch.Tensor] = None
+        self.shown = math.nan  # the epoch's mean training ELBO per image at the last host read
 
     def begin(self, epoch: int, device) -> None:
         p = self._resume if self._resume is not None and self._resume.epoch == epoch else None
@@ -188,6 +224,9 @@ class Loop:
         self.step, self.loss_sum, self.before, self.taken = \
             (p.step, p.loss_sum, p.seconds, p.taken) if p else (0, 0.0, 0.0, 0)
         self.epoch_loss = torch.zeros((), device=device)
+        # device-side counters of guarded steps since the last host read (``sync``)
+        self.pending, self._bad = 0, torch.zeros((), device=device)
+        self._first_bad = torch.full((), -1.0, device=device)
         self.started = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -197,23 +236,53 @@ class Loop:
     def run_seconds(self) -> float:
         return self.wall + self.elapsed()
 
-    def record(self, loss: torch.Tensor, beta: Optional[float]) -> None:
-        self.epoch_loss += loss
-        self.steps += 1
-        self.taken += 1
+    def record(self, loss: torch.Tensor, bad: Optional[torch.Tensor],
+               beta: Optional[float]) -> None:
+        """Count a step without reading anything on the host: ``bad`` (a device flag, or None
+        for an unguarded step) says it was not applied."""
+        if bad is None:
+            self.epoch_loss += loss
+            self.steps += 1
+            self.taken += 1
+        else:
+            self.epoch_loss += torch.where(bad > 0, torch.zeros_like(loss), loss)
+            self._bad += bad
+            self._first_bad = torch.where((self._first_bad < 0) & (bad > 0),
+                                          float(self.step), self._first_bad)
+            self.pending += 1
         self.last_loss = loss
         if beta is not None:
             self.beta = float(beta)
 
+    def sync(self) -> Tuple[int, int]:
+        """Read the device counters (one host read): returns how many of the steps since the
+        last read were not applied and the first such step (-1: none)."""
+        if self.pending == 0:
+            return 0, -1
+        bad, first, total = torch.stack([self._bad, self._first_bad,
+                                         self.epoch_loss.detach()]).tolist()
+        applied = self.pending - int(bad)
+        self.steps += applied
+        self.taken += applied
+        self.pending = 0
+        self._bad.zero_()
+        self._first_bad.fill_(-1.0)
+        self.shown = -(self.loss_sum + total) / (self.n * max(self.taken, 1))
+        return int(bad), int(first)
+
     def position(self) -> Position:
+        self.sync()
         return Position(self.epoch, self.step, self.loss_sum + float(self.epoch_loss),
                         self.before + self.elapsed(), self.run_seconds(), self.steps, self.taken)
 
-    def end_epoch(self) -> EpochMetrics:
+    def end_epoch(self, sync=None) -> EpochMetrics:
+        """The epoch's metrics; ``sync`` (a ``GradSync``) averages the loss over processes."""
+        self.sync()
         elapsed = self.elapsed()
         seconds = self.before + elapsed
         self.wall += elapsed
-        train = -(self.loss_sum + float(self.epoch_loss)) / (self.n * max(self.taken, 1))
+        loss = self.epoch_loss if sync is None else sync.all_reduce(self.epoch_loss) / sync.size
+        train = -(self.loss_sum + float(loss)) / (self.n * max(self.taken, 1))
         metrics = EpochMetrics(self.epoch + 1, train, self.valid, seconds, self.wall,
                                self.steps, self.beta)
         self.history.append(metrics)
@@ -243,13 +312,26 @@ class Callback:
         pass
 
 
+SYNC_EVERY = 100  # steps between host reads of the divergence guard's device counters
+
+
 def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: int,
          batch_size: int, binarize: Binarize, seed: int = 0, beta: Optional[BetaSchedule] = None,
          callbacks: Sequence[Callback] = (), state: Optional[Loop] = None,
-         on_divergence: str = "stop", log: Callable[[str], None] = logs.info
+         on_divergence: str = "stop", log: Callable[[str], None] = logs.info,
+         shards: Optional[Shards] = None, rank: int = 0, sync_every: int = SYNC_EVERY
          ) -> List[EpochMetrics]:
-    """The core loop: epochs of seeded minibatches, one guarded step each, callbacks around."""
-    state = state or Loop(len(train), num_batches(len(train), batch_size))
+    """The core loop: epochs of seeded minibatches, one guarded step each, callbacks around.
+
+    The steps never wait on the host: whether a step was applied is counted on the device
+    and read every ``sync_every`` steps and at the end of the epoch, where a non-finite step
+    (never applied) stops the run or lowers the rates (``on_divergence``). Under torchrun,
+    ``shards`` and ``rank`` say which rows this process draws (``data.Shards``); ``binarize``
+    is then this process's noise.
+    """
+    shards = shards or Shards(len(train), 1, batch_size)
+    noise = {rank: binarize}
+    state = state or Loop(len(train), shards.steps)
     try:
         for cb in callbacks:
             cb.on_start(state)
@@ -259,21 +341,25 @@ def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: 
                 cb.on_epoch_start(state)
             if state.stop:
                 break
-            order = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            for batch in minibatches(train, batch_size, binarize, order, start=state.step):
+            for batch in shards.batches(train, noise, seed * 100_003 + epoch, [rank],
+                                        start=state.step):
                 kwargs = {} if beta is None else {"beta": beta(epoch, state.step)}
                 try:
-                    loss = step(model, guide, objective, batch, optimizers, **kwargs)
-                except DivergenceError as e:
-                    _recover(e, state, optimizers, on_divergence, log)
+                    loss, bad = step_on_device(model, guide, objective, batch, optimizers,
+                                               **kwargs)
+                except DivergenceError as e:  # an optimizer that cannot skip on a flag
+                    _recover(e, state, state.step, optimizers, on_divergence, log)
                 else:
-                    state.record(loss, kwargs.get("beta"))
+                    state.record(loss, bad, kwargs.get("beta"))
                 state.step += 1
+                if state.step % sync_every == 0:
+                    _check(state, optimizers, on_divergence, log)
                 if any([cb.after_step(state) for cb in callbacks]):
                     break
+            _check(state, optimizers, on_divergence, log)
             for cb in callbacks:
                 cb.on_epoch_end(state)
-            metrics = state.end_epoch()
+            metrics = state.end_epoch(optimizers.sync)
             if any([cb.on_metrics(state, metrics) for cb in callbacks]):
                 break
     finally:
@@ -282,9 +368,18 @@ def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: 
     return state.history
 
 
-def _recover(error: DivergenceError, state: Loop, optimizers, on_divergence: str, log) -> None:
-    """Stop on a diverged step, or halve every rate and skip its batch (at most 10 times)."""
-    where = f"epoch {state.epoch + 1}, step {state.step + 1}: {error}"
+def _check(state: Loop, optimizers, on_divergence: str, log) -> None:
+    """The host read of the guard: act on every step since the last read that was not applied."""
+    bad, first = state.sync()
+    for _ in range(bad):
+        _recover(DivergenceError("non-finite loss or gradient; the step was not applied"),
+                 state, first, optimizers, on_divergence, log)
+
+
+def _recover(error: DivergenceError, state: Loop, step: int, optimizers, on_divergence: str,
+             log) -> None:
+    """Stop on a diverged step, or halve every rate (its batch was skipped; at most 10 times)."""
+    where = f"epoch {state.epoch + 1}, step {step + 1}: {error}"
     if on_divergence != "lower_lr" or state.lowered >= 10:
         raise DivergenceError(where) from None
     state.lowered += 1
@@ -400,9 +495,8 @@ class ProgressBar(Callback):
                             dynamic_ncols=True, leave=False)
 
     def after_step(self, loop: Loop) -> bool:
-        if loop.step % 20 == 1 and loop.last_loss is not None:
-            self.bar.set_postfix(epoch=loop.epoch + 1,
-                                 elbo=f"{-float(loop.last_loss) / loop.n:.2f}")
+        if loop.step % 20 == 0 and loop.shown == loop.shown:  # as of the last host read
+            self.bar.set_postfix(epoch=loop.epoch + 1, elbo=f"{loop.shown:.2f}")
         if self.max_seconds is None:
             self.bar.update(1)
         else:
@@ -433,8 +527,9 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
         on_epoch: Optional[Callable[[EpochMetrics], None]] = None,
         progress: bool = True, history: Optional[List[EpochMetrics]] = None,
         position: Optional[Position] = None, on_divergence: str = "stop",
-        callbacks: Sequence[Callback] = (), log: Callable[[str], None] = logs.info
-        ) -> List[EpochMetrics]:
+        callbacks: Sequence[Callback] = (), log: Callable[[str], None] = logs.info,
+        shards: Optional[Shards] = None, rank: int = 0, ctrl_c: bool = True,
+        sync_every: int = SYNC_EVERY) -> List[EpochMetrics]:
     """Train for epochs ``start_epoch .. epochs-1`` (by default from ``len(history)``);
     returns the per-epoch metrics.
 
@@ -449,9 +544,13 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     A non-finite loss or gradient never reaches the parameters: with ``on_divergence="stop"``
     it raises ``DivergenceError`` naming the epoch and step; with ``"lower_lr"`` it halves
     every learning rate, skips the batch and goes on (at most 10 times). Ctrl-C finishes the
-    current step and raises ``Interrupted`` carrying the position to resume from.
+    current step and raises ``Interrupted`` carrying the position to resume from (with
+    ``ctrl_c``; a torchrun process leaves Ctrl-C to torchrun). ``shards`` and ``rank``: the
+    rows this process draws under torchrun (``data.Shards``); ``sync_every``: steps between
+    host reads of the divergence guard (``loop``).
     """
-    steps_per_epoch = num_batches(len(train), batch_size)
+    shards = shards or Shards(len(train), 1, batch_size)
+    steps_per_epoch = shards.steps
     default_beta = getattr(objective, "beta", 1.0)
     if warmup_epochs and beta is None:
         beta = kl_warmup(default_beta, warmup_epochs, steps_per_epoch)
@@ -461,8 +560,9 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
         pieces.insert(0, Validate(validate))
     if on_epoch is not None:
         pieces.append(OnEpoch(on_epoch))
-    pieces.append(StopOnCtrlC())  # after the checkpoint: Ctrl-C there stops at the boundary
+    if ctrl_c:
+        pieces.append(StopOnCtrlC())  # after the checkpoint: Ctrl-C there stops at the boundary
     if max_seconds is not None:
         pieces.append(TimeBudget(max_seconds))
     return loop(model, guide, objective, train, optimizers, epochs, batch_size, binarize, seed,
-                beta, [*pieces, *callbacks], state, on_divergence, log)
+                beta, [*pieces, *callbacks], state, on_divergence, log, shards, rank, sync_every)

@@ -12,7 +12,8 @@ import pytest
 
 from ppl_vae import checkpoint
 
-TRIALS = int(os.environ.get("PPL_VAE_KILL_TRIALS", "6"))  # per test run, split over guides
+# kills per guide: one in the default suite, more on request (PPL_VAE_KILL_TRIALS=5)
+TRIALS = int(os.environ.get("PPL_VAE_KILL_TRIALS", "1"))
 TOY = ["--train-size", "256", "--valid-size", "8", "--test-size", "8", "--hidden", "8",
        "--latent-dim", "2", "--batch-size", "32", "--device", "cpu"]
 
@@ -33,7 +34,7 @@ def _log(out) -> str:
 @pytest.mark.parametrize("guide", ["amortized", "meanfield"])
 def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(tmp_path, guide):
     rng = random.Random(1234)
-    for trial in range(TRIALS // 2):
+    for trial in range(TRIALS):
         out = tmp_path / f"{guide}{trial}"
         proc = _train(out, "--epochs", "100000", "--guide", guide)
         deadline = time.monotonic() + 60
@@ -48,9 +49,10 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(tmp_path, guide)
         assert state is not None
         saved = len(state["history"])
         written = len((out / "metrics.jsonl").read_text().splitlines())
-        assert written - saved in (0, 1), (written, saved)  # at most the epoch in progress
+        # the checkpoint is written before the epoch's metrics line: everything shown is saved
+        assert saved - written in (0, 1), (written, saved)
         assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()
-                ][:saved] == [m["epoch"] for m in state["history"]]
+                ] == [m["epoch"] for m in state["history"]][:written]
     # the last killed run continues from its checkpoint
     resumed = _train(out, "--epochs", str(saved + 2), "--guide", guide, "--resume")
     assert resumed.wait(timeout=120) == 0, _log(out)

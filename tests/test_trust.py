@@ -417,12 +417,27 @@ class Evil:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.fixture
-def finished_run(tmp_path, cached_mnist, capsys):
-    """A finished 2-epoch tiny run of the CLI (its own copy per test)."""
-    out = tmp_path / "run"
-    assert train_cli(capsys, out, "--epochs", "2")[0] == 0
+_TRAINED = {}  # (epochs, evaluated) -> a finished run that tests get copies of
+
+
+def trained_copy(tmp_path_factory, capsys, out, epochs: int, evaluate: bool = False):
+    """A copy at ``out`` of a finished tiny CLI run (trained once per test session)."""
+    key = (epochs, evaluate)
+    if key not in _TRAINED:
+        template = tmp_path_factory.mktemp("trained") / "run"
+        assert train_cli(capsys, template, "--epochs", str(epochs))[0] == 0
+        if evaluate:
+            assert call(capsys, "evaluate", template, "--num-particles", "2",
+                        "--test-size", "10")[0] == 0
+        _TRAINED[key] = template
+    shutil.copytree(_TRAINED[key], out)
     return out
+
+
+@pytest.fixture
+def finished_run(tmp_path, tmp_path_factory, cached_mnist, capsys):
+    """A finished 2-epoch tiny run of the CLI (its own copy per test)."""
+    return trained_copy(tmp_path_factory, capsys, tmp_path / "run", 2)
 
 
 @pytest.mark.parametrize("command", ["evaluate", "resume"])
@@ -522,12 +537,9 @@ def test_an_empty_out_is_refused(capsys, tmp_path, monkeypatch, argv, cached_mni
 
 
 @pytest.fixture
-def evaluated_run(tmp_path, cached_mnist, capsys):
-    """A finished 3-epoch run, evaluated (eval.json and figures)."""
-    out = tmp_path / "run3"
-    assert train_cli(capsys, out, "--epochs", "3")[0] == 0
-    assert call(capsys, "evaluate", out, "--num-particles", "2", "--test-size", "10")[0] == 0
-    return out
+def evaluated_run(tmp_path, tmp_path_factory, cached_mnist, capsys):
+    """A finished 3-epoch run, evaluated (eval.json and figures; its own copy per test)."""
+    return trained_copy(tmp_path_factory, capsys, tmp_path / "run3", 3, evaluate=True)
 
 
 def test_resume_mistakes_are_refused_and_delete_nothing(evaluated_run, capsys):

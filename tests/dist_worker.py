@@ -1,0 +1,72 @@
+"""Run by tests/test_distributed.py under torchrun: 20 data-parallel steps of each guide.
+
+Each process writes ``<out>/<guide>.rank<r>.pt``: its losses, its networks, its table shard,
+and every collective it took part in (name and bytes), for the test to compare with one
+process following the same sharded order.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_setup import BATCH, N, SEED, STEPS, build, config, noise, split  # noqa: E402
+
+from ppl_vae import data, distributed, guides, train  # noqa: E402
+from ppl_vae.config import build_objective  # noqa: E402
+from ppl_vae.optim import make_optimizers  # noqa: E402
+
+COLLECTIVES = ("all_reduce", "gather", "all_gather", "broadcast", "gather_object",
+               "all_gather_object", "send", "recv", "isend", "irecv", "scatter", "reduce",
+               "all_to_all", "reduce_scatter")
+
+
+def count_collectives(log: list) -> None:
+    """Record (name, bytes) of every torch.distributed call from here on."""
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+
+        def wrapped(obj, *args, _name=name, _original=original, **kwargs):
+            size = obj.numel() * obj.element_size() if isinstance(obj, torch.Tensor) else -1
+            log.append((_name, size))
+            return _original(obj, *args, **kwargs)
+        setattr(dist, name, wrapped)
+
+
+class Record(train.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def after_step(self, loop):
+        self.losses.append(float(loop.last_loss))
+        return len(self.losses) >= STEPS  # ends the (longer) epoch after STEPS steps
+
+
+def main(out: Path) -> None:
+    world = distributed.init("cpu")
+    calls: list = []
+    count_collectives(calls)
+    for name in ("amortized", "meanfield"):
+        model, guide = build(name)
+        guide = guides.shard(guide, world.rank, world.size)
+        c = config(name)
+        opts = make_optimizers(model, guide, c.lr, c.local_lr, c.inner_steps)._replace(
+            sync=distributed.GradSync(world))
+        table0 = guide.params.detach().clone() if name == "meanfield" else None
+        torch.manual_seed(distributed.rank_seed(SEED + 2, world))
+        record = Record()
+        calls.clear()
+        train.fit(model, guide, build_objective(c), split(), opts, 1, BATCH, noise(world.rank),
+                  seed=SEED, progress=False, ctrl_c=False, callbacks=[record],
+                  shards=data.Shards(N, world.size, BATCH), rank=world.rank, sync_every=7)
+        torch.save({"losses": record.losses, "model": model.state_dict(),
+                    "guide": guide.state_dict(), "table0": table0, "calls": list(calls),
+                    "sync_bytes": opts.sync.bytes, "sync_calls": opts.sync.calls,
+                    "network_numel": sum(p.numel() for p in opts.networks())},
+                   out / f"{name}.rank{world.rank}.pt")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

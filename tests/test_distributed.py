@@ -1,0 +1,167 @@
+"""Data-parallel training under torchrun (Gloo, CPU): two processes against one process that
+follows the same sharded order, the table's shards, what crosses the network, a killed rank.
+
+Every torchrun launch costs a few seconds of imports per process; the file starts three.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_setup import BATCH, N, SEED, STEPS, WORLD, build, config, noise, split  # noqa: E402
+
+from ppl_vae import checkpoint, cli, data, guides  # noqa: E402
+from ppl_vae.config import build_objective  # noqa: E402
+from ppl_vae.optim import make_optimizers  # noqa: E402
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(WORLD), *map(str, args)]
+    return subprocess.Popen(cmd, env=ENV, **popen)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Each guide trained for STEPS steps by 2 processes (tests/dist_worker.py)."""
+    out = tmp_path_factory.mktemp("dist")
+    proc = torchrun(HERE / "dist_worker.py", out, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT)
+    log = proc.communicate(timeout=240)[0].decode()
+    assert proc.returncode == 0, log[-3000:]
+    return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=True)
+                   for r in range(WORLD)] for name in ("amortized", "meanfield")}
+
+
+def one_process(name: str):
+    """One process, the same sampler asked for every shard: each step sums the shards' losses
+    (each divided by W, with that shard's random stream), then one optimizer step."""
+    model, guide = build(name)
+    c = config(name)
+    opts = make_optimizers(model, guide, c.lr, c.local_lr, c.inner_steps)
+    objective = build_objective(c)
+    rngs = []
+    for r in range(WORLD):
+        torch.manual_seed(SEED + 2 + 7919 * r)
+        rngs.append(torch.get_rng_state())
+    shards = data.Shards(N, WORLD, BATCH)
+    noises = [noise(r) for r in range(WORLD)]
+    streams = [shards.batches(split(), noises, SEED * 100_003, [r]) for r in range(WORLD)]
+    tables = opts.tables()
+    losses = [[] for _ in range(WORLD)]
+    for _ in range(STEPS):
+        batches = [next(s) for s in streams]
+        for r, batch in enumerate(batches):  # inner steps: each shard's rows alone
+            torch.set_rng_state(rngs[r])
+            for _ in range(opts.inner_steps if tables else 0):
+                loss = guides.training_loss(guide, objective, model, batch)
+                for table, grad in zip(tables, torch.autograd.grad(loss / WORLD, tables)):
+                    table.grad = grad
+                opts.local.step()
+                for table in tables:
+                    table.grad = None
+            rngs[r] = torch.get_rng_state()
+        opts.zero_grad()
+        for r, batch in enumerate(batches):  # the joint step: gradients summed over shards
+            torch.set_rng_state(rngs[r])
+            loss = guides.training_loss(guide, objective, model, batch)
+            (loss / WORLD).backward()
+            losses[r].append(float(loss.detach()))
+            rngs[r] = torch.get_rng_state()
+        opts.step()
+    return model, guide, losses
+
+
+# float32 sums in another order (all-reduce vs autograd's accumulation), amplified by Adam's
+# division by sqrt(v) for near-zero gradients: over 20 steps the networks and losses stay
+# within 1e-4 relative; table rows (which move by up to local_lr = 0.2 a step) within 1e-4
+# absolute (measured: 4.7e-5 at most)
+RTOL, ATOL = 1e-4, 1e-6
+TABLE_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("name", ["amortized", "meanfield"])
+def test_two_processes_equal_one_process_on_the_same_sharded_order(two_processes, name):
+    runs = two_processes[name]
+    model, guide, losses = one_process(name)
+    for r, run in enumerate(runs):
+        assert len(run["losses"]) == STEPS
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(losses[r]),
+                                   rtol=RTOL, atol=ATOL)
+        for key, value in model.state_dict().items():  # replicated networks
+            torch.testing.assert_close(run["model"][key], value, rtol=RTOL, atol=ATOL)
+    for key, value in guide.state_dict().items():
+        if name == "amortized":
+            for run in runs:
+                torch.testing.assert_close(run["guide"][key], value, rtol=RTOL, atol=ATOL)
+        else:  # each rank's shard holds exactly its rows: i mod W = rank, in order
+            for r, run in enumerate(runs):
+                torch.testing.assert_close(run["guide"][key], value[r::WORLD],
+                                           rtol=RTOL, atol=TABLE_ATOL)
+
+
+def test_table_shards_untouched_rows_and_what_crosses_the_network(two_processes):
+    runs = two_processes["meanfield"]
+    for r, run in enumerate(runs):
+        table, before = run["guide"]["params"], run["table0"]
+        assert table.shape == (N // WORLD, before.shape[1])  # N / W rows per rank
+        moved = (table != before).any(1)
+        assert moved.sum() == STEPS * BATCH  # the rows of its 20 batches, no other
+        assert torch.equal(table[~moved], before[~moved])  # untouched rows: bitwise
+        # in training only the networks' gradients (+ the guard's flag) are all-reduced,
+        # one call per step, and the epoch's loss once: no table row is ever sent
+        net = (run["network_numel"] + 1) * 4
+        assert run["calls"] == [("all_reduce", net)] * STEPS + [("all_reduce", 4)]
+        assert run["sync_calls"] == STEPS and run["sync_bytes"] == STEPS * net
+
+
+TOY = ["--train-size", "1024", "--valid-size", "16", "--test-size", "16", "--hidden", "8",
+       "--latent-dim", "2", "--batch-size", "32", "--device", "cpu", "--guide", "meanfield"]
+
+
+def test_a_killed_rank_stops_the_run_and_resume_continues(tmp_path, capsys):
+    with open(tmp_path / "log", "wb") as log:
+        _kill_and_resume(tmp_path, tmp_path / "run", log, capsys)
+
+
+def _kill_and_resume(tmp_path, out, log, capsys):
+    proc = torchrun("-m", "ppl_vae", "train", *TOY, "--epochs", "100000", "--out", out,
+                    stdout=log, stderr=log)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or len(
+            (out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+                             ).stdout.split()
+    assert len(workers) == WORLD
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies mid-epoch
+    assert proc.wait(timeout=120) != 0  # torchrun stops the other and fails the run
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+            f"/proc/{pid}/status").read_text()
+    state = checkpoint.load(out)
+    assert state is not None and state["world_size"] == WORLD
+    saved = len(state["history"])
+    assert state["guide"]["params"].shape[0] == 1024  # the whole table, gathered
+    resumed = torchrun("-m", "ppl_vae", "train", *TOY, "--epochs", str(saved + 1), "--out", out,
+                       "--resume", stdout=log, stderr=log)
+    assert resumed.wait(timeout=180) == 0, (tmp_path / "log").read_text()[-3000:]
+    assert json.loads((out / "summary.json").read_text())["epochs"] == saved + 1
+    # one process cannot resume it: the world size decides the order and the shards
+    capsys.readouterr()
+    assert cli.main(["train", *TOY, "--epochs", str(saved + 2), "--out", str(out),
+                     "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "nproc-per-node 2" in err and len(err.strip().splitlines()) == 1
