@@ -259,6 +259,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny settings, seconds")
     p.add_argument("--out", type=Path, default=Path("runs/bench.json"))
     p.add_argument("--no-logpx", action="store_true", help="skip the K=5000 log p(x) timing")
+    p.add_argument("--devices", default="cpu,cuda",
+                   help="comma-separated; cuda is skipped where it is not available")
     args = p.parse_args(argv)
     if args.smoke:
         kw = dict(batch_sizes=[32], repeats=2, steps=2, local_sizes=[1000], epoch=False,
@@ -267,7 +269,8 @@ def main(argv=None):
         kw = dict(batch_sizes=[32, 128, 512], repeats=7, steps=20,
                   local_sizes=[50_000, 1_000_000], epoch=True,
                   logpx_k=0 if args.no_logpx else 5000, logpx_rows=10_000)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device(d) for d in args.devices.split(",")
+               if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     doc = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "pyro": pyro.__version__, "date": time.strftime("%Y-%m-%d"),
            "settings": kw}

@@ -251,6 +251,8 @@ def _command(args) -> int:
             raise UserError("--num-particles-eval must be positive")
         doc = compare(config, args.out, num_particles=k, overwrite=args.overwrite,
                       guides=args.guides, progress=args.progress or "lines")
+        if not doc:  # another torchrun process: rank 0 prints the results
+            return 0
         print(json.dumps({g: {key: doc[g].get(key) for key in (
             "test_elbo", "test_elbo_local", "test_log_px", "approximation_gap",
             "amortization_gap")} for g in args.guides}, indent=2))

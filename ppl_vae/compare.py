@@ -94,12 +94,13 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         log(f"== training the {guide} guide")
         trained = fit_run(config.replace(guide=guide), out / guide, overwrite=overwrite,
                           progress=progress, log=log)
-        if not world.main:  # rank 0 evaluates and writes
-            continue
-        if world.size > 1:  # the whole table, as rank 0 gathered it into the checkpoint
+        if world.size > 1:  # every process evaluates its share of the test rows with
+            distributed.barrier(world)  # the whole table, as rank 0 checkpointed it
             trained = load_trained(out / guide, device=config.device)
         log(f"== evaluating the {guide} model")
         res, arrays[guide] = evaluate_trained(trained, num_particles, progress=progress)
+        if not world.main:  # rank 0 scores and writes
+            continue
         summary = finish(trained, out / guide, log=log,
                          test=Estimate(res["test_elbo"], res["test_elbo_stderr"]))
         res.update({k: summary[k] for k in FROM_SUMMARY if summary.get(k) is not None})

@@ -123,9 +123,13 @@ def _bar(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True)
 
 
+UNIT_ROWS = 5000  # rows evaluated as one unit, with its own seed (local_inference's chunk)
+
+
 def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
                    local: bool = True, proposal: str = "auto", seed: int = 0,
-                   local_options: Optional[dict] = None, progress: bool = True):
+                   local_options: Optional[dict] = None, progress: bool = True,
+                   unit_rows: int = UNIT_ROWS):
     """Every held-out number of one model on rows ``x``; returns (results dict, arrays dict).
 
     - ``test_elbo``: the ELBO of the model's own guide on these rows, as the guide answers
@@ -140,10 +144,67 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
       of the paired differences. Each of ``guides.views(guide)`` (a semi-amortized guide's
       bare encoder) adds ``test_elbo_<view>`` and ``amortization_gap_<view>``.
     - ``rate``/``distortion`` of the own guide; ``active_units`` of its posterior means.
+
+    The rows are evaluated in units of ``unit_rows`` (unit u seeded with ``seed + u``), so
+    the numbers do not depend on how the units are shared out: under torchrun each process
+    takes units u with u mod W = rank, and rank 0 gathers the per-row values and returns the
+    same results as one process (the other processes return (None, None)).
     """
+    from . import distributed
+
     start = time.perf_counter()
-    local_options = dict(local_options or {})
+    if proposal not in ("auto", "guide", "local"):
+        raise ValueError(f"unknown proposal {proposal!r}")
+    world = distributed.current()
+    units = [(u, first) for u, first in enumerate(range(0, len(x), unit_rows))]
+    mine = {u: _evaluate_rows(model, guide, x[first:first + unit_rows], num_particles, local,
+                              proposal, seed + u, dict(local_options or {}), progress)
+            for u, first in units if u % world.size == world.rank}
+    if world.size > 1:
+        parts = distributed.gather_objects(
+            {u: {k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()}
+             for u, r in mine.items()}, world)
+        if not world.main:
+            return None, None
+        mine = {u: r for part in parts for u, r in part.items()}
+    rows = [mine[u] for u, _ in units]
+    cat = {k: torch.cat([r[k].to(x.device) for r in rows]) for k, v in rows[0].items()
+           if torch.is_tensor(v)}
+    first = rows[0]
     results: dict = {"num_rows": len(x), "num_particles": num_particles}
+    if first["fitted"]:
+        results.update(local_steps=sum(r["steps"] for r in rows),
+                       local_seconds=sum(r["seconds"] for r in rows))
+    elbo = Estimate.of(cat["elbo"])
+    results.update(test_elbo=elbo.mean, test_elbo_stderr=elbo.stderr,
+                   rate=float(cat["rate"].mean()), distortion=float(cat["distortion"].mean()))
+    est = Estimate.of(cat["log_px"])
+    results.update(test_log_px=est.mean, log_px_stderr=est.stderr, proposal=first["proposal"],
+                   log_px_seconds=sum(r["log_px_seconds"] for r in rows))
+    if first["fitted"]:
+        approx = _paired(cat["log_px"], cat["local_elbo"])
+        results.update(test_elbo_local=float(cat["local_elbo"].mean()),
+                       test_elbo_local_stderr=Estimate.of(cat["local_elbo"]).stderr,
+                       approximation_gap=approx.mean, approximation_gap_stderr=approx.stderr)
+        amort = _paired(cat["local_elbo"], cat["elbo"]) if first["comparable"] else None
+        results.update(amortization_gap=amort and amort.mean,
+                       amortization_gap_stderr=amort and amort.stderr)
+    for name in first["views"]:
+        view_elbo = cat[f"view_{name}"]
+        results[f"test_elbo_{name}"] = float(view_elbo.mean())
+        results[f"test_elbo_{name}_stderr"] = Estimate.of(view_elbo).stderr
+        if first["views"][name]:
+            gap = _paired(cat["local_elbo"], view_elbo)
+            results[f"amortization_gap_{name}"] = gap.mean
+            results[f"amortization_gap_{name}_stderr"] = gap.stderr
+    results["active_units"] = active_units(cat["means"])
+    results["seconds"] = time.perf_counter() - start
+    return results, {"posterior_means": cat["means"]}
+
+
+def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: bool,
+                   proposal: str, seed: int, local_options: dict, progress: bool) -> dict:
+    """One unit of ``evaluate_model``: per-row values (tensors) and what was done (plain)."""
     with _bar(0, "held-out fit (steps)", progress) as bar:
         held = guides.held_out(guide, model, x, seed=seed, progress=bar.update, **local_options)
     own = held.guide
@@ -153,47 +214,32 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
             held = guides.local_inference(model, x, init=own, seed=seed, progress=bar.update,
                                           **local_options)
         q_star = held.guide
-    if q_star is not None:
-        results.update(local_steps=held.steps, local_seconds=held.seconds)
+    out = {"fitted": q_star is not None, "steps": held.steps, "seconds": held.seconds}
     parts = elbo_parts(model, own, x, num_particles=10, seed=seed)
-    elbo = Estimate.of(parts.elbo)
-    results.update(test_elbo=elbo.mean, test_elbo_stderr=elbo.stderr,
-                   rate=float(parts.rate.mean()), distortion=float(parts.distortion.mean()))
+    out.update(elbo=parts.elbo, rate=parts.rate, distortion=parts.distortion)
     if proposal == "auto":
         proposal = "local" if q_star is not None else "guide"
     if proposal == "local" and q_star is None:
         raise ValueError("proposal 'local' needs local=True")
     t0 = time.perf_counter()
     with _bar(len(x), f"log p(x), K={num_particles}", progress) as bar:
-        lpx = log_px(model, q_star if proposal == "local" else own, x, num_particles,
-                     seed=seed, progress=bar.update)
-    est = Estimate.of(lpx)
-    results.update(test_log_px=est.mean, log_px_stderr=est.stderr, proposal=proposal,
-                   log_px_seconds=time.perf_counter() - t0)
+        out["log_px"] = log_px(model, q_star if proposal == "local" else own, x, num_particles,
+                               seed=seed, progress=bar.update)
+    out.update(proposal=proposal, log_px_seconds=time.perf_counter() - t0)
     probe = Batch(x[:2], torch.arange(min(2, len(x)), device=x.device), len(x))
+    out["comparable"] = False
     if q_star is not None:
-        local_elbo = parts.elbo if own is q_star else elbo_parts(model, q_star, x,
-                                                                 num_particles=10, seed=seed).elbo
-        approx = _paired(lpx, local_elbo)
-        results.update(test_elbo_local=float(local_elbo.mean()),
-                       test_elbo_local_stderr=Estimate.of(local_elbo).stderr,
-                       approximation_gap=approx.mean, approximation_gap_stderr=approx.stderr)
-        comparable = own is not q_star and guides.family(own, probe) == guides.family(q_star)
-        amort = _paired(local_elbo, parts.elbo) if comparable else None
-        results.update(amortization_gap=amort and amort.mean,
-                       amortization_gap_stderr=amort and amort.stderr)
+        out["local_elbo"] = parts.elbo if own is q_star else elbo_parts(
+            model, q_star, x, num_particles=10, seed=seed).elbo
+        out["comparable"] = (own is not q_star
+                             and guides.family(own, probe) == guides.family(q_star))
+    out["views"] = {}
     for name, view in guides.views(own).items():
-        view_elbo = elbo_parts(model, view, x, num_particles=10, seed=seed).elbo
-        results[f"test_elbo_{name}"] = float(view_elbo.mean())
-        results[f"test_elbo_{name}_stderr"] = Estimate.of(view_elbo).stderr
-        if q_star is not None and guides.family(view, probe) == guides.family(q_star):
-            gap = _paired(local_elbo, view_elbo)
-            results[f"amortization_gap_{name}"] = gap.mean
-            results[f"amortization_gap_{name}_stderr"] = gap.stderr
-    means = posterior_means(own, x)
-    results["active_units"] = active_units(means)
-    results["seconds"] = time.perf_counter() - start
-    return results, {"posterior_means": means}
+        out[f"view_{name}"] = elbo_parts(model, view, x, num_particles=10, seed=seed).elbo
+        out["views"][name] = (q_star is not None
+                              and guides.family(view, probe) == guides.family(q_star))
+    out["means"] = posterior_means(own, x)
+    return out
 
 
 @own_rng

@@ -176,6 +176,8 @@ def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local:
     results, arrays = evaluate_model(trained.model, trained.guide, x, num_particles, local=local,
                                      proposal=proposal, seed=EVAL_SEED, progress=progress,
                                      local_options=local_options)
+    if results is None:  # another torchrun process: rank 0 has the results
+        return Evaluated(None, None)
     results["split"] = split
     figs = figure_arrays(trained.model, x, arrays["posterior_means"])
     figs["labels"] = held_out.y.cpu().numpy()  # -1: unlabelled
@@ -230,6 +232,8 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
                         f"rows; use {setting('proposal')} local")
     results, arrays = evaluate_trained(trained, num_particles, proposal=proposal, local=local,
                                        split=split, progress=progress)
+    if results is None:  # another torchrun process: rank 0 writes the files
+        return {}
     results.update(guide=trained.config.guide, dataset=trained.config.dataset,
                    binarize=trained.config.binarize, epochs=len(trained.history),
                    finished=finished and pid is None, checkpoint=trained.checkpoint,

@@ -36,5 +36,5 @@ def to_console() -> None:
 
 
 def quiet() -> None:
-    """Only warnings and errors (the other processes of a torchrun run: rank 0 reports)."""
-    logger.setLevel(logging.WARNING)
+    """Errors only (the other processes of a torchrun run: rank 0 reports)."""
+    logger.setLevel(logging.ERROR)

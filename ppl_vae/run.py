@@ -435,7 +435,8 @@ def load_trained(run_dir: Path, device: Optional[str] = None, test_size: Optiona
     if test_size is not None:
         config = config.replace(test_size=test_size)
     config = config.replace(device=device or config.device).validate()
-    dev = resolve_device(config.device)
+    dev = (distributed.device_of(distributed.current(), config.device)  # torchrun: own GPU
+           or resolve_device(config.device))
     splits = load_splits(config, dev)
     dim = splits.train.x.shape[1]
     model = build_model(config, dim, splits.shape).to(dev)

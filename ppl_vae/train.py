@@ -178,13 +178,15 @@ def check_finite(loss: torch.Tensor, optimizers: Optimizers) -> bool:
 
 
 def _nonfinite(bad: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-    """``bad`` or'ed with "some entry is not finite": one reduction per tensor, on the device.
+    """``bad`` or'ed with "some entry is not finite", on the device: one ``_foreach_norm``
+    over all tensors (a single multi-tensor kernel on CUDA).
 
-    A sum is non-finite exactly when some entry is NaN or infinite (or the finite entries
-    overflow, which is as much a sign of divergence).
+    A norm is non-finite exactly when some entry is NaN or infinite (or the entries are so
+    large that their squares overflow, which is as much a sign of divergence).
     """
-    sums = torch.stack([(t.coalesce().values() if t.is_sparse else t).sum() for t in tensors])
-    return torch.maximum(bad, (~torch.isfinite(sums)).any().to(bad.dtype))
+    norms = torch._foreach_norm([(t.coalesce().values() if t.is_sparse else t).reshape(-1)
+                                 for t in tensors])
+    return torch.maximum(bad, (~torch.isfinite(torch.stack(norms))).any().to(bad.dtype))
 
 
 def lower_lr(optimizers: Optimizers, factor: float = 0.5) -> None:

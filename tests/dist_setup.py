@@ -27,3 +27,13 @@ def build(guide: str):
 def noise(rank: int) -> data.Binarize:
     """Process ``rank``'s binarization noise (as ``run.fit_run`` seeds it)."""
     return data.Binarize("dynamic", torch.Generator().manual_seed(SEED + 3 + 7919 * rank))
+
+
+# held-out evaluation: 40 rows in units of 10 (2 per process), small K and short local fits
+EVAL = dict(num_particles=20, seed=5, unit_rows=10, local_options={"max_steps": 60},
+            progress=False)
+
+
+def eval_rows() -> torch.Tensor:
+    g = torch.Generator().manual_seed(321)
+    return torch.bernoulli(torch.rand(40, D, generator=g), generator=g)

@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under torchrun: 20 data-parallel steps of each guide.
 
 Each process writes ``<out>/<guide>.rank<r>.pt``: its losses, its networks, its table shard,
-and every collective it took part in (name and bytes), for the test to compare with one
+every collective it took part in while training (name and bytes) and, on rank 0, the
+evaluation of held-out rows shared out over the processes, for the test to compare with one
 process following the same sharded order.
 """
 import sys
@@ -11,10 +12,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_setup import BATCH, N, SEED, STEPS, build, config, noise, split  # noqa: E402
+from dist_setup import (BATCH, EVAL, N, SEED, STEPS, build, config, eval_rows,  # noqa: E402
+                        noise, split)
 
 from ppl_vae import data, distributed, guides, train  # noqa: E402
 from ppl_vae.config import build_objective  # noqa: E402
+from ppl_vae.evaluate import evaluate_model  # noqa: E402
 from ppl_vae.optim import make_optimizers  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "gather", "all_gather", "broadcast", "gather_object",
@@ -60,8 +63,12 @@ def main(out: Path) -> None:
         train.fit(model, guide, build_objective(c), split(), opts, 1, BATCH, noise(world.rank),
                   seed=SEED, progress=False, ctrl_c=False, callbacks=[record],
                   shards=data.Shards(N, world.size, BATCH), rank=world.rank, sync_every=7)
+        trained_calls = list(calls)
+        # evaluation: the held-out rows' units shared out over the processes
+        results, _ = evaluate_model(model, guide, eval_rows(), **EVAL)
         torch.save({"losses": record.losses, "model": model.state_dict(),
-                    "guide": guide.state_dict(), "table0": table0, "calls": list(calls),
+                    "guide": guide.state_dict(), "table0": table0, "calls": trained_calls,
+                    "eval": results,
                     "sync_bytes": opts.sync.bytes, "sync_calls": opts.sync.calls,
                     "network_numel": sum(p.numel() for p in opts.networks())},
                    out / f"{name}.rank{world.rank}.pt")
