@@ -62,6 +62,15 @@ def worker(guide_name: str, batch: int, steps: int, warmup: int, rows: int, out:
               callbacks=[StopAfter(steps)], **kw)
     distributed.barrier(world)
     seconds = time.perf_counter() - start
+    allreduce_ms = None
+    if world.size > 1:  # the communication alone: the step's all-reduce, 50 times
+        for p in opts.networks():
+            p.grad = torch.zeros_like(p)
+        flag = torch.zeros(())
+        t = time.perf_counter()
+        for _ in range(50):
+            opts.sync.reduce(opts.networks(), flag)
+        allreduce_ms = 1e3 * (time.perf_counter() - t) / 50
     table = guides.local_parameters(guide)
     table_bytes = sum(t.numel() * t.element_size() for t in table)
     state_bytes = sum(v.numel() * v.element_size() for t in table
@@ -71,6 +80,8 @@ def worker(guide_name: str, batch: int, steps: int, warmup: int, rows: int, out:
             "guide": guide_name, "processes": world.size, "batch_per_process": batch,
             "steps": steps, "seconds": seconds,
             "samples_per_second": world.size * batch * steps / seconds,
+            "step_ms": 1e3 * seconds / steps, "allreduce_ms": allreduce_ms,
+            "network_mb": sum(p.numel() * p.element_size() for p in opts.networks()) / 2 ** 20,
             "table_rows_per_process": table[0].shape[0] if table else 0,
             "table_mb_per_process": (table_bytes + state_bytes) / 2 ** 20}))
     distributed.shutdown()
@@ -120,18 +131,24 @@ def main(argv=None) -> dict:
                       f"{res['samples_per_second']:8.0f} samples/s", flush=True)
     args.out.with_suffix(".part.json").unlink(missing_ok=True)
     summary = {}
-    lines = ["| guide | processes | samples/s (median) | speed-up | table rows / process | "
-             "table + Adam state MB / process |", "|---|---|---|---|---|---|"]
+    lines = ["| guide | processes | samples/s (median) | speed-up | ms / step | all-reduce ms | "
+             "table rows / process | table + Adam state MB / process |",
+             "|---|---|---|---|---|---|---|---|"]
     for g in names:
         base = None
         for w in sizes:
             rs = runs[(g, w)]
             sps = statistics.median(x["samples_per_second"] for x in rs)
             base = base or sps
+            step_ms = statistics.median(x["step_ms"] for x in rs)
+            comm = [x["allreduce_ms"] for x in rs if x["allreduce_ms"] is not None]
+            comm_ms = statistics.median(comm) if comm else None
             summary[f"{g}/{w}"] = {**rs[0], "samples_per_second": sps,
                                    "all_samples_per_second": [x["samples_per_second"] for x in rs],
-                                   "speedup": sps / base}
-            lines.append(f"| {g} | {w} | {sps:.0f} | {sps / base:.2f}x | "
+                                   "speedup": sps / base, "step_ms": step_ms,
+                                   "allreduce_ms": comm_ms}
+            lines.append(f"| {g} | {w} | {sps:.0f} | {sps / base:.2f}x | {step_ms:.1f} | "
+                         f"{'-' if comm_ms is None else f'{comm_ms:.1f}'} | "
                          f"{rs[0]['table_rows_per_process']:,} | "
                          f"{rs[0]['table_mb_per_process']:.1f} |")
     doc = {"setting": {"batch_per_process": args.batch, "steps": args.steps,

@@ -181,11 +181,11 @@ def _nonfinite(bad: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
     """``bad`` or'ed with "some entry is not finite", on the device: one ``_foreach_norm``
     over all tensors (a single multi-tensor kernel on CUDA).
 
-    A norm is non-finite exactly when some entry is NaN or infinite (or the entries are so
-    large that their squares overflow, which is as much a sign of divergence).
+    The max-norm is non-finite exactly when some entry is NaN or infinite (it cannot
+    overflow, so a huge but finite gradient is not mistaken for a diverged one).
     """
     norms = torch._foreach_norm([(t.coalesce().values() if t.is_sparse else t).reshape(-1)
-                                 for t in tensors])
+                                 for t in tensors], math.inf)
     return torch.maximum(bad, (~torch.isfinite(torch.stack(norms))).any().to(bad.dtype))
 
 

@@ -35,6 +35,9 @@ from ppl_vae.model import VAEModel
 from ppl_vae.priors import StandardNormal
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each
+    torch.set_num_threads(1)
+
 # PPL_VAE_TEST_SEED re-runs the suite under other seeds (to check that Monte Carlo
 # tolerances are not passing by luck); the default suite uses 0.
 SEED = int(os.environ.get("PPL_VAE_TEST_SEED", "0"))

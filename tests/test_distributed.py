@@ -185,3 +185,27 @@ def _kill_and_resume(tmp_path, out, log, capsys):
                      "--resume"]) == 2
     err = capsys.readouterr().err
     assert "nproc-per-node 2" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # three torchrun launches
+def test_resume_with_the_same_world_size_is_exact(tmp_path):
+    """2 epochs, then --resume to 3, equal 3 epochs in one go, bitwise (both guides' pieces:
+    networks, the gathered table, its RowAdam state, every process's random state)."""
+    def run(out, epochs, *extra):
+        proc = torchrun("-m", "ppl_vae", "train", *TOY, "--epochs", epochs, "--out", out,
+                        *extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.wait(timeout=240) == 0, proc.stderr.read().decode()[-3000:]
+        proc.stderr.close()
+        return checkpoint.load(out)
+    straight = run(tmp_path / "a", 3)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 3, "--resume")
+    for key in ("model", "guide"):
+        for name, value in straight[key].items():
+            assert torch.equal(value, resumed[key][name]), (key, name)
+    local = straight["optimizers"][-1]["state"]
+    for k, st in local.items():
+        for name, value in st.items():
+            assert torch.equal(value, resumed["optimizers"][-1]["state"][k][name]), name
+    assert [m["train_elbo"] for m in straight["history"]] == \
+        [m["train_elbo"] for m in resumed["history"]]

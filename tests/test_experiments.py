@@ -54,6 +54,17 @@ def test_bench_smoke(monkeypatch, tmp_path):
     assert row["hand-written PyTorch"] > 0 and row["ppl_vae amortized"] > 0
 
 
+@pytest.mark.slow  # four launches, two of them torchrun with 2 processes
+def test_bench_distributed_smoke(monkeypatch, tmp_path):
+    run_script("bench_distributed.py", ["--smoke", "--out", str(tmp_path / "bd.json")],
+               monkeypatch, tmp_path)
+    import json
+    res = json.loads((tmp_path / "bd.json").read_text())["results"]
+    assert res["meanfield/2"]["table_rows_per_process"] == 128  # 256 rows over 2 processes
+    assert res["meanfield/1"]["table_rows_per_process"] == 256
+    assert res["amortized/2"]["allreduce_ms"] > 0 and res["amortized/1"]["allreduce_ms"] is None
+
+
 def test_cremer_smoke_writes_the_gap_table_and_curves(monkeypatch, tmp_path):
     """The paper's protocol at toy size: three guides, gap rows for training and test rows,
     gap curves tracked during training, and --resume of a finished protocol rescoring it."""

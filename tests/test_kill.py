@@ -31,7 +31,7 @@ def _log(out) -> str:
     return open(f"{out}.log").read()
 
 
-@pytest.mark.parametrize("guide", ["amortized", "meanfield"])
+@pytest.mark.parametrize("guide", ["amortized", pytest.param("meanfield", marks=pytest.mark.slow)])
 def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(tmp_path, guide):
     rng = random.Random(1234)
     for trial in range(TRIALS):
