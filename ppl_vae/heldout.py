@@ -13,7 +13,7 @@ import torch
 from . import data, guides, logs, plots
 from .errors import UserError, setting
 from .evaluate import elbo_parts, evaluate_model, figure_arrays
-from .rundir import RESULTS, read_json, training_pid, write_json
+from .rundir import EVALUATION, read_json, training_pid, write_json
 from .tracking import open_tracker
 from .train import Callback, EpochMetrics, Loop
 
@@ -238,9 +238,8 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
                    binarize=trained.config.binarize, epochs=len(trained.history),
                    finished=finished and pid is None, checkpoint=trained.checkpoint,
                    device=str(trained.device))
-    for name in RESULTS[1:]:  # a previous evaluation's files are replaced as one set
-        if name not in ("gaps.jsonl", "gaps.png"):
-            (run_dir / name).unlink(missing_ok=True)
+    for name in EVALUATION:  # a previous evaluation's files are replaced as one set
+        (run_dir / name).unlink(missing_ok=True)
     np.savez_compressed(run_dir / "arrays.npz", **arrays)
     history = [m._asdict() for m in trained.history]
     figs = plots.run_figures(run_dir, run_dir / "arrays.npz", arrays["labels"],

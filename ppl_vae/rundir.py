@@ -25,6 +25,9 @@ MARKER, STAGING, LOCK = ".ppl_vae", ".staging", ".running"
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.pt.tmp")
 RESULTS = ("summary.json", "eval.json", "arrays.npz", "gaps.jsonl", "curves.png",
            "reconstructions.png", "samples.png", "latent.png", "gaps.png")
+# what an evaluation writes, replaced as one set; the gap curves belong to the training (like
+# metrics.jsonl) and stay when a run resumes or is evaluated again
+EVALUATION = tuple(n for n in RESULTS[1:] if n not in ("gaps.jsonl", "gaps.png"))
 OUTPUTS = ("config.json", "metrics.jsonl") + RESULTS + CHECKPOINTS
 
 
@@ -102,8 +105,9 @@ class RunDir:
         self.path, self.staged = self.final, False
 
     def clear_results(self) -> None:
-        """Results of the run as it was (a resumed run's summary, evaluation and figures)."""
-        for name in RESULTS:
+        """Results of the run as it was (a resumed run's summary, evaluation and figures; its
+        gap curves go on)."""
+        for name in ("summary.json",) + EVALUATION:
             (self.path / name).unlink(missing_ok=True)
 
     def close(self, failed: bool = False) -> None:
@@ -121,9 +125,8 @@ def drop_stale_evaluation(folder: Path, epochs: int) -> bool:
         return False
     if evaluated == epochs:
         return False
-    for name in RESULTS[1:]:
-        if name not in ("gaps.jsonl", "gaps.png"):  # the gap curves belong to the training
-            (Path(folder) / name).unlink(missing_ok=True)
+    for name in EVALUATION:
+        (Path(folder) / name).unlink(missing_ok=True)
     return True
 
 

@@ -542,6 +542,19 @@ def evaluated_run(tmp_path, tmp_path_factory, cached_mnist, capsys):
     return trained_copy(tmp_path_factory, capsys, tmp_path / "run3", 3, evaluate=True)
 
 
+def test_a_resume_keeps_the_gap_curves(tmp_path, cached_mnist, capsys):
+    """The gap rows of the epochs before a resume stay (a resume once deleted gaps.jsonl)."""
+    out = tmp_path / "gaps"
+    assert train_cli(capsys, out, *GAPS, "--epochs", "1")[0] == 0
+    before = (out / "gaps.jsonl").read_text()
+    assert before
+    assert train_cli(capsys, out, "--track-gaps", "--gap-epochs", "1", "2", "--epochs", "2",
+                     "--resume")[0] == 0
+    after = (out / "gaps.jsonl").read_text()
+    assert after.startswith(before)
+    assert {json.loads(line)["epoch"] for line in after.splitlines()} == {1, 2}
+
+
 def test_resume_mistakes_are_refused_and_delete_nothing(evaluated_run, capsys):
     before = files(evaluated_run)
     assert {"eval.json", *FIGURES} <= set(before)
