@@ -497,7 +497,7 @@ class Shards:
     """
 
     def __init__(self, num_data: int, world_size: int, batch_size: int):
-        if num_data // world_size < batch_size:
+        if world_size > 1 and num_data // world_size < batch_size:
             raise UserError(f"each of the {world_size} processes gets {num_data // world_size} "
                             f"training rows, fewer than its batch of {batch_size}; use a "
                             f"smaller batch_size (--batch-size) or fewer processes")
