@@ -275,3 +275,24 @@ def test_read_idx_truncated_header_is_a_user_error(tmp_path):
     path.write_bytes(bytes([0, 0, 0x08, 3]) + (2).to_bytes(4, "big"))  # 3 dims, 1 given
     with pytest.raises(UserError):
         data.read_idx(path)
+
+
+def test_shards_of_one_process_are_minibatches_and_shards_partition_the_rows():
+    x = torch.rand(103, 4)
+    split = data.Split(x, torch.zeros(103, dtype=torch.long))
+    one = data.Shards(103, 1, 10).batches(split, [data.Binarize("none")], 5, [0])
+    plain = data.minibatches(split, 10, data.Binarize("none"), torch.Generator().manual_seed(5))
+    assert [b.idx.tolist() for b in one] == [b.idx.tolist() for b in plain]
+    shards = data.Shards(103, 2, 10)  # 52 + 51 rows: 6 steps, the last one short
+    assert shards.steps == 6
+    per_rank = [[b.idx for b in shards.batches(split, [data.Binarize("none")] * 2, 7, [r])]
+                for r in range(2)]
+    for r, batches in enumerate(per_rank):
+        rows = torch.cat(batches)
+        assert torch.equal(rows.sort().values, shards.rows(r))  # its own rows, each once
+        assert [len(b) for b in batches] == [10] * 5 + [len(shards.rows(r)) - 50]
+    union = [b.idx for b in shards.batches(split, [data.Binarize("none")] * 2, 7, [0, 1])]
+    assert [u.tolist() for u in union] == [torch.cat([a, b]).tolist()
+                                          for a, b in zip(*per_rank)]
+    with pytest.raises(UserError, match="fewer than its batch"):
+        data.Shards(30, 2, 16)
