@@ -209,3 +209,15 @@ def test_resume_with_the_same_world_size_is_exact(tmp_path):
             assert torch.equal(value, resumed["optimizers"][-1]["state"][k][name]), name
     assert [m["train_elbo"] for m in straight["history"]] == \
         [m["train_elbo"] for m in resumed["history"]]
+
+
+@pytest.mark.parametrize("setting,flag", [({"max_seconds": 10.0}, "--max-seconds"),
+                                          ({"track_gaps": True}, "--track-gaps")])
+def test_settings_a_torchrun_run_cannot_honour_are_refused(setting, flag):
+    from ppl_vae.config import Config
+    from ppl_vae.errors import UserError
+    from ppl_vae.run import _check_distributed
+    _check_distributed(Config())  # the defaults are fine
+    with pytest.raises(UserError) as e:
+        _check_distributed(Config(**setting))
+    assert flag in e.value.for_cli() and "torchrun" in str(e.value)
