@@ -481,6 +481,12 @@ def minibatches(split: Split, batch_size: int, binarize: Binarize,
         yield Batch(binarize(split.x[idx]), idx, n)
 
 
+def shard_rows(num_data: int, world_size: int, rank: int, device=None) -> torch.Tensor:
+    """The dataset rows of shard ``rank`` of ``world_size``: rows i with i mod W = rank, in
+    order (the rows a process draws, and whose per-datapoint table rows it holds)."""
+    return torch.arange(rank, num_data, world_size, device=device)
+
+
 class Shards:
     """Training rows partitioned over ``world_size`` processes: row i belongs to shard
     i mod W, and each shard has its own binarization noise (``binarizers[r]``).
@@ -506,7 +512,7 @@ class Shards:
 
     def rows(self, rank: int) -> torch.Tensor:
         """The dataset rows shard ``rank`` owns (and whose table rows it holds)."""
-        return torch.arange(rank, self.num_data, self.world_size)
+        return shard_rows(self.num_data, self.world_size, rank)
 
     def order(self, generator: torch.Generator, rank: int) -> torch.Tensor:
         perm = torch.randperm(self.num_data, generator=generator, device="cpu")

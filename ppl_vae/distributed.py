@@ -37,6 +37,7 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .data import shard_rows
 from .errors import UserError
 
 
@@ -148,7 +149,7 @@ class GradSync:
 
     def reduce(self, params: Sequence[torch.Tensor], flag: torch.Tensor) -> torch.Tensor:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [flag.reshape(1).to(flag.dtype)])
+        flat = torch.cat([g.reshape(-1) for g in grads] + [flag.reshape(1)])
         dist.all_reduce(flat)
         self.calls += 1
         self.bytes += flat.numel() * flat.element_size()
@@ -160,7 +161,7 @@ class GradSync:
         return flat[-1]
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of ``t`` over ranks (epoch totals, found-non-finite counts)."""
+        """Sum of ``t`` over ranks (the epoch's loss total)."""
         t = t.clone()
         dist.all_reduce(t)
         return t
@@ -169,11 +170,6 @@ class GradSync:
 # ---------------------------------------------------------------------------------------
 # the per-datapoint rows, gathered for a checkpoint and taken back on resume
 # ---------------------------------------------------------------------------------------
-def owned(num_data: int, world: World) -> torch.Tensor:
-    """The dataset rows of ``world.rank`` (row i on rank i mod W)."""
-    return torch.arange(world.rank, num_data, world.size)
-
-
 def gather_rows(shard: torch.Tensor, num_data: int, world: World) -> Optional[torch.Tensor]:
     """The full [N, ...] tensor on rank 0 from every rank's rows (None on the others)."""
     width = -(-num_data // world.size)
@@ -186,7 +182,7 @@ def gather_rows(shard: torch.Tensor, num_data: int, world: World) -> Optional[to
         return None
     full = shard.new_empty((num_data,) + tuple(shard.shape[1:]))
     for r, part in enumerate(parts):
-        rows = torch.arange(r, num_data, world.size)
+        rows = shard_rows(num_data, world.size, r)
         full[rows] = part[:len(rows)]
     return full
 
@@ -238,7 +234,7 @@ def local_optimizer_state(state: dict, world: World, num_data: int) -> dict:
     """A table optimizer's full state cut to this rank's rows (``full_state``'s inverse)."""
     if world.size == 1:
         return state
-    rows = torch.arange(world.rank, num_data, world.size)
+    rows = shard_rows(num_data, world.size, world.rank)
     return {**state, "state": {k: {key: v[rows] for key, v in st.items()}
                                for k, st in state["state"].items()}}
 

@@ -156,7 +156,7 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
     if proposal not in ("auto", "guide", "local"):
         raise ValueError(f"unknown proposal {proposal!r}")
     world = distributed.current()
-    units = [(u, first) for u, first in enumerate(range(0, len(x), unit_rows))]
+    units = list(enumerate(range(0, len(x), unit_rows)))  # (unit, its first row)
     mine = {u: _evaluate_rows(model, guide, x[first:first + unit_rows], num_particles, local,
                               proposal, seed + u, dict(local_options or {}), progress)
             for u, first in units if u % world.size == world.rank}

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Batch
+from .data import Batch, shard_rows
 from .errors import UserError
 from .model import data_plate, register
 from .nets import softplus_inv
@@ -173,7 +173,7 @@ class PerDatapoint(Guide):
         [ceil((N - rank) / W), width]; ``num_data`` stays N, the size of the data plate."""
         if world_size > 1:
             with torch.no_grad():
-                rows = torch.arange(rank, self.num_data, world_size, device=self.params.device)
+                rows = shard_rows(self.num_data, world_size, rank, self.params.device)
                 self.params = nn.Parameter(self.params[rows].clone())
             self.rank, self.world_size = rank, world_size
         return self

@@ -42,8 +42,7 @@ class RowAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                     state["steps"] = torch.zeros(p.shape[0], device=p.device, dtype=p.dtype)
-                old = None if skip is None else [x[rows].clone() for x in (
-                    p, state["exp_avg"], state["exp_avg_sq"], state["steps"])]
+                kept = None if skip is None else save_rows(self, p, rows)
                 steps = state["steps"].index_add_(0, rows, torch.ones_like(rows, dtype=p.dtype))
                 t = steps[rows].unsqueeze(-1)  # [R, 1]
                 m = state["exp_avg"][rows].lerp_(values, 1 - beta1)
@@ -53,11 +52,8 @@ class RowAdam(torch.optim.Optimizer):
                 m_hat = m / (1 - beta1 ** t)
                 v_hat = v / (1 - beta2 ** t)
                 p[rows] = p[rows] - group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
-                if old is not None:
-                    bad = skip.reshape(()) > 0
-                    for x, before in zip((p, state["exp_avg"], state["exp_avg_sq"],
-                                          state["steps"]), old):
-                        x[rows] = torch.where(bad, before, x[rows])
+                if kept is not None:
+                    restore_rows(self, p, rows, kept, where=skip)
 
 
 def save_rows(optimizer: RowAdam, p: torch.Tensor, rows: torch.Tensor) -> dict:
