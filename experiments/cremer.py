@@ -30,7 +30,7 @@ from _table import SMOKE, markdown
 from ppl_vae import checkpoint
 from ppl_vae.config import Config
 from ppl_vae.evaluate import evaluate_model
-from ppl_vae.heldout import EVAL_SEED, RowsOf, eval_pixels
+from ppl_vae.heldout import EVAL_SEED, RowsOf, eval_pixels, train_pixels
 from ppl_vae.run import fit_run, load_trained
 
 PROTOCOL = Config(hidden=(200, 200), activation="elu", latent_dim=50, batch_size=100,
@@ -53,7 +53,8 @@ def score(trained, rows: int, num_particles: int, progress: bool,
     config, n = trained.config, len(trained.splits.train)
     out = []
     for split in ("train", "test"):
-        x = eval_pixels(config, trained.splits.get(split), rows)
+        pixels = train_pixels if split == "train" else eval_pixels
+        x = pixels(config, trained.splits.get(split), rows)
         guide = trained.guide
         if split == "train":  # the guide as trained, on its own rows
             guide = RowsOf(guide, torch.arange(len(x), device=x.device), n)
@@ -77,9 +78,11 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--local-steps", type=int, default=3000,
                    help="at most this many steps of the final fits of q* (plateau rule)")
+    p.add_argument("--binarize", default=PROTOCOL.binarize,
+                   help="dynamic (ours), or static: one seeded draw, as the authors' data")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
-    base = PROTOCOL.replace(epochs=args.epochs, device=args.device)
+    base = PROTOCOL.replace(epochs=args.epochs, device=args.device, binarize=args.binarize)
     if args.smoke:
         base = base.replace(**SMOKE, gap_rows=20, gap_particles=10, warmup_epochs=1,
                             gap_epochs=(1,))

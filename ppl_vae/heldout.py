@@ -28,6 +28,15 @@ def eval_pixels(config, split: data.Split, rows: Optional[int] = None) -> torch.
     return data.static_binarize(split, EVAL_SEED).x
 
 
+def train_pixels(config, split: data.Split, rows: Optional[int] = None) -> torch.Tensor:
+    """Training rows as the model saw them: under ``static`` binarization the very draw it
+    trained on (seed ``config.seed``, as ``data.Binarize.prepare``); otherwise one fixed
+    draw as in ``eval_pixels`` (a dynamically binarized model never saw one draw twice)."""
+    if config.binarize == "static":
+        return data.static_binarize(split, config.seed).head(rows).x
+    return eval_pixels(config, split, rows)
+
+
 def held_out_elbo(model, guide, x: torch.Tensor, warm=None, **local) -> tuple:
     """(per-datapoint ELBO [N], the guide used) of ``guide`` on held-out ``x``.
 

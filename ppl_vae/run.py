@@ -22,7 +22,7 @@ from . import checkpoint, data, distributed, guides, logs
 from .config import Config, build_guide, build_model, build_objective, lr_factor, resolve_device
 from .errors import UserError, setting
 from .evaluate import Estimate
-from .heldout import (EVAL_SEED, GapTracker, Validator, eval_pixels,  # noqa: F401
+from .heldout import (EVAL_SEED, GapTracker, Validator, eval_pixels, train_pixels,  # noqa: F401
                       held_out_elbo)
 from .optim import make_optimizers
 from .rundir import RunDir, drop_stale_evaluation, write_config, write_json
@@ -348,7 +348,7 @@ def _schedules(config: Config, optimizers) -> list:
 
 def _gap_tracker(config: Config, model, guide, splits: data.Splits, n: int,
                  folder: RunDir) -> GapTracker:
-    x_train = eval_pixels(config, splits.train, config.gap_rows)
+    x_train = train_pixels(config, splits.train, config.gap_rows)
     x_test = eval_pixels(config, splits.test, config.gap_rows)
     return GapTracker(model, guide, x_train, n, x_test, config.gap_epochs, config.epochs,
                       config.gap_particles, lambda: folder.file("gaps.jsonl"))

@@ -296,3 +296,17 @@ def test_shards_of_one_process_are_minibatches_and_shards_partition_the_rows():
                                           for a, b in zip(*per_rank)]
     with pytest.raises(UserError, match="fewer than its batch"):
         data.Shards(30, 2, 16)
+
+
+def test_training_rows_are_scored_on_the_pixels_the_model_trained_on():
+    """Gap rows of the training set: under static binarization the very draw the run trained
+    on (a different draw of the same images would be held-out data to the model)."""
+    from ppl_vae.config import Config
+    from ppl_vae.heldout import eval_pixels, train_pixels
+    split = _split(50, 6)
+    static = Config(binarize="static", seed=5)
+    trained_on = data.Binarize("static").prepare(split, static.seed).x
+    assert torch.equal(train_pixels(static, split, 20), trained_on[:20])
+    assert not torch.equal(eval_pixels(static, split, 20), trained_on[:20])
+    dynamic = Config(binarize="dynamic", seed=5)
+    assert torch.equal(train_pixels(dynamic, split, 20), eval_pixels(dynamic, split, 20))
