@@ -90,3 +90,23 @@ def test_cremer_smoke_writes_the_gap_table_and_curves(monkeypatch, tmp_path):
     assert config["activation"] == "elu" and config["lr_schedule"] == "burda"
     assert config["adam_eps"] == 1e-4 and config["warmup_epochs"] == 1
     run_script("cremer.py", ["--smoke", "--resume", "--out", str(out)], monkeypatch, tmp_path)
+
+
+def test_gap_controls_smoke_changes_one_choice_per_row(monkeypatch, tmp_path):
+    import json
+    run_script("gap_controls.py", ["--smoke", "--out", str(tmp_path / "out")], monkeypatch,
+               tmp_path)
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert len(rows) == 7 and "nan" not in (tmp_path / "out" / "table.md").read_text()
+    ours, short, fresh, fresh_long, k_small, from_q, k_many = rows
+    for r in rows:  # the gaps are the paired differences of the row's own columns (float32)
+        assert r["approximation_gap"] == pytest.approx(r["log p(x)"] - r["L[q*]"], abs=1e-3)
+        assert r["amortization_gap"] == pytest.approx(r["L[q*]"] - r["L[q]"], abs=1e-3)
+    # each row changes only its own choice: the encoder's L[q] and our q* stay where they are
+    assert {r["L[q]"] for r in rows[:-1]} == {ours["L[q]"]}
+    for r in (k_small, from_q):
+        assert r["L[q*]"] == ours["L[q*]"] and r["log p(x)"] != ours["log p(x)"]
+    for r in (short, fresh, fresh_long):
+        assert r["L[q*]"] != ours["L[q*]"]
+    assert fresh_long["q*_steps"] > fresh["q*_steps"]
+    assert k_many["L[q]"] != ours["L[q]"] and k_many["log p(x)"] == ours["log p(x)"]
