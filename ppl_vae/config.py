@@ -152,14 +152,15 @@ def decoder(c: "Config", data_dim: int, shape=None) -> nn.Module:
     return NETS.build(c, shape=shape or data.infer_shape(data_dim), role="decoder")
 
 
-def _meanfield(c, data_dim, num_data, x=None, **_):
-    guide = guides.LocalNormal(num_data, c.latent_dim)
+def _meanfield(c, data_dim, num_data, x=None, rank=0, world_size=1, **_):
+    guide = guides.LocalNormal(num_data, c.latent_dim, rank=rank, world_size=world_size)
     if c.local_init == "pca" and x is not None:
         guide = guide.to(x.device).init_pca(x)
     return guide
 
 
-GUIDES = Registry("guide", "guide")  # context: data_dim, num_data, x (training rows), model, shape
+GUIDES = Registry("guide", "guide")  # context: data_dim, num_data, x (training rows), model,
+#                                       shape, rank and world_size (the torchrun process)
 GUIDES.register("amortized", lambda c, data_dim, shape=None, **_: guides.AmortizedNormal(
     encoder(c, data_dim, shape)), guides.AmortizedNormal)
 GUIDES.register("meanfield", _meanfield, guides.LocalNormal)
@@ -369,16 +370,18 @@ def build_model(config: Config, data_dim: int, shape: Optional[data.Shape] = Non
 
 
 def build_guide(config: Config, data_dim: int, num_data: int, x=None, model=None,
-                shape: Optional[data.Shape] = None):
+                shape: Optional[data.Shape] = None, rank: int = 0, world_size: int = 1):
     """The guide named by ``config.guide``; initialized from its own seed stream.
 
     A per-datapoint guide with ``local_init="pca"`` starts from the principal-component
     scores of the (grayscale) training rows ``x``; without ``x`` it starts at N(0, I).
-    A semi-amortized guide refines against ``model``.
+    A semi-amortized guide refines against ``model``. Under torchrun a builder that takes
+    ``rank`` and ``world_size`` allocates only that process's rows of a per-datapoint table
+    (any other guide is cut down afterwards by ``guides.shard``).
     """
     torch.manual_seed(config.seed + 1)
     guide = GUIDES.build(config, data_dim=data_dim, num_data=num_data, x=x, model=model,
-                         shape=shape)
+                         shape=shape, rank=rank, world_size=world_size)
     if config.compile:
         check_compilable(guide, config.dreg)
     return guide

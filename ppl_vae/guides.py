@@ -157,12 +157,19 @@ class PerDatapoint(Guide):
     """
 
     compilable = False  # the table's gradient is sparse, which a compiled graph cannot produce
-    rank, world_size = 0, 1  # which shard of the table this process holds (``shard``)
 
-    def __init__(self, num_data: int, width: int, sparse: bool = True):
+    def __init__(self, num_data: int, width: int, sparse: bool = True, rank: int = 0,
+                 world_size: int = 1):
+        """A table for ``num_data`` rows; under torchrun only shard ``rank`` of ``world_size``
+        (rows i with i mod W = rank) is ever allocated, as ``shard`` would leave it."""
         super().__init__()
         self.num_data, self.sparse = num_data, sparse
-        self.params = nn.Parameter(torch.zeros(num_data, width))
+        self.rank, self.world_size = rank, world_size
+        self.params = nn.Parameter(torch.zeros(len(self.owned_rows()), width))
+
+    def owned_rows(self, device=None) -> torch.Tensor:
+        """The dataset rows whose table rows this process holds, in table order."""
+        return shard_rows(self.num_data, self.world_size, self.rank, device)
 
     def local_parameters(self) -> List[torch.Tensor]:
         return [self.params]
@@ -170,13 +177,25 @@ class PerDatapoint(Guide):
     def shard(self, rank: int, world_size: int) -> "PerDatapoint":
         """Keep only the rows of process ``rank``: dataset rows i with i mod W = rank, in
         order (``data.Shards`` gives that process exactly these rows). The table becomes
-        [ceil((N - rank) / W), width]; ``num_data`` stays N, the size of the data plate."""
-        if world_size > 1:
-            with torch.no_grad():
-                rows = shard_rows(self.num_data, world_size, rank, self.params.device)
-                self.params = nn.Parameter(self.params[rows].clone())
-            self.rank, self.world_size = rank, world_size
+        [ceil((N - rank) / W), width]; ``num_data`` stays N, the size of the data plate.
+        A table built as that shard already is returned as it is."""
+        if (rank, world_size) == (self.rank, self.world_size):
+            return self
+        if self.world_size > 1:
+            raise ValueError(f"the table is shard {self.rank} of {self.world_size} already")
+        with torch.no_grad():
+            self.params = nn.Parameter(
+                self.params[shard_rows(self.num_data, world_size, rank, self.params.device)]
+                .clone())
+        self.rank, self.world_size = rank, world_size
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint holds the whole table (gathered); a shard keeps its own rows of it."""
+        full = state_dict.get(prefix + "params")
+        if self.world_size > 1 and full is not None and len(full) == self.num_data:
+            state_dict[prefix + "params"] = full[self.owned_rows(full.device)]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def table_index(self, idx: torch.Tensor) -> torch.Tensor:
         return idx // self.world_size if self.world_size > 1 else idx
@@ -212,8 +231,8 @@ class LocalNormal(PerDatapoint):
     family = "diagonal normal"
 
     def __init__(self, num_data: int, latent_dim: int, sparse: bool = True,
-                 init_scale: float = 1.0):
-        super().__init__(num_data, 2 * latent_dim, sparse)
+                 init_scale: float = 1.0, rank: int = 0, world_size: int = 1):
+        super().__init__(num_data, 2 * latent_dim, sparse, rank, world_size)
         self.latent_dim = latent_dim
         with torch.no_grad():
             self.params[:, latent_dim:] = softplus_inv(float(init_scale)).item()
@@ -233,20 +252,32 @@ class LocalNormal(PerDatapoint):
 
         A data-dependent start that involves no encoder: each datapoint gets a distinct,
         informative code from the first step, where N(0, I) rows give the decoder nothing
-        to learn from until they have moved.
+        to learn from until they have moved. ``x`` is every training row; a shard
+        (``world_size`` > 1) computes the scores of its own rows only, with the axes and
+        their scale taken from all rows, so it starts as the same rows of one process's
+        table (up to float rounding).
         """
         if len(x) < 2:  # no principal axes to take: keep the N(0, I) start
             return self
         centred = x - x.mean(0)
         q = min(self.latent_dim + 10, *centred.shape)
         _, _, v = torch.svd_lowrank(centred, q=q, niter=4)
-        scores = centred @ v[:, :self.latent_dim]
-        if scores.shape[1] < self.latent_dim:  # fewer rows or pixels than latent dimensions
-            scores = torch.cat([scores, torch.randn(len(x), self.latent_dim - scores.shape[1],
-                                                    device=x.device)], dim=1)
-        loc = scores / scores.std(0).clamp_min(1e-6)
-        self.set_rows(torch.arange(len(x), device=x.device), loc,
-                      torch.full_like(loc, scale))
+        v = v[:, :self.latent_dim]
+        extra = self.latent_dim - v.shape[1]  # fewer rows or pixels than latent dimensions
+        noise = torch.randn(len(x), extra, device=x.device) if extra > 0 else None
+        rows = self.owned_rows(x.device)
+        if self.world_size == 1:
+            scores = centred @ v
+            if noise is not None:
+                scores = torch.cat([scores, noise], dim=1)
+            std = scores.std(0)
+        else:  # the scale of all rows' scores, a chunk at a time; the scores of own rows
+            std = _column_std(centred, v, noise)
+            scores = centred[rows] @ v
+            if noise is not None:
+                scores = torch.cat([scores, noise[rows]], dim=1)
+        loc = scores / std.clamp_min(1e-6)
+        self.set_rows(rows, loc, torch.full_like(loc, scale))
         return self
 
     @torch.no_grad()
@@ -261,6 +292,17 @@ class LocalNormal(PerDatapoint):
         with data_plate(batch):
             loc, scale = self.rows(batch.idx)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+def _column_std(centred: torch.Tensor, v: torch.Tensor, noise=None,
+                chunk: int = 8192) -> torch.Tensor:
+    """``torch.cat([centred @ v, noise], 1).std(0)`` without holding the [N, L] scores."""
+    def scores(i):
+        s = centred[i:i + chunk] @ v
+        return s if noise is None else torch.cat([s, noise[i:i + chunk]], dim=1)
+    n = len(centred)
+    mean = sum(scores(i).sum(0) for i in range(0, n, chunk)) / n
+    return (sum(((scores(i) - mean) ** 2).sum(0) for i in range(0, n, chunk)) / (n - 1)).sqrt()
 
 
 class LocalFit(NamedTuple):

@@ -176,7 +176,7 @@ def _setup(config: Config, out, overwrite: bool, resume: bool, world: distribute
     train_split = binarize.prepare(splits.train, config.seed)
     model = build_model(config, dim, splits.shape).to(device)
     guide = build_guide(config, dim, n, None if resume else splits.train.x, model=model,
-                        shape=splits.shape).to(device)
+                        shape=splits.shape, rank=world.rank, world_size=world.size).to(device)
     model.likelihood.check(train_split.x if config.binarize == "none"
                            else torch.bernoulli(train_split.x[:100]))
     history, position, resumes, state = [], None, [], None

@@ -221,3 +221,25 @@ def test_settings_a_torchrun_run_cannot_honour_are_refused(setting, flag):
     with pytest.raises(UserError) as e:
         _check_distributed(Config(**setting))
     assert flag in e.value.for_cli() and "torchrun" in str(e.value)
+
+
+@pytest.mark.parametrize("n,latent", [(101, 4), (9, 12)])  # 12 > 9 rows: noise fills the axes
+def test_a_shard_is_built_with_its_rows_only(n, latent):
+    """A per-datapoint table built for process r of W allocates its N/W rows, never all N,
+    starts as the same rows of the one-process table (PCA axes and scale from every row), and
+    a checkpoint's whole table loads into it as its own rows."""
+    x = torch.rand(n, 10, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    whole = guides.LocalNormal(n, latent).init_pca(x)
+    for rank in range(2):
+        torch.manual_seed(3)
+        part = guides.LocalNormal(n, latent, rank=rank, world_size=2)
+        rows = data.shard_rows(n, 2, rank)
+        assert part.params.shape == (len(rows), 2 * latent)
+        part.init_pca(x)
+        torch.testing.assert_close(part.params, whole.params[rows], rtol=1e-5, atol=1e-5)
+        assert guides.shard(part, rank, 2) is part  # already its shard
+        with pytest.raises(ValueError, match="already"):
+            part.shard(1 - rank, 2)
+        part.load_state_dict({"params": whole.params.detach() + 1})
+        assert torch.equal(part.params, whole.params[rows] + 1)
