@@ -98,7 +98,7 @@ def test_gap_controls_smoke_changes_one_choice_per_row(monkeypatch, tmp_path):
                tmp_path)
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert len(rows) == 7 and "nan" not in (tmp_path / "out" / "table.md").read_text()
-    ours, short, fresh, fresh_long, k_small, from_q, k_many = rows
+    ours, short, fresh, strict, k_small, from_q, k_many = rows
     for r in rows:  # the gaps are the paired differences of the row's own columns (float32)
         assert r["approximation_gap"] == pytest.approx(r["log p(x)"] - r["L[q*]"], abs=1e-3)
         assert r["amortization_gap"] == pytest.approx(r["L[q*]"] - r["L[q]"], abs=1e-3)
@@ -106,7 +106,7 @@ def test_gap_controls_smoke_changes_one_choice_per_row(monkeypatch, tmp_path):
     assert {r["L[q]"] for r in rows[:-1]} == {ours["L[q]"]}
     for r in (k_small, from_q):
         assert r["L[q*]"] == ours["L[q*]"] and r["log p(x)"] != ours["log p(x)"]
-    for r in (short, fresh, fresh_long):
+    for r in (short, fresh, strict):
         assert r["L[q*]"] != ours["L[q*]"]
-    assert fresh_long["q*_steps"] > fresh["q*_steps"]
+    assert strict["q*_steps"] > ours["q*_steps"]
     assert k_many["L[q]"] != ours["L[q]"] and k_many["log p(x)"] == ours["log p(x)"]
