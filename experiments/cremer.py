@@ -11,7 +11,8 @@ al. (``lr_schedule="burda"``: 3^i epochs at 1e-3 x 10^(-i/7), i = 0..7, 3,280 ep
 all), KL warm-up over the first 400 epochs (``warmup_epochs=400``), and gap curves
 (``track_gaps``) at log-spaced epochs. At the end each model is scored on 1,000 training and
 1,000 test rows: L[q], L[q*] (a per-datapoint Normal fitted with the decoder frozen),
-log p(x) with K = 5000 from q*, and both gaps, into ``<out>/results.json`` and a table.
+log p(x) with K = 5000 from q*, and both gaps, into ``<out>/results.json`` and a table;
+every guide's gap curves go into ``<out>/gap_curves.png``.
 
 Guides: the factorized Gaussian (``amortized``), a flow (``iaf``: our two-step IAF, not the
 paper's auxiliary flow) and, beside them, a model trained with the mean-field per-datapoint
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from _table import SMOKE, markdown
-from ppl_vae import checkpoint
+from ppl_vae import checkpoint, plots
 from ppl_vae.config import Config
 from ppl_vae.evaluate import evaluate_model
 from ppl_vae.heldout import EVAL_SEED, RowsOf, eval_pixels, train_pixels
@@ -103,6 +104,10 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"config": base.to_dict(), "rows": rows,
                                                        "paper": PAPER}, indent=2) + "\n")
+    curves = {g: plots.read_metrics(args.out / g, "gaps.jsonl") for g in args.guides.split(",")
+              if (args.out / g / "gaps.jsonl").exists()}
+    if curves:  # every guide's gap curves in one figure
+        plots.gap_curves(curves, args.out / "gap_curves.png")
     table = markdown(rows, COLUMNS)
     (args.out / "table.md").write_text(table)
     print(table)

@@ -86,6 +86,7 @@ def test_cremer_smoke_writes_the_gap_table_and_curves(monkeypatch, tmp_path):
     assert rows["meanfield", "test"]["amortization_gap"] is None
     gaps = [json.loads(line) for line in (out / "amortized" / "gaps.jsonl").read_text().splitlines()]
     assert {g["split"] for g in gaps} == {"train", "test"} and gaps[0]["epoch"] == 1
+    assert (out / "gap_curves.png").stat().st_size > 10_000  # a drawn figure, not an empty file
     config = json.loads((out / "amortized" / "config.json").read_text())["config"]
     assert config["activation"] == "elu" and config["lr_schedule"] == "burda"
     assert config["adam_eps"] == 1e-4 and config["warmup_epochs"] == 1
