@@ -184,7 +184,9 @@ def _save(fig, path: Path) -> Path:
 
 def gap_curves(gaps: Dict[str, List[dict]], path: Path) -> Path:
     """Amortization and approximation gap (nats, 2-stderr bands) against epoch, training rows
-    and test rows side by side, one colour per guide (from ``gaps.jsonl`` rows)."""
+    and test rows side by side, one colour per guide (from ``gaps.jsonl`` rows). A panel
+    whose values span more than a factor of 20 gets a log axis (symmetric-log if a gap is
+    negative), so the late, small gaps are not flattened by the first epochs' hundreds."""
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     kinds = [("amortization_gap", "amortization gap  L[q*] - L[q]"),
@@ -203,6 +205,14 @@ def gap_curves(gaps: Dict[str, List[dict]], path: Path) -> Path:
                 ax.set_title(f"{label}, {split} rows", fontsize=9)
                 ax.set_xscale("log")
                 ax.grid(alpha=0.3)
+    for ax in axes.flat:
+        values = np.concatenate([line.get_ydata() for line in ax.get_lines()] or [[]])
+        values = values[np.isfinite(values)]
+        if len(values) and np.abs(values).max() > 20 * max(np.abs(values).min(), 0.1):
+            if values.min() > 0:
+                ax.set_yscale("log")
+            else:  # a negative gap (q* worse than q): log-like on both sides of zero
+                ax.set_yscale("symlog", linthresh=1.0)
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     for ax in axes[:, 0]:

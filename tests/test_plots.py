@@ -69,3 +69,17 @@ def test_image_figures_of_any_shape_are_written(tmp_path, shape):
     plots.samples(np.concatenate([imgs] * 4), tmp_path / "s.png", shape=shape)
     for name in ("r.png", "s.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gap_curves_take_a_log_axis_when_the_gaps_span_decades(monkeypatch, tmp_path):
+    """Hundreds of nats in the first epochs must not flatten the late gaps of a few nats."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    rows = [{"epoch": e, "split": s, "amortization_gap": a, "approximation_gap": 3.0 + e / 1e3}
+            for e, a in ((1, 250.0), (10, 20.0), (300, 3.0)) for s in ("train", "test")]
+    plots.gap_curves({"guide": rows}, tmp_path / "a.png")
+    rows[2]["amortization_gap"] = -0.5  # epoch 10, training rows: q* worse than q
+    plots.gap_curves({"guide": rows}, tmp_path / "b.png")
+    scales = [[ax.get_yscale() for ax in fig.axes] for fig in figures]  # amort. train, test;
+    assert scales == [["log", "log", "linear", "linear"],               # approx. train, test
+                      ["symlog", "log", "linear", "linear"]]
