@@ -43,8 +43,8 @@ def worker(guide_name: str, batch: int, steps: int, warmup: int, rows: int, out:
     split = data.load("mnist").train.head(rows)
     n, dim = len(split), split.x.shape[1]
     model = build_model(config, dim, split.image_shape)
-    guide = guides.shard(build_guide(config, dim, n, split.x, model=model), world.rank,
-                         world.size)
+    guide = build_guide(config, dim, n, split.x, model=model, rank=world.rank,
+                        world_size=world.size)  # a table: this process's rows only
     opts = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps)
     if world.size > 1:
         opts = opts._replace(sync=distributed.GradSync(world))

@@ -20,9 +20,9 @@ What each process does (``run.fit_run`` wires it up):
   ``forward`` that DDP could hook; for networks of this size overlapping communication with
   the backward pass buys little, and the flat buffer also carries the step's
   found-non-finite flag, so the divergence guard needs no extra collective;
-- **per-datapoint tables** are sharded: the guide keeps only its rank's rows
-  (``guides.shard``) and their optimizer state; their gradients are sparse, local and never
-  communicated;
+- **per-datapoint tables** are sharded: the guide allocates only its rank's rows (built
+  with ``rank``/``world_size``, or cut down by ``guides.shard``) and their optimizer state;
+  their gradients are sparse, local and never communicated;
 - **checkpoints**: the table rows and their optimizer state are gathered to rank 0 once per
   epoch, which writes one checkpoint in the single-process format (so ``evaluate`` and
   ``report`` read it unchanged) plus the world size and every rank's random state; resuming
