@@ -4,7 +4,10 @@ Samples per second of the training loop (``train.fit`` with ``data.Shards``, the
 guard on, read every 100 steps) at the same per-process batch, for the amortized guide and
 the per-datapoint (mean-field) guide, on MNIST's 50,000 training rows; each process has one
 thread. The rounds are interleaved (1, 2, 1, 2, ... processes) and the medians reported, with
-the per-process memory of the per-datapoint table (its rows and their RowAdam state).
+the per-process memory of the per-datapoint table (its rows and their RowAdam state), the
+all-reduce timed alone, and the time each process spent inside the step's all-reduce while
+training (the all-reduce plus waiting for the slower process: the rest of the step is its
+own work).
 
     uv run python experiments/bench_distributed.py            # full (about 5 min on 2 cores)
     uv run python experiments/bench_distributed.py --smoke    # seconds, for the tests
@@ -56,12 +59,27 @@ def worker(guide_name: str, batch: int, steps: int, warmup: int, rows: int, out:
     objective = build_objective(config)
     train.fit(model, guide, objective, split, opts, 1, batch, binarize,
               callbacks=[StopAfter(warmup)], **kw)  # warm-up: allocations, first steps
+    in_reduce = [0.0]  # seconds inside the step's all-reduce, waiting for the others included
+    if world.size > 1:
+        reduce = opts.sync.reduce
+
+        def timed_reduce(*args):
+            t = time.perf_counter()
+            out = reduce(*args)
+            in_reduce[0] += time.perf_counter() - t
+            return out
+        opts.sync.reduce = timed_reduce
     distributed.barrier(world)
     start = time.perf_counter()
     train.fit(model, guide, objective, split, opts, 2, batch, binarize, start_epoch=1,
               callbacks=[StopAfter(steps)], **kw)
     distributed.barrier(world)
     seconds = time.perf_counter() - start
+    in_reduce_ms = None
+    if world.size > 1:
+        opts.sync.reduce = reduce
+        in_reduce_ms = [1e3 * x / steps for x in
+                        (distributed.gather_objects(in_reduce[0], world) or [])]
     allreduce_ms = None
     if world.size > 1:  # the communication alone: the step's all-reduce, 50 times
         for p in opts.networks():
@@ -81,6 +99,7 @@ def worker(guide_name: str, batch: int, steps: int, warmup: int, rows: int, out:
             "steps": steps, "seconds": seconds,
             "samples_per_second": world.size * batch * steps / seconds,
             "step_ms": 1e3 * seconds / steps, "allreduce_ms": allreduce_ms,
+            "in_step_allreduce_ms": in_reduce_ms,  # per process
             "network_mb": sum(p.numel() * p.element_size() for p in opts.networks()) / 2 ** 20,
             "table_rows_per_process": table[0].shape[0] if table else 0,
             "table_mb_per_process": (table_bytes + state_bytes) / 2 ** 20}))
@@ -132,8 +151,9 @@ def main(argv=None) -> dict:
     args.out.with_suffix(".part.json").unlink(missing_ok=True)
     summary = {}
     lines = ["| guide | processes | samples/s (median) | speed-up | ms / step | all-reduce ms | "
-             "table rows / process | table + Adam state MB / process |",
-             "|---|---|---|---|---|---|---|---|"]
+             "in the step's all-reduce, ms / process | table rows / process | "
+             "table + Adam state MB / process |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for g in names:
         base = None
         for w in sizes:
@@ -143,12 +163,17 @@ def main(argv=None) -> dict:
             step_ms = statistics.median(x["step_ms"] for x in rs)
             comm = [x["allreduce_ms"] for x in rs if x["allreduce_ms"] is not None]
             comm_ms = statistics.median(comm) if comm else None
+            waits = [x["in_step_allreduce_ms"] for x in rs if x["in_step_allreduce_ms"]]
+            wait_ms = [statistics.median(w_[r] for w_ in waits) for r in range(w)] if waits \
+                else None
             summary[f"{g}/{w}"] = {**rs[0], "samples_per_second": sps,
+                                   "in_step_allreduce_ms": wait_ms,
                                    "all_samples_per_second": [x["samples_per_second"] for x in rs],
                                    "speedup": sps / base, "step_ms": step_ms,
                                    "allreduce_ms": comm_ms}
             lines.append(f"| {g} | {w} | {sps:.0f} | {sps / base:.2f}x | {step_ms:.1f} | "
                          f"{'-' if comm_ms is None else f'{comm_ms:.1f}'} | "
+                         f"{'-' if wait_ms is None else ' / '.join(f'{x:.1f}' for x in wait_ms)} | "
                          f"{rs[0]['table_rows_per_process']:,} | "
                          f"{rs[0]['table_mb_per_process']:.1f} |")
     doc = {"setting": {"batch_per_process": args.batch, "steps": args.steps,

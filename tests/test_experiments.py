@@ -63,6 +63,9 @@ def test_bench_distributed_smoke(monkeypatch, tmp_path):
     assert res["meanfield/2"]["table_rows_per_process"] == 128  # 256 rows over 2 processes
     assert res["meanfield/1"]["table_rows_per_process"] == 256
     assert res["amortized/2"]["allreduce_ms"] > 0 and res["amortized/1"]["allreduce_ms"] is None
+    waits = res["meanfield/2"]["in_step_allreduce_ms"]  # each process's time in the all-reduce
+    assert len(waits) == 2 and all(0 < w < res["meanfield/2"]["step_ms"] for w in waits)
+    assert res["meanfield/1"]["in_step_allreduce_ms"] is None
 
 
 def test_cremer_smoke_writes_the_gap_table_and_curves(monkeypatch, tmp_path):
