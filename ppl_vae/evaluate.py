@@ -202,9 +202,14 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
     return results, {"posterior_means": cat["means"]}
 
 
+@own_rng
 def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: bool,
                    proposal: str, seed: int, local_options: dict, progress: bool) -> dict:
-    """One unit of ``evaluate_model``: per-row values (tensors) and what was done (plain)."""
+    """One unit of ``evaluate_model``: per-row values (tensors) and what was done (plain).
+
+    Its own seeded stream: a guide that draws noise where nothing else seeds it (a
+    semi-amortized guide's refinement in ``posterior_means``) neither takes the draws of the
+    training run around it (gap curves, validation) nor depends on them."""
     with _bar(0, "held-out fit (steps)", progress) as bar:
         held = guides.held_out(guide, model, x, seed=seed, progress=bar.update, **local_options)
     own = held.guide
