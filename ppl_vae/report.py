@@ -87,9 +87,10 @@ def markdown(doc: dict, with_gap_curves: bool = False) -> str:
     a = doc[names[0]]
     budget = f"{c['epochs']} epochs" + ("" if c["max_seconds"] is None else
                                         f" or {c['max_seconds']:.0f} s of training, whichever first")
+    tracked = sorted({e for e in c["gap_epochs"] if e <= c["epochs"]} | {c["epochs"]})
     curves = ("\n![gap curves](gap_curves.png)\n\nGap curves: L[q], L[q*] and log p(x) "
               f"(K = {c['gap_particles']}) on the first {c['gap_rows']} training and test rows "
-              f"at epochs {c['gap_epochs']} and the last; each guide's `gaps.jsonl` has the "
+              f"at epochs {', '.join(map(str, tracked))}; each guide's `gaps.jsonl` has the "
               f"numbers.\n" if with_gap_curves else "")
     return f"""# Amortized, semi-amortized and mean-field inference
 
