@@ -18,6 +18,11 @@ Guides: the factorized Gaussian (``amortized``), a flow (``iaf``: our two-step I
 paper's auxiliary flow) and, beside them, a model trained with the mean-field per-datapoint
 guide, which the paper does not have. Each guide's run folder checkpoints every epoch, so
 ``--resume`` continues an interrupted protocol exactly.
+
+q* is always a per-datapoint diagonal Gaussian (``guides.local_inference``). For the flow
+that makes L[q*] the best Gaussian on the flow-trained model, so its approximation gap is
+the Gaussian family's and it has no amortization gap (q is not in q*'s family); the paper
+fits a flow per datapoint there, so its flow row is not the same quantity.
 """
 from __future__ import annotations
 
