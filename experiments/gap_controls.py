@@ -61,10 +61,15 @@ def controls(model, guide, x: torch.Tensor, num_particles: int, max_steps: int,
         return guides.local_inference(model, x, init=init, max_steps=steps, seed=EVAL_SEED,
                                       **rule)
 
+    estimates = {}  # (proposal, K) -> per-row log p(x): a row that only changes the ELBOs reuses it
+
     def row(name, q_star, steps, start, l_q=None, l_star=None, proposal=None, k=None):
         l_q = elbo(own) if l_q is None else l_q
         l_star = elbo(q_star) if l_star is None else l_star
-        lp = log_px(model, proposal or q_star, x, k or num_particles, seed=EVAL_SEED)
+        key = (id(proposal or q_star), k or num_particles)
+        if key not in estimates:
+            estimates[key] = log_px(model, proposal or q_star, x, key[1], seed=EVAL_SEED)
+        lp = estimates[key]
         approx, amort = Estimate.of(lp - l_star), Estimate.of(l_star - l_q)  # paired
         out = {"variant": name, "L[q]": l_q.mean().item(), "L[q*]": l_star.mean().item(),
                "log p(x)": lp.mean().item(), "approximation_gap": approx.mean,
