@@ -30,13 +30,11 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from _table import SMOKE, markdown
 from ppl_vae import checkpoint, plots
 from ppl_vae.config import Config
 from ppl_vae.evaluate import evaluate_model
-from ppl_vae.heldout import EVAL_SEED, RowsOf, eval_pixels, train_pixels
+from ppl_vae.heldout import EVAL_SEED, scored_rows
 from ppl_vae.run import fit_run, load_trained
 
 PROTOCOL = Config(hidden=(200, 200), activation="elu", latent_dim=50, batch_size=100,
@@ -56,18 +54,13 @@ COLUMNS = ["guide", "rows", "epochs", "test_log_px", "test_elbo_local", "test_el
 def score(trained, rows: int, num_particles: int, progress: bool,
           local_steps: int = 3000) -> list:
     """The gap table's rows of one trained model: its first ``rows`` training and test rows."""
-    config, n = trained.config, len(trained.splits.train)
     out = []
     for split in ("train", "test"):
-        pixels = train_pixels if split == "train" else eval_pixels
-        x = pixels(config, trained.splits.get(split), rows)
-        guide = trained.guide
-        if split == "train":  # the guide as trained, on its own rows
-            guide = RowsOf(guide, torch.arange(len(x), device=x.device), n)
+        guide, x = scored_rows(trained, split, rows)
         results, _ = evaluate_model(trained.model, guide, x, num_particles, local=True,
                                     seed=EVAL_SEED, progress=progress,
                                     local_options={"max_steps": local_steps})
-        out.append({"guide": config.guide, "rows": f"{split} {len(x)}",
+        out.append({"guide": trained.config.guide, "rows": f"{split} {len(x)}",
                     "epochs": len(trained.history), **results})
     return out
 

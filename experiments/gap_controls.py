@@ -33,7 +33,7 @@ import torch
 from _table import SMOKE, markdown
 from ppl_vae import guides
 from ppl_vae.evaluate import Estimate, elbo_parts, log_px
-from ppl_vae.heldout import EVAL_SEED, RowsOf, eval_pixels, train_pixels
+from ppl_vae.heldout import EVAL_SEED, scored_rows
 from ppl_vae.run import fit_run, load_trained
 
 COLUMNS = ["variant", "L[q]", "L[q*]", "log p(x)", "approximation_gap", "amortization_gap",
@@ -123,11 +123,7 @@ def main(argv=None):
     if args.run is None:
         p.error("--run RUN_FOLDER is required (or --smoke)")
     trained = load_trained(args.run)
-    pixels = train_pixels if args.split == "train" else eval_pixels
-    x = pixels(trained.config, trained.splits.get(args.split), args.rows)
-    guide = trained.guide
-    if args.split == "train":  # the guide as trained, on its own rows (a table: its rows)
-        guide = RowsOf(guide, torch.arange(len(x), device=x.device), len(trained.splits.train))
+    guide, x = scored_rows(trained, args.split, args.rows)
     rows = controls(trained.model, guide, x, args.num_particles, args.local_steps,
                     progress=not args.smoke)
     args.out.mkdir(parents=True, exist_ok=True)

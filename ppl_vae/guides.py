@@ -266,16 +266,11 @@ class LocalNormal(PerDatapoint):
         extra = self.latent_dim - v.shape[1]  # fewer rows or pixels than latent dimensions
         noise = torch.randn(len(x), extra, device=x.device) if extra > 0 else None
         rows = self.owned_rows(x.device)
-        if self.world_size == 1:
-            scores = centred @ v
-            if noise is not None:
-                scores = torch.cat([scores, noise], dim=1)
-            std = scores.std(0)
-        else:  # the scale of all rows' scores, a chunk at a time; the scores of own rows
-            std = _column_std(centred, v, noise)
-            scores = centred[rows] @ v
-            if noise is not None:
-                scores = torch.cat([scores, noise[rows]], dim=1)
+        scores = (centred if self.world_size == 1 else centred[rows]) @ v
+        if noise is not None:
+            scores = torch.cat([scores, noise[rows]], dim=1)
+        # a shard takes the scale of all rows' scores, a chunk at a time
+        std = scores.std(0) if self.world_size == 1 else _column_std(centred, v, noise)
         loc = scores / std.clamp_min(1e-6)
         self.set_rows(rows, loc, torch.full_like(loc, scale))
         return self

@@ -30,11 +30,23 @@ def eval_pixels(config, split: data.Split, rows: Optional[int] = None) -> torch.
 
 def train_pixels(config, split: data.Split, rows: Optional[int] = None) -> torch.Tensor:
     """Training rows as the model saw them: under ``static`` binarization the very draw it
-    trained on (seed ``config.seed``, as ``data.Binarize.prepare``); otherwise one fixed
-    draw as in ``eval_pixels`` (a dynamically binarized model never saw one draw twice)."""
+    trained on (``data.Binarize.prepare`` with ``config.seed``, as the run does); otherwise
+    one fixed draw as in ``eval_pixels`` (a dynamically binarized model never saw one draw
+    twice)."""
     if config.binarize == "static":
-        return data.static_binarize(split, config.seed).head(rows).x
+        return data.Binarize("static").prepare(split, config.seed).head(rows).x
     return eval_pixels(config, split, rows)
+
+
+def scored_rows(trained, split: str, rows: Optional[int] = None) -> tuple:
+    """(guide, pixels) that score the first ``rows`` of ``split`` of a trained run: held-out
+    rows under the fixed binarization with the guide as it answers new rows; training rows
+    as the run saw them, with the guide as trained (a per-datapoint table: its own rows)."""
+    if split != "train":
+        return trained.guide, eval_pixels(trained.config, trained.splits.get(split), rows)
+    x = train_pixels(trained.config, trained.splits.train, rows)
+    return RowsOf(trained.guide, torch.arange(len(x), device=x.device),
+                  len(trained.splits.train)), x
 
 
 def held_out_elbo(model, guide, x: torch.Tensor, warm=None, **local) -> tuple:
