@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -114,3 +115,28 @@ def test_gap_controls_smoke_changes_one_choice_per_row(monkeypatch, tmp_path):
         assert r["L[q*]"] != ours["L[q*]"]
     assert strict["q*_steps"] > ours["q*_steps"]
     assert k_many["L[q]"] != ours["L[q]"] and k_many["log p(x)"] == ours["log p(x)"]
+    # --split train: the same run scored on its own training rows (as it trained on them)
+    run_script("gap_controls.py", ["--run", str(tmp_path / "out" / "trained"), "--split",
+                                   "train", "--rows", "20", "--num-particles", "20",
+                                   "--local-steps", "30", "--out", str(tmp_path / "train")],
+               monkeypatch, tmp_path)
+    doc = json.loads((tmp_path / "train" / "results.json").read_text())
+    assert doc["split"] == "train" and doc["rows_scored"] == 20
+    assert doc["rows"][0]["L[q]"] != ours["L[q]"]
+
+
+def test_cremer_binarize_static_trains_and_scores_on_one_draw(monkeypatch, tmp_path):
+    import json
+    from ppl_vae import data
+    from ppl_vae.heldout import eval_pixels, train_pixels
+    from ppl_vae.run import load_trained
+    out = tmp_path / "out"
+    run_script("cremer.py", ["--smoke", "--guides", "amortized", "--binarize", "static",
+                             "--out", str(out)], monkeypatch, tmp_path)
+    config = json.loads((out / "amortized" / "config.json").read_text())["config"]
+    assert config["binarize"] == "static"
+    trained = load_trained(out / "amortized")
+    scored = train_pixels(trained.config, trained.splits.train)  # the gap rows' training pixels
+    trained_on = data.Binarize("static").prepare(trained.splits.train, trained.config.seed).x
+    assert torch.equal(scored, trained_on)  # the run's one draw, not the held-out draw:
+    assert not torch.equal(scored, eval_pixels(trained.config, trained.splits.train))
