@@ -3,6 +3,7 @@
     uv run python experiments/cremer.py                      # the full protocol (hours)
     uv run python experiments/cremer.py --resume             # continue it after a stop
     uv run python experiments/cremer.py --smoke              # toy size, seconds
+    uv run python experiments/cremer.py --warmup-epochs 0    # a control: no KL warm-up
 
 Every difference from our defaults is a setting of ``Config``, not a fork of the code:
 encoder 784-200-200-(2x50) and decoder 50-200-200-784 with ELU (``hidden=(200, 200)``,
@@ -79,12 +80,16 @@ def main(argv=None):
                    help="at most this many steps of the final fits of q* (plateau rule)")
     p.add_argument("--binarize", default=PROTOCOL.binarize,
                    help="dynamic (ours), or static: one seeded draw, as the authors' data")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="epochs of linear KL warm-up (the protocol's 400; 0: none)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     base = PROTOCOL.replace(epochs=args.epochs, device=args.device, binarize=args.binarize)
     if args.smoke:
         base = base.replace(**SMOKE, gap_rows=20, gap_particles=10, warmup_epochs=1,
                             gap_epochs=(1,))
+    if args.warmup_epochs is not None:
+        base = base.replace(warmup_epochs=args.warmup_epochs)
         args.num_particles, args.rows, args.local_steps = 10, 20, 30
     rows = []
     for guide in args.guides.split(","):

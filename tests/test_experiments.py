@@ -94,6 +94,8 @@ def test_cremer_smoke_writes_the_gap_table_and_curves(monkeypatch, tmp_path):
     config = json.loads((out / "amortized" / "config.json").read_text())["config"]
     assert config["activation"] == "elu" and config["lr_schedule"] == "burda"
     assert config["adam_eps"] == 1e-4 and config["warmup_epochs"] == 1
+    first = json.loads((out / "amortized" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["beta"] < 1.0  # the warm-up weighted the KL term
     run_script("cremer.py", ["--smoke", "--resume", "--out", str(out)], monkeypatch, tmp_path)
 
 
@@ -126,15 +128,19 @@ def test_gap_controls_smoke_changes_one_choice_per_row(monkeypatch, tmp_path):
 
 
 def test_cremer_binarize_static_trains_and_scores_on_one_draw(monkeypatch, tmp_path):
+    """--binarize static trains and scores training rows on one draw; --warmup-epochs 0
+    (in the same run, to save one) trains without the KL warm-up."""
     import json
     from ppl_vae import data
     from ppl_vae.heldout import eval_pixels, train_pixels
     from ppl_vae.run import load_trained
     out = tmp_path / "out"
     run_script("cremer.py", ["--smoke", "--guides", "amortized", "--binarize", "static",
-                             "--out", str(out)], monkeypatch, tmp_path)
+                             "--warmup-epochs", "0", "--out", str(out)], monkeypatch, tmp_path)
     config = json.loads((out / "amortized" / "config.json").read_text())["config"]
-    assert config["binarize"] == "static"
+    assert config["binarize"] == "static" and config["warmup_epochs"] == 0
+    first = json.loads((out / "amortized" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["beta"] == 1.0  # no warm-up: the whole KL term from the first step
     trained = load_trained(out / "amortized")
     scored = train_pixels(trained.config, trained.splits.train)  # the gap rows' training pixels
     trained_on = data.Binarize("static").prepare(trained.splits.train, trained.config.seed).x
