@@ -83,11 +83,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _read(path: Path, required=()) -> dict:
+def _read(path: Path, required=(), mmap: bool = False) -> dict:
     """Load with ``weights_only=True``: tensors, numbers, strings and containers only, so a
-    crafted file cannot run code; anything else is refused."""
+    crafted file cannot run code; anything else is refused. With ``mmap`` the tensors are
+    mapped from the file (copy on write) instead of read into this process's memory."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         raise UserError(f"checkpoint {path} holds objects other than tensors and plain data "
@@ -126,22 +127,27 @@ def _shape_problem(state: dict) -> Optional[str]:
     return None
 
 
-def load(folder: Path, warn=logs.warning, fallback: bool = True, required=()) -> Optional[dict]:
+def load(folder: Path, warn=logs.warning, fallback: bool = True, required=(),
+         mmap: bool = False) -> Optional[dict]:
     """The newest readable checkpoint in ``folder``; None when there is none at all.
 
     When the newest is unreadable, ``fallback`` takes the previous one (with a warning) and
     records which in ``state["file"]``; without it the error stands. A file lacking any key
-    of ``required`` counts as unreadable.
+    of ``required`` counts as unreadable. ``mmap`` maps the tensors from the file rather than
+    reading them (a process of a torchrun resume copies only its own rows of the gathered
+    per-datapoint table; the rest stays in the page cache, which the processes on one
+    machine share). Files are replaced by renames, never rewritten in place, so a mapping
+    stays valid while the run writes new checkpoints.
     """
     folder = Path(folder)
     path, previous = folder / NAME, folder / PREVIOUS
     if path.exists():
         try:
-            return {**_read(path, required), "file": NAME}
+            return {**_read(path, required, mmap), "file": NAME}
         except UserError as e:
             if not previous.exists() or not fallback:
                 raise
             warn(f"warning: {e}; using {previous.name}")
     if previous.exists():
-        return {**_read(previous, required), "file": PREVIOUS}
+        return {**_read(previous, required, mmap), "file": PREVIOUS}
     return None

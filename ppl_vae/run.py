@@ -183,7 +183,7 @@ def _setup(config: Config, out, overwrite: bool, resume: bool, world: distribute
     torch.manual_seed(distributed.rank_seed(config.seed + 2, world))
     if resume:
         final = folder.final if folder is not None else Path(out)
-        state = checkpoint.load(final, warn=log, required=REQUIRED)
+        state = checkpoint.load(final, warn=log, required=REQUIRED, mmap=world.size > 1)
         saved = Config.from_dict(state["config"])
         saved.replace(device=config.device).validate()  # its device need not exist here
         distributed.check_world_size(int(state.get("world_size", 1)), world, final)

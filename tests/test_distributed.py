@@ -243,3 +243,21 @@ def test_a_shard_is_built_with_its_rows_only(n, latent):
             part.shard(1 - rank, 2)
         part.load_state_dict({"params": whole.params.detach() + 1})
         assert torch.equal(part.params, whole.params[rows] + 1)
+
+
+def test_a_resumed_process_maps_the_checkpoint_and_copies_only_its_rows(tmp_path):
+    """A torchrun resume maps the gathered checkpoint (``checkpoint.load(mmap=True)``): the
+    same tensors as a read, a write to a loaded tensor never reaches the file (copy on
+    write), and a shard keeps a copy of its own rows, not a view of the mapping."""
+    n, latent = 11, 3
+    whole = guides.LocalNormal(n, latent)
+    checkpoint.save({"config": {}, "guide": whole.state_dict()}, tmp_path)
+    read, mapped = checkpoint.load(tmp_path), checkpoint.load(tmp_path, mmap=True)
+    assert torch.equal(read["guide"]["params"], mapped["guide"]["params"])
+    part = guides.LocalNormal(n, latent, rank=1, world_size=2)
+    part.load_state_dict(mapped["guide"])
+    assert torch.equal(part.params, whole.params[data.shard_rows(n, 2, 1)])
+    assert part.params.untyped_storage().data_ptr() != \
+        mapped["guide"]["params"].untyped_storage().data_ptr()
+    mapped["guide"]["params"].add_(1.0)  # the run's own updates stay in its memory
+    assert torch.equal(checkpoint.load(tmp_path)["guide"]["params"], read["guide"]["params"])
