@@ -66,6 +66,15 @@ class _Program(nn.Module):
         super().__init__()
         self.model, self.guide = model, guide
         self.fn, self.num_data, self.names = fn, num_data, names
+        every = [n for n, _ in self.named_parameters()] + [n for n, _ in self.named_buffers()]
+        self._slots = [(n, self.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
+                       for n in every]
+
+    def tensors(self) -> dict:
+        """Every parameter and buffer by name, the compiled graph's inputs: read through the
+        modules that hold them (a parameter replaced since tracing is the one passed), without
+        walking the module tree on every call (that walk cost about 80 us a step)."""
+        return {name: getattr(module, attr) for name, module, attr in self._slots}
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, *values) -> torch.Tensor:
         return self.fn(self.model, self.guide, Batch(x, idx, self.num_data),
@@ -117,9 +126,9 @@ class Compiled:
         if graph is None:  # compiling failed once: eager from then on
             return self.objective(model, guide, batch, **kwargs)
         if ran:
-            return graph(_tensors(program), batch.x, batch.idx, *values)
+            return graph(program.tensors(), batch.x, batch.idx, *values)
         try:  # torch.compile compiles on the first call; a machine without a C++ compiler fails here
-            out = graph(_tensors(program), batch.x, batch.idx, *values)
+            out = graph(program.tensors(), batch.x, batch.idx, *values)
         except Exception as e:  # noqa: BLE001 - whatever failed, eager still works
             entry[1] = None
             return self._eager_after(e, model, guide, batch, kwargs)
@@ -141,7 +150,7 @@ class Compiled:
             return functional_call(program, tensors, (x, idx, *values))
 
         with _own_rng(batch.x.device), pyro.validation_enabled(False):
-            graph = make_fx(pure)(_tensors(program), batch.x, batch.idx, *values)
+            graph = make_fx(pure)(program.tensors(), batch.x, batch.idx, *values)
         return torch.compile(graph, backend=self.backend, dynamic=False, fullgraph=True,
                              options=self.options or None)
 
@@ -150,10 +159,3 @@ def _own_rng(device: torch.device):
     """Keep the draws of the checking run and of tracing (which runs the program on real
     tensors) out of the caller's random stream: every loss the caller sees is the graph's."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def _tensors(program: nn.Module) -> dict:
-    """Every parameter and buffer of the program by name: the compiled graph's inputs."""
-    tensors = dict(program.named_parameters())
-    tensors.update(program.named_buffers())
-    return tensors

@@ -55,6 +55,13 @@ def test_compiled_loss_and_gradients_equal_the_eager_ones(objective):
     moved_eager = _loss_and_grads(objective, model, guide, batch, SEED + 3)
     moved = _loss_and_grads(compiled, model, guide, batch, SEED + 3)
     torch.testing.assert_close(moved[0], moved_eager[0], rtol=1e-5, atol=1e-4)
+    # a parameter replaced by another object (load code, a user's surgery) is the one read
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer.weight = torch.nn.Parameter(layer.weight.detach() * 2)
+    swapped_eager = _loss_and_grads(objective, model, guide, batch, SEED + 4)
+    swapped = _loss_and_grads(compiled, model, guide, batch, SEED + 4)
+    torch.testing.assert_close(swapped[0], swapped_eager[0], rtol=1e-5, atol=1e-4)
+    assert swapped[0].item() != pytest.approx(moved[0].item(), abs=1e-3)
     assert len(compiled._graphs) == 1
 
 
