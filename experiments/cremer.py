@@ -110,7 +110,7 @@ def main(argv=None):
     curves = {g: plots.read_metrics(args.out / g, "gaps.jsonl") for g in args.guides.split(",")
               if (args.out / g / "gaps.jsonl").exists()}
     if curves:  # every guide's gap curves in one figure
-        plots.gap_curves(curves, args.out / "gap_curves.png")
+        plots.gap_curves(curves, args.out / "gap_curves.png", references=PAPER)
     table = markdown(rows, COLUMNS)
     (args.out / "table.md").write_text(table)
     print(table)

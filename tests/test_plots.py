@@ -83,3 +83,16 @@ def test_gap_curves_take_a_log_axis_when_the_gaps_span_decades(monkeypatch, tmp_
     scales = [[ax.get_yscale() for ax in fig.axes] for fig in figures]  # amort. train, test;
     assert scales == [["log", "log", "linear", "linear"],               # approx. train, test
                       ["symlog", "log", "linear", "linear"]]
+
+
+def test_gap_curves_draw_published_values_as_dashed_lines(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    rows = [{"epoch": e, "split": s, "amortization_gap": 2.0, "approximation_gap": 3.0}
+            for e in (1, 10) for s in ("train", "test")]
+    plots.gap_curves({"mine": rows}, tmp_path / "a.png",
+                     references={"mine": {"amortization_gap": 1.34}, "other": {"x": 1.0}})
+    dashed = [[(line.get_ydata()[0], line.get_color()) for line in ax.get_lines()
+               if line.get_linestyle() == "--"] for ax in figures[0].axes]
+    curve = figures[0].axes[0].get_lines()[0].get_color()
+    assert dashed == [[(1.34, curve)], [(1.34, curve)], [], []]  # amortization panels only
