@@ -153,9 +153,10 @@ def bench_device(device, batch_sizes, repeats, steps, local_sizes, epoch, logpx_
         for fn in cases.values():  # warm-up
             for _ in range(5):
                 fn()
-        for _ in range(repeats):  # interleaved
-            for k, fn in cases.items():
-                times[k].append(timed(fn, sync, steps))
+        names = list(cases)
+        for r in range(repeats):  # interleaved, each round starting one case later, so no
+            for k in names[r % len(names):] + names[:r % len(names)]:  # case always
+                times[k].append(timed(cases[k], sync, steps))  # follows the same one
         rows[b] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         compile_seconds[b] = compile_s
     result = {"ms_per_step": rows, "compile_seconds": compile_seconds}
