@@ -129,16 +129,19 @@ def test_gap_controls_smoke_changes_one_choice_per_row(monkeypatch, tmp_path):
 
 def test_cremer_binarize_static_trains_and_scores_on_one_draw(monkeypatch, tmp_path):
     """--binarize static trains and scores training rows on one draw; --warmup-epochs 0
-    (in the same run, to save one) trains without the KL warm-up."""
+    and --warmup-term entropy (in the same run, to save one) train without a warm-up, with
+    the authors' objective named as a user piece."""
     import json
     from ppl_vae import data
     from ppl_vae.heldout import eval_pixels, train_pixels
     from ppl_vae.run import load_trained
     out = tmp_path / "out"
     run_script("cremer.py", ["--smoke", "--guides", "amortized", "--binarize", "static",
-                             "--warmup-epochs", "0", "--out", str(out)], monkeypatch, tmp_path)
+                             "--warmup-epochs", "0", "--warmup-term", "entropy",
+                             "--out", str(out)], monkeypatch, tmp_path)
     config = json.loads((out / "amortized" / "config.json").read_text())["config"]
     assert config["binarize"] == "static" and config["warmup_epochs"] == 0
+    assert config["objective"] == "cremer:EntropyWarmupELBO"  # built by name, recorded
     first = json.loads((out / "amortized" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["beta"] == 1.0  # no warm-up: the whole KL term from the first step
     trained = load_trained(out / "amortized")
@@ -146,3 +149,32 @@ def test_cremer_binarize_static_trains_and_scores_on_one_draw(monkeypatch, tmp_p
     trained_on = data.Binarize("static").prepare(trained.splits.train, trained.config.seed).x
     assert torch.equal(scored, trained_on)  # the run's one draw, not the held-out draw:
     assert not torch.equal(scored, eval_pixels(trained.config, trained.splits.train))
+
+
+def test_the_authors_warmup_weights_only_log_q(monkeypatch):
+    """cremer.EntropyWarmupELBO: E_q[log p(x, z)] - beta E_q[log q], so on the same draws it
+    exceeds our KL-weighted bound by (1 - beta) E_q[log p(z)], and equals it at beta = 1."""
+    import pyro
+    from ppl_vae import guides, nets, objectives
+    from ppl_vae.data import Batch
+    from ppl_vae.likelihoods import Bernoulli
+    from ppl_vae.model import VAEModel
+    from ppl_vae.priors import StandardNormal
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    from cremer import EntropyWarmupELBO
+    torch.manual_seed(0)
+    model = VAEModel(nets.Decoder(3, [8], 12), Bernoulli(), StandardNormal(3))
+    guide = guides.AmortizedNormal(nets.Encoder(12, [8], 3))
+    x = torch.bernoulli(torch.full((5, 12), 0.4))
+    batch = Batch(x, torch.arange(5), 5)
+
+    def on_seed(fn):
+        pyro.set_rng_seed(1)
+        return fn()
+    for beta in (0.3, 1.0):
+        ours = on_seed(lambda: objectives.ELBO(3).per_datapoint(model, guide, batch, beta=beta))
+        theirs = on_seed(lambda: EntropyWarmupELBO(3).per_datapoint(model, guide, batch,
+                                                                    beta=beta))
+        prior = on_seed(lambda: objectives.log_weights(model, guide, batch, 3).log_prior)
+        torch.testing.assert_close(theirs - ours, (1 - beta) * prior.mean(0))
+    assert not torch.allclose(prior, torch.zeros_like(prior))
