@@ -6,6 +6,8 @@ of ms per step with the ratios ppl_vae / hand-written and ppl_vae / plain Pyro, 
 
     uv run python experiments/bench.py                    # full (CPU; CUDA too when present)
     uv run python experiments/bench.py --smoke            # seconds, for the tests
+    uv run python experiments/bench.py --devices cpu --no-logpx --batch-sizes 128 --repeats 21
+                                                          # the guard's target, more rounds
 """
 from __future__ import annotations
 
@@ -262,6 +264,10 @@ def main(argv=None):
     p.add_argument("--no-logpx", action="store_true", help="skip the K=5000 log p(x) timing")
     p.add_argument("--devices", default="cpu,cuda",
                    help="comma-separated; cuda is skipped where it is not available")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma-separated (default 32,128,512; --smoke: 32)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved rounds of 20 steps per case (default 7; --smoke: 2)")
     args = p.parse_args(argv)
     if args.smoke:
         kw = dict(batch_sizes=[32], repeats=2, steps=2, local_sizes=[1000], epoch=False,
@@ -270,6 +276,10 @@ def main(argv=None):
         kw = dict(batch_sizes=[32, 128, 512], repeats=7, steps=20,
                   local_sizes=[50_000, 1_000_000], epoch=True,
                   logpx_k=0 if args.no_logpx else 5000, logpx_rows=10_000)
+    if args.batch_sizes:
+        kw["batch_sizes"] = [int(b) for b in args.batch_sizes.split(",")]
+    if args.repeats:
+        kw["repeats"] = args.repeats
     devices = [torch.device(d) for d in args.devices.split(",")
                if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     doc = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -48,10 +48,12 @@ def test_local_inference_smoke(monkeypatch, tmp_path, capsys):
 
 
 def test_bench_smoke(monkeypatch, tmp_path):
-    run_script("bench.py", ["--smoke", "--out", str(tmp_path / "bench.json")], monkeypatch, tmp_path)
+    run_script("bench.py", ["--smoke", "--batch-sizes", "16", "--repeats", "3", "--out",
+                            str(tmp_path / "bench.json")], monkeypatch, tmp_path)
     import json
     doc = json.loads((tmp_path / "bench.json").read_text())
-    row = doc["cpu"]["ms_per_step"]["32"]
+    assert list(doc["cpu"]["ms_per_step"]) == ["16"] and doc["settings"]["repeats"] == 3
+    row = doc["cpu"]["ms_per_step"]["16"]
     assert row["hand-written PyTorch"] > 0 and row["ppl_vae amortized"] > 0
 
 
