@@ -119,7 +119,8 @@ def main(argv=None):
         base = base.replace(warmup_epochs=args.warmup_epochs)
     if args.warmup_term == "entropy":
         base = base.replace(objective="cremer:EntropyWarmupELBO")
-        args.num_particles, args.rows, args.local_steps = 10, 20, 30
+    scoring = (dict(rows=20, num_particles=10, local_steps=30) if args.smoke else
+               dict(rows=args.rows, num_particles=args.num_particles, local_steps=args.local_steps))
     rows = []
     for guide in args.guides.split(","):
         config = base.replace(guide=guide, compile=guide != "meanfield" and not args.smoke)
@@ -131,8 +132,7 @@ def main(argv=None):
         else:
             trained = fit_run(config, folder, overwrite=state is None, resume=state is not None,
                               progress=not args.smoke)
-        rows += score(trained, args.rows, args.num_particles, progress=not args.smoke,
-                      local_steps=args.local_steps)
+        rows += score(trained, progress=not args.smoke, **scoring)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"config": base.to_dict(), "rows": rows,
                                                        "paper": PAPER}, indent=2) + "\n")

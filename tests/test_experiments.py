@@ -84,6 +84,7 @@ def test_cremer_smoke_writes_the_gap_table_and_curves(monkeypatch, tmp_path):
     for (guide, split), r in rows.items():
         assert r["approximation_gap"] == pytest.approx(r["test_log_px"] - r["test_elbo_local"],
                                                        abs=1e-3)
+        assert (r["rows"], r["num_particles"]) == (f"{split} 20", 10)  # the smoke's scoring
     # the factorized Gaussian has an amortization gap on both; the flow none (other family);
     # the mean-field table has one on its own training rows only
     assert rows["amortized", "test"]["amortization_gap"] is not None
@@ -144,6 +145,8 @@ def test_cremer_binarize_static_trains_and_scores_on_one_draw(monkeypatch, tmp_p
     config = json.loads((out / "amortized" / "config.json").read_text())["config"]
     assert config["binarize"] == "static" and config["warmup_epochs"] == 0
     assert config["objective"] == "cremer:EntropyWarmupELBO"  # built by name, recorded
+    scored = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["rows"], r["num_particles"]) for r in scored] == [("train 20", 10), ("test 20", 10)]
     first = json.loads((out / "amortized" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["beta"] == 1.0  # no warm-up: the whole KL term from the first step
     trained = load_trained(out / "amortized")
