@@ -188,8 +188,9 @@ def gap_curves(gaps: Dict[str, List[dict]], path: Path,
     and test rows side by side, one colour per guide (from ``gaps.jsonl`` rows). A panel
     whose values span more than a factor of 20 gets a log axis (symmetric-log if a gap is
     negative), so the late, small gaps are not flattened by the first epochs' hundreds.
-    ``references`` (guide name -> {"amortization_gap": nats, ...}) draws published values as
-    dashed lines in that guide's colour (``cremer.py``: the paper's)."""
+    ``references`` (guide name -> {"amortization_gap": nats, ..., "label": legend text})
+    draws reference values as dashed lines in that guide's colour (``cremer.py``: the
+    paper's, as recalled)."""
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     kinds = [("amortization_gap", "amortization gap  L[q*] - L[q]"),
@@ -205,10 +206,10 @@ def gap_curves(gaps: Dict[str, List[dict]], path: Path,
                     e, v, s_ = (np.array(t, dtype=float) for t in zip(*pts))
                     ax.plot(e, v, "o-", color=colour["color"], label=name)
                     ax.fill_between(e, v - 2 * s_, v + 2 * s_, color=colour["color"], alpha=0.2)
-                ref = (references or {}).get(name, {}).get(key)
-                if ref is not None:
-                    ax.axhline(ref, color=colour["color"], linestyle="--", linewidth=1,
-                               label=f"{name}, published")
+                refs = (references or {}).get(name, {})
+                if refs.get(key) is not None:
+                    ax.axhline(refs[key], color=colour["color"], linestyle="--", linewidth=1,
+                               label=refs.get("label", f"{name}: reference"))
                 ax.set_title(f"{label}, {split} rows", fontsize=9)
                 ax.set_xscale("log")
                 ax.grid(alpha=0.3)
