@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from _table import SMOKE, markdown
 from ppl_vae import checkpoint, objectives, plots

@@ -145,8 +145,8 @@ def test_cremer_binarize_static_trains_and_scores_on_one_draw(monkeypatch, tmp_p
     config = json.loads((out / "amortized" / "config.json").read_text())["config"]
     assert config["binarize"] == "static" and config["warmup_epochs"] == 0
     assert config["objective"] == "cremer:EntropyWarmupELBO"  # built by name, recorded
-    scored = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["rows"], r["num_particles"]) for r in scored] == [("train 20", 10), ("test 20", 10)]
+    table = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["rows"], r["num_particles"]) for r in table] == [("train 20", 10), ("test 20", 10)]
     first = json.loads((out / "amortized" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["beta"] == 1.0  # no warm-up: the whole KL term from the first step
     trained = load_trained(out / "amortized")

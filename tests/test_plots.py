@@ -85,7 +85,7 @@ def test_gap_curves_take_a_log_axis_when_the_gaps_span_decades(monkeypatch, tmp_
                       ["symlog", "log", "linear", "linear"]]
 
 
-def test_gap_curves_draw_published_values_as_dashed_lines(monkeypatch, tmp_path):
+def test_gap_curves_draw_reference_values_as_dashed_lines(monkeypatch, tmp_path):
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
     rows = [{"epoch": e, "split": s, "amortization_gap": 2.0, "approximation_gap": 3.0}
