@@ -117,6 +117,9 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
     flag is read on the host before anything is applied (``DivergenceError`` at once).
     Without ``guard``, ``bad`` is None.
 
+    An objective with ``value_and_grad`` (``Compiled``) computes the loss, the networks'
+    gradients and the guard's check in one graph; others are differentiated with autograd.
+
     Under torchrun (``optimizers.sync``) every process's loss is divided by the world size
     and the networks' gradients are summed over processes, with the flag in the same
     all-reduce; a table's gradient stays on its process.
@@ -150,10 +153,20 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
     for table in tables:
         table.grad = None
     optimizers.zero_grad()
-    loss = guides.training_loss(guide, objective, model, batch, **kwargs)
-    (loss * scale if sync is not None else loss).backward()
-    if guard:
-        bad = _nonfinite(bad, loss, *_grads(optimizers))
+    params = optimizers.networks()
+    graph = getattr(objective, "value_and_grad", None) if not tables else None
+    out = graph(model, guide, batch, params, scale=scale, check=guard, **kwargs) if graph else None
+    if out is not None:  # forward, backward and the guard's check in one compiled graph
+        loss, flag, grads = out
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        if guard:
+            bad = torch.maximum(bad, flag)
+    else:
+        loss = guides.training_loss(guide, objective, model, batch, **kwargs)
+        (loss * scale if sync is not None else loss).backward()
+        if guard:
+            bad = _nonfinite(bad, loss, *_grads(optimizers))
     if sync is not None:
         total = sync.reduce(optimizers.networks(),
                             bad if guard else torch.zeros((), device=batch.x.device))

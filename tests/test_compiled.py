@@ -162,3 +162,127 @@ def test_compiled_takes_beta_as_a_graph_input():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert len(compiled._graphs) == 1
     assert Config(compile=True, warmup_epochs=2).validate().warmup_epochs == 2
+
+
+def _params(model, guide):
+    return list(model.parameters()) + list(guide.parameters())
+
+
+@pytest.mark.parametrize("objective, kwargs, scale", [
+    (objectives.ELBO(), {}, 1.0), (objectives.IWAE(4), {}, 1.0),
+    (objectives.ELBO(), {"beta": 0.3}, 0.5)], ids=["elbo", "iwae4", "elbo-beta-scaled"])
+def test_value_and_grad_equals_the_eager_loss_and_its_backward(objective, kwargs, scale):
+    """The step's graph (forward and backward traced together) returns the eager loss, the
+    gradients of scale * loss and a clear flag, on the same draws; nothing in .grad."""
+    model, guide, batch = _setup()
+    params = _params(model, guide)
+    compiled = Compiled(objective)
+    compiled.value_and_grad(model, guide, batch, params, scale=scale, **kwargs)  # compiles
+    pyro.set_rng_seed(SEED + 20)
+    loss = objective(model, guide, batch, **kwargs)
+    eager = torch.autograd.grad(loss * scale, params)
+    pyro.set_rng_seed(SEED + 20)
+    got, flag, grads = compiled.value_and_grad(model, guide, batch, params, scale=scale, **kwargs)
+    torch.testing.assert_close(got, loss.detach(), rtol=1e-5, atol=1e-4)
+    assert not got.requires_grad and flag.item() == 0.0
+    for a, b in zip(grads, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert all(p.grad is None for p in params)
+    assert len(compiled._graphs) == 1
+
+
+def test_value_and_grad_flags_a_non_finite_loss_or_gradient():
+    model, guide, batch = _setup()
+    params = _params(model, guide)
+    compiled = Compiled(objectives.ELBO())
+    _, flag, _ = compiled.value_and_grad(model, guide, batch, params)
+    assert flag.item() == 0.0
+    compiled.value_and_grad(model, guide, batch, params, check=False)  # both graphs traced
+    with torch.no_grad():
+        params[0][0, 0] = float("inf")  # the decoder's first weight: loss and gradients blow up
+    _, flag, _ = compiled.value_and_grad(model, guide, batch, params)
+    assert flag.item() == 1.0
+    _, unchecked, _ = compiled.value_and_grad(model, guide, batch, params, check=False)
+    assert unchecked.item() == 0.0  # no check asked, none made
+
+
+def test_a_guarded_compiled_step_applies_nothing_from_a_non_finite_batch():
+    """The training loop's step through the one-graph path: a batch that makes the loss NaN
+    leaves every parameter and Adam's state as they were (fused Adam skips on the flag)."""
+    model, guide, batch = _setup()
+    opts = optim.make_optimizers(model, guide, 1e-2)
+    compiled = Compiled(objectives.ELBO())
+    train.step_on_device(model, guide, compiled, batch, opts)  # Adam's state exists
+    before = [p.detach().clone() for p in _params(model, guide)]
+    state = {k: v.clone() for p in _params(model, guide) for k, v in opts.global_.state[p].items()}
+    x = batch.x.clone()
+    x[0, 0] = float("nan")
+    loss, bad = train.step_on_device(model, guide, compiled, Batch(x, batch.idx, N), opts)
+    assert bad.item() == 1.0 and not torch.isfinite(loss)
+    for a, b in zip(_params(model, guide), before):
+        assert torch.equal(a, b)
+    after = {k: v for p in _params(model, guide) for k, v in opts.global_.state[p].items()}
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    with pytest.raises(train.DivergenceError):
+        train.step(model, guide, compiled, Batch(x, batch.idx, N), opts)
+
+
+class _WithUnused(VAEModel):
+    """A model with a parameter its program never reads."""
+
+    def __init__(self):
+        super().__init__(nets.Decoder(L, [16], D), Bernoulli(), StandardNormal(L))
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+
+def test_a_parameter_the_loss_does_not_use_gets_no_gradient_as_in_eager():
+    """loss.backward() leaves an unused parameter's .grad None, so Adam neither moves it nor
+    counts a step for it; the graph's gradient for it is None too, not zeros."""
+    torch.manual_seed(SEED)
+    model = _WithUnused()
+    guide = guides.AmortizedNormal(nets.Encoder(D, [16], L))
+    x = tiny_binary_data(N, D)
+    batch = Batch(x[:B], torch.arange(B), N)
+    compiled = Compiled(objectives.ELBO())
+    _, _, grads = compiled.value_and_grad(model, guide, batch, _params(model, guide))
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in guide.named_parameters()]
+    assert [n for n, g in zip(names, grads) if g is None] == ["unused"]
+    opts = optim.make_optimizers(model, guide, 1e-2)
+    train.step(model, guide, compiled, batch, opts)
+    assert torch.equal(model.unused.detach(), torch.ones(3))
+    assert model.unused not in opts.global_.state
+
+
+def test_value_and_grad_answers_none_where_the_step_must_use_autograd():
+    """A parameter that is not the program's (or no longer is), or a per-datapoint guide:
+    None, and the step differentiates the objective instead, with the same result."""
+    model, guide, batch = _setup()
+    compiled = Compiled(objectives.ELBO())
+    stray = torch.nn.Parameter(torch.zeros(2))
+    assert compiled.value_and_grad(model, guide, batch, _params(model, guide) + [stray]) is None
+    assert compiled.value_and_grad(model, guides.LocalNormal(N, L), batch, []) is None
+    params = _params(model, guide)
+    assert compiled.value_and_grad(model, guide, batch, params) is not None
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer.weight = torch.nn.Parameter(layer.weight.detach() * 2)  # params[0] is not read now
+    assert compiled.value_and_grad(model, guide, batch, params) is None
+    opts = optim.make_optimizers(model, guide, 1e-2)  # holds the new parameter: a new graph
+    assert compiled.value_and_grad(model, guide, batch, opts.networks()) is not None
+
+
+def test_a_failing_compiler_in_the_step_warns_once_and_trains_eagerly():
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    results = []
+    for objective in (objectives.ELBO(), Compiled(objectives.ELBO(), backend=no_compiler)):
+        model, guide, batch = _setup()
+        opts = optim.make_optimizers(model, guide, 1e-2)
+        pyro.set_rng_seed(SEED + 6)
+        with __import__("warnings").catch_warnings(record=True) as caught:
+            __import__("warnings").simplefilter("always")
+            losses = [train.step(model, guide, objective, batch, opts).item() for _ in range(3)]
+        results.append((losses, [str(w.message) for w in caught if w.category is RuntimeWarning]))
+    (eager, none), (fallen_back, warned) = results
+    assert fallen_back == eager and none == []
+    assert len(warned) == 1 and "eagerly" in warned[0]
