@@ -211,6 +211,40 @@ def test_resume_with_the_same_world_size_is_exact(tmp_path):
         [m["train_elbo"] for m in resumed["history"]]
 
 
+@pytest.mark.slow  # three torchrun launches
+def test_two_nodes_train_what_one_node_with_two_processes_trains(tmp_path):
+    """The several-machines launch (README), as two torchrun agents on this machine with a
+    c10d rendezvous: each "node" runs one process with LOCAL_RANK 0; the run equals the
+    one-node 2-process run bitwise, and --resume works across the two agents."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def nodes(out, epochs, rdzv_id, *extra):
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+             "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
+             "-m", "ppl_vae", "train", *TOY, "--epochs", str(epochs), "--out", str(out), *extra],
+            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+        errs = [p.communicate(timeout=240)[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+
+    nodes(tmp_path / "nodes", 1, "a")
+    nodes(tmp_path / "nodes", 2, "b", "--resume")
+    one = torchrun("-m", "ppl_vae", "train", *TOY, "--epochs", "2", "--out", tmp_path / "one",
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert one.wait(timeout=240) == 0, one.stderr.read().decode()[-3000:]
+    one.stderr.close()
+    a, b = checkpoint.load(tmp_path / "nodes"), checkpoint.load(tmp_path / "one")
+    assert a["world_size"] == b["world_size"] == 2
+    for key in ("model", "guide"):
+        for name, value in b[key].items():
+            assert torch.equal(value, a[key][name]), (key, name)
+    assert [m["train_elbo"] for m in a["history"]] == [m["train_elbo"] for m in b["history"]]
+
+
 @pytest.mark.parametrize("setting,flag", [({"max_seconds": 10.0}, "--max-seconds"),
                                           ({"track_gaps": True}, "--track-gaps")])
 def test_settings_a_torchrun_run_cannot_honour_are_refused(setting, flag):
