@@ -174,8 +174,8 @@ class Compiled:
                                                    names, params)
             if entry.wrt is not None:
                 try:
-                    with _own_rng(batch.x.device):  # eager once: Pyro checks every site
-                        entry.program(batch.x, batch.idx, *values)
+                    with _own_rng(batch.x.device), torch.no_grad():  # eager once: Pyro
+                        entry.program(batch.x, batch.idx, *values)  # checks every site
                     entry.graph = self._compile_grad(entry, batch, values, scale, check)
                 except Exception as e:  # noqa: BLE001 - whatever failed, autograd still works
                     return self._no_graph(e, entry, model, guide, batch, names)

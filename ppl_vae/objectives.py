@@ -11,6 +11,9 @@ and datapoint, shape [K, B], *unscaled* by the subsample factor N / B. From it:
 
 An objective is a callable ``(model, guide, batch) -> loss``: a scalar to minimize, scaled to
 the whole dataset (N / B times the batch sum), like Pyro's ``Trace_ELBO().differentiable_loss``.
+An objective may also answer ``value_and_grad(model, guide, batch, params, scale, check)``
+with the loss, its gradients and a non-finite flag computed its own way (``Compiled`` does, as
+one graph); the training step asks for it and otherwise calls ``loss.backward()``.
 The importance-weighted bound takes its logsumexp over the unscaled weights and scales after,
 so it stays a correct bound under subsampling (Pyro's ``RenyiELBO`` scales first).
 """

@@ -154,8 +154,9 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
         table.grad = None
     optimizers.zero_grad()
     params = optimizers.networks()
-    graph = getattr(objective, "value_and_grad", None) if not tables else None
-    out = graph(model, guide, batch, params, scale=scale, check=guard, **kwargs) if graph else None
+    value_and_grad = getattr(objective, "value_and_grad", None) if not tables else None
+    out = (value_and_grad(model, guide, batch, params, scale=scale, check=guard, **kwargs)
+           if value_and_grad is not None else None)
     if out is not None:  # forward, backward and the guard's check in one compiled graph
         loss, flag, grads = out
         for p, grad in zip(params, grads):
