@@ -7,7 +7,9 @@ thread. The rounds are interleaved (1, 2, 1, 2, ... processes) and the medians r
 the per-process memory of the per-datapoint table (its rows and their RowAdam state), the
 all-reduce timed alone, and the time each process spent inside the step's all-reduce while
 training (the all-reduce plus waiting for the slower process: the rest of the step is its
-own work).
+own work). "At most" is the speed-up W processes could reach if each process's own work
+cost what one process's step costs and only the all-reduce were added: W t1 / (t1 +
+t_allreduce), from the medians of the same run.
 
     uv run python experiments/bench_distributed.py            # full (about 5 min on 2 cores)
     uv run python experiments/bench_distributed.py --smoke    # seconds, for the tests
@@ -150,12 +152,12 @@ def main(argv=None) -> dict:
                       f"{res['samples_per_second']:8.0f} samples/s", flush=True)
     args.out.with_suffix(".part.json").unlink(missing_ok=True)
     summary = {}
-    lines = ["| guide | processes | samples/s (median) | speed-up | ms / step | all-reduce ms | "
-             "in the step's all-reduce, ms / process | table rows / process | "
+    lines = ["| guide | processes | samples/s (median) | speed-up | at most | ms / step | "
+             "all-reduce ms | in the step's all-reduce, ms / process | table rows / process | "
              "table + Adam state MB / process |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for g in names:
-        base = None
+        base = base_ms = None
         for w in sizes:
             rs = runs[(g, w)]
             sps = statistics.median(x["samples_per_second"] for x in rs)
@@ -166,12 +168,16 @@ def main(argv=None) -> dict:
             waits = [x["in_step_allreduce_ms"] for x in rs if x["in_step_allreduce_ms"]]
             wait_ms = [statistics.median(w_[r] for w_ in waits) for r in range(w)] if waits \
                 else None
+            base_ms = base_ms or step_ms
+            # a W-process step is at least the 1-process step plus the all-reduce
+            bound = None if comm_ms is None else w * base_ms / (base_ms + comm_ms)
             summary[f"{g}/{w}"] = {**rs[0], "samples_per_second": sps,
                                    "in_step_allreduce_ms": wait_ms,
                                    "all_samples_per_second": [x["samples_per_second"] for x in rs],
                                    "speedup": sps / base, "step_ms": step_ms,
-                                   "allreduce_ms": comm_ms}
-            lines.append(f"| {g} | {w} | {sps:.0f} | {sps / base:.2f}x | {step_ms:.1f} | "
+                                   "allreduce_ms": comm_ms, "speedup_bound": bound}
+            lines.append(f"| {g} | {w} | {sps:.0f} | {sps / base:.2f}x | "
+                         f"{'-' if bound is None else f'{bound:.2f}x'} | {step_ms:.1f} | "
                          f"{'-' if comm_ms is None else f'{comm_ms:.1f}'} | "
                          f"{'-' if wait_ms is None else ' / '.join(f'{x:.1f}' for x in wait_ms)} | "
                          f"{rs[0]['table_rows_per_process']:,} | "

@@ -69,6 +69,10 @@ def test_bench_distributed_smoke(monkeypatch, tmp_path):
     waits = res["meanfield/2"]["in_step_allreduce_ms"]  # each process's time in the all-reduce
     assert len(waits) == 2 and all(0 < w < res["meanfield/2"]["step_ms"] for w in waits)
     assert res["meanfield/1"]["in_step_allreduce_ms"] is None
+    one, two = res["amortized/1"], res["amortized/2"]  # the bound the all-reduce sets
+    assert two["speedup_bound"] == pytest.approx(
+        2 * one["step_ms"] / (one["step_ms"] + two["allreduce_ms"]))
+    assert two["speedup_bound"] < 2 and one["speedup_bound"] is None
 
 
 def test_cremer_smoke_writes_the_gap_table_and_curves(monkeypatch, tmp_path):
