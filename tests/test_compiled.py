@@ -2,12 +2,14 @@
 cannot trace."""
 from __future__ import annotations
 
+import warnings
+
 import pyro
 import pytest
 import torch
 
 from conftest import SEED, tiny_binary_data
-from ppl_vae import data, guides, nets, objectives, optim, train
+from ppl_vae import guides, nets, objectives, optim, train
 from ppl_vae.compiled import Compiled
 from ppl_vae.config import Config
 from ppl_vae.data import Batch
@@ -279,8 +281,8 @@ def test_a_failing_compiler_in_the_step_warns_once_and_trains_eagerly():
         model, guide, batch = _setup()
         opts = optim.make_optimizers(model, guide, 1e-2)
         pyro.set_rng_seed(SEED + 6)
-        with __import__("warnings").catch_warnings(record=True) as caught:
-            __import__("warnings").simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             losses = [train.step(model, guide, objective, batch, opts).item() for _ in range(3)]
         results.append((losses, [str(w.message) for w in caught if w.category is RuntimeWarning]))
     (eager, none), (fallen_back, warned) = results
