@@ -53,7 +53,8 @@ HELP = {
     "on_divergence": "on a non-finite loss: stop with the last good checkpoint, or lower_lr (halve rates, go on)",
     "max_seconds": "stop training once this much training time has passed",
     "train_size": "use only the first N training rows", "valid_size": "validation rows scored each epoch",
-    "test_size": "evaluate on the first N test rows only", "seed": "seed of initialization, data order and noise",
+    "test_size": "evaluate on the first N test rows only",
+    "seed": "seed of initialization, data order and noise (0 to 4294967295)",
     "device": "auto (CUDA when available), cpu or cuda[:N]",
     "compile": "amortized guides: trace the objective once per batch shape and compile it "
                "(torch.compile; costs a compile at the start, pays on long runs)",

@@ -192,6 +192,7 @@ BINARIZE = ("dynamic", "static", "none")
 LOCAL_INIT = ("pca", "prior")
 ON_DIVERGENCE = ("stop", "lower_lr")
 MAX_LATENT, MAX_WIDTH = 4096, 65536  # beyond these a run only fails in the allocator
+SEED_LIMIT = 2 ** 32 - 1  # torch's CPU generator keeps 32 bits of a seed: 2**32 acts as 0
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,9 @@ class Config:
         for name in ("inner_steps", "warmup_epochs", "refine_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"{setting(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed <= SEED_LIMIT:  # larger or negative seeds alias smaller ones
+            raise UserError(f"{setting('seed')} must be an integer from 0 to {SEED_LIMIT:,} "
+                            f"(torch's generator keeps 32 bits of a seed), got {self.seed}")
         if not (math.isfinite(self.beta) and self.beta >= 0):
             raise UserError(f"{setting('beta')} must be a finite number >= 0, got {self.beta}")
         if self.dreg and self.objective != "iwae":

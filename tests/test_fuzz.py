@@ -33,7 +33,7 @@ VALID = {
     "max_seconds": ["all", "0.5", "100"], "train_size": ["1", "2", "60"],
     "valid_size": ["1", "10"], "test_size": ["1", "10"],
     "on_divergence": ["stop", "lower_lr"], "gap_epochs": ["1", "1 2"],
-    "gap_rows": ["1", "5"], "gap_particles": ["1", "3"], "seed": ["0", "-1", "12345678901"],
+    "gap_rows": ["1", "5"], "gap_particles": ["1", "3"], "seed": ["0", "1", "4294967295"],
     "device": ["cpu", "auto"],
 }
 INVALID = ["-1", "0", "inf", "-inf", "nan", "1e30", "99999999999999999999", "abc", "", " ",

@@ -631,6 +631,8 @@ def test_evaluate_refuses_a_finished_run_whose_newest_checkpoint_is_corrupt(fini
     (["--latent-dim", "100000000"], "--latent-dim"), (["--hidden", "1000000000"], "--hidden"),
     (["--beta", "-1"], "--beta"), (["--beta", "inf"], "--beta"),
     (["--max-seconds", "nan"], "--max-seconds"), (["--adam-eps", "-1"], "--adam-eps"),
+    (["--seed", "99999999999999999999"], "--seed"), (["--seed", "4294967296"], "--seed"),
+    (["--seed", "-1"], "--seed"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_bad_numbers_are_one_line(extra, flag, tmp_path, capsys):
     code, out, err = train_cli(capsys, tmp_path / "o", *extra)
@@ -811,3 +813,13 @@ def test_tracking_the_gaps_does_not_change_the_training(tmp_path, cached_mnist, 
         runs.append([(m["train_elbo"], m["valid_elbo"]) for m in metrics(out)])
     assert (tmp_path / f"{guide}{len(GAPS)}" / "gaps.jsonl").exists()
     assert runs[0] == runs[1]
+
+
+def test_the_seed_range_is_where_seeds_do_not_alias():
+    """torch's CPU generator keeps 32 bits of a seed, so --seed 2**32 would silently repeat
+    --seed 0: the range --seed accepts is exactly the range of distinct streams."""
+    draws = {s: torch.rand(3, generator=torch.Generator().manual_seed(s)) for s in (0, 2 ** 32)}
+    assert torch.equal(draws[0], draws[2 ** 32])  # the aliasing the range check avoids
+    assert Config(seed=2 ** 32 - 1).validate().seed == 2 ** 32 - 1
+    with pytest.raises(UserError, match="--seed"):
+        Config(seed=2 ** 32).validate()
