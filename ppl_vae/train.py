@@ -169,8 +169,7 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
         if guard:
             bad = _nonfinite(bad, loss, *_grads(optimizers))
     if sync is not None:
-        total = sync.reduce(optimizers.networks(),
-                            bad if guard else torch.zeros((), device=batch.x.device))
+        total = sync.reduce(params, bad if guard else torch.zeros((), device=batch.x.device))
         bad = (total > 0).to(total.dtype) if guard else None
     if guard:
         give_up()
