@@ -1,4 +1,8 @@
-"""Benchmark: ppl_vae's SVI steps against a hand-written PyTorch VAE and Pyro's tutorial VAE.
+"""Benchmark: ppl_vae's SVI steps against hand-written PyTorch steps and Pyro's tutorial VAE.
+
+Every guide (amortized, per-datapoint, semi-amortized) is timed beside a hand-written PyTorch
+step of the same computation (``HandVAE``, ``HandLocal``, ``HandSemi``), eager and as the
+default (compiled) step.
 
 Same data (binarized MNIST), architecture (784-400-50 MLPs) and batch sizes; medians over
 interleaved repeats after a warm-up; CUDA synchronized before clocks are read. Prints a table
@@ -8,11 +12,14 @@ of ms per step with the ratios ppl_vae / hand-written and ppl_vae / plain Pyro, 
     uv run python experiments/bench.py --smoke            # seconds, for the tests
     uv run python experiments/bench.py --devices cpu --no-logpx --batch-sizes 128 --repeats 21
                                                           # the guard's target, more rounds
+    uv run python experiments/bench.py --part guides      # every guide beside its hand-written
+                                                          # step: eager, default (compiled)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -75,6 +82,172 @@ class TutorialVAE(nn.Module):
         with pyro.plate("data", x.shape[0]):
             loc, raw = self.enc(x).chunk(2, -1)
             pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-5).to_event(1))
+
+
+class HandLocal(nn.Module):
+    """The per-datapoint VAE written directly in PyTorch: a decoder and an N x 2L table whose
+    batch rows get one local-only update with per-row Adam, then a joint step (fused Adam
+    for the decoder, per-row Adam for the rows): the reference of ppl_vae's meanfield step
+    with inner_steps=1."""
+
+    def __init__(self, n, d=784, h=400, z=50, lr=1e-3, local_lr=0.2):
+        super().__init__()
+        self.dec = nets.mlp([z, h, d])
+        self.n, self.local_lr = n, local_lr
+        self.table = torch.zeros(n, 2 * z)
+        self.table[:, z:] = nets.softplus_inv(1.0)
+        self.m, self.v = torch.zeros(n, 2 * z), torch.zeros(n, 2 * z)
+        self.t = torch.zeros(n)
+        self.opt = torch.optim.Adam(self.dec.parameters(), lr, fused=True)
+
+    def to(self, device):
+        super().to(device)
+        for k in ("table", "m", "v", "t"):
+            setattr(self, k, getattr(self, k).to(device))
+        self.opt = torch.optim.Adam(self.dec.parameters(), self.opt.defaults["lr"], fused=True)
+        return self
+
+    def loss(self, rows, x):
+        loc, raw = rows.chunk(2, -1)
+        scale = F.softplus(raw) + 1e-5
+        z = loc + scale * torch.randn_like(loc)
+        rec = -F.binary_cross_entropy_with_logits(self.dec(z), x, reduction="sum")
+        log_ratio = (-0.5 * z ** 2 + 0.5 * ((z - loc) / scale) ** 2 + scale.log()).sum()
+        return -(rec + log_ratio) * (self.n / len(x))  # the ELBO scaled to the data set
+
+    @torch.no_grad()
+    def row_adam(self, idx, g, b1=0.9, b2=0.999, eps=1e-8):
+        """Adam on rows ``idx`` (distinct) alone, each with its own step count."""
+        self.t[idx] += 1
+        t = self.t[idx].unsqueeze(-1)
+        m = self.m[idx].lerp_(g, 1 - b1)
+        v = self.v[idx].mul_(b2).addcmul_(g, g, value=1 - b2)
+        self.m[idx], self.v[idx] = m, v
+        self.table[idx] -= self.local_lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+
+    def step(self, idx, x):
+        rows = self.table[idx].requires_grad_()
+        (g,) = torch.autograd.grad(self.loss(rows, x), [rows])  # local-only update
+        self.row_adam(idx, g)
+        rows = self.table[idx].requires_grad_()
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(rows, x).backward()  # the joint step
+        self.opt.step()
+        self.row_adam(idx, rows.grad)
+
+
+class HandSemi(HandVAE):
+    """The semi-amortized VAE (Kim et al. 2018) written directly in PyTorch: the encoder's
+    q, K reparameterized gradient steps on each row's ELBO (analytic KL) with
+    create_graph=True, each row's gradient clipped to norm 10, then the ELBO of the refined
+    q differentiated end to end: the reference of ppl_vae's semiamortized step."""
+
+    def __init__(self, d=784, h=400, z=50, steps=5, step_size=0.05, max_norm=10.0):
+        super().__init__(d, h, z)
+        self.steps, self.step_size, self.max_norm = steps, step_size, max_norm
+
+    def refine(self, x, loc, raw):
+        for _ in range(self.steps):
+            scale = F.softplus(raw) + 1e-5
+            z = loc + scale * torch.randn_like(loc)
+            rec = -F.binary_cross_entropy_with_logits(self.dec(z), x, reduction="sum")
+            kl = (0.5 * (loc ** 2 + scale ** 2 - 1) - scale.log()).sum()
+            g_loc, g_raw = torch.autograd.grad(rec - kl, [loc, raw], create_graph=True)
+            norm = torch.cat([g_loc, g_raw], -1).norm(dim=-1, keepdim=True)
+            clip = (self.max_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
+            loc = loc + self.step_size * clip * g_loc
+            raw = raw + self.step_size * clip * g_raw
+        return loc, raw
+
+    def loss(self, x):
+        loc, raw = self.refine(x, *self.enc(x).chunk(2, -1))
+        scale = F.softplus(raw) + 1e-5
+        z = loc + scale * torch.randn_like(loc)
+        rec = -F.binary_cross_entropy_with_logits(self.dec(z), x, reduction="sum")
+        log_ratio = (-0.5 * z ** 2 + 0.5 * ((z - loc) / scale) ** 2 + scale.log()).sum()
+        return -(rec + log_ratio)
+
+
+def guide_cases(device, b, x, idx, n, compile_default=True):
+    """Per guide: the hand-written PyTorch step, ppl_vae's eager step and its default step
+    (compiled: what ``compile auto`` runs for a run that repays the compile), as the
+    training loop takes them (guarded, the verdict kept on the device)."""
+    cases, compile_s = {}, {}
+    for guide_name in ("amortized", "meanfield", "semiamortized"):
+        if guide_name == "amortized":
+            hand = HandVAE().to(device)
+            opt = torch.optim.Adam(hand.parameters(), 1e-3, fused=True)
+            cases[(guide_name, "hand")] = lambda hand=hand, opt=opt: hand_step(hand, opt, x)
+        elif guide_name == "meanfield":
+            hand = HandLocal(n).to(device)
+            cases[(guide_name, "hand")] = lambda hand=hand: hand.step(idx, x)
+        else:
+            hand = HandSemi().to(device)
+            opt = torch.optim.Adam(hand.parameters(), 1e-3, fused=True)
+            cases[(guide_name, "hand")] = lambda hand=hand, opt=opt: hand_step(hand, opt, x)
+        batch = data.Batch(x, idx, n)
+        for kind in ("eager", "default") if compile_default else ("eager",):
+            model, guide, opts = built(guide_name, n, device)
+            objective = Compiled(objectives.ELBO()) if kind == "default" else objectives.ELBO()
+            cases[(guide_name, kind)] = (
+                lambda m=model, g=guide, o=opts, obj=objective:
+                train.step_on_device(m, g, obj, batch, o))
+            if kind == "default":
+                t = time.perf_counter()
+                for _ in range(2):  # the first call traces and compiles
+                    cases[(guide_name, kind)]()
+                compile_s[guide_name] = time.perf_counter() - t
+    return cases, compile_s
+
+
+def built(guide_name, n, device):
+    """Model, guide and optimizers of ``ppl-vae train --guide guide_name`` (784-400-50)."""
+    torch.manual_seed(0)
+    model = VAEModel(nets.Decoder(50, [400], 784), Bernoulli(), priors.StandardNormal(50)).to(device)
+    if guide_name == "meanfield":
+        guide = guides.LocalNormal(n, 50).to(device)
+        return model, guide, optim.make_optimizers(model, guide, 1e-3, 0.2, inner_steps=1)
+    encoder = nets.Encoder(784, [400], 50)
+    guide = (guides.AmortizedNormal(encoder) if guide_name == "amortized" else
+             guides.SemiAmortizedNormal(encoder, model, steps=5, step_size=0.05)).to(device)
+    return model, guide, optim.make_optimizers(model, guide, 1e-3)
+
+
+def bench_guides(device, batch_sizes, repeats, steps, compile_default=True):
+    """Every guide's step beside its hand-written reference, interleaved per batch size."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    train_x = data.load("mnist").train.x.to(device)
+    rows, compile_seconds = {}, {}
+    for b in batch_sizes:
+        g = torch.Generator().manual_seed(b)
+        idx = torch.randperm(len(train_x), generator=g)[:b].to(device)  # distinct rows
+        x = torch.bernoulli(train_x[idx])
+        cases, compile_seconds[b] = guide_cases(device, b, x, idx, len(train_x), compile_default)
+        for fn in cases.values():  # warm-up
+            for _ in range(3):
+                fn()
+        times = {k: [] for k in cases}
+        names = list(cases)
+        for r in range(repeats):  # interleaved, each round starting one case later
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                times[k].append(timed(cases[k], sync, steps))
+        rows[b] = {f"{g} {k}": 1e3 * statistics.median(v) for (g, k), v in times.items()}
+    return {"ms_per_step": rows, "compile_seconds": compile_seconds}
+
+
+def guides_table(name, result) -> str:
+    """Markdown: per guide and batch, ms per step and the ratios to the hand-written step."""
+    lines = [f"### {name}: every guide beside its hand-written PyTorch step", "",
+             "| guide | batch | hand-written ms | ours eager ms | ours default ms | "
+             "eager / hand | default / hand | compile s |", "|---" * 8 + "|"]
+    for guide_name in ("amortized", "meanfield", "semiamortized"):
+        for b, row in result["ms_per_step"].items():
+            hand, eager = row[f"{guide_name} hand"], row[f"{guide_name} eager"]
+            default = row.get(f"{guide_name} default", math.nan)
+            compile_s = result["compile_seconds"][b].get(guide_name, math.nan)
+            lines.append(f"| {guide_name} | {b} | {hand:.2f} | {eager:.2f} | {default:.2f} | "
+                         f"{eager / hand:.2f} | {default / hand:.2f} | {compile_s:.1f} |")
+    return "\n".join(lines)
 
 
 def timed(fn, sync, n):
@@ -268,6 +441,9 @@ def main(argv=None):
                    help="comma-separated (default 32,128,512; --smoke: 32)")
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved rounds of 20 steps per case (default 7; --smoke: 2)")
+    p.add_argument("--part", choices=("all", "amortized", "guides"), default="all",
+                   help="amortized: the amortized step against the references; guides: every "
+                        "guide's step against its hand-written step (default: both)")
     args = p.parse_args(argv)
     if args.smoke:
         kw = dict(batch_sizes=[32], repeats=2, steps=2, local_sizes=[1000], epoch=False,
@@ -286,8 +462,14 @@ def main(argv=None):
            "torch": torch.__version__, "pyro": pyro.__version__, "date": time.strftime("%Y-%m-%d"),
            "settings": kw}
     for device in devices:
-        doc[device.type] = bench_device(device, **kw)
-        print(table(device.type, doc[device.type]), flush=True)
+        if args.part in ("all", "amortized"):
+            doc[device.type] = bench_device(device, **kw)
+            print(table(device.type, doc[device.type]), flush=True)
+        if args.part in ("all", "guides"):  # the smoke leaves the compiles to the unit tests
+            doc[f"{device.type}_guides"] = bench_guides(
+                device, kw["batch_sizes"], kw["repeats"], kw["steps"],
+                compile_default=not args.smoke)
+            print(guides_table(device.type, doc[f"{device.type}_guides"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -27,25 +27,39 @@ kernels that produce them: on a 2-core CPU that step is faster than a hand-writt
 PyTorch step (experiments/README.md, section 12). ``train.step_on_device`` asks an
 objective for it and falls back to ``loss.backward()`` where it answers None.
 
+Every built-in guide compiles this way. A per-datapoint table (``PerDatapoint``) cannot be an
+input of the graph (its gradient is sparse): the graph gathers the batch's rows, the guide
+reads them through ``given_rows``, and the rows' gradients ([B, width]) are outputs, which
+the step hands to ``RowAdam`` as the sparse gradient ``F.embedding`` would have given, so
+rows outside the batch are never touched; the local-only inner steps are a second graph
+that differentiates the rows alone. A semi-amortized guide differentiates inside its program
+(K refinement steps, ``create_graph=True``): ``make_fx`` traces that inner
+``torch.autograd.grad`` too, so the refinement, its second-order terms and the outer
+backward pass are one graph. DReG's gradient hook runs while the backward pass is traced, so
+its product is in the graph. What cannot be compiled: a user's guide with tables that has no
+``given_rows``, a parameter kept outside the model's and guide's modules (Pyro's param
+store), and a program that branches on a tensor's value (these run eagerly, the last with a
+warning).
+
 What tracing freezes: shapes, the subsample scale N / B, Python numbers in the program, and
 any branch taken on a tensor's value (none in this package's models and guides; a custom
 program that branches on data must not be compiled). Keyword arguments of a call (the KL
 weight ``beta`` of a warm-up schedule) are inputs of the graph, so they may change every
-step. Not compiled, refused by ``check_compilable``: guides that say they are not
-(``guides.compilable``: per-datapoint tables, whose rows are updated by ``RowAdam`` from a
-sparse gradient; a semi-amortized guide, which differentiates inside the program) and DReG
-(a gradient hook). A batch of a new shape (the last, partial batch of an
-epoch) compiles a second graph; past ``max_graphs`` shapes it runs eagerly. If tracing or
-compiling fails (no C++ compiler, a program that branches on data), it warns once per shape
-and runs eagerly.
+step. A batch of a new shape (the last, partial batch of an epoch) compiles a second graph
+(``compile on``; ``compile auto`` runs it eagerly); past ``max_graphs`` keys it runs
+eagerly. If tracing or compiling fails (no C++ compiler, a program that branches on data),
+it warns once per shape and runs eagerly.
 
 Compiling takes seconds to a minute, once per shape and process; Inductor caches kernels on
-disk, so a second run starts faster. It pays on long runs: see ``experiments/bench.py``.
+disk, so a second run starts faster. It pays on long runs: ``choose`` is the rule of
+``compile auto`` (the default), and ``experiments/bench.py`` measures it.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import pyro
 import torch
@@ -55,17 +69,91 @@ from .data import Batch
 from .errors import UserError
 
 
-def check_compilable(guide, dreg: bool) -> None:
-    """Refuse, with the fix, the settings whose step cannot be traced once and replayed."""
+COMPILE_MODES = ("auto", "on", "off")
+PAYS_FROM_STEPS = 2000  # ``auto`` compiles a run of at least this many optimizer steps ...
+PAYS_FROM_SECONDS = 120.0  # ... and, with a time budget, a budget at least this long
+
+
+class Choice(NamedTuple):
+    """Whether a run's step is compiled, and the line that says why."""
+
+    compile: bool
+    reason: str
+    warn: bool = False  # say it as a warning: the user may want to fix it
+
+
+class Auto(NamedTuple):
+    """What ``compile auto`` needs to know of the run (the rest it reads off the first batch)."""
+
+    epochs: int
+    max_seconds: Optional[float] = None
+    batch_size: Optional[int] = None  # the run's batches; None: the first batch's size
+    max_steps: Optional[int] = None  # a step budget, when the run has one
+
+
+def has_compiler() -> bool:
+    """Whether Inductor can build its kernels here: a C++ compiler (``$CXX``, c++, g++ or
+    clang++) on the PATH. CPU kernels are C++; a GPU's Triton kernels need one for their
+    launchers too."""
+    names = [os.environ.get("CXX"), "c++", "g++", "clang++"]
+    return any(shutil.which(n) for n in names if n)
+
+
+def run_steps(epochs: int, num_data: int, batch_size: int,
+              max_steps: Optional[int] = None) -> int:
+    """Optimizer steps of a run of ``epochs`` epochs of ``num_data`` rows (one process), at
+    most ``max_steps``."""
+    steps = epochs * -(-num_data // batch_size)
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+def choose(mode: str, guide, steps: int, max_seconds: Optional[float] = None) -> Choice:
+    """The one rule for ``compile``: ``on`` compiles, ``off`` does not, and ``auto``
+    compiles when the guide can be compiled (``guides.compilable``), a C++ compiler is
+    present (``has_compiler``) and the run is long enough to repay a compile of seconds to a
+    minute per batch shape: at least ``PAYS_FROM_STEPS`` optimizer steps, and with a time
+    budget (``max_seconds``), at least ``PAYS_FROM_SECONDS`` of it. The compiled step saves
+    about 30-60% of an eager step on a CPU (experiments/bench.py), so 2,000 steps repay
+    the compile for every built-in guide at batch 128 (the default ``compare``: 3,910 steps
+    a guide). ``auto`` compiles the run's full batches only: the short last batch of an
+    epoch (one step of an epoch's N / B) runs eagerly rather than pay a second compile."""
+    from .guides import compilable
+    if mode == "off":
+        return Choice(False, "compile off: the step runs eagerly")
+    if mode == "on":
+        return Choice(True, "compile on: the step is compiled")
+    if not compilable(guide):
+        return Choice(False, f"compile auto: eager, the {type(guide).__name__} guide cannot "
+                             f"be compiled")
+    if steps < PAYS_FROM_STEPS or (max_seconds is not None and max_seconds < PAYS_FROM_SECONDS):
+        length = (f"{steps} steps" if max_seconds is None or max_seconds >= PAYS_FROM_SECONDS
+                  else f"a budget of {max_seconds:g} s")
+        return Choice(False, f"compile auto: eager, {length} would not repay the compile "
+                             f"(it compiles from {PAYS_FROM_STEPS} steps and "
+                             f"{PAYS_FROM_SECONDS:g} s)")
+    if not has_compiler():
+        return Choice(False, "compile auto: eager, no C++ compiler found (set $CXX or install "
+                             "g++ to compile the step)", warn=True)
+    return Choice(True, f"compile auto: the step is compiled ({steps} steps repay the compile)")
+
+
+def compiled_run(config, guide, num_data: int) -> bool:
+    """Whether a run of ``config`` (a ``Config``) on ``num_data`` training rows compiles its
+    step: ``choose`` as ``config.build_objective`` applies it (a compile that then fails
+    warns and trains eagerly)."""
+    steps = run_steps(config.epochs, num_data, config.batch_size,
+                      getattr(config, "max_steps", None))
+    return choose(config.compile, guide, steps, config.max_seconds).compile
+
+
+def check_compilable(guide) -> None:
+    """Refuse, with the fix, a guide whose step cannot be traced once and replayed (it says
+    so, or it has per-datapoint tables it cannot hand over as rows: ``guides.compilable``)."""
     from .guides import compilable
     if not compilable(guide):
-        raise UserError(f"setting compile: the {type(guide).__name__} guide cannot be compiled "
-                        f"(per-datapoint tables get sparse gradients; a refining guide "
-                        f"differentiates inside the program); drop compile or use an "
-                        f"amortized guide (amortized, iaf)")
-    if dreg:
-        raise UserError("setting compile: DReG's gradient hook cannot be traced; drop compile "
-                        "or dreg")
+        raise UserError(f"setting compile on: the {type(guide).__name__} guide cannot be "
+                        f"compiled (it says so, or its per-datapoint tables cannot be handed "
+                        f"to the graph as rows: give it given_rows); use compile auto or off")
 
 
 class _Program(nn.Module):
@@ -94,9 +182,12 @@ class Compiled:
     """``objective(model, guide, batch) -> tensor`` traced and compiled once per (model, guide,
     batch shape, N, grad mode); called like ``objective``."""
 
-    def __init__(self, objective, max_graphs: int = 4, backend: str = "inductor",
-                 options: Optional[dict] = None):
+    def __init__(self, objective, max_graphs: int = 8, backend: str = "inductor",
+                 options: Optional[dict] = None, auto: Optional[Auto] = None):
         self.objective = objective
+        # ``auto``: the training step decides at its first batch (``choose``) and says so;
+        # otherwise it compiles
+        self.auto, self.chosen = auto, (None if auto is not None else True)
         self.max_graphs = max_graphs
         self.backend = backend
         self.options = dict(options or {})  # Inductor's settings, e.g. {"max_autotune": True}
@@ -109,15 +200,18 @@ class Compiled:
 
     def __call__(self, model: nn.Module, guide: nn.Module, batch: Batch,
                  **kwargs) -> torch.Tensor:
+        if not self._compiles(batch):  # compile auto chose eager, or a short batch
+            return self.objective(model, guide, batch, **kwargs)
         names, values = _graph_inputs(batch, kwargs)
         key = self._key(model, guide, batch, names)
         entry = self._graphs.get(key)
         if entry is None:
-            from .guides import compilable
-            if torch.is_grad_enabled() and not compilable(guide):
-                raise ValueError(f"Compiled trains amortized guides only: the {type(guide).__name__} "
-                                 f"guide says it is not compilable (a per-datapoint table gets a "
-                                 f"sparse gradient; under torch.no_grad any guide is fine)")
+            from .guides import compilable, local_parameters
+            if torch.is_grad_enabled() and (not compilable(guide) or local_parameters(guide)):
+                # autograd through a compiled loss: a table's gradient would be dense, and a
+                # guide that says it cannot be compiled means it; the step compiles them
+                # through value_and_grad (a table's rows as inputs)
+                return self.objective(model, guide, batch, **kwargs)
             if len(self._graphs) >= self.max_graphs:
                 return self.objective(model, guide, batch, **kwargs)
             with _own_rng(batch.x.device), torch.no_grad():
@@ -147,21 +241,27 @@ class Compiled:
 
     def value_and_grad(self, model: nn.Module, guide: nn.Module, batch: Batch,
                        params: Sequence[torch.Tensor], scale: float = 1.0, check: bool = True,
-                       **kwargs) -> Optional[Tuple[torch.Tensor, torch.Tensor, list]]:
+                       **kwargs) -> Optional["Step"]:
         """A training step's forward and backward pass as one compiled graph.
 
-        Returns ``(loss, nonfinite, grads)``: the step's loss (the guide's training loss,
+        Returns a ``Step``: the step's loss (the guide's training loss,
         ``guides.training_loss``; detached, unscaled), a 0-dim flag that is 1.0 when the loss
-        or a gradient has a non-finite entry (0.0 without ``check``), and the gradients of
+        or a gradient has a non-finite entry (0.0 without ``check``), the gradients of
         ``scale * loss`` with respect to ``params``, in their order, None for a parameter the
-        loss does not use (as ``loss.backward()`` would leave its ``.grad``). Nothing is
-        written to ``.grad``; the caller decides. Returns None where it cannot: a guide that
-        is not compilable, a parameter that is not one of the model's or the guide's
-        tensors, more than ``max_graphs`` shapes, or a program that cannot be traced or
-        compiled (warned once); the caller then differentiates ``self(...)`` itself.
+        loss does not use (as ``loss.backward()`` would leave its ``.grad``), and for a guide
+        with per-datapoint tables the gradients of its batch rows (``rows``: one [B, width]
+        tensor per table, the rows ``guides.table_index(guide, batch.idx)``; the graph
+        gathers them and the guide reads them through ``given_rows``). ``params`` may be
+        empty: the local-only steps of a per-datapoint guide differentiate the rows alone.
+        Nothing is written to ``.grad``; the caller decides. Returns None where it cannot: a
+        guide that is not compilable, a parameter that is not one of the model's or the
+        guide's tensors, more than ``max_graphs`` shapes, or a program that cannot be
+        traced or compiled (warned once); the caller then differentiates ``self(...)``.
         """
         from .guides import compilable
-        if not torch.is_grad_enabled() or not compilable(guide):
+        if self.chosen is None:
+            self._choose(guide, batch)
+        if not self._compiles(batch) or not torch.is_grad_enabled() or not compilable(guide):
             return None
         names, values = _graph_inputs(batch, kwargs)
         key = ("value_and_grad", self._key(model, guide, batch, names),
@@ -184,15 +284,33 @@ class Compiled:
             return None
         try:
             with torch.no_grad():
-                loss, flag, present = entry.graph(list(params), tensors, batch.x, batch.idx,
-                                                  *values)
+                loss, flag, present, rows = entry.graph(list(params), tensors, batch.x,
+                                                        batch.idx, *values)
         except Exception as e:  # noqa: BLE001 - a first call that fails to compile
             if entry.ran:
                 raise
             return self._no_graph(e, entry, model, guide, batch, names)
         entry.ran = True
         it = iter(present)
-        return loss, flag, [next(it) if used else None for used in entry.used]
+        return Step(loss, flag, [next(it) if used else None for used in entry.used], rows)
+
+    def _compiles(self, batch: Batch) -> bool:
+        """False where ``compile auto`` runs eagerly: it chose to (or has not chosen yet), or
+        a batch that is not of the run's size (an epoch's short last batch)."""
+        if self.auto is None:
+            return True
+        return bool(self.chosen) and len(batch.idx) == self.auto.batch_size
+
+    def _choose(self, guide, batch: Batch) -> None:
+        """``compile auto`` at the run's first step: ``choose``, and one line saying what."""
+        from . import logs
+        if self.auto.batch_size is None:
+            self.auto = self.auto._replace(batch_size=len(batch.idx))
+        steps = run_steps(self.auto.epochs, batch.num_data, self.auto.batch_size,
+                          self.auto.max_steps)
+        choice = choose("auto", guide, steps, self.auto.max_seconds)
+        self.chosen = choice.compile
+        (logs.warning if choice.warn else logs.info)(choice.reason)
 
     def _no_graph(self, error: Exception, entry: "_GradGraph", model, guide, batch: Batch,
                   names) -> None:
@@ -207,23 +325,31 @@ class Compiled:
                       check: bool):
         from torch.func import functional_call
         from torch.fx.experimental.proxy_tensor import make_fx
-        program, wrt = entry.program, entry.wrt
+        from .guides import given_rows, table_index
+        program, wrt, tables = entry.program, entry.wrt, entry.tables
+        guide = program.guide
 
         def pure(params, rest, x, idx, *values):
             tensors = dict(rest)
             tensors.update(zip(wrt, params))
-            loss = functional_call(program, tensors, (x, idx, *values))
-            grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params,
-                                        allow_unused=True)
+            at = table_index(guide, idx) if tables else None
+            rows = [tensors[n].index_select(0, at).detach().requires_grad_() for n in tables]
+            with given_rows(guide, rows):
+                loss = functional_call(program, tensors, (x, idx, *values))
+            grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss,
+                                        [*params, *rows], allow_unused=True)
+            grads, row_grads = grads[:len(params)], grads[len(params):]
             entry.used = [g is not None for g in grads]
             grads = [g for g in grads if g is not None]
+            row_grads = [torch.zeros_like(r) if g is None else g
+                         for r, g in zip(rows, row_grads)]
             flag = torch.zeros((), dtype=loss.dtype, device=loss.device)
             if check:  # fused by Inductor into the kernels that produce the gradients
                 bad = ~torch.isfinite(loss)
-                for g in grads:
+                for g in [*grads, *row_grads]:
                     bad = bad | ~torch.isfinite(g).all()
                 flag = bad.to(loss.dtype)
-            return loss.detach(), flag, grads
+            return loss.detach(), flag, grads, row_grads
 
         params = [t.detach().requires_grad_() for t in entry.params()]
         with _own_rng(batch.x.device), pyro.validation_enabled(False), torch.enable_grad():
@@ -248,20 +374,34 @@ class Compiled:
                              options=self.options or None)
 
 
+class Step(NamedTuple):
+    """What ``Compiled.value_and_grad`` returns: one training step's graph outputs."""
+
+    loss: torch.Tensor  # 0-dim, detached, unscaled
+    flag: torch.Tensor  # 0-dim: 1.0 when the loss or a gradient has a non-finite entry
+    grads: List[Optional[torch.Tensor]]  # of scale * loss, one per parameter asked for
+    rows: List[torch.Tensor]  # of scale * loss w.r.t. each table's batch rows, [B, width]
+
+
 class _GradGraph:
     """What ``Compiled.value_and_grad`` keeps per key: the program (the guide's training
-    loss), the names of the parameters it differentiates (None: it cannot), the graph."""
+    loss), the names of the parameters it differentiates (None: it cannot) and of the
+    per-datapoint tables whose batch rows it differentiates, the graph."""
 
     def __init__(self, objective, model, guide, batch: Batch, names, params):
-        from .guides import training_loss
+        from .guides import local_parameters, training_loss
 
         def loss(model, guide, batch, **kwargs):
             return training_loss(guide, objective, model, batch, **kwargs)
 
         self.program = _Program(loss, model, guide, batch.num_data, names)
         by_id = {id(t): n for n, t in self.program.tensors().items()}
+        tables = local_parameters(guide)
         self.wrt = ([by_id[id(p)] for p in params]
-                    if all(id(p) in by_id for p in params) else None)
+                    if all(id(p) in by_id for p in [*params, *tables]) else None)
+        self.tables = [by_id[id(t)] for t in tables] if self.wrt is not None else []
+        if set(self.tables) & set(self.wrt or ()):
+            self.wrt = None  # a table is differentiated by its rows, never as a parameter
         self.graph, self.ran, self.used = None, False, []
 
     def params(self) -> List[torch.Tensor]:

@@ -5,7 +5,10 @@ the site ``"z"`` inside the model's subsampled ``"data"`` plate. Beyond that, th
 asks a guide, never its kind:
 
 - ``local_parameters()``: per-datapoint tables that an optimizer updates row by row
-  (``RowAdam``); an encoder has none. A guide with tables cannot be compiled.
+  (``RowAdam``); an encoder has none.
+- ``given_rows(rows)`` (a guide with tables): a context in which the batch's table rows are
+  read from the tensors ``rows`` instead of the tables, so a compiled step differentiates
+  those dense [B, width] rows rather than a table whose gradient is sparse.
 - ``held_out(model, x, warm=None, **options) -> HeldOut``: a guide over new rows ``x``
   (an encoder answers itself; a table fits fresh rows with the decoder frozen; a
   semi-amortized guide refines its encoder's output by itself).
@@ -13,7 +16,8 @@ asks a guide, never its kind:
 - ``family``: the variational family it searches; the amortization gap L[q*] - L[q] is
   reported when it is q*'s family (``LocalNormal.family``, a diagonal Normal).
 - ``views()``: other guides worth scoring beside it (a semi-amortized guide's bare encoder).
-- ``compilable``: whether its step may be traced once and replayed (``compiled.py``).
+- ``compilable``: whether its step may be traced once and replayed (``compiled.py``); a
+  guide with tables must also answer ``given_rows``.
 - ``training_loss(objective, model, batch, **kw)`` (optional): the loss a step minimizes
   when it is not just ``objective(model, guide, batch)`` (a stopped-gradient refinement).
 
@@ -27,9 +31,10 @@ Built-ins: ``AmortizedNormal`` (encoder), ``AmortizedIAF`` (encoder + flows),
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -156,8 +161,6 @@ class PerDatapoint(Guide):
     frozen (``local_inference``). Subclasses say what a row means.
     """
 
-    compilable = False  # the table's gradient is sparse, which a compiled graph cannot produce
-
     def __init__(self, num_data: int, width: int, sparse: bool = True, rank: int = 0,
                  world_size: int = 1):
         """A table for ``num_data`` rows; under torchrun only shard ``rank`` of ``world_size``
@@ -166,6 +169,7 @@ class PerDatapoint(Guide):
         self.num_data, self.sparse = num_data, sparse
         self.rank, self.world_size = rank, world_size
         self.params = nn.Parameter(torch.zeros(len(self.owned_rows()), width))
+        self._given: Optional[torch.Tensor] = None
 
     def owned_rows(self, device=None) -> torch.Tensor:
         """The dataset rows whose table rows this process holds, in table order."""
@@ -201,7 +205,21 @@ class PerDatapoint(Guide):
         return idx // self.world_size if self.world_size > 1 else idx
 
     def table_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._given is not None:  # a compiled step's gathered rows (``given_rows``)
+            return self._given
         return F.embedding(self.table_index(idx), self.params, sparse=self.sparse)
+
+    @contextlib.contextmanager
+    def given_rows(self, rows: Sequence[torch.Tensor]):
+        """Within: the batch's rows are ``rows[0]`` ([B, width], the table's rows at
+        ``table_index(batch.idx)``), not reads of the table. A compiled step gathers them
+        as an input of its graph and returns their gradient, which ``RowAdam`` applies to
+        those rows alone, as it does the sparse gradient of ``F.embedding``."""
+        (self._given,) = rows
+        try:
+            yield
+        finally:
+            self._given = None
 
     def check_plate(self, batch: Batch) -> None:
         if batch.num_data != self.num_data:
@@ -410,7 +428,6 @@ class SemiAmortizedNormal(Guide):
     """
 
     family = "diagonal normal"
-    compilable = False  # the refinement differentiates inside the program
 
     def __init__(self, encoder: nn.Module, model: nn.Module, steps: int = 5,
                  step_size: float = 0.05, stop_gradient: bool = False, max_norm: float = 10.0):
@@ -507,7 +524,15 @@ def table_index(guide, idx: torch.Tensor) -> torch.Tensor:
 
 
 def compilable(guide) -> bool:
-    return bool(getattr(guide, "compilable", True)) and not local_parameters(guide)
+    """Whether a step with ``guide`` may be traced once and replayed: it says so, and a guide
+    with tables can hand the tracer their batch rows (``given_rows``)."""
+    return bool(getattr(guide, "compilable", True)) and (
+        not local_parameters(guide) or hasattr(guide, "given_rows"))
+
+
+def given_rows(guide, rows: Sequence[torch.Tensor]):
+    """The guide's ``given_rows(rows)`` context (a guide without tables: nothing to give)."""
+    return guide.given_rows(rows) if rows else contextlib.nullcontext()
 
 
 def training_loss(guide, objective, model, batch: Batch, **kwargs) -> torch.Tensor:

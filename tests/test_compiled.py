@@ -83,27 +83,100 @@ def test_compiled_training_steps_follow_the_eager_ones():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
-def test_compiled_refuses_a_per_datapoint_guide():
+def test_a_compiled_loss_under_autograd_runs_a_table_eagerly():
+    """A table's gradient is sparse: its compiled step returns the rows' gradients
+    (``value_and_grad``); a compiled loss handed to autograd runs it eagerly, the same loss
+    and the same sparse gradient, and compiles nothing."""
     model, _, batch = _setup()
     guide = guides.LocalNormal(N, L)
-    with pytest.raises(ValueError, match="amortized guides only"):
-        Compiled(objectives.ELBO())(model, guide, batch)
+    compiled = Compiled(objectives.ELBO())
+    pyro.set_rng_seed(SEED + 8)
+    loss = compiled(model, guide, batch)
+    (grad,) = torch.autograd.grad(loss, [guide.params])
+    pyro.set_rng_seed(SEED + 8)
+    eager = objectives.ELBO()(model, guide, batch)
+    assert torch.equal(loss, eager) and grad.is_sparse and not compiled._graphs
 
 
-@pytest.mark.parametrize("changes, words", [
-    (dict(guide="meanfield"), "meanfield"),
-    (dict(guide="semiamortized"), "semiamortized"),
-    (dict(objective="iwae", dreg=True), "DReG"),
-])
-def test_config_refuses_what_cannot_be_compiled(changes, words):
-    with pytest.raises(UserError, match=words):
-        Config(compile=True, **changes).validate()
+@pytest.mark.parametrize("changes", [dict(guide="meanfield"), dict(guide="semiamortized"),
+                                     dict(objective="iwae", dreg=True), dict(guide="iaf")],
+                         ids=["meanfield", "semiamortized", "dreg", "iaf"])
+def test_every_built_in_guide_and_objective_takes_compile_on(changes):
+    assert Config(compile="on", **changes).validate().compile == "on"
 
 
-def test_build_objective_wraps_only_when_asked():
+def test_compile_takes_auto_on_or_off_and_old_configs_still_load():
+    assert Config().compile == "auto"
+    with pytest.raises(UserError, match="auto, on, off"):
+        Config(compile="sometimes").validate()
+    base = Config().to_dict()
+    assert Config.from_dict({**base, "compile": True}).compile == "on"  # config.json before
+    assert Config.from_dict({**base, "compile": False}).compile == "off"
+
+
+def test_build_objective_compiles_as_the_mode_says():
     from ppl_vae.config import build_objective
-    assert isinstance(build_objective(Config(compile=True)), Compiled)
-    assert isinstance(build_objective(Config()), objectives.ELBO)
+    assert isinstance(build_objective(Config(compile="off")), objectives.ELBO)
+    on = build_objective(Config(compile="on"))
+    assert isinstance(on, Compiled) and on.chosen is True
+    auto = build_objective(Config(epochs=7))
+    assert isinstance(auto, Compiled) and auto.chosen is None and auto.auto.epochs == 7
+
+
+def test_the_rule_of_compile_auto(monkeypatch):
+    """auto compiles a compilable guide from PAYS_FROM_STEPS steps (and a budget from
+    PAYS_FROM_SECONDS) when a compiler is present; without one it says so as a warning."""
+    from ppl_vae import compiled as c
+    encoder = guides.AmortizedNormal(nets.Encoder(D, [16], L))
+    long = c.PAYS_FROM_STEPS
+    monkeypatch.setattr(c, "has_compiler", lambda: True)
+    assert c.choose("auto", encoder, long).compile
+    assert c.choose("auto", guides.LocalNormal(N, L), long).compile
+    assert not c.choose("auto", encoder, long - 1).compile
+    assert not c.choose("auto", encoder, long, max_seconds=c.PAYS_FROM_SECONDS - 1).compile
+    assert not c.choose("auto", _TableWithoutRows(guides.LocalNormal(N, L)), long).compile
+    assert c.choose("on", encoder, 1).compile and not c.choose("off", encoder, long).compile
+    monkeypatch.setattr(c, "has_compiler", lambda: False)
+    none = c.choose("auto", encoder, long)
+    assert not none.compile and none.warn and "no C++ compiler" in none.reason
+    assert c.run_steps(3, 50_000, 128) == 3 * 391 and c.run_steps(3, 50_000, 128, 100) == 100
+
+
+def test_compile_auto_compiles_a_long_runs_full_batches_only(monkeypatch, caplog):
+    """A run long enough to repay the compile: its batches of the run's size run the graph;
+    the short last batch of an epoch runs eagerly rather than pay a second compile."""
+    from ppl_vae import compiled as c
+    monkeypatch.setattr(c, "has_compiler", lambda: True)
+    model, guide, batch = _setup()
+    auto = Compiled(objectives.ELBO(), backend="eager", auto=c.Auto(epochs=1000, batch_size=B))
+    params = _params(model, guide)
+    with caplog.at_level("INFO", logger="ppl_vae"):
+        assert auto.value_and_grad(model, guide, batch, params) is not None
+    assert auto.chosen is True and "compile auto: the step is compiled" in caplog.text
+    short = Batch(batch.x[:B - 3], batch.idx[:B - 3], N)
+    assert auto.value_and_grad(model, guide, short, params) is None
+    table = guides.LocalNormal(N, L)  # the step's eager fallback, through the same objective
+    opts = optim.make_optimizers(model, table, 1e-2, 0.05, inner_steps=1)
+    assert torch.isfinite(train.step(model, table, auto, short, opts))
+    assert len(auto._graphs) == 1
+
+
+def test_compile_auto_chooses_at_the_first_step_and_says_so(caplog):
+    """A short run: auto chooses eager at its first step, logs one line, and the step is
+    the eager step exactly (same draws, same numbers)."""
+    from ppl_vae.compiled import Auto
+    results = []
+    for objective in (objectives.ELBO(), Compiled(objectives.ELBO(), auto=Auto(epochs=2))):
+        model, guide, batch = _setup()
+        opts = optim.make_optimizers(model, guide, 1e-2)
+        pyro.set_rng_seed(SEED + 7)
+        with caplog.at_level("INFO", logger="ppl_vae"):
+            results.append([train.step(model, guide, objective, batch, opts).item()
+                            for _ in range(3)])
+    assert results[0] == results[1] and objective.chosen is False and not objective._graphs
+    lines = [r.getMessage() for r in caplog.records if "compile auto" in r.getMessage()]
+    assert lines == ["compile auto: eager, 10 steps would not repay the compile (it compiles "
+                     "from 2000 steps and 120 s)"]
 
 
 @pytest.mark.parametrize("local", [False, True], ids=["encoder", "local"])
@@ -163,7 +236,7 @@ def test_compiled_takes_beta_as_a_graph_input():
         for a, b in zip(graph[1], eager[1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert len(compiled._graphs) == 1
-    assert Config(compile=True, warmup_epochs=2).validate().warmup_epochs == 2
+    assert Config(compile="on", warmup_epochs=2).validate().warmup_epochs == 2
 
 
 def _params(model, guide):
@@ -184,9 +257,10 @@ def test_value_and_grad_equals_the_eager_loss_and_its_backward(objective, kwargs
     loss = objective(model, guide, batch, **kwargs)
     eager = torch.autograd.grad(loss * scale, params)
     pyro.set_rng_seed(SEED + 20)
-    got, flag, grads = compiled.value_and_grad(model, guide, batch, params, scale=scale, **kwargs)
+    got, flag, grads, rows = compiled.value_and_grad(model, guide, batch, params, scale=scale,
+                                                     **kwargs)
     torch.testing.assert_close(got, loss.detach(), rtol=1e-5, atol=1e-4)
-    assert not got.requires_grad and flag.item() == 0.0
+    assert not got.requires_grad and flag.item() == 0.0 and rows == []
     for a, b in zip(grads, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert all(p.grad is None for p in params)
@@ -197,14 +271,12 @@ def test_value_and_grad_flags_a_non_finite_loss_or_gradient():
     model, guide, batch = _setup()
     params = _params(model, guide)
     compiled = Compiled(objectives.ELBO())
-    _, flag, _ = compiled.value_and_grad(model, guide, batch, params)
-    assert flag.item() == 0.0
+    assert compiled.value_and_grad(model, guide, batch, params).flag.item() == 0.0
     compiled.value_and_grad(model, guide, batch, params, check=False)  # both graphs traced
     with torch.no_grad():
         params[0][0, 0] = float("inf")  # the decoder's first weight: loss and gradients blow up
-    _, flag, _ = compiled.value_and_grad(model, guide, batch, params)
-    assert flag.item() == 1.0
-    _, unchecked, _ = compiled.value_and_grad(model, guide, batch, params, check=False)
+    assert compiled.value_and_grad(model, guide, batch, params).flag.item() == 1.0
+    unchecked = compiled.value_and_grad(model, guide, batch, params, check=False).flag
     assert unchecked.item() == 0.0  # no check asked, none made
 
 
@@ -246,7 +318,7 @@ def test_a_parameter_the_loss_does_not_use_gets_no_gradient_as_in_eager():
     x = tiny_binary_data(N, D)
     batch = Batch(x[:B], torch.arange(B), N)
     compiled = Compiled(objectives.ELBO())
-    _, _, grads = compiled.value_and_grad(model, guide, batch, _params(model, guide))
+    grads = compiled.value_and_grad(model, guide, batch, _params(model, guide)).grads
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in guide.named_parameters()]
     assert [n for n, g in zip(names, grads) if g is None] == ["unused"]
     opts = optim.make_optimizers(model, guide, 1e-2)
@@ -255,14 +327,31 @@ def test_a_parameter_the_loss_does_not_use_gets_no_gradient_as_in_eager():
     assert model.unused not in opts.global_.state
 
 
+class _TableWithoutRows(torch.nn.Module):
+    """A user's guide with a table it reads itself (no ``given_rows``)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, batch):
+        return self.table(batch)
+
+    def local_parameters(self):
+        return [self.table.params]
+
+
 def test_value_and_grad_answers_none_where_the_step_must_use_autograd():
-    """A parameter that is not the program's (or no longer is), or a per-datapoint guide:
-    None, and the step differentiates the objective instead, with the same result."""
+    """A parameter that is not the program's (or no longer is), a table asked for as a
+    parameter, or a guide with a table it cannot hand over as rows: None, and the step
+    differentiates the objective instead, with the same result."""
     model, guide, batch = _setup()
     compiled = Compiled(objectives.ELBO())
     stray = torch.nn.Parameter(torch.zeros(2))
     assert compiled.value_and_grad(model, guide, batch, _params(model, guide) + [stray]) is None
-    assert compiled.value_and_grad(model, guides.LocalNormal(N, L), batch, []) is None
+    table = guides.LocalNormal(N, L)
+    assert compiled.value_and_grad(model, table, batch, [table.params]) is None
+    assert compiled.value_and_grad(model, _TableWithoutRows(table), batch, []) is None
     params = _params(model, guide)
     assert compiled.value_and_grad(model, guide, batch, params) is not None
     layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -288,3 +377,221 @@ def test_a_failing_compiler_in_the_step_warns_once_and_trains_eagerly():
     (eager, none), (fallen_back, warned) = results
     assert fallen_back == eager and none == []
     assert len(warned) == 1 and "eagerly" in warned[0]
+
+
+# ---------------------------------------------------------------------------------------
+# per-datapoint tables: the batch's rows are inputs of the graph, their gradients outputs
+# ---------------------------------------------------------------------------------------
+ROWS = torch.tensor([3, 5, 7, 5, 1, 9, 11, 2])  # row 5 drawn twice: its gradients add up
+
+
+def _local_setup(inner_steps=2):
+    torch.manual_seed(SEED)
+    model = VAEModel(nets.Decoder(L, [16], D), Bernoulli(), StandardNormal(L))
+    guide = guides.LocalNormal(N, L)
+    guide.set_rows(torch.arange(N), torch.randn(N, L), torch.rand(N, L) + 0.5)
+    opts = optim.make_optimizers(model, guide, 1e-2, 0.05, inner_steps=inner_steps)
+    return model, guide, opts, tiny_binary_data(N, D)
+
+
+def test_value_and_grad_gives_a_tables_batch_rows_their_eager_gradients():
+    """The graph reads the batch's rows as an input and returns their gradients: summed over
+    repeated rows they are the eager sparse gradient of the table, and the networks' are
+    the eager ones; the table's .grad stays untouched."""
+    model, guide, _, x = _local_setup()
+    batch = Batch(x[ROWS], ROWS, N)
+    params = list(model.parameters())
+    compiled = Compiled(objectives.ELBO())
+    compiled.value_and_grad(model, guide, batch, params)  # compiles
+    pyro.set_rng_seed(SEED + 30)
+    loss = objectives.ELBO()(model, guide, batch)
+    *eager, table = torch.autograd.grad(loss, params + [guide.params])
+    pyro.set_rng_seed(SEED + 30)
+    out = compiled.value_and_grad(model, guide, batch, params)
+    torch.testing.assert_close(out.loss, loss.detach(), rtol=1e-5, atol=1e-4)
+    for a, b in zip(out.grads, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    (rows,) = out.rows
+    assert rows.shape == (len(ROWS), 2 * L) and out.flag.item() == 0.0
+    summed = torch.zeros_like(guide.params).index_add_(0, ROWS, rows)
+    torch.testing.assert_close(summed, table.to_dense(), rtol=1e-4, atol=1e-4)
+    assert guide.params.grad is None
+
+
+def test_compiled_per_datapoint_steps_follow_the_eager_ones():
+    """Three steps of two local-only updates and a joint update each (both compiled), from
+    the same start and seed: same losses, networks, table and RowAdam state as eager, and
+    the rows no batch drew bitwise as they started."""
+    results = []
+    for make in (lambda o: o, Compiled):
+        model, guide, opts, x = _local_setup(inner_steps=2)
+        start = guide.params.detach().clone()
+        objective = make(objectives.ELBO())
+        pyro.set_rng_seed(SEED + 31)
+        losses = [train.step(model, guide, objective, Batch(x[ROWS + i], ROWS + i, N),
+                             opts).item() for i in range(3)]
+        drawn = torch.zeros(N, dtype=torch.bool)
+        drawn[torch.cat([ROWS + i for i in range(3)])] = True
+        assert torch.equal(guide.params.detach()[~drawn], start[~drawn])
+        state = opts.local.state[guide.params]
+        assert float(state["steps"][~drawn].abs().sum()) == 0.0
+        results.append((losses, guide.params.detach().clone(),
+                        [p.detach().clone() for p in model.parameters()],
+                        {k: v.clone() for k, v in state.items()}))
+    (eager_losses, eager_table, eager_nets, eager_state), (losses, table, nets_, state) = results
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    torch.testing.assert_close(table, eager_table, rtol=1e-4, atol=1e-5)
+    for a, b in zip(nets_, eager_nets):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for k in state:
+        torch.testing.assert_close(state[k], eager_state[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_guarded_compiled_per_datapoint_step_applies_nothing_from_a_non_finite_batch():
+    """A NaN pixel makes the rows' gradients NaN in the first local-only update: the flag
+    comes from the graph, RowAdam and fused Adam skip on it, and the rows the local-only
+    updates moved are put back, so table, networks and every optimizer state stay bitwise
+    as they were; the host-read step raises and leaves them as they were too."""
+    model, guide, opts, x = _local_setup(inner_steps=2)
+    compiled = Compiled(objectives.ELBO())
+    train.step_on_device(model, guide, compiled, Batch(x[ROWS], ROWS, N), opts)  # states exist
+
+    def snapshot():
+        tensors = [guide.params, *model.parameters()]
+        tensors += [v for p in tensors for v in opts.local.state.get(p, {}).values()]
+        tensors += [v for p in model.parameters() for v in opts.global_.state[p].values()]
+        return [t.detach().clone() for t in tensors]
+
+    before = snapshot()
+    bad_x = x[ROWS].clone()
+    bad_x[2, 0] = float("nan")
+    loss, bad = train.step_on_device(model, guide, compiled, Batch(bad_x, ROWS, N), opts)
+    assert bad.item() == 1.0 and not torch.isfinite(loss)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(), before))
+    with pytest.raises(train.DivergenceError):
+        train.step(model, guide, compiled, Batch(bad_x, ROWS, N), opts)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(), before))
+
+
+# ---------------------------------------------------------------------------------------
+# semi-amortized: the refinement and its second-order terms traced into the step's graph
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stop_gradient", [False, True], ids=["end-to-end", "stop-gradient"])
+def test_compiled_semi_amortized_step_equals_the_eager_one(stop_gradient):
+    """K refinement steps differentiated inside the program (create_graph) and the step's
+    backward pass through them, in one graph: the eager training loss and gradients; a
+    non-finite batch is flagged and changes nothing."""
+    model, _, batch = _setup()
+    guide = guides.SemiAmortizedNormal(nets.Encoder(D, [16], L), model, steps=2,
+                                       stop_gradient=stop_gradient)
+    params = _params(model, guide)
+    compiled = Compiled(objectives.ELBO())
+    compiled.value_and_grad(model, guide, batch, params)  # compiles
+    pyro.set_rng_seed(SEED + 40)
+    loss = guides.training_loss(guide, objectives.ELBO(), model, batch)
+    eager = torch.autograd.grad(loss, params)
+    pyro.set_rng_seed(SEED + 40)
+    out = compiled.value_and_grad(model, guide, batch, params)
+    torch.testing.assert_close(out.loss, loss.detach(), rtol=1e-5, atol=1e-4)
+    assert out.flag.item() == 0.0
+    for a, b in zip(out.grads, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    opts = optim.make_optimizers(model, guide, 1e-2)
+    assert [id(p) for p in opts.networks()] == [id(p) for p in params]  # the same graph
+    train.step_on_device(model, guide, compiled, batch, opts)
+    before = [p.detach().clone() for p in params]
+    x = batch.x.clone()
+    x[0, 0] = float("nan")
+    loss, bad = train.step_on_device(model, guide, compiled, Batch(x, batch.idx, N), opts)
+    assert bad.item() == 1.0
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, params))
+
+
+# ---------------------------------------------------------------------------------------
+# every built-in guide, network and objective traces
+# ---------------------------------------------------------------------------------------
+SHAPE = (1, 4, 4)  # D = 16 pixels as an image, for the conv nets
+
+
+def _mlp_model():
+    return VAEModel(nets.Decoder(L, [16], 16), Bernoulli(), StandardNormal(L))
+
+
+def _conv_model():
+    return VAEModel(nets.ConvDecoder(L, [16], SHAPE), Bernoulli(), StandardNormal(L))
+
+
+BREADTH = {
+    "iaf-elbo": (_mlp_model, lambda m: guides.AmortizedIAF(nets.Encoder(16, [16], L)),
+                 objectives.ELBO()),
+    "conv-analytic_kl": (_conv_model, lambda m: guides.AmortizedNormal(
+        nets.ConvEncoder(SHAPE, [16], L)), objectives.AnalyticKLELBO()),
+    "conv-semiamortized-iwae": (_conv_model, lambda m: guides.SemiAmortizedNormal(
+        nets.ConvEncoder(SHAPE, [16], L), m, steps=2), objectives.IWAE(3)),
+    "amortized-dreg": (_mlp_model, lambda m: guides.AmortizedNormal(nets.Encoder(16, [16], L)),
+                       objectives.IWAE(3, dreg=True)),
+    "meanfield-dreg": (_mlp_model, lambda m: guides.LocalNormal(N, L),
+                       objectives.IWAE(3, dreg=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(BREADTH))
+def test_every_guide_net_and_objective_traces_to_its_eager_step(name):
+    """The traced step of each combination (DReG's gradient hook, the flows, the conv nets,
+    the analytic KL, a table's rows) gives the eager loss and gradients. The graph runs on
+    torch.compile's ``eager`` backend: what is tested is the trace (Inductor's kernels are
+    tested above), at a fraction of the compile time."""
+    torch.manual_seed(SEED)
+    make_model, make_guide, objective = BREADTH[name]
+    model = make_model()
+    guide = make_guide(model)
+    x = tiny_binary_data(N, 16)
+    batch = Batch(x[ROWS], ROWS, N)
+    tables = guides.local_parameters(guide)
+    params = [p for p in _params(model, guide) if all(p is not t for t in tables)]
+    compiled = Compiled(objective, backend="eager")
+    assert compiled.value_and_grad(model, guide, batch, params) is not None  # traces
+    pyro.set_rng_seed(SEED + 50)
+    loss = guides.training_loss(guide, objective, model, batch)
+    eager = torch.autograd.grad(loss, params + tables)
+    pyro.set_rng_seed(SEED + 50)
+    out = compiled.value_and_grad(model, guide, batch, params)
+    torch.testing.assert_close(out.loss, loss.detach(), rtol=1e-5, atol=1e-4)
+    for a, b in zip(out.grads, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for rows, table, grad in zip(out.rows, tables, eager[len(params):]):
+        summed = torch.zeros_like(table).index_add_(0, ROWS, rows)
+        torch.testing.assert_close(summed, grad.to_dense(), rtol=1e-4, atol=1e-4)
+
+
+class _TwinSync:
+    """torchrun's ``GradSync`` as two processes that drew the same batch would see it: the
+    loss scaled by 1/2, every network gradient summed (doubled) with the flag."""
+
+    size = 2
+
+    def reduce(self, params, flag):
+        for p in params:
+            p.grad = p.grad * 2 if p.grad is not None else torch.zeros_like(p)
+        return flag * 2
+
+
+def test_compiled_per_datapoint_steps_under_a_gradient_sync_follow_the_eager_ones():
+    """Under torchrun the step scales its loss by 1 / world size in both the local-only and
+    the joint graph and all-reduces the networks' gradients with the flag: same numbers as
+    the eager step through the same sync."""
+    results = []
+    for make in (lambda o: o, Compiled):
+        model, guide, opts, x = _local_setup(inner_steps=1)
+        opts = opts._replace(sync=_TwinSync())
+        objective = make(objectives.ELBO())
+        pyro.set_rng_seed(SEED + 60)
+        losses = [train.step(model, guide, objective, Batch(x[ROWS], ROWS, N), opts).item()
+                  for _ in range(2)]
+        results.append((losses, guide.params.detach().clone(),
+                        [p.detach().clone() for p in model.parameters()]))
+    (eager_losses, eager_table, eager_nets), (losses, table, nets_) = results
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    torch.testing.assert_close(table, eager_table, rtol=1e-4, atol=1e-5)
+    for a, b in zip(nets_, eager_nets):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ VALID = {
     "beta": ["0", "0.5", "1", "2"], "warmup_epochs": ["0", "1", "3"], "epochs": ["1", "2"],
     "batch_size": ["7", "30", "1000"], "lr": ["1e-3", "0.01", "10"], "adam_eps": ["1e-8", "1"],
     "lr_schedule": ["constant", "burda"], "local_lr": ["0.2", "0.01"],
-    "inner_steps": ["0", "1", "2"], "local_init": ["pca", "prior"],
+    "inner_steps": ["0", "1", "2"], "local_init": ["pca", "prior"], "compile": ["auto", "off"],
     "refine_steps": ["0", "1", "2"], "refine_lr": ["0.05", "1"],
     "max_seconds": ["all", "0.5", "100"], "train_size": ["1", "2", "60"],
     "valid_size": ["1", "10"], "test_size": ["1", "10"],
@@ -210,7 +210,7 @@ COMPARE_BAD = [
     ["--guides", ""], ["--guides", ","], ["--guides", "bogus"], ["--guides", "amortized,amortized"],
     ["--num-particles-eval", "0"], ["--num-particles-eval", "x"],
     ["--epochs", "0"], ["--lr", "nan"], ["--quick", "--num-particles-eval", "-1"],
-    ["--guides", "meanfield", "--compile"], ["--test-size", "-5"],
+    ["--compile", "sometimes"], ["--test-size", "-5"],
 ]
 
 

@@ -126,13 +126,28 @@ def test_our_elbo_honours_poutine_scale_like_pyros():
     assert abs(float(unscaled) - float(ours.detach())) > 1.0  # the scale matters
 
 
+class _TableWithoutRows(torch.nn.Module):
+    """A user's guide with a table it reads itself: it cannot hand a tracer its rows."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, batch):
+        return self.table(batch)
+
+    def local_parameters(self):
+        return [self.table.params]
+
+
 def test_the_pipeline_asks_the_guide():
     model = _model()
     table = guides.LocalNormal(N, L)
     encoder = guides.AmortizedNormal(nets.Encoder(D, (16,), L))
     assert guides.local_parameters(table) == [table.params]
     assert guides.local_parameters(encoder) == [] == guides.local_parameters(my_function_guide)
-    assert not guides.compilable(table) and guides.compilable(encoder)
+    assert guides.compilable(table) and guides.compilable(encoder)  # a table gives its rows
+    assert not guides.compilable(_TableWithoutRows(table))  # a table that cannot: not compiled
     x = _split().x[:10]
     assert guides.held_out(encoder, model, x).guide is encoder
     held = guides.held_out(table, model, x, max_steps=5)
@@ -191,3 +206,19 @@ def test_semi_amortized_reports_both_amortization_gaps():
         assert results[key] is not None and math.isfinite(results[key]), key
     assert results["test_elbo"] - results["test_elbo_encoder"] == pytest.approx(
         results["amortization_gap_encoder"] - results["amortization_gap"], abs=1e-4)
+
+
+def test_a_table_reads_the_rows_it_is_given_and_only_within():
+    """``given_rows``: what a compiled step hands the guide in place of its table reads; the
+    rows' gradient is then dense ([B, width]) and the table gets none."""
+    table = guides.LocalNormal(N, L)
+    idx = torch.tensor([4, 1, 4])
+    given = torch.randn(len(idx), 2 * L, requires_grad=True)
+    with table.given_rows([given]):
+        loc, scale = table.loc_scale(Batch(torch.zeros(len(idx), D), idx, N))
+    torch.testing.assert_close(loc, given[:, :L])
+    torch.testing.assert_close(scale, torch.nn.functional.softplus(given[:, L:]) + 1e-5)
+    (grad,) = torch.autograd.grad(loc.sum(), [given])
+    assert not grad.is_sparse and table.params.grad is None
+    outside, _ = table.loc_scale(Batch(torch.zeros(len(idx), D), idx, N))
+    torch.testing.assert_close(outside, table.params.detach()[idx, :L])

@@ -251,7 +251,7 @@ def _assert_same_tensors(a, b, where=""):
 
 @pytest.mark.parametrize("guide", ["amortized", "meanfield", "compiled"])
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cached_mnist, guide):
-    config = TINY.replace(guide=guide) if guide != "compiled" else TINY.replace(compile=True)
+    config = TINY.replace(guide=guide) if guide != "compiled" else TINY.replace(compile="on")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     s4 = run.train_run(config, straight, progress=False, log=_quiet)
     run.train_run(config.replace(epochs=2), resumed, progress=False, log=_quiet)
