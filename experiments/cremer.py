@@ -129,12 +129,12 @@ def main(argv=None):
                dict(rows=args.rows, num_particles=args.num_particles, local_steps=args.local_steps))
     rows = []
     for guide in args.guides.split(","):
-        config = base.replace(guide=guide, compile=guide != "meanfield" and not args.smoke)
+        config = base.replace(guide=guide, compile="off" if args.smoke else "auto")
         folder = args.out / guide
         state = checkpoint.load(folder) if args.resume and folder.is_dir() else None
         if state is not None and state.get("position") is None \
                 and len(state["history"]) >= config.epochs:
-            trained = load_trained(folder)  # this guide's run has finished
+            trained = load_trained(folder, trust_code=True)  # its run, finished: its own code
         else:
             trained = fit_run(config, folder, overwrite=state is None, resume=state is not None,
                               progress=not args.smoke)

@@ -21,11 +21,13 @@ import torch
 from _table import SMOKE
 from ppl_vae import guides
 from ppl_vae.data import Batch
-from ppl_vae.evaluate import batches_of, elbo_parts, local_inference
+from ppl_vae.data import batches_of
+from ppl_vae.evaluate import elbo_parts
+from ppl_vae.guides import local_inference
 from ppl_vae.guides import LocalNormal
 from ppl_vae.objectives import AnalyticKLELBO
-from ppl_vae.report import load_trained
-from ppl_vae.run import EVAL_SEED, eval_pixels
+from ppl_vae.run import load_trained
+from ppl_vae.heldout import EVAL_SEED, eval_pixels
 
 
 def long_fit(model, x, init, steps: int, lr: float, chunk_size: int = 5000) -> LocalNormal:

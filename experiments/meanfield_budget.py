@@ -25,7 +25,8 @@ from ppl_vae import data
 from ppl_vae.config import Config, build_guide, build_model, build_objective, resolve_device
 from ppl_vae.evaluate import Estimate
 from ppl_vae.optim import Optimizers
-from ppl_vae.run import eval_pixels, finish, fit_run, held_out_elbo, load_splits
+from ppl_vae.heldout import eval_pixels, held_out_elbo
+from ppl_vae.run import finish, fit_run, load_splits
 from ppl_vae.train import fit
 
 

@@ -64,10 +64,17 @@ def save(state: dict, folder: Path) -> Path:
     """Write ``state`` to ``folder/checkpoint.pt`` atomically, keeping the previous one."""
     folder = Path(folder)
     path, tmp = folder / NAME, folder / (NAME + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # a full disk is torch's RuntimeError, not OSError
+        tmp.unlink(missing_ok=True)
+        first = (getattr(e, "strerror", None) or str(e).strip().splitlines()[-1])[:100]
+        raise UserError(f"could not write the checkpoint in {folder} ({first}); the disk may "
+                        f"be full: free space and continue with {setting('resume')} (the "
+                        f"previous checkpoint is kept)") from None
     if path.exists():
         os.replace(path, folder / PREVIOUS)
     os.replace(tmp, path)

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from .compare import DEFAULT_GUIDES
 from . import distributed, logs
-from .config import Config
+from .config import Config, check_particles
 from .errors import UserError
 from .train import DivergenceError, Interrupted
 
@@ -52,12 +52,15 @@ HELP = {
     "local_init": "meanfield: start rows at the data's principal-component scores (pca) or at N(0, I)",
     "on_divergence": "on a non-finite loss: stop with the last good checkpoint, or lower_lr (halve rates, go on)",
     "max_seconds": "stop training once this much training time has passed",
+    "max_steps": "stop training after this many optimizer steps (a budget in counts, like epochs)",
     "train_size": "use only the first N training rows", "valid_size": "validation rows scored each epoch",
     "test_size": "evaluate on the first N test rows only",
     "seed": "seed of initialization, data order and noise (0 to 4294967295)",
     "device": "auto (CUDA when available), cpu or cuda[:N]",
-    "compile": "amortized guides: trace the objective once per batch shape and compile it "
-               "(torch.compile; costs a compile at the start, pays on long runs)",
+    "compile": "compile the training step (torch.compile; every built-in guide): on, off, or "
+               "auto: on when a C++ compiler is present and the run has at least 2,000 steps "
+               "(and a --max-seconds of at least 120), where it repays the compile; it says "
+               "what it chose",
 }
 
 
@@ -103,9 +106,9 @@ def _optional(typ):
 
 def _choices(name: str):
     from . import config as c
-    tables = {"binarize": c.BINARIZE, "local_init": c.LOCAL_INIT, "on_divergence": c.ON_DIVERGENCE}
-    for registry in (c.LIKELIHOODS, c.PRIORS, c.GUIDES, c.OBJECTIVES, c.ACTIVATIONS,
-                     c.LR_SCHEDULES, c.NETS):
+    tables = {"binarize": c.BINARIZE, "local_init": c.LOCAL_INIT, "on_divergence": c.ON_DIVERGENCE,
+              "compile": c.COMPILE_MODES}
+    for registry in c.REGISTRIES:
         tables[registry.field] = registry.names() + ("module:attr",)
     return tables.get(name)
 
@@ -116,9 +119,34 @@ def _config(args) -> Config:
     return Config(**values).validate()
 
 
+_UNSET = object()
+
+
+def _given(argv, command: str) -> dict:
+    """The settings that ``argv`` gives explicitly (argparse fills in the others), as
+    ``Config`` values: what a ``--resume`` lays over the run's own settings."""
+    parser = build_parser()
+    parser.commands[command].set_defaults(
+        **{f.name: _UNSET for f in dataclasses.fields(Config)})
+    args = parser.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+             if getattr(args, f.name) is not _UNSET}
+    for key in ("hidden", "gap_epochs"):
+        if key in given:
+            given[key] = tuple(given[key])
+    return given
+
+
 NO_PROGRESS = ("--no-progress",)
 NO_PROGRESS_KW = dict(dest="progress", action="store_false",
                       help="no progress bars (they are drawn only on a terminal anyway)")
+
+
+TRUST_CODE = ("--trust-code",)
+TRUST_CODE_KW = dict(action="store_true",
+                     help="import the module:Class names that a run folder's checkpoint gives "
+                          "(--resume, evaluate); importing runs their code, so pass it only for "
+                          "a folder whose author you trust")
 
 
 def build_parser() -> Parser:
@@ -133,6 +161,7 @@ def build_parser() -> Parser:
     t.add_argument("--evaluate", action="store_true",
                    help="run `evaluate` (log p(x), figures) at the end")
     t.add_argument("--num-particles-eval", type=int, default=5000, help="K of log p(x) with --evaluate")
+    t.add_argument(*TRUST_CODE, **TRUST_CODE_KW)
     t.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
 
     e = sub.add_parser("evaluate", help="log p(x), gaps, rate/distortion, figures of a run")
@@ -145,6 +174,7 @@ def build_parser() -> Parser:
                    help="also fit q* for L[q*] and the gaps (default: only for meanfield)")
     e.add_argument("--test-size", type=int, default=None, help="evaluate on the first N rows only")
     e.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
+    e.add_argument(*TRUST_CODE, **TRUST_CODE_KW)
     e.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
 
     c = sub.add_parser("compare", help="amortized, semi-amortized and mean-field on the same "
@@ -158,7 +188,21 @@ def build_parser() -> Parser:
     c.add_argument("--guides", type=_guides, default=list(DEFAULT_GUIDES),
                    help="comma-separated guides to compare, any subset (default: "
                         "amortized,semiamortized,meanfield; iaf adds a flow guide)")
+    c.add_argument("--seeds", default="1",
+                   help="training seeds per guide: a number K (seeds --seed .. --seed + K - 1) "
+                        "or a list such as 0,1,2; run one after another; with more than one, "
+                        "runs go to <out>/<guide>/seed<S> and the report gives means, standard "
+                        "deviations and paired differences over seeds (default: 1, --seed alone)")
+    c.add_argument("--budget", default="epochs",
+                   help="what every guide gets the same of: epochs (--epochs), or "
+                        "evaluations=N, N network passes (forward and backward passes of "
+                        "encoder and decoder, counted on one step of each guide); both are "
+                        "counts, never seconds (default: epochs)")
+    c.add_argument("--local-rows", type=int, default=500,
+                   help="training rows of a per-datapoint table scored for how far they are "
+                        "from a local optimum at the end (default 500)")
     c.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
+    p.commands = {"train": t, "evaluate": e, "compare": c}
     return p
 
 
@@ -183,6 +227,11 @@ QUICK = dict(train_size=10_000, test_size=1000, valid_size=500, epochs=2)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a path that the console cannot encode is
+        try:                                 # printed escaped, not a UnicodeEncodeError
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     logs.to_console()
     try:
         return _main(argv)
@@ -192,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e.for_cli()}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"{e}; the checkpoint is kept: continue with `ppl-vae train ... --resume`",
+        print(f"{e}; {e.kept or 'the checkpoint is kept: continue with `ppl-vae train ... --resume`'}",
               file=sys.stderr)
         return 130
     except KeyboardInterrupt:
@@ -203,13 +252,14 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"the disk", file=sys.stderr)
         return 2
     except DivergenceError as e:
-        print(f"error: training diverged at {e}; the last good checkpoint is kept. Try a "
-              f"smaller --lr or --on-divergence lower_lr", file=sys.stderr)
+        print(f"error: training diverged at {e}; {e.kept or 'the last good checkpoint is kept'}"
+              f". Try a smaller --lr or --on-divergence lower_lr", file=sys.stderr)
         return 1
 
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if distributed.launched():  # under torchrun: join the process group; rank 0 talks
         world = distributed.init(getattr(args, "device", "auto") or "auto")
         if not world.main:
@@ -223,27 +273,33 @@ def _main(argv) -> int:
 
 def _command(args) -> int:
     if args.command == "train":
-        from .run import train_run
-        config = _config(args)
+        from .run import resumed_config, train_run
+        config = (resumed_config(args.out, _given(args.argv, "train"), args.trust_code)
+                  if args.resume else _config(args))
         if args.num_particles_eval <= 0:
             raise UserError("--num-particles-eval must be positive")
+        check_particles(args.num_particles_eval, "num_particles_eval")
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume,
-                  progress=args.progress or "lines")
+                  progress=args.progress or "lines", trust_code=args.trust_code)
         if args.evaluate:
-            from .report import evaluate_run
-            evaluate_run(args.out, args.num_particles_eval, progress=args.progress or "lines")
+            from .evaluation import evaluate_run
+            evaluate_run(args.out, args.num_particles_eval, progress=args.progress or "lines",
+                         trust_code=args.trust_code, given=config)
         return 0
     if args.command == "evaluate":
-        from .report import evaluate_run
+        from .evaluation import evaluate_run
         if args.num_particles <= 0:
             raise UserError("--num-particles must be positive")
+        check_particles(args.num_particles, "num_particles")
         evaluate_run(args.run_dir, args.num_particles, split=args.split, proposal=args.proposal,
                      local=args.local, test_size=args.test_size, device=args.device,
-                     progress=args.progress or "lines")
+                     progress=args.progress or "lines", trust_code=args.trust_code)
         return 0
     if args.command == "compare":
-        from .compare import compare
+        from .compare import compare, parse_seeds
+        from .compute import Budget
         config = _config(args)
+        seeds, budget = parse_seeds(args.seeds, config.seed), Budget.parse(args.budget)
         k = args.num_particles_eval
         if args.quick:
             config = config.replace(**QUICK)
@@ -251,7 +307,8 @@ def _command(args) -> int:
         if k <= 0:
             raise UserError("--num-particles-eval must be positive")
         doc = compare(config, args.out, num_particles=k, overwrite=args.overwrite,
-                      guides=args.guides, progress=args.progress or "lines")
+                      guides=args.guides, progress=args.progress or "lines", seeds=seeds,
+                      budget=budget, local_rows=args.local_rows)
         if not doc:  # another torchrun process: rank 0 prints the results
             return 0
         print(json.dumps({g: {key: doc[g].get(key) for key in (

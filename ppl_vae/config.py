@@ -7,6 +7,11 @@ function (imported from the current folder too, as ``python -m`` would), so
 ``cls.from_config(config, **context)`` when it has one, else ``cls()``; the context of each
 table is listed where it is defined. ``config.json`` records the name, so ``--resume`` and
 ``evaluate`` build the same piece again.
+
+Importing a module runs its code, so a name read from a run's files (a checkpoint someone
+else wrote) is imported only with the user's consent: ``require_consent`` refuses, before
+anything is imported, every ``module:attribute`` that the user did not give on this command
+unless ``trust_code`` is set (``--trust-code``), as Hugging Face's ``trust_remote_code`` does.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from . import data, guides, likelihoods, nets, objectives, priors
-from .compiled import Compiled, check_compilable
+from .compiled import COMPILE_MODES, Auto, Compiled, check_compilable
 from .errors import UserError, setting
 
 
@@ -69,13 +74,16 @@ class Registry:
         name = getattr(config, self.field)
         builder = self.resolve(name)
         try:
-            return builder(config, **context)
+            piece = builder(config, **context)
         except TypeError as e:
             if name in self._builders:  # a built-in's own bug keeps its traceback
                 raise
             raise UserError(f"cannot build {self.kind} {name!r} for {setting(self.field)} "
                             f"({e}); give it a from_config(config, **context) classmethod or "
                             f"an __init__ without arguments") from None
+        return self.adapt(piece) if self.adapt is not None else piece
+
+    adapt: Optional[Callable] = None  # piece -> the piece in this table's signature
 
 
 def _as_builder(obj) -> Callable:
@@ -91,6 +99,10 @@ def _as_builder(obj) -> Callable:
 
 def _import(name: str, registry: Registry):
     module, _, attr = name.partition(":")
+    if not all(part.isidentifier() for part in module.split(".") + attr.split(".")):
+        raise UserError(f"{name!r} for {setting(registry.field)} is not a name of the form "
+                        f"module:Class (e.g. mypkg.lik:Beta); use a built-in "
+                        f"({', '.join(registry.names())}) or an importable module:Class")
     if os.getcwd() not in sys.path:  # as ``python -m`` would: the user's own folder
         sys.path.insert(0, os.getcwd())
     try:
@@ -102,6 +114,37 @@ def _import(name: str, registry: Registry):
                         f"{setting(registry.field)} ({type(e).__name__}: {e}); give "
                         f"module:attribute of an importable module") from None
     return obj
+
+
+def code_names(config: "Config") -> Dict[str, str]:
+    """``{field: name}`` of every setting that names code outside this package: a
+    ``module:attribute`` that is not a registered name (importing it runs its module)."""
+    out = {}
+    for registry in REGISTRIES:
+        name = getattr(config, registry.field)
+        if isinstance(name, str) and name not in registry:
+            out[registry.field] = name
+    return out
+
+
+def require_consent(config: "Config", source, given: Optional["Config"] = None,
+                    trust_code: bool = False) -> None:
+    """Refuse, before importing anything, code that a run's files name and the user did not.
+
+    ``config`` was read from ``source`` (a checkpoint); a ``module:attribute`` in it is
+    imported only when this command's own settings ``given`` name the same code for the same
+    setting, or with ``trust_code``. Built-in names need no consent.
+    """
+    if trust_code:
+        return
+    for field, name in code_names(config).items():
+        if given is not None and getattr(given, field) == name:
+            continue
+        module = name.partition(":")[0]
+        raise UserError(f"{source} names code to import for {setting(field)}: {name!r} "
+                        f"(module {module!r}); importing it runs that module, so it is not "
+                        f"imported unless you pass {setting('trust_code')} (only for a run "
+                        f"folder whose author you trust)")
 
 
 ACTIVATIONS = Registry("activation", "activation")
@@ -121,9 +164,27 @@ PRIORS.register("normal", lambda c, **_: priors.StandardNormal(c.latent_dim))
 PRIORS.register("mog", lambda c, **_: priors.MixtureOfGaussians(c.latent_dim, seed=c.seed))
 
 OBJECTIVES = Registry("objective", "objective")
-OBJECTIVES.register("elbo", lambda c, **_: objectives.ELBO(c.num_particles, beta=c.beta))
-OBJECTIVES.register("analytic_kl", lambda c, **_: objectives.AnalyticKLELBO(c.num_particles, beta=c.beta))
-OBJECTIVES.register("iwae", lambda c, **_: objectives.IWAE(c.num_particles, dreg=c.dreg))
+OBJECTIVES.adapt = objectives.pyro_objective  # a user's Pyro ELBO class (pyro.infer:X) works too
+OBJECTIVES.register("elbo", lambda c, **_: objectives.ELBO(c.num_particles, beta=c.beta),
+                    objectives.ELBO)
+OBJECTIVES.register("analytic_kl", lambda c, **_: objectives.AnalyticKLELBO(
+    c.num_particles, beta=c.beta), objectives.AnalyticKLELBO)
+OBJECTIVES.register("iwae", lambda c, **_: objectives.IWAE(c.num_particles, dreg=c.dreg),
+                    objectives.IWAE)
+
+
+def _pyro(name: str):
+    """Pyro's ``name`` ELBO class with ``num_particles`` vectorized particles."""
+    def build(c, **_):
+        import pyro.infer
+        return objectives.PyroObjective(getattr(pyro.infer, name)(
+            num_particles=c.num_particles, vectorize_particles=c.num_particles > 1,
+            max_plate_nesting=2))
+    return build
+
+
+for _name in ("Trace_ELBO", "TraceMeanField_ELBO", "TraceGraph_ELBO"):
+    OBJECTIVES.register(_name, _pyro(_name), objectives.PyroObjective)
 
 
 def _mlp(c, shape, role, **_):
@@ -177,6 +238,9 @@ LR_SCHEDULES.register("constant", lambda c, **_: None)
 LR_SCHEDULES.register("burda", lambda c, **_: _burda)
 
 
+REGISTRIES = (LIKELIHOODS, PRIORS, GUIDES, OBJECTIVES, ACTIVATIONS, LR_SCHEDULES, NETS)
+
+
 def _burda(epoch: int) -> float:
     from .train import burda_factor
     return burda_factor(epoch)
@@ -188,11 +252,19 @@ PriorName = Literal[PRIORS.names()]
 GuideName = Literal[GUIDES.names()]
 ObjectiveName = Literal[OBJECTIVES.names()]
 
-BINARIZE = ("dynamic", "static", "none")
+BINARIZE = data.Binarize.MODES
 LOCAL_INIT = ("pca", "prior")
 ON_DIVERGENCE = ("stop", "lower_lr")
 MAX_LATENT, MAX_WIDTH = 4096, 65536  # beyond these a run only fails in the allocator
+MAX_STEPS = 1000  # inner and refinement steps per minibatch: a step stays interruptible
+MAX_PARTICLES = 1_000_000  # K of an estimate: 10^6 already takes hours per 1,000 rows
 SEED_LIMIT = 2 ** 32 - 1  # torch's CPU generator keeps 32 bits of a seed: 2**32 acts as 0
+
+
+# settings a resumed run may change (each change is recorded in config.json's resumes); every
+# other setting defines the run and a resume must keep it (run.RESUME_FIXED)
+RESUMABLE = frozenset({"epochs", "lr", "local_lr", "max_seconds", "max_steps", "test_size",
+                       "on_divergence", "compile", "device", "gap_epochs", "tensorboard"})
 
 
 @dataclass(frozen=True)
@@ -228,11 +300,12 @@ class Config:
     refine_lr: float = 0.05  # semi-amortized guide: step size of the refinement
     refine_stop_gradient: bool = False  # semi-amortized: encoder trained on its own ELBO
     max_seconds: Optional[float] = None  # stop training after this much training time
+    max_steps: Optional[int] = None  # stop training after this many optimizer steps
     train_size: Optional[int] = None  # use the first n training rows (smoke runs)
     valid_size: int = 1000  # validation rows scored every epoch
     test_size: Optional[int] = None  # evaluate on the first n test rows (default: all)
     on_divergence: str = "stop"  # non-finite loss: stop, or halve the rates and go on
-    compile: bool = False  # trace the objective once per batch shape and compile it (compiled.py)
+    compile: str = "auto"  # auto, on or off: compile the training step (compiled.choose)
     track_gaps: bool = False  # score the gaps on training and test rows at gap_epochs
     gap_epochs: Tuple[int, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000)
     gap_rows: int = 1000  # rows of each of the training and test subsets of the gap curves
@@ -243,8 +316,7 @@ class Config:
 
     def validate(self) -> "Config":
         data.check_name(self.dataset)
-        for registry in (LIKELIHOODS, PRIORS, GUIDES, OBJECTIVES, ACTIVATIONS, LR_SCHEDULES,
-                         NETS):
+        for registry in REGISTRIES:
             registry.resolve(getattr(self, registry.field))
         for name in ("valid_fraction", "test_fraction"):
             value = getattr(self, name)
@@ -268,7 +340,7 @@ class Config:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise UserError(f"{setting(name)} must be a positive finite number, got {value}")
-        for name in ("train_size", "test_size", "max_seconds"):
+        for name in ("train_size", "test_size", "max_seconds", "max_steps"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UserError(f"{setting(name)} must be positive, got {value}")
@@ -288,6 +360,13 @@ class Config:
         for name in ("inner_steps", "warmup_epochs", "refine_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"{setting(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("inner_steps", "refine_steps"):
+            if getattr(self, name) > MAX_STEPS:
+                raise UserError(f"{setting(name)} {getattr(self, name)} would make one step "
+                                f"run for minutes, deaf to Ctrl-C and the time budget; use at "
+                                f"most {MAX_STEPS}")
+        for name in ("gap_particles", "gap_rows"):
+            check_particles(getattr(self, name), name)
         if not 0 <= self.seed <= SEED_LIMIT:  # larger or negative seeds alias smaller ones
             raise UserError(f"{setting('seed')} must be an integer from 0 to {SEED_LIMIT:,} "
                             f"(torch's generator keeps 32 bits of a seed), got {self.seed}")
@@ -299,21 +378,25 @@ class Config:
         if self.dreg and piece is not None and getattr(piece, "family", None) != "diagonal normal":
             raise UserError(f"{setting('dreg')} needs a Normal guide; with {setting('guide')} "
                             f"{self.guide} drop dreg or use the amortized or meanfield guide")
-        if self.warmup_epochs and self.objective == "iwae":
-            raise UserError(f"{setting('warmup_epochs')} weights the KL term of the ELBO "
-                            f"objectives; IWAE has none: drop it or use {setting('objective')} elbo")
-        if self.objective == "iwae" and self.beta != 1.0:
-            raise UserError(f"{setting('beta')} applies to the ELBO objectives; IWAE has no "
-                            f"separate KL term")
-        if self.compile:
+        objective = getattr(OBJECTIVES.resolve(self.objective), "piece", None)
+        if not objectives.takes_beta(objective):
+            for name, default in (("warmup_epochs", 0), ("beta", 1.0)):
+                if getattr(self, name) != default:
+                    raise UserError(f"{setting(name)} weights the KL term of our ELBO "
+                                    f"objectives; {setting('objective')} {self.objective} has "
+                                    f"no KL weight: drop it or use {setting('objective')} elbo")
+        if self.warmup_epochs > self.epochs:
+            raise UserError(f"{setting('warmup_epochs')} {self.warmup_epochs} is longer than "
+                            f"the run's {self.epochs} epochs, so the KL weight would never "
+                            f"reach beta; use at most {setting('epochs')}")
+        if self.compile not in COMPILE_MODES:
+            raise UserError(f"unknown compile {self.compile!r} for {setting('compile')}; choose "
+                            f"one of {', '.join(COMPILE_MODES)}")
+        if self.compile == "on":
             piece = getattr(GUIDES.resolve(self.guide), "piece", None)
             if not getattr(piece, "compilable", True):
-                raise UserError(f"{setting('compile')} applies to the amortized guides "
-                                f"(amortized, iaf), not to {self.guide}: its step cannot be "
-                                f"traced once and replayed; drop compile or use another guide")
-            if self.dreg:
-                raise UserError(f"{setting('compile')} cannot trace DReG's gradient hook; drop "
-                                f"compile or dreg")
+                raise UserError(f"{setting('compile')} on: the {self.guide} guide says its step "
+                                f"cannot be traced once and replayed; use compile auto or off")
         resolve_device(self.device)
         return self
 
@@ -334,6 +417,8 @@ class Config:
         if unknown:
             raise UserError(f"unknown config keys {sorted(unknown)}")
         d = dict(d)
+        if isinstance(d.get("compile"), bool):  # config.json before compile took auto/on/off
+            d["compile"] = "on" if d["compile"] else "off"
         for key in ("hidden", "gap_epochs"):
             if key in d:
                 if not isinstance(d[key], (list, tuple)):
@@ -345,8 +430,25 @@ class Config:
             raise UserError(f"bad config: {e}") from None
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
+def check_particles(k: int, name: str) -> None:
+    """Refuse a sample size beyond ``MAX_PARTICLES`` (a typo of a few zeros runs for days)."""
+    if k > MAX_PARTICLES:
+        raise UserError(f"{setting(name)} {k:,} is beyond {MAX_PARTICLES:,}: the estimate "
+                        f"would run for days; use a smaller value (5,000 is the usual K)")
+
+
+def resolve_device(name: str, world=None) -> torch.device:
+    """The device a setting names, decided here only: ``auto`` is CUDA when available, else
+    the CPU; under torchrun (``world``, a ``distributed.World`` of a launched process) each
+    process takes its own GPU, ``cuda:LOCAL_RANK``, unless the setting is ``cpu``."""
+    from . import distributed
+    if world is not None and (world.size > 1 or distributed.launched()):
+        if name != "cpu" and torch.cuda.is_available():
+            return torch.device("cuda", world.local_rank)
+        if name.startswith("cuda"):
+            raise UserError(f"device {name!r} ({setting('device')}) under torchrun, but CUDA "
+                            f"is not available; use {setting('device')} cpu (Gloo)")
+        return torch.device("cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -386,14 +488,18 @@ def build_guide(config: Config, data_dim: int, num_data: int, x=None, model=None
     torch.manual_seed(config.seed + 1)
     guide = GUIDES.build(config, data_dim=data_dim, num_data=num_data, x=x, model=model,
                          shape=shape, rank=rank, world_size=world_size)
-    if config.compile:
-        check_compilable(guide, config.dreg)
+    if config.compile == "on":
+        check_compilable(guide)
     return guide
 
 
 def build_objective(config: Config):
     objective = OBJECTIVES.build(config)
-    return Compiled(objective) if config.compile else objective
+    if config.compile == "off":
+        return objective
+    return Compiled(objective, auto=Auto(config.epochs, config.max_seconds, config.batch_size,
+                                         config.max_steps)
+                    if config.compile == "auto" else None)
 
 
 def lr_factor(config: Config):

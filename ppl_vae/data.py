@@ -126,6 +126,7 @@ class RawData(NamedTuple):
 def read_idx(path: Path, md5: Optional[str] = None) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed), checking the md5 of its uncompressed bytes."""
     path = Path(path)
+    regular_file(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -205,7 +206,13 @@ def labels(array, n: int, what: str) -> torch.Tensor:
     if a.shape != (n,) or not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
         raise UserError(f"{what} must be {n} integer labels, one per image; got shape "
                         f"{list(a.shape)}, dtype {a.dtype}")
+    if a.size and (a.min() < -1 or a.max() >= MAX_CLASSES):
+        raise UserError(f"{what} range over [{a.min()}, {a.max()}]; labels are class indices "
+                        f"from 0 to {MAX_CLASSES - 1} (-1: unlabelled)")
     return torch.from_numpy(a.astype(np.int64))
+
+
+MAX_CLASSES = 100_000  # labels are class indices: the figures colour each class
 
 
 def _raw(x, y, x_test, y_test, what: str, classes=None) -> RawData:
@@ -234,11 +241,51 @@ def _idx_folder(root: Path, what: str, md5: bool = False, hint: str = "") -> Raw
     return _raw(*arrays, what=what)
 
 
-def _npz(path: Path) -> RawData:
-    """``.npy``: the images; ``.npz``: keys x (images), y, x_test, y_test, classes (optional)."""
+def regular_file(path: Path) -> None:
+    """Refuse a path that is not a regular file (a named pipe would hang the read)."""
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a regular file (a folder, pipe or device); give a "
+                        f".npz/.npy file or a folder of IDX files")
+
+
+def _check_npy(f, size: int, what: str) -> None:
+    """Refuse a .npy whose header asks for more bytes than ``size`` holds (a 4 KB file may
+    claim terabytes) or for Python objects, before anything is allocated."""
     try:
+        fmt = np.lib.format
+        version = fmt.read_magic(f)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except Exception as e:  # numpy raises ValueError, EOFError, SyntaxError, ...
+        raise UserError(f"{what} is not a readable .npy array ({type(e).__name__}); save it "
+                        f"with numpy.save or numpy.savez") from None
+    if dtype.hasobject:
+        raise UserError(f"{what} holds Python objects, which are not loaded (they could run "
+                        f"code); store numbers: uint8 images, integer labels, string classes")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need > size:
+        raise UserError(f"{what} is truncated or damaged: its header says {list(shape)} of "
+                        f"{dtype} ({need:,} bytes) but it holds {size:,} bytes")
+
+
+def _npz(path: Path) -> RawData:
+    """``.npy``: the images; ``.npz``: keys x (images), y, x_test, y_test, classes (optional).
+
+    Headers are checked before any array is read (``_check_npy``)."""
+    import zipfile
+    try:
+        if path.suffix == ".npy":
+            with open(path, "rb") as f:
+                _check_npy(f, path.stat().st_size, str(path))
+        else:
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    with z.open(info) as f:
+                        _check_npy(f, info.file_size, f"{path} member {info.filename}")
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read {path} as numpy data: {str(e).splitlines()[0]}") from None
     if isinstance(loaded, np.ndarray):
         return _raw(loaded, None, None, None, str(path))
@@ -251,7 +298,11 @@ def _npz(path: Path) -> RawData:
         if unknown:
             raise UserError(f"{path} has unknown keys {sorted(unknown)}; use x, y, x_test, "
                             f"y_test, classes")
-        get = {k: (loaded[k] if k in keys else None) for k in NPZ_KEYS}
+        try:
+            get = {k: (loaded[k] if k in keys else None) for k in NPZ_KEYS}
+        except Exception as e:  # a damaged member: zlib.error, BadZipFile, ValueError, ...
+            raise UserError(f"cannot read {path}: a member is damaged ({type(e).__name__}); "
+                            f"save it again with numpy.savez") from None
     classes = None if get["classes"] is None else tuple(str(c) for c in get["classes"])
     return _raw(get["x"], get["y"], get["x_test"], get["y_test"], str(path), classes)
 
@@ -299,8 +350,10 @@ def load_torchvision(class_name: str, root: Path) -> RawData:
 
     import torchvision.datasets as tvd
 
-    cls = getattr(tvd, class_name, None)
-    if not isinstance(cls, type):
+    from torch.utils.data import Dataset
+    cls = getattr(tvd, class_name, None) if not class_name.startswith("_") else None
+    if not (isinstance(cls, type) and issubclass(cls, Dataset)) or cls is tvd.VisionDataset \
+            or inspect.isabstract(cls):
         raise UserError(f"torchvision.datasets has no class {class_name!r}; use e.g. "
                         f"torchvision:FashionMNIST or torchvision:CIFAR10 (case matters)")
     params = inspect.signature(cls).parameters
@@ -334,8 +387,15 @@ def load_torchvision(class_name: str, root: Path) -> RawData:
         y = None if y is None else np.asarray(y.numpy() if isinstance(y, torch.Tensor) else y)
         return x, y
 
-    x, y = arrays(train)
-    x_test, y_test = arrays(test) if test is not None else (None, None)
+    try:
+        x, y = arrays(train)
+        x_test, y_test = arrays(test) if test is not None else (None, None)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"torchvision's {class_name} gave no images as arrays "
+                        f"({type(e).__name__}); use a class of images such as "
+                        f"torchvision:FashionMNIST or torchvision:CIFAR10") from None
     classes = getattr(train, "classes", None)
     return _raw(x, y, x_test, y_test, f"torchvision:{class_name}",
                 tuple(str(c) for c in classes) if classes is not None else None)
@@ -361,6 +421,8 @@ def read(name: str = "mnist", data_dir: Optional[Path] = None) -> RawData:
     if name.startswith("torchvision:"):
         return load_torchvision(name.split(":", 1)[1], root)
     path = Path(name)
+    if not path.is_dir():
+        regular_file(path)
     if path.is_dir():
         return _idx_folder(path, str(path), hint=" (a folder data set holds IDX files: that one, "
                            "and optionally train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "

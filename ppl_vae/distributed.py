@@ -82,25 +82,38 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> World:
         return SINGLE
     if dist.is_initialized():
         return current()
+    check_environment()
+    from .config import resolve_device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} (--device) under torchrun, but CUDA is not "
-                        f"available; use --device cpu (Gloo)")
+    own = resolve_device(device, World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                                       local_rank))
+    cuda = own.type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return current()
 
 
-def device_of(world: World, setting: str) -> Optional[torch.device]:
-    """The device of this rank under torchrun (``cuda:LOCAL_RANK``), or None to resolve the
-    setting as a single process does."""
-    if world.size == 1 and not launched():
-        return None
-    if setting != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", world.local_rank)
-    return torch.device("cpu")
+def check_environment() -> None:
+    """Refuse, in one line, a launcher's environment that torch would fail on with a traceback
+    (or wait on forever): RANK, WORLD_SIZE and LOCAL_RANK must be integers with
+    0 <= RANK < WORLD_SIZE, and more than one process needs MASTER_ADDR and MASTER_PORT."""
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = os.environ.get(name, "0")
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise UserError(f"the environment variable {name}={text!r} is not an integer; "
+                            f"start several processes with torchrun, which sets it") from None
+    if not 0 <= values["RANK"] < max(values["WORLD_SIZE"], 1) or values["WORLD_SIZE"] < 1:
+        raise UserError(f"RANK={values['RANK']} and WORLD_SIZE={values['WORLD_SIZE']} do not "
+                        f"fit (0 <= RANK < WORLD_SIZE); start the processes with torchrun")
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if n not in os.environ]
+    if values["WORLD_SIZE"] > 1 and missing:
+        raise UserError(f"WORLD_SIZE={values['WORLD_SIZE']} without {' and '.join(missing)}: "
+                        f"the processes could not find each other; start them with torchrun "
+                        f"(it sets these), or unset WORLD_SIZE and RANK for one process")
 
 
 def shutdown() -> None:

@@ -19,9 +19,8 @@ import torch
 from . import guides
 from .compiled import Compiled
 from .data import Batch, batches_of
-from .guides import LocalFit, local_inference  # noqa: F401  (re-exported: held-out fits)
 from .objectives import log_weights
-from .rng import own_rng, seeded  # noqa: F401
+from .rng import own_rng
 
 Progress = Optional[Callable[[int], None]]  # called with the number of rows (or steps) done
 

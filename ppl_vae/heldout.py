@@ -1,6 +1,7 @@
 """Scoring a trained guide on held-out rows: the fixed evaluation pixels, the per-epoch
-validation ELBO, the gap curves over training (``GapTracker``), and ``evaluate_run``, which
-reloads a run folder, evaluates it and writes ``eval.json`` and its figures."""
+validation ELBO, the gap curves over training (``GapTracker``), and a trained run scored on
+its held-out split (``evaluate_trained``); the ``evaluate`` command, which writes the files,
+is ``evaluation.py``."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from . import data, guides, logs, plots
-from .errors import UserError, setting
+from . import data, guides
 from .evaluate import elbo_parts, evaluate_model, figure_arrays
-from .rundir import EVALUATION, read_json, training_pid, write_json
-from .tracking import open_tracker
 from .train import Callback, EpochMetrics, Loop
 
 EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
@@ -165,23 +163,8 @@ def read_gaps(path: Path) -> list:
 
 
 # ---------------------------------------------------------------------------------------
-# evaluating a run folder
+# a trained run on its held-out split
 # ---------------------------------------------------------------------------------------
-def _check_gaps(run_dir: Path) -> None:
-    """Refuse, before any work, a gaps.jsonl whose lines the gap figure could not read."""
-    path = run_dir / "gaps.jsonl"
-    if not path.is_file():
-        return
-    try:
-        rows = read_gaps(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}); delete it to evaluate "
-                        f"without the gap curves") from None
-    if not all(isinstance(r, dict) and {"epoch", "split"} <= set(r) for r in rows):
-        raise UserError(f"{path} is damaged (lines without epoch and split); delete it to "
-                        f"evaluate without the gap curves")
-
-
 class Evaluated(NamedTuple):
     results: dict
     arrays: dict
@@ -205,76 +188,3 @@ def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local:
     figs["shape"] = np.array(held_out.image_shape)  # (C, H, W), for the figures
     figs["classes"] = np.array(held_out.classes or (), dtype=str)
     return Evaluated(results, figs)
-
-
-def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
-                 proposal: str = "auto", local: Optional[bool] = None,
-                 test_size: Optional[int] = None, device: Optional[str] = None,
-                 progress: bool = True, log=logs.info, warn=logs.warning) -> dict:
-    """Evaluate the run in ``run_dir``; writes eval.json, arrays.npz and four PNG figures.
-
-    A run still training is evaluated at its newest checkpoint with a warning (``eval.json``
-    says which epoch; the run's end clears it). A finished run whose newest checkpoint is
-    unreadable is refused rather than scored at an older epoch than its summary.
-    """
-    from .run import load_trained
-
-    if proposal not in ("auto", "guide", "local"):
-        raise UserError(f"unknown proposal {proposal!r}; choose one of auto, guide, local")
-    if split not in ("test", "valid"):
-        raise UserError(f"unknown split {split!r}; choose test or valid")
-    if test_size is not None and test_size <= 0:
-        raise UserError(f"{setting('test_size')} must be positive")
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file, not a run folder; pass the out folder of a "
-                        f"`ppl-vae train` run")
-    _check_gaps(run_dir)
-    finished = (run_dir / "summary.json").exists()
-    trained = load_trained(run_dir, device, test_size, fallback=not finished, warn=warn)
-    pid = training_pid(run_dir)
-    if pid is not None or not finished:
-        warn(f"warning: {run_dir} is still training (pid {pid})" if pid is not None else
-             f"warning: {run_dir} has not finished training")
-        warn(f"warning: evaluating its checkpoint after epoch {len(trained.history)}")
-    if finished:
-        summary = read_json(run_dir / "summary.json", "train the run again")
-        if summary.get("epochs") != len(trained.history):
-            raise UserError(f"{run_dir}: summary.json is for epoch {summary.get('epochs')} but "
-                            f"the readable checkpoint is after epoch {len(trained.history)}")
-    fitted = guides.local_parameters(trained.guide)
-    if local is None:
-        local = bool(fitted) or proposal == "local"
-    if proposal == "local" and not local:
-        raise UserError(f"{setting('proposal')} local needs the local fit; drop the no_ "
-                        f"form of {setting('local')}")
-    if proposal == "guide" and fitted:
-        raise UserError(f"the {trained.config.guide} guide has no parameters for held-out "
-                        f"rows; use {setting('proposal')} local")
-    results, arrays = evaluate_trained(trained, num_particles, proposal=proposal, local=local,
-                                       split=split, progress=progress)
-    if results is None:  # another torchrun process: rank 0 writes the files
-        return {}
-    results.update(guide=trained.config.guide, dataset=trained.config.dataset,
-                   binarize=trained.config.binarize, epochs=len(trained.history),
-                   finished=finished and pid is None, checkpoint=trained.checkpoint,
-                   device=str(trained.device))
-    for name in EVALUATION:  # a previous evaluation's files are replaced as one set
-        (run_dir / name).unlink(missing_ok=True)
-    np.savez_compressed(run_dir / "arrays.npz", **arrays)
-    history = [m._asdict() for m in trained.history]
-    figs = plots.run_figures(run_dir, run_dir / "arrays.npz", arrays["labels"],
-                             trained.config.guide, history)
-    tracker = open_tracker(run_dir, trained.config.tensorboard)
-    if tracker is not None:  # the figures and numbers as TensorBoard sees them
-        tracker.figures(figs, step=len(trained.history))
-        tracker.scalars(results, step=len(trained.history), prefix=f"eval_{split}/")
-        tracker.close()
-    # the required key names say "test" whatever the split; eval.json's "split" says which
-    write_json(run_dir / "eval.json", results)
-    log(f"log p(x) {results['test_log_px']:.2f} ± {results['log_px_stderr']:.2f} "
-        f"(K={num_particles}, {results['num_rows']} {split} rows), ELBO {results['test_elbo']:.2f}, "
-        f"rate {results['rate']:.2f}, distortion {results['distortion']:.2f}, "
-        f"active units {results['active_units']}, {results['seconds']:.0f} s")
-    log("wrote " + ", ".join(str(p) for p in [run_dir / "eval.json", *figs]))
-    return results

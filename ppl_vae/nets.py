@@ -114,19 +114,3 @@ class ConvDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.head(z.reshape(-1, self.latent_dim)).reshape(-1, *self.start)
         return self.deconv(h).reshape(*z.shape[:-1], self.out_dim)
-
-
-def make_encoder(kind: str, shape, hidden: Sequence[int], latent_dim: int) -> nn.Module:
-    """``mlp``: ``Encoder`` on the flattened pixels; ``conv``: ``ConvEncoder`` on (C, H, W)."""
-    if kind == "conv":
-        return ConvEncoder(shape, hidden, latent_dim)
-    c, h, w = shape
-    return Encoder(c * h * w, hidden, latent_dim)
-
-
-def make_decoder(kind: str, latent_dim: int, hidden: Sequence[int], shape) -> nn.Module:
-    """``mlp``: ``Decoder`` to the flattened pixels; ``conv``: ``ConvDecoder`` to (C, H, W)."""
-    if kind == "conv":
-        return ConvDecoder(latent_dim, hidden, shape)
-    c, h, w = shape
-    return Decoder(latent_dim, hidden, c * h * w)

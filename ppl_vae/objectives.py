@@ -11,6 +11,9 @@ and datapoint, shape [K, B], *unscaled* by the subsample factor N / B. From it:
 
 An objective is a callable ``(model, guide, batch) -> loss``: a scalar to minimize, scaled to
 the whole dataset (N / B times the batch sum), like Pyro's ``Trace_ELBO().differentiable_loss``.
+One whose ``weights_kl`` is True (our ELBOs) also takes ``beta=`` (a number or a 0-d tensor),
+the KL weight of that step: ``train.fit`` hands it every step when a run sets ``beta`` or a
+warm-up, and refuses both for an objective without it (``takes_beta``; IWAE, Pyro's ELBOs).
 An objective may also answer ``value_and_grad(model, guide, batch, params, scale, check)``
 with the loss, its gradients and a non-finite flag computed its own way (``Compiled`` does, as
 one graph); the training step asks for it and otherwise calls ``loss.backward()``.
@@ -35,7 +38,7 @@ from pyro.poutine.util import site_is_subsample
 from .data import Batch
 from .errors import UserError, setting
 
-Objective = Callable[[torch.nn.Module, torch.nn.Module, Batch], torch.Tensor]
+Objective = Callable[..., torch.Tensor]  # (model, guide, batch[, beta=]) -> loss, see above
 
 
 class _ModuleParams(Messenger):
@@ -151,6 +154,13 @@ def _check_sites(trace: poutine.Trace, shape, who: str) -> None:
                 f"vector (AutoDiagonalNormal, AutoMultivariateNormal) do not")
 
 
+def unguided_sites(model, guide, batch: Batch) -> list:
+    """Latent sites of the model that the guide does not sample (the model would draw them
+    from the prior: an ELBO of the wrong program, silently)."""
+    model_tr, guide_tr = traces(model, guide, batch, 1)
+    return [name for name, _ in _latent_sites(model_tr) if name not in guide_tr.nodes]
+
+
 def log_weights(model, guide, batch: Batch, num_particles: int = 1) -> LogWeights:
     """log p(x, z_k) - log q(z_k | x) as its parts, each [K, B], from the traces themselves."""
     model_tr, guide_tr = traces(model, guide, batch, num_particles)
@@ -178,6 +188,8 @@ def _scale(batch: Batch) -> float:
 class _Bound:
     """An objective from a per-datapoint bound: loss = -(N / B) * sum over the batch."""
 
+    weights_kl = False  # whether a call takes ``beta=``, the KL weight (warm-up, beta-VAE)
+
     def per_datapoint(self, model, guide, batch: Batch, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
@@ -197,6 +209,7 @@ class ELBO(_Bound):
 
     num_particles: int = 1
     beta: float = 1.0
+    weights_kl = True
 
     def per_datapoint(self, model, guide, batch: Batch, beta=None) -> torch.Tensor:
         beta = self.beta if beta is None else beta
@@ -279,3 +292,61 @@ def _stop_params(fn, name: str):
                          f"{setting('dreg')}")
     out = dist.Normal(base.loc.detach(), base.scale.detach())
     return out.to_event(reinterpreted) if reinterpreted else out
+
+
+class PyroObjective:
+    """One of Pyro's ELBO classes as an objective: ``--objective Trace_ELBO``.
+
+    The loss is Pyro's ``differentiable_loss(model, guide, batch)`` (``Trace_ELBO``,
+    ``TraceMeanField_ELBO``, ``TraceEnum_ELBO``, ...) or, for ``TraceGraph_ELBO``, which has
+    none, its surrogate loss with the value of -ELBO. Both are scaled to the whole dataset by
+    the model's subsampled plate, as our objectives are, so the numbers are comparable. Pyro's
+    classes have no KL weight: ``beta`` and warm-up are refused for them (``weights_kl``).
+    ``RenyiELBO`` is refused: it takes its logsumexp over log-densities already scaled by
+    N / B, which is not a bound of log p(x) under minibatches (``IWAE`` computes it right).
+    """
+
+    weights_kl = False
+
+    def __init__(self, elbo):
+        if not (hasattr(elbo, "differentiable_loss")
+                or hasattr(elbo, "_loss_and_surrogate_loss")):
+            name = type(elbo).__name__
+            why = (" it takes its logsumexp over log-densities already scaled by the "
+                   "subsample factor N / B, so under minibatches it bounds nothing; use "
+                   f"{setting('objective')} iwae, the same bound computed on unscaled weights"
+                   if name == "RenyiELBO" else "")
+            raise UserError(f"Pyro's {name} gives no differentiable loss, so it cannot train "
+                            f"here;{why or ' use Trace_ELBO, TraceMeanField_ELBO or elbo'}")
+        self.elbo = elbo
+
+    def __repr__(self) -> str:
+        return f"PyroObjective({type(self.elbo).__name__}(num_particles={self.elbo.num_particles}))"
+
+    def __call__(self, model, guide, batch: Batch, **kwargs) -> torch.Tensor:
+        if kwargs:
+            raise UserError(f"Pyro's {type(self.elbo).__name__} takes no {', '.join(kwargs)}; "
+                            f"drop {setting('beta')} and {setting('warmup_epochs')} or use "
+                            f"{setting('objective')} elbo")
+        with _ModuleParams():
+            if hasattr(self.elbo, "differentiable_loss"):
+                return self.elbo.differentiable_loss(model, guide, batch)
+            elbo, surrogate = self.elbo._loss_and_surrogate_loss(model, guide, (batch,), {})
+            return surrogate + (-elbo - surrogate).detach()  # value -ELBO, gradient Pyro's
+
+
+def pyro_objective(piece):
+    """``piece`` as an objective: Pyro's ELBO instances are wrapped, others pass."""
+    from pyro.infer.elbo import ELBO as PyroELBO
+    return PyroObjective(piece) if isinstance(piece, PyroELBO) else piece
+
+
+def takes_beta(objective) -> bool:
+    """Whether an objective (a class, an instance or a bound method) takes ``beta=``, a KL
+    weight: it says so in ``weights_kl``; Pyro's ELBO classes do not; another callable is
+    given it."""
+    from pyro.infer.elbo import ELBO as PyroELBO
+    owner = getattr(objective, "__self__", objective)
+    if isinstance(owner, PyroELBO) or (isinstance(owner, type) and issubclass(owner, PyroELBO)):
+        return False
+    return getattr(objective, "weights_kl", True)

@@ -8,6 +8,8 @@ written is ``rundir``'s business; scoring on held-out rows is ``heldout``'s.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import resource
@@ -18,24 +20,25 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import checkpoint, data, distributed, guides, logs
-from .config import Config, build_guide, build_model, build_objective, lr_factor, resolve_device
+from . import checkpoint, data, distributed, guides, logs, memory
+from .config import (OBJECTIVES, RESUMABLE, Config, build_guide, build_model,
+                     build_objective, code_names, lr_factor, require_consent, resolve_device)
 from .errors import UserError, setting
+from .compiled import compiled_run
 from .evaluate import Estimate
-from .heldout import (EVAL_SEED, GapTracker, Validator, eval_pixels, train_pixels,  # noqa: F401
-                      held_out_elbo)
+from .heldout import (GapTracker, Validator, eval_pixels, held_out_elbo, read_gaps,
+                      train_pixels)
+from .objectives import unguided_sites
 from .optim import make_optimizers
-from .rundir import RunDir, drop_stale_evaluation, write_config, write_json
+from .rundir import RunDir, check_out, drop_stale_evaluation, write_config, write_json
+from .rng import seeded
 from .tracking import open_tracker
-from .train import EpochMetrics, Interrupted, LRSchedule, Position, fit, kl_warmup
+from .train import (DivergenceError, EpochMetrics, Interrupted, LRSchedule, Position, StepBudget, fit,
+                    kl_warmup)
 
-# settings a resumed run must share with its checkpoint (epochs, lr, local_lr, max_seconds,
-# test_size, on_divergence, compile, device and the gap epochs may change, and are recorded)
-RESUME_FIXED = ("dataset", "data_dir", "valid_fraction", "test_fraction", "net", "latent_dim", "hidden", "activation", "likelihood",
-                "prior", "guide", "train_size", "valid_size", "binarize", "batch_size", "seed",
-                "objective", "num_particles", "dreg", "local_init", "beta", "warmup_epochs",
-                "adam_eps", "lr_schedule", "inner_steps", "refine_steps", "refine_lr",
-                "refine_stop_gradient", "track_gaps", "gap_rows", "gap_particles")
+# settings a resumed run must share with its checkpoint: every setting but the few that may
+# change (config.RESUMABLE), which are recorded in config.json's resumes
+RESUME_FIXED = tuple(f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE)
 
 
 REQUIRED = ("config", "model", "guide", "optimizers", "history", "rng", "binarize_rng")
@@ -74,6 +77,7 @@ class Summary:
     binarize: str
     memory: dict = field(default_factory=dict)
     gap_tracking_seconds: Optional[float] = None
+    compiled: bool = False  # the step ran compiled (compiled.choose; a failed compile warns)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -96,13 +100,37 @@ def check_sizes(config: Config, splits: data.Splits) -> None:
     n, dim = len(splits.train), splits.train.x.shape[1]
     if n < config.batch_size:
         raise UserError(f"{n} training rows are fewer than {setting('batch_size')} "
-                        f"{config.batch_size}; use a batch size of {max(1, n // 4)} or give "
+                        f"{config.batch_size}; use a batch size of at most {n} or give "
                         f"more rows")
     if config.guide == "meanfield" and config.local_init == "pca" and \
             min(n, dim) < config.latent_dim + 10:
         raise UserError(f"{setting('local_init')} pca needs at least latent_dim + 10 = "
                         f"{config.latent_dim + 10} training rows and pixels, the data have {n} "
-                        f"rows of {dim}; use a smaller {setting('latent_dim')} or local_init prior")
+                        f"rows of {dim}; use a smaller {setting('latent_dim')} or "
+                        f"{setting('local_init')} prior")
+
+
+def resumed_config(out, given: dict, trust_code: bool = False) -> Config:
+    """What ``--resume`` continues: the run's own settings (its checkpoint's) with the
+    settings ``given`` on this command laid over them, so a resume needs only what it
+    changes (``--epochs``, ``--lr``, ...). The device is the one given, else ``auto``. Code
+    that only the checkpoint names needs ``trust_code``; without a readable checkpoint the
+    settings given are taken as they are (and the resume is refused later, with its reason).
+    """
+    own = Config().replace(**given)
+    try:
+        state = checkpoint.load(check_out(out), warn=lambda _m: None, required=REQUIRED)
+    except UserError:
+        state = None
+    if state is None:
+        return own.validate()
+    saved = Config.from_dict(state["config"])
+    require_consent(saved, Path(out) / state["file"], given=own, trust_code=trust_code)
+    try:
+        resolve_device(saved.device)
+    except UserError:  # a GPU run resumed where there is none
+        saved = saved.replace(device="auto")
+    return saved.replace(**given).validate()
 
 
 def check_compatible(saved: Config, config: Config) -> dict:
@@ -118,16 +146,18 @@ def check_compatible(saved: Config, config: Config) -> dict:
 
 def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
               resume: bool = False, progress: bool = True,
-              log: Callable[[str], None] = logs.info) -> dict:
+              log: Callable[[str], None] = logs.info, trust_code: bool = False) -> dict:
     """Train per ``config``, write the run's files into ``out`` and return the summary
-    (under torchrun: rank 0 scores and writes it; the other processes return None)."""
-    trained = fit_run(config, out, overwrite, resume, progress, log)
+    (under torchrun: rank 0 scores and writes it; the other processes return None).
+    ``trust_code``: a resumed checkpoint may name code (``module:Class``) that ``config``
+    does not (see ``config.require_consent``)."""
+    trained = fit_run(config, out, overwrite, resume, progress, log, trust_code)
     return finish(trained, out, log) if distributed.current().main else None
 
 
 def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
             resume: bool = False, progress: bool = True,
-            log: Callable[[str], None] = logs.info) -> Trained:
+            log: Callable[[str], None] = logs.info, trust_code: bool = False) -> Trained:
     """Train per ``config`` (writing config, metrics and checkpoints when ``out`` is given).
 
     Everything that can be refused is refused before anything is written: the settings, the
@@ -138,14 +168,20 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     world = distributed.current()
     setup, error = None, None
     try:
-        setup = _setup(config, out, overwrite, resume, world, log)
+        setup = _setup(config, out, overwrite, resume, world, log, trust_code)
     except UserError as e:
         error = e
     distributed.refuse_unless_all(error, world)
-    return _train(setup, config, world, progress, log)
+    try:
+        return _train(setup, setup.config, world, progress, log)
+    except BaseException:  # Ctrl-C before the loop took it over: no lock or staging left
+        if setup.folder is not None:
+            setup.folder.close()
+        raise
 
 
 class _Setup(NamedTuple):
+    config: Config  # as resolved: a resume that only finishes the scoring trains no epoch
     device: torch.device
     folder: Optional[RunDir]
     splits: data.Splits
@@ -156,45 +192,57 @@ class _Setup(NamedTuple):
     guide: torch.nn.Module
     optimizers: object
     validator: Validator
+    objective: object
     history: list
     position: Optional[Position]
     resumes: list
 
 
 def _setup(config: Config, out, overwrite: bool, resume: bool, world: distributed.World,
-           log) -> _Setup:
+           log, trust_code: bool = False) -> _Setup:
     config.validate()
-    device = distributed.device_of(world, config.device) or resolve_device(config.device)
+    device = resolve_device(config.device, world)
     if world.size > 1:
         _check_distributed(config)
     folder = RunDir(out, overwrite, resume) if out is not None and world.main else None
     splits = load_splits(config, device)
     dim, n = splits.train.x.shape[1], len(splits.train)
+    memory.check(config, dim, n, device)
     shards = data.Shards(n, world.size, config.batch_size)
     binarize = data.Binarize(config.binarize, torch.Generator().manual_seed(
         distributed.rank_seed(config.seed + 3, world)))
     train_split = binarize.prepare(splits.train, config.seed)
-    model = build_model(config, dim, splits.shape).to(device)
-    guide = build_guide(config, dim, n, None if resume else splits.train.x, model=model,
-                        shape=splits.shape, rank=world.rank, world_size=world.size).to(device)
-    model.likelihood.check(train_split.x if config.binarize == "none"
-                           else torch.bernoulli(train_split.x[:100]))
+    with pieces_of(config):
+        model = build_model(config, dim, splits.shape).to(device)
+        guide = _to(build_guide(config, dim, n, None if resume else splits.train.x,
+                                model=model, shape=splits.shape, rank=world.rank,
+                                world_size=world.size), device)
+        model.likelihood.check(train_split.x if config.binarize == "none"
+                               else torch.bernoulli(train_split.x[:100]))
+        objective = build_objective(config)
+        probe(config, model, guide, train_split)
     history, position, resumes, state = [], None, [], None
     torch.manual_seed(distributed.rank_seed(config.seed + 2, world))
     if resume:
         final = folder.final if folder is not None else Path(out)
         state = checkpoint.load(final, warn=log, required=REQUIRED, mmap=world.size > 1)
         saved = Config.from_dict(state["config"])
+        require_consent(saved, final / state["file"], given=config, trust_code=trust_code)
         saved.replace(device=config.device).validate()  # its device need not exist here
         distributed.check_world_size(int(state.get("world_size", 1)), world, final)
         changed = check_compatible(saved, config)
         history = [EpochMetrics(**m) for m in state["history"]]
         if state.get("position") is None and len(history) >= config.epochs:
-            raise UserError(f"{final} already has {len(history)} epochs; to continue, "
-                            f"ask for more with {setting('epochs')}")
+            if (final / "summary.json").exists():
+                raise UserError(f"{final} already has {len(history)} epochs; to continue, "
+                                f"ask for more with {setting('epochs')}")
+            # all epochs trained, the final scoring interrupted: score it, train nothing
+            log(f"{final} has trained its {len(history)} epochs but was not scored "
+                f"(interrupted): scoring it now")
+            config = config.replace(epochs=len(history))
         _restore_networks(state, model, guide)
         position = Position(**state["position"]) if state.get("position") else None
-        resumes = _previous_resumes(final)
+        resumes = _previous_resumes(state, final, log)
         if changed:
             resumes.append({"after_epoch": len(history), "changed": changed})
         log(f"resuming {final} after epoch {len(history)}"
@@ -211,8 +259,69 @@ def _setup(config: Config, out, overwrite: bool, resume: bool, world: distribute
         checkpoint.set_rng_state(ranks[world.rank] if ranks else state["rng"])
         ranks = state.get("binarize_rng_ranks")
         binarize.generator.set_state(ranks[world.rank] if ranks else state["binarize_rng"])
-    return _Setup(device, folder, splits, train_split, shards, binarize, model, guide,
-                  optimizers, validator, history, position, resumes)
+    if folder is not None:
+        folder.create()  # the lock, last: a live writer is refused before anything is written
+    return _Setup(config, device, folder, splits, train_split, shards, binarize, model, guide,
+                  optimizers, validator, objective, history, position, resumes)
+
+
+ROLES = {  # what each kind of piece must be, for the message that refuses a user's piece
+    "guide": "a Pyro program guide(batch) (an nn.Module or a function) that samples site 'z' "
+             "inside the 'data' plate (ppl_vae.model.data_plate)",
+    "likelihood": "an nn.Module: likelihood(decoder output) -> a Distribution whose event is "
+                  "one image, with check(x)",
+    "prior": "an nn.Module: prior() -> a Distribution over z with event shape [latent_dim]",
+    "objective": "a callable objective(model, guide, batch) -> a scalar loss",
+    "net": "an nn.Module built by from_config(config, shape=, role=)",
+    "activation": "an nn.Module class such as torch.nn.ReLU",
+    "lr_schedule": "a function epoch -> learning-rate factor (a number)",
+}
+
+
+@contextlib.contextmanager
+def pieces_of(config: Config):
+    """Turn a failure of a user's own piece (``module:Class``) while it is built and probed
+    into one line naming the pieces and what each must be; built-ins keep their traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        names = code_names(config)
+        if not names:
+            raise
+        what = "; ".join(f"{setting(f)} {n} must be {ROLES[f]}" for f, n in names.items())
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"your own piece failed on a probe batch of 2 training rows "
+                        f"({type(e).__name__}: {first}); {what}") from None
+
+
+def probe(config: Config, model, guide, train: data.Split) -> None:
+    """Run a user's pieces once on 2 training rows, on their own random stream, before any
+    folder is made: a piece of the wrong shape fails here, and a lazy one (Pyro's autoguides)
+    makes its parameters, so a checkpoint's state can be loaded into it. Built-ins skip it."""
+    if not code_names(config):
+        return
+    factor = lr_factor(config)
+    if factor is not None and not isinstance(factor(0), (int, float)):
+        raise TypeError(f"the schedule gave {type(factor(0)).__name__} for epoch 0, not a number")
+    x = train.x[:2]
+    batch = data.Batch(x if config.binarize == "none" else torch.bernoulli(x),
+                       torch.arange(len(x), device=x.device), len(train))
+    with seeded(config.seed + 5, x.device):  # the objective as written, never compiled
+        missing = unguided_sites(model, guide, batch)
+        if missing:
+            raise TypeError(f"the guide samples no site {', '.join(map(repr, missing))} of "
+                            f"the model")
+        loss = guides.training_loss(guide, OBJECTIVES.build(config), model, batch)
+    if not (torch.is_tensor(loss) and loss.dim() == 0):
+        raise TypeError(f"the objective gave {type(loss).__name__} "
+                        f"{tuple(getattr(loss, 'shape', ()))}, not a scalar tensor")
+
+
+def _to(piece, device):
+    """``piece.to(device)`` for a module; a plain Pyro program has no ``to``."""
+    return piece.to(device) if hasattr(piece, "to") else piece
 
 
 def _check_distributed(config: Config) -> None:
@@ -226,15 +335,14 @@ def _check_distributed(config: Config) -> None:
 
 
 def _train(setup: _Setup, config: Config, world: distributed.World, progress, log) -> Trained:
-    (device, folder, splits, train_split, shards, binarize, model, guide, optimizers,
-     validator, history, position, resumes) = setup
+    (_, device, folder, splits, train_split, shards, binarize, model, guide, optimizers,
+     validator, objective, history, position, resumes) = setup
     n = len(splits.train)
     if folder is not None:
-        folder.create()
         write_config(folder.file("config.json"), config.to_dict(), str(device), resumes,
                      splits.describe(), world_size=world.size)
         _write_metrics(folder.file("metrics.jsonl"), history)
-    tracker_tb = open_tracker(folder.path if folder is not None else None, config.tensorboard)
+    tracker_tb = None  # opened at the first epoch's end, in the folder as committed
 
     def save(done: list, position: Optional[Position] = None) -> None:
         if folder is None and world.size == 1:
@@ -249,14 +357,15 @@ def _train(setup: _Setup, config: Config, world: distributed.World, progress, lo
             "optimizers": opt_states, "valid_guide": validator.state_dict(),
             "history": [m._asdict() for m in done],
             "position": position._asdict() if position is not None else None,
-            "rng": rng, "binarize_rng": noise, "world_size": world.size}
+            "rng": rng, "binarize_rng": noise, "world_size": world.size, "resumes": resumes}
         if ranks is not None:
             state["rng_ranks"] = [r for r, _ in ranks]
             state["binarize_rng_ranks"] = [b for _, b in ranks]
         checkpoint.save(state, folder.path)
         if setup_resumed and len(done) == len(history) + 1:
             folder.clear_results()  # the old summary and evaluation no longer hold
-        folder.commit()
+        if len(done) > len(history):  # a finished epoch replaces an old run, an interrupted
+            folder.commit()          # first epoch does not
 
     def on_epoch(metrics: EpochMetrics) -> None:
         # the checkpoint first: every epoch metrics.jsonl shows is saved (a kill in between
@@ -266,6 +375,9 @@ def _train(setup: _Setup, config: Config, world: distributed.World, progress, lo
         if folder is not None:
             with open(folder.file("metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics._asdict()) + "\n")
+        nonlocal tracker_tb
+        if tracker_tb is None and folder is not None:
+            tracker_tb = open_tracker(folder.path, config.tensorboard)
         if tracker_tb is not None:
             tracker_tb.epoch(metrics)
 
@@ -278,32 +390,43 @@ def _train(setup: _Setup, config: Config, world: distributed.World, progress, lo
         callbacks.append(tracker)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # the KL weight is handed to the objective every step (a constant beta too, so that the
-    # metrics record what a compiled objective used)
-    beta = (kl_warmup(config.beta, config.warmup_epochs, shards.steps)
-            if config.warmup_epochs or config.beta != 1.0 else None)
-    failed = True
     try:
-        history = fit(model, guide, build_objective(config), train_split, optimizers,
-                      config.epochs, config.batch_size, binarize, seed=config.seed, beta=beta,
-                      max_seconds=config.max_seconds,
+        history = fit(model, guide, objective, train_split, optimizers, config.epochs,
+                      config.batch_size, binarize, seed=config.seed, beta=config.beta,
+                      warmup_epochs=config.warmup_epochs, max_seconds=config.max_seconds,
                       validate=validator if world.main else None, on_epoch=on_epoch,
                       progress=progress if world.main else False, history=history,
                       position=position, on_divergence=config.on_divergence,
                       callbacks=callbacks, log=log, shards=shards, rank=world.rank,
                       ctrl_c=world.size == 1)
-        failed = False
     except Interrupted as e:
-        save(done, e.position)
-        failed = False
+        if folder is not None and folder.staged and len(done) == len(history):
+            e.kept = (f"the new run had not finished an epoch: {folder.final} is left as it "
+                      f"was")  # the staged attempt is dropped by close()
+        else:
+            save(done, e.position)
+        raise
+    except DivergenceError as e:
+        e.kept = _what_is_kept(folder, done, history)
         raise
     finally:
         if tracker_tb is not None:
             tracker_tb.close()
         if folder is not None:
-            folder.close(failed=failed and not done)
+            folder.close()
     return Trained(config, model, guide, splits, history, device,
                    gap_seconds=tracker.seconds if tracker is not None else None)
+
+
+def _what_is_kept(folder: Optional[RunDir], done: list, history: list) -> str:
+    """What a run that stops on an error leaves, in words."""
+    if folder is None:
+        return "nothing was written"
+    if folder.staged:
+        return f"the new run had not finished an epoch: {folder.final} is left as it was"
+    if len(done) > 0:
+        return f"the checkpoint after epoch {len(done)} is kept"
+    return "no epoch finished, so no checkpoint was written"
 
 
 def _restore_networks(state, model, guide) -> None:
@@ -334,16 +457,27 @@ def _restore_optimizers(state, optimizers, validator, config, world, num_data) -
                 group["base_lr"] = lr
 
 
-def _previous_resumes(out: Path) -> list:
+def _previous_resumes(state: dict, out: Path, log) -> list:
+    """The record of earlier resumes: the checkpoint's copy, else (a checkpoint written before
+    it kept one) config.json's; a damaged config.json is said, not silently dropped."""
+    if isinstance(state.get("resumes"), list):
+        return list(state["resumes"])
     try:
         return list(json.loads((out / "config.json").read_text()).get("resumes", []))
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        log(f"warning: {out / 'config.json'} is unreadable ({type(e).__name__}); the record "
+            f"of earlier resumes in it is lost and a new config.json is written")
         return []
 
 
 def _schedules(config: Config, optimizers) -> list:
     factor = lr_factor(config)
-    return [LRSchedule(optimizers, factor)] if factor is not None else []
+    callbacks = [LRSchedule(optimizers, factor)] if factor is not None else []
+    if config.max_steps is not None:
+        callbacks.append(StepBudget(config.max_steps))
+    return callbacks
 
 
 def _gap_tracker(config: Config, model, guide, splits: data.Splits, n: int,
@@ -395,15 +529,20 @@ def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = l
         final_valid_elbo=history[-1].valid_elbo if history else math.nan,
         guide=trained.config.guide, dataset=trained.config.dataset,
         binarize=trained.config.binarize, memory=memory_summary(trained),
-        gap_tracking_seconds=trained.gap_seconds)
+        gap_tracking_seconds=trained.gap_seconds, compiled=compiled_run(
+            trained.config, trained.guide, len(trained.splits.train)))
     log(f"test ELBO {test.mean:.2f} +- {test.stderr:.2f} nats ({len(history)} epochs, "
         f"{summary.seconds_per_epoch:.1f} s/epoch)")
-    _warn_if_absurd(summary, log)
+    _warn_if_absurd(summary, trained.config.lr, log)
     if out is not None:
         if drop_stale_evaluation(Path(out), len(history)):
             log(f"removed an evaluation of an earlier epoch from {out}; run `ppl-vae "
                 f"evaluate {out}` again")
         write_json(Path(out) / "summary.json", summary.to_json())
+        if (Path(out) / "gaps.jsonl").exists():  # the gap curves' figure, as --help promises
+            from . import plots
+            plots.gap_curves({trained.config.guide: read_gaps(Path(out) / "gaps.jsonl")},
+                             Path(out) / "gaps.png")
         tracker = open_tracker(out, trained.config.tensorboard)
         if tracker is not None:
             tracker.hparams(trained.config.to_dict(), {
@@ -413,16 +552,20 @@ def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = l
     return summary.to_json()
 
 
-def _warn_if_absurd(summary: Summary, log) -> None:
+def _warn_if_absurd(summary: Summary, lr: float, log) -> None:
     """A finite but absurd ELBO (a rate far too high) deserves a word, not silence."""
     if not math.isfinite(summary.test_elbo) or summary.test_elbo < -1e5:
         log(f"warning: the test ELBO {summary.test_elbo:.3g} is absurd: training went astray; "
-            f"try a smaller {setting('lr')}")
+            f"try a smaller learning rate (--lr; it was {lr:g})")
 
 
 def load_trained(run_dir: Path, device: Optional[str] = None, test_size: Optional[int] = None,
-                 fallback: bool = True, warn=logs.warning) -> Trained:
-    """The model and guide of the newest checkpoint in ``run_dir``, with its data splits."""
+                 fallback: bool = True, warn=logs.warning, trust_code: bool = False,
+                 given: Optional[Config] = None) -> Trained:
+    """The model and guide of the newest checkpoint in ``run_dir``, with its data splits.
+
+    Code the checkpoint names (``module:Class``) is imported only with ``trust_code`` or when
+    ``given`` (the caller's own settings) names the same (``config.require_consent``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; pass the out folder of a "
@@ -432,15 +575,18 @@ def load_trained(run_dir: Path, device: Optional[str] = None, test_size: Optiona
         raise UserError(f"{run_dir} has no checkpoint; train into it first with "
                         f"`ppl-vae train --out {run_dir}`")
     config = Config.from_dict(state["config"])
+    require_consent(config, run_dir / state["file"], given=given, trust_code=trust_code)
     if test_size is not None:
         config = config.replace(test_size=test_size)
     config = config.replace(device=device or config.device).validate()
-    dev = (distributed.device_of(distributed.current(), config.device)  # torchrun: own GPU
-           or resolve_device(config.device))
+    dev = resolve_device(config.device, distributed.current())  # torchrun: its own GPU
     splits = load_splits(config, dev)
     dim = splits.train.x.shape[1]
-    model = build_model(config, dim, splits.shape).to(dev)
-    guide = build_guide(config, dim, len(splits.train), model=model, shape=splits.shape).to(dev)
+    with pieces_of(config):
+        model = build_model(config, dim, splits.shape).to(dev)
+        guide = _to(build_guide(config, dim, len(splits.train), model=model,
+                                shape=splits.shape), dev)
+        probe(config, model, guide, splits.train)  # a lazy guide makes its parameters
     try:
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])

@@ -20,6 +20,8 @@ import torch
 
 from . import guides, logs
 from .data import Batch, Binarize, Shards, Split
+from .errors import UserError
+from .objectives import takes_beta
 from .optim import Optimizers, restore_rows, save_rows
 
 # (epoch [0-based], step within the epoch) -> beta, the KL weight of that step
@@ -38,6 +40,8 @@ class EpochMetrics(NamedTuple):
 
 class DivergenceError(RuntimeError):
     """A non-finite loss or gradient: the step was stopped before it touched the parameters."""
+
+    kept: Optional[str] = None  # what the run left, in words (set by the pipeline)
 
 
 class Position(NamedTuple):
@@ -58,6 +62,7 @@ class Interrupted(Exception):
     def __init__(self, position: Position):
         super().__init__(f"interrupted at epoch {position.epoch + 1}, step {position.step}")
         self.position = position
+        self.kept: Optional[str] = None  # what was kept, when not the checkpoint to resume
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,7 +123,8 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
     Without ``guard``, ``bad`` is None.
 
     An objective with ``value_and_grad`` (``Compiled``) computes the loss, the networks'
-    gradients and the guard's check in one graph; others are differentiated with autograd.
+    gradients, the gradients of a table's batch rows and the guard's check in one graph (the
+    inner updates in a second one); others are differentiated with autograd.
 
     Under torchrun (``optimizers.sync``) every process's loss is divided by the world size
     and the networks' gradients are summed over processes, with the flag in the same
@@ -140,11 +146,22 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
                 restore_rows(optimizers.local, table, rows, kept)
             raise DivergenceError("non-finite loss or gradient; the step was not applied")
 
+    graph = _graph(objective, guide, tables)
+
+    def compiled(params):  # the step's compiled graph (a ``Step``), or None: autograd
+        if graph is None:
+            return None
+        return graph(model, guide, batch, params, scale=scale, check=guard, **kwargs)
+
     for _ in range(optimizers.inner_steps if tables else 0):
-        loss = guides.training_loss(guide, objective, model, batch, **kwargs)
-        grads = torch.autograd.grad(loss * scale if sync is not None else loss, tables)
+        out = compiled([])
+        if out is not None:  # the rows' loss, gradients and the guard's check in one graph
+            loss, grads = out.loss, _row_grads(out.rows, tables, rows)
+        else:
+            loss = guides.training_loss(guide, objective, model, batch, **kwargs)
+            grads = torch.autograd.grad(loss * scale if sync is not None else loss, tables)
         if guard:
-            bad = _nonfinite(bad, loss, *grads)
+            bad = torch.maximum(bad, out.flag) if out is not None else _nonfinite(bad, loss, *grads)
             give_up()
         for table, grad in zip(tables, grads):
             table.grad = grad
@@ -154,15 +171,15 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
         table.grad = None
     optimizers.zero_grad()
     params = optimizers.networks()
-    value_and_grad = getattr(objective, "value_and_grad", None) if not tables else None
-    out = (value_and_grad(model, guide, batch, params, scale=scale, check=guard, **kwargs)
-           if value_and_grad is not None else None)
+    out = compiled(params)
     if out is not None:  # forward, backward and the guard's check in one compiled graph
-        loss, flag, grads = out
-        for p, grad in zip(params, grads):
+        loss = out.loss
+        for p, grad in zip(params, out.grads):
             p.grad = grad
+        for table, grad in zip(tables, _row_grads(out.rows, tables, rows)):
+            table.grad = grad
         if guard:
-            bad = torch.maximum(bad, flag)
+            bad = torch.maximum(bad, out.flag)
     else:
         loss = guides.training_loss(guide, objective, model, batch, **kwargs)
         (loss * scale if sync is not None else loss).backward()
@@ -178,6 +195,24 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
     for table, kept in zip(tables, saved or ()):
         restore_rows(optimizers.local, table, rows, kept, where=bad)
     return loss.detach(), bad
+
+
+def _graph(objective, guide, tables: Sequence[torch.Tensor]):
+    """The objective's ``value_and_grad`` (a compiled step), when it has one and the tables
+    the optimizers update are the guide's own (the rows the graph differentiates)."""
+    value_and_grad = getattr(objective, "value_and_grad", None)
+    if value_and_grad is None or [id(t) for t in guides.local_parameters(guide)] != \
+            [id(t) for t in tables]:
+        return None
+    return value_and_grad
+
+
+def _row_grads(grads: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
+               rows: torch.Tensor) -> List[torch.Tensor]:
+    """The gradients of a table's batch rows ([B, width]) as the sparse table gradient that
+    ``F.embedding(sparse=True)`` would give (a row drawn twice: its gradients summed)."""
+    return [torch.sparse_coo_tensor(rows.unsqueeze(0), g, table.shape, check_invariants=False)
+            for g, table in zip(grads, tables)]
 
 
 def _grads(optimizers: Optimizers) -> List[torch.Tensor]:
@@ -444,6 +479,24 @@ class TimeBudget(Callback):
         return loop.wall >= self.seconds
 
 
+class StepBudget(Callback):
+    """Stops once the run has taken ``steps`` optimizer steps (mid-epoch: the partial epoch is
+    scored and recorded, as under ``TimeBudget``). A count, so two runs stop at the same step
+    however busy the machine; steps the divergence guard skipped count as taken."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        loop.stop = loop.stop or loop.steps >= self.steps  # a resumed run whose budget is spent
+
+    def after_step(self, loop: Loop) -> bool:
+        return loop.steps + loop.pending >= self.steps  # pending: taken, not yet read
+
+    def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
+        return loop.steps >= self.steps
+
+
 class LRSchedule(Callback):
     """Sets every learning rate to its base rate times ``factor(epoch)`` at each epoch's start."""
 
@@ -537,8 +590,7 @@ class ProgressBar(Callback):
 
 def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: int,
         batch_size: int, binarize: Binarize, seed: int = 0, start_epoch: Optional[int] = None,
-        warmup_epochs: int = 0,
-        beta: Optional[BetaSchedule] = None, max_seconds: Optional[float] = None,
+        warmup_epochs: int = 0, beta: float = 1.0, max_seconds: Optional[float] = None,
         validate: Optional[Callable[[], float]] = None,
         on_epoch: Optional[Callable[[EpochMetrics], None]] = None,
         progress: bool = True, history: Optional[List[EpochMetrics]] = None,
@@ -552,9 +604,11 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     ``objective`` is any ``(model, guide, batch, **kwargs) -> loss``. The data order of
     epoch e comes from a generator seeded with (seed, e), so two guides trained with the same
     seed see the same minibatches, and a resumed run sees the same order as an uninterrupted
-    one; ``position`` resumes inside an epoch. ``beta`` is a schedule of the KL weight handed
-    to the objective as ``beta=`` every step (``warmup_epochs`` builds the linear warm-up to
-    ``objective.beta``). ``validate()`` scores the model after every epoch; ``on_epoch``
+    one; ``position`` resumes inside an epoch. ``beta`` is the KL weight and
+    ``warmup_epochs`` a linear warm-up to it from 0 (``kl_warmup``); when either is not the
+    default the weight is handed to the objective as ``beta=`` every step, so the objective
+    must take it (``takes_beta``), and the metrics record it. ``validate()`` scores the model
+    after every epoch; ``on_epoch``
     (checkpointing, logging) runs after it; ``callbacks`` come after those.
 
     A non-finite loss or gradient never reaches the parameters: with ``on_divergence="stop"``
@@ -567,10 +621,14 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     """
     shards = shards or Shards(len(train), 1, batch_size)
     steps_per_epoch = shards.steps
-    default_beta = getattr(objective, "beta", 1.0)
-    if warmup_epochs and beta is None:
-        beta = kl_warmup(default_beta, warmup_epochs, steps_per_epoch)
-    state = Loop(len(train), steps_per_epoch, history or (), position, default_beta, start_epoch)
+    schedule = None
+    if warmup_epochs or beta != 1.0:
+        if not takes_beta(objective):
+            raise UserError(f"the objective {objective!r} has no KL weight to warm up or set "
+                            f"(beta={beta}, warmup_epochs={warmup_epochs}); use an ELBO "
+                            f"objective or leave both at their defaults")
+        schedule = kl_warmup(beta, warmup_epochs, steps_per_epoch)
+    state = Loop(len(train), steps_per_epoch, history or (), position, beta, start_epoch)
     pieces: List[Callback] = [ProgressBar(epochs, max_seconds, progress, log)]
     if validate is not None:
         pieces.insert(0, Validate(validate))
@@ -581,4 +639,6 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     if max_seconds is not None:
         pieces.append(TimeBudget(max_seconds))
     return loop(model, guide, objective, train, optimizers, epochs, batch_size, binarize, seed,
-                beta, [*pieces, *callbacks], state, on_divergence, log, shards, rank, sync_every)
+                schedule, [*pieces, *callbacks], state, on_divergence, log, shards, rank,
+                sync_every)
+

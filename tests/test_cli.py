@@ -268,7 +268,7 @@ def test_dreg_with_the_flow_guide_is_refused_up_front(tmp_path, cached_mnist, ca
 
 
 def test_evaluate_valid_split_honours_test_size(tmp_path, amortized_run, cached_mnist):
-    from ppl_vae.report import evaluate_run
+    from ppl_vae.evaluation import evaluate_run
 
     run = tmp_path / "run"
     shutil.copytree(amortized_run, run)

@@ -98,7 +98,7 @@ def test_local_inference_reaches_the_optimal_diagonal_gaussian():
     opt_loc, opt_scale = lg.optimal_meanfield(x)
     assert not torch.allclose(torch.diagonal(torch.linalg.inv(lg.precision())).sqrt(),
                               opt_scale[0])  # the posterior is correlated: mean-field < exact
-    fit = evaluate.local_inference(lg.model, x, lr=0.05, max_steps=1500,
+    fit = guides.local_inference(lg.model, x, lr=0.05, max_steps=1500,
                                    objective=objectives.AnalyticKLELBO(16),
                                    chunk_size=4, seed=SEED)
     assert isinstance(fit.guide, guides.LocalNormal) and 0 < fit.steps <= 2 * 1500
@@ -117,13 +117,13 @@ def test_local_inference_warm_start_from_an_amortized_guide():
     x = lg.sample(5, seed=9)
     enc = nets.Encoder(3, (8,), 2)
     amortized = guides.AmortizedNormal(enc)
-    fit0 = evaluate.local_inference(lg.model, x, init=amortized, max_steps=0)
+    fit0 = guides.local_inference(lg.model, x, init=amortized, max_steps=0)
     loc0, scale0 = fit0.guide.rows(torch.arange(5))
     with torch.no_grad():
         want_loc, want_scale = enc(x)
     torch.testing.assert_close(loc0, want_loc)  # max_steps=0: the warm start itself
     torch.testing.assert_close(scale0, want_scale, rtol=1e-4, atol=1e-5)
-    fit = evaluate.local_inference(lg.model, x, init=amortized, max_steps=800, objective=objectives.AnalyticKLELBO(8))
+    fit = guides.local_inference(lg.model, x, init=amortized, max_steps=800, objective=objectives.AnalyticKLELBO(8))
     loc, _ = fit.guide.rows(torch.arange(5))
     torch.testing.assert_close(loc.double(), lg.posterior_mean(x), atol=0.08, rtol=0)
 
@@ -132,7 +132,7 @@ def test_local_inference_leaves_the_decoder_alone():
     lg = make_linear_gaussian()
     x = lg.sample(4)
     before = [p.detach().clone() for p in lg.model.parameters()]
-    evaluate.local_inference(lg.model, x, max_steps=60)
+    guides.local_inference(lg.model, x, max_steps=60)
     assert all(torch.equal(a, p) for a, p in zip(before, lg.model.parameters()))
 
 

@@ -153,7 +153,7 @@ def test_cremer_binarize_static_trains_and_scores_on_one_draw(monkeypatch, tmp_p
     assert [(r["rows"], r["num_particles"]) for r in table] == [("train 20", 10), ("test 20", 10)]
     first = json.loads((out / "amortized" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["beta"] == 1.0  # no warm-up: the whole KL term from the first step
-    trained = load_trained(out / "amortized")
+    trained = load_trained(out / "amortized", trust_code=True)  # cremer:EntropyWarmupELBO
     scored = train_pixels(trained.config, trained.splits.train)  # the gap rows' training pixels
     trained_on = data.Binarize("static").prepare(trained.splits.train, trained.config.seed).x
     assert torch.equal(scored, trained_on)  # the run's one draw, not the held-out draw:

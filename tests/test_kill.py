@@ -28,7 +28,8 @@ def _train(out, *extra):
 
 
 def _log(out) -> str:
-    return open(f"{out}.log").read()
+    with open(f"{out}.log") as f:
+        return f.read()
 
 
 @pytest.mark.parametrize("guide", ["amortized", pytest.param("meanfield", marks=pytest.mark.slow)])
@@ -57,3 +58,36 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(tmp_path, guide)
     resumed = _train(out, "--epochs", str(saved + 2), "--guide", guide, "--resume")
     assert resumed.wait(timeout=120) == 0, _log(out)
     assert json.loads((out / "summary.json").read_text())["epochs"] == saved + 2
+
+
+@pytest.mark.parametrize("moment", [pytest.param(0.0, marks=pytest.mark.slow), 0.5,
+                                    pytest.param(1.5, marks=pytest.mark.slow)])
+def test_sigint_during_overwrite_leaves_the_old_run_or_the_new_never_a_mix(tmp_path, moment):
+    """Ctrl-C at several moments of ``--overwrite`` over a finished run (seed 1 over seed
+    0): the folder then holds the old run, untouched, or the new one with a finished epoch,
+    whose files all agree on the seed; never both, never nothing."""
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", "1", "--seed", "0").wait(timeout=120) == 0, _log(out)
+    old = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    proc = _train(out, "--epochs", "100000", "--seed", "1", "--overwrite",
+                  "--train-size", "2048")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / f".run.staging-{proc.pid}").exists():  # the new run has begun
+        assert proc.poll() is None, _log(out)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(moment)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, _log(out)
+    now = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    state = checkpoint.load(out, warn=lambda _m: None)
+    if now == old:
+        assert state["config"]["seed"] == 0
+    else:  # the new run: every file of it says seed 1, and it resumes
+        assert state["config"]["seed"] == 1, sorted(
+            n for n in set(now) | set(old) if now.get(n) != old.get(n))
+        assert state["config"]["seed"] == 1 and len(state["history"]) >= 1
+        assert json.loads((out / "config.json").read_text())["config"]["seed"] == 1
+        assert not (out / "summary.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")] == []
+    assert not (out / ".running").exists()

@@ -32,7 +32,10 @@ def test_a_users_likelihood_trains_resumes_and_evaluates_from_the_cli(tmp_path, 
     base = ["--likelihood", "mylik:Laplace", "--binarize", "none", *TINY, "--out", str(out)]
     assert cli.main(["train", *base, "--epochs", "1"]) == 0
     assert cli.main(["train", *base, "--epochs", "2", "--resume"]) == 0
-    assert cli.main(["evaluate", str(out), "--num-particles", "5", "--no-progress"]) == 0
+    # a name read from the run's files is imported only with the user's consent
+    assert cli.main(["evaluate", str(out), "--num-particles", "5", "--no-progress"]) == 2
+    assert cli.main(["evaluate", str(out), "--num-particles", "5", "--no-progress",
+                     "--trust-code"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["config"]["likelihood"] == "mylik:Laplace"
     evaluated = json.loads((out / "eval.json").read_text())

@@ -186,6 +186,10 @@ def _lr_schedule(base, alt):
     assert numbers(alt)[1] != numbers(base)[1]  # epoch 2 at lr * 10^(-1/7)
 
 
+def _max_steps(base, alt):
+    assert metrics(base)[-1]["steps"] == 4 and metrics(alt)[-1]["steps"] == 3  # 2 per epoch
+
+
 def _max_seconds(base, alt):
     assert len(metrics(base)) == 2 and len(metrics(alt)) == 1  # stopped after one epoch
 
@@ -285,12 +289,13 @@ EFFECTS = {
     "refine_lr": (SEMI, ["--refine-lr", "0.2"], 0.2, _differs),
     "refine_stop_gradient": (SEMI, ["--refine-stop-gradient"], True, _differs),  # see below
     "max_seconds": (["--epochs", "2"], ["--max-seconds", "1e-9"], 1e-9, _max_seconds),
+    "max_steps": (["--epochs", "2"], ["--max-steps", "3"], 3, _max_steps),
     "train_size": ([], ["--train-size", "150"], 150, _steps(3)),
     "valid_size": ([], ["--valid-size", "10"], 10, _valid_size),
     "test_size": ([], ["--test-size", "10"], 10, _test_size),
     "on_divergence": (["--epochs", "2", "NAN"], ["--on-divergence", "lower_lr"], "lower_lr",
                       _on_divergence),
-    "compile": ([], ["--compile"], True, _compile),
+    "compile": ([], ["--compile", "on"], "on", _compile),
     "track_gaps": ([], GAPS, True, _gaps_written),
     "gap_epochs": (GAPS[:1] + ["--epochs", "2", "--gap-epochs", "3"], ["--gap-epochs", "1"],
                    [1], _gap_epochs),
@@ -584,32 +589,34 @@ def test_resume_records_what_it_changed(evaluated_run, capsys):
     # a second resume appends to the record
     assert train_cli(capsys, evaluated_run, "--resume", "--epochs", "5")[0] == 0
     resumes = config_json(evaluated_run)["resumes"]
+    # the run's own settings carry over: --lr 0.002 stays without being given again
     assert len(resumes) == 2 and resumes[1] == {"after_epoch": 4,
-                                                "changed": {"epochs": [4, 5],
-                                                            "lr": [0.002, 0.001]}}
+                                                "changed": {"epochs": [4, 5]}}
+    assert config_json(evaluated_run)["config"]["lr"] == 0.002
 
 
 @pytest.mark.slow
 def test_resume_with_compile_is_accepted_and_recorded(finished_run, capsys):
-    assert train_cli(capsys, finished_run, "--resume", "--epochs", "3", "--compile")[0] == 0
+    assert train_cli(capsys, finished_run, "--resume", "--epochs", "3", "--compile", "on")[0] == 0
     doc = config_json(finished_run)
-    assert doc["config"]["compile"] is True
-    assert doc["resumes"][0]["changed"] == {"epochs": [2, 3], "compile": [False, True]}
+    assert doc["config"]["compile"] == "on"
+    assert doc["resumes"][0]["changed"] == {"epochs": [2, 3], "compile": ["auto", "on"]}
 
 
-def test_evaluate_a_run_that_is_still_training_warns(finished_run, capsys):
-    (finished_run / ".running").write_text(str(os.getppid()))
+def test_evaluate_refuses_a_run_that_is_still_being_written(finished_run, capsys):
+    """One writer per folder: a live lock (training or evaluating) is refused in one line and
+    nothing is written; a lock whose process is gone is stale and taken over."""
+    (finished_run / ".running").write_text(f"{os.getppid()}\ntrain\n")
     code, out, err = call(capsys, "evaluate", finished_run, "--num-particles", "2",
                           "--test-size", "10")
-    assert code == 0
-    assert "still training" in err and f"pid {os.getppid()}" in err
-    ev = json.loads((finished_run / "eval.json").read_text())
-    assert ev["finished"] is False and ev["epochs"] == 2
-    # a lock whose process is gone is stale: the run counts as finished
+    assert_one_error_line(code, err, out)
+    assert f"pid {os.getppid()}" in err and "train" in err
+    assert not (finished_run / "eval.json").exists()
     (finished_run / ".running").write_text("999999999")
     assert call(capsys, "evaluate", finished_run, "--num-particles", "2",
                 "--test-size", "10")[0] == 0
     assert json.loads((finished_run / "eval.json").read_text())["finished"] is True
+    assert not (finished_run / ".running").exists()  # released when done
 
 
 def test_evaluate_refuses_a_finished_run_whose_newest_checkpoint_is_corrupt(finished_run,
