@@ -332,10 +332,7 @@ class Config:
                                 f"choose one of {', '.join(choices)}")
         positive = ["latent_dim", "epochs", "batch_size", "lr", "num_particles", "valid_size",
                     "adam_eps", "gap_rows", "gap_particles"]
-        if self.guide == "meanfield":
-            positive.append("local_lr")
-        if self.guide == "semiamortized":
-            positive.append("refine_lr")
+        positive += [name for name in ("local_lr", "refine_lr") if name in guide_settings(self)]
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -464,6 +461,12 @@ def resolve_device(name: str, world=None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"device {name!r} is not supported; use auto, cpu or cuda[:N]")
     return device
+
+
+def guide_settings(config: Config) -> Tuple[str, ...]:
+    """The settings the guide of ``config`` reads beyond the shared ones, as its class says
+    (``Guide.settings``: a table's ``local_lr``, a refinement's ``refine_steps``, ...)."""
+    return tuple(getattr(getattr(GUIDES.resolve(config.guide), "piece", None), "settings", ()))
 
 
 def build_model(config: Config, data_dim: int, shape: Optional[data.Shape] = None):

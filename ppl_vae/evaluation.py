@@ -98,11 +98,13 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
             unlock(run_dir)
     if results is None:  # another torchrun process: rank 0 writes the files
         return {}
-    log(f"log p(x) {results['test_log_px']:.2f} ± {results['log_px_stderr']:.2f} "
-        f"(K={num_particles}, {results['num_rows']} {split} rows), ELBO {results['test_elbo']:.2f}, "
-        f"rate {results['rate']:.2f}, distortion {results['distortion']:.2f}, "
-        f"active units {results['active_units']}, {results['seconds']:.0f} s")
-    log("wrote " + ", ".join(str(p) for p in [run_dir / "eval.json", *figs]))
+    log(f"log p(x) {results[split + '_log_px']:.2f} ± {results['log_px_stderr']:.2f} "
+        f"(K={num_particles}, {results['num_rows']} {split} rows), ELBO "
+        f"{results[split + '_elbo']:.2f}, rate {results['rate']:.2f}, distortion "
+        f"{results['distortion']:.2f}, active units {results['active_units']}, "
+        f"{results['seconds']:.0f} s")
+    name = "eval.json" if split == "test" else f"eval_{split}.json"
+    log("wrote " + ", ".join(str(p) for p in [run_dir / name, *figs]))
     return results
 
 
@@ -118,6 +120,11 @@ def _evaluate_into(run_dir: Path, trained, num_particles, proposal, local, split
                    binarize=trained.config.binarize, epochs=len(trained.history),
                    finished=finished, checkpoint=trained.checkpoint,
                    device=str(trained.device))
+    if split != "test":  # another split's numbers, under its own names, beside the test's
+        results = {(split + key[4:] if key.startswith("test_") else key): value
+                   for key, value in results.items()}
+        write_json(run_dir / f"eval_{split}.json", results)
+        return results, []
     aside = run_dir / f".evaluating-{os.getpid()}"
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir()
@@ -128,11 +135,10 @@ def _evaluate_into(run_dir: Path, trained, num_particles, proposal, local, split
         history = [m._asdict() for m in trained.history]
         made = plots.run_figures(aside, aside / "arrays.npz", arrays["labels"],
                                  trained.config.guide, history)
-        # the required key names say "test" whatever the split; eval.json's "split" says which
         write_json(aside / "eval.json", results)
         names = [p.name for p in made] + ["arrays.npz", "eval.json"]
         for name in EVALUATION:  # files of the previous evaluation that this one lacks
-            if name not in names:
+            if name not in names and not name.startswith("eval_"):  # (other splits stay)
                 (run_dir / name).unlink(missing_ok=True)
         for name in names:
             os.replace(aside / name, run_dir / name)

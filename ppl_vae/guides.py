@@ -25,16 +25,17 @@ asks a guide, never its kind:
 hand-written function, Pyro's autoguides) are asked through the module-level functions of
 the same names, which probe what the object cannot say (``reads_rows``).
 
-Built-ins: ``AmortizedNormal`` (encoder), ``AmortizedIAF`` (encoder + flows),
-``LocalNormal`` (per-datapoint table, no encoder; base ``PerDatapoint`` owns the table) and
-``SemiAmortizedNormal`` (encoder + gradient refinement, Kim et al. 2018).
+Built-ins: ``AmortizedNormal`` (encoder), ``AmortizedIAF`` (encoder + flows) and
+``SemiAmortizedNormal`` (encoder + gradient refinement, Kim et al. 2018), on the base
+``Encoded`` that owns the encoder; ``LocalNormal`` (per-datapoint table, no encoder; base
+``PerDatapoint`` owns the table). Scales come from ``nets.to_scale`` everywhere.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import pyro
 import pyro.distributions as dist
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from .data import Batch, shard_rows
 from .errors import UserError
 from .model import data_plate, register
-from .nets import softplus_inv
+from .nets import from_scale, softplus_inv, to_scale
 
 Progress = Optional[Callable[[int], None]]  # called with the number of steps done
 
@@ -63,6 +64,7 @@ class Guide(nn.Module):
 
     family: Optional[str] = None
     compilable = True
+    settings: Tuple[str, ...] = ()  # the Config settings of this kind of guide (report, checks)
 
     def local_parameters(self) -> List[torch.Tensor]:
         return []
@@ -88,10 +90,9 @@ class Guide(nn.Module):
 # ---------------------------------------------------------------------------------------
 # amortized guides
 # ---------------------------------------------------------------------------------------
-class AmortizedNormal(Guide):
-    """q(z | x) = N(mu(x), diag sigma(x)^2) from an encoder network shared by all datapoints."""
-
-    family = "diagonal normal"
+class Encoded(Guide):
+    """Base of the guides built on an encoder ``encoder(x) -> (loc, scale)`` shared by all
+    datapoints: it owns the encoder, the latent size and the encoder's (loc, scale)."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
@@ -102,8 +103,14 @@ class AmortizedNormal(Guide):
         return self.encoder.latent_dim
 
     def loc_scale(self, batch: Batch):
-        """(loc [B, L], scale [B, L]) of q(z | x) for the batch's rows."""
+        """(loc [B, L], scale [B, L]) of the encoder for the batch's rows."""
         return self.encoder(batch.x)
+
+
+class AmortizedNormal(Encoded):
+    """q(z | x) = N(mu(x), diag sigma(x)^2) from an encoder network shared by all datapoints."""
+
+    family = "diagonal normal"
 
     def forward(self, batch: Batch) -> None:
         register("encoder", self.encoder)
@@ -112,7 +119,7 @@ class AmortizedNormal(Guide):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
-class AmortizedIAF(Guide):
+class AmortizedIAF(Encoded):
     """q(z | x): the amortized Normal pushed through inverse autoregressive flows.
 
     z = f_T o ... o f_1 (eps), eps ~ N(mu(x), diag sigma(x)^2), each f_t an affine
@@ -125,18 +132,10 @@ class AmortizedIAF(Guide):
 
     def __init__(self, encoder: nn.Module, num_flows: int = 2, hidden: int = 0):
         from pyro.distributions.transforms import affine_autoregressive
-        super().__init__()
-        self.encoder = encoder
+        super().__init__(encoder)
         dim = encoder.latent_dim
         self.flows = nn.ModuleList([affine_autoregressive(dim, [hidden or 2 * dim], stable=True)
                                     for _ in range(num_flows)])
-
-    @property
-    def latent_dim(self) -> int:
-        return self.encoder.latent_dim
-
-    def loc_scale(self, batch: Batch):
-        return self.encoder(batch.x)
 
     def distribution(self, x: torch.Tensor):
         loc, scale = self.encoder(x)
@@ -160,6 +159,8 @@ class PerDatapoint(Guide):
     the whole dataset, and the held-out answer: new rows get a fresh fit with the decoder
     frozen (``local_inference``). Subclasses say what a row means.
     """
+
+    settings = ("local_lr", "inner_steps", "local_init")
 
     def __init__(self, num_data: int, width: int, sparse: bool = True, rank: int = 0,
                  world_size: int = 1):
@@ -262,7 +263,7 @@ class LocalNormal(PerDatapoint):
     def rows(self, idx: torch.Tensor):
         """(loc [B, L], scale [B, L]) of the rows ``idx``."""
         loc, raw = self.table_rows(idx).chunk(2, dim=-1)
-        return loc, F.softplus(raw) + 1e-5
+        return loc, to_scale(raw)
 
     @torch.no_grad()
     def init_pca(self, x: torch.Tensor, scale: float = 0.5) -> "LocalNormal":
@@ -296,7 +297,7 @@ class LocalNormal(PerDatapoint):
     @torch.no_grad()
     def set_rows(self, idx: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
         """Overwrite rows ``idx`` with N(loc, scale) (for instance an encoder's output)."""
-        raw = softplus_inv((scale - 1e-5).clamp_min(1e-6))
+        raw = from_scale(scale)
         self.params[self.table_index(idx)] = torch.cat([loc, raw], dim=-1)
 
     def forward(self, batch: Batch) -> None:
@@ -326,10 +327,13 @@ class LocalFit(NamedTuple):
     seconds: float
 
 
+COMPILE_LOCAL_ROWS = 256  # rows per chunk from which local_inference compiles its step (auto)
+
+
 def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objective=None,
                     max_steps: int = 3000, window: int = 30, tol: float = 0.01,
                     decays: int = 6, chunk_size: int = 5000, seed: int = 0,
-                    progress: Progress = None) -> LocalFit:
+                    progress: Progress = None, compile: Optional[bool] = None) -> LocalFit:
     """Fit q*(z_n) = N(m_n, diag s_n^2) for every row of ``x`` by maximizing its ELBO.
 
     Adam on the table's rows from ``init`` (any guide with ``loc_scale(batch)`` over these rows:
@@ -342,6 +346,13 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
     window's; when it improved by less than ``tol`` nats, halve the learning rate; stop after
     the ``decays``-th halving or at ``max_steps``. experiments/local_inference.py checks it
     against a fit four times longer (numbers in experiments/README.md).
+
+    ``compile`` runs each step (the loss, the rows' gradients and Adam's update) as one
+    compiled graph (``_CompiledFit``): the same draws, the same fit up to float rounding,
+    without Pyro's and autograd's per-step overhead and with the elementwise work fused.
+    ``None`` (auto) compiles chunks of at least ``COMPILE_LOCAL_ROWS`` rows where a C++
+    compiler is present; ``False`` is the plain eager loop. A compile that fails warns and
+    runs the plain loop.
     """
     from .data import batches_of
     from .objectives import AnalyticKLELBO
@@ -350,6 +361,9 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
     start_time = time.perf_counter()
     n, device = len(x), x.device
     guide = LocalNormal(n, model.latent_dim, sparse=False).to(device)
+    if compile is None:
+        from .compiled import has_compiler
+        compile = min(n, chunk_size) >= COMPILE_LOCAL_ROWS and has_compiler()
     with seeded(seed, device):
         if init is not None:
             for batch in batches_of(x, chunk_size):
@@ -365,36 +379,177 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
             local_batch = Batch(batch.x, torch.arange(len(batch.idx), device=device),
                                 len(batch.idx))
             total_steps += _fit_rows(model, chunk, local_batch, objective, lr, max_steps,
-                                     window, tol, decays, progress)
+                                     window, tol, decays, progress, compile)
             with torch.no_grad():
                 guide.params[batch.idx] = chunk.params
     return LocalFit(guide, total_steps, time.perf_counter() - start_time)
 
 
 def _fit_rows(model, chunk: LocalNormal, batch: Batch, objective, lr, max_steps, window, tol,
-              decays, progress) -> int:
-    """Adam on one chunk's rows under the plateau rule of ``local_inference``; returns steps."""
-    opt = torch.optim.Adam([chunk.params], lr=lr)
-    previous, running, halvings = math.inf, 0.0, 0
+              decays, progress, compile: bool = False) -> int:
+    """Adam on one chunk's rows under the plateau rule of ``local_inference``; returns steps.
+
+    The losses of a window are read from the device once per window (``tolist``), summed in
+    the same order as one read per step would: the same rule, one host sync per window."""
+    fit = _CompiledFit.get(model, chunk, batch, objective) if compile else None
+    opt = None if fit is not None else torch.optim.Adam([chunk.params], lr=lr)
+    state = fit.start(chunk, lr) if fit is not None else None
+    previous, halvings, losses = math.inf, 0, []
     for step in range(1, max_steps + 1):
-        with torch.enable_grad():
-            loss = -objective.per_datapoint(model, chunk, batch).sum()
-            (grad,) = torch.autograd.grad(loss, [chunk.params])
-        chunk.params.grad = grad
-        opt.step()
-        running += float(loss.detach()) / len(batch.idx)
+        if fit is not None:
+            loss, state = fit.step(state, batch)
+        else:
+            with torch.enable_grad():
+                loss = -objective.per_datapoint(model, chunk, batch).sum()
+                (grad,) = torch.autograd.grad(loss, [chunk.params])
+            chunk.params.grad = grad
+            opt.step()
+        losses.append(loss.detach())
         if progress:
             progress(1)
         if step % window == 0:
-            mean, running = running / window, 0.0
+            running = 0.0
+            for value in torch.stack(losses).tolist():
+                running += value / len(batch.idx)
+            mean, losses = running / window, []
             if previous - mean < tol:
                 halvings += 1
                 if halvings >= decays:
-                    return step
-                for group in opt.param_groups:
-                    group["lr"] *= 0.5
+                    break
+                if fit is not None:
+                    state = fit.halve(state)
+                else:
+                    for group in opt.param_groups:
+                        group["lr"] *= 0.5
             previous = mean
-    return max_steps
+    else:
+        step = max_steps
+    if fit is not None:
+        fit.finish(chunk, state)
+    return step
+
+
+class _CompiledFit:
+    """One step of ``_fit_rows`` as one compiled graph: q*'s loss (the objective's per-row
+    bound, summed and negated), the gradient of the rows and ``torch.optim.Adam``'s update of
+    them (its single-tensor formula: the same moments, bias corrections and step), traced at
+    the dispatcher level (``make_fx``, as ``compiled.Compiled.value_and_grad``) with the
+    decoder's tensors as inputs and compiled with Inductor (``fallback_random``: the noise
+    is torch's, drawn in eager order). The rows, Adam's moments, its step count and learning
+    rate are the graph's inputs and outputs, so the loop runs no autograd and no optimizer.
+    Graphs are kept per (model, rows, width, objective) and shared by every fit that asks."""
+
+    _cache: Dict[tuple, "_CompiledFit"] = {}
+    _failed: set = set()
+
+    def __init__(self, graph, program, betas, eps):
+        self.graph, self.program, self.betas, self.eps = graph, program, betas, eps
+
+    @classmethod
+    def get(cls, model, chunk: "LocalNormal", batch: Batch, objective) -> Optional["_CompiledFit"]:
+        key = (id(model), tuple(batch.x.shape), batch.x.dtype, str(batch.x.device),
+               tuple(chunk.params.shape), id(objective) if not _hashable(objective) else objective)
+        if key in cls._failed:
+            return None
+        fit = cls._cache.get(key)
+        if fit is not None and fit.program.model is model:
+            return fit
+        try:
+            fit = cls._build(model, chunk, batch, objective)
+            state = fit.start(chunk, 0.0)
+            with _fork(batch.x.device):
+                fit.step(state, batch)  # torch.compile compiles on its first call
+        except Exception as e:  # noqa: BLE001 - whatever failed, the eager loop still works
+            import warnings
+            text = str(e).strip().splitlines()
+            warnings.warn(f"compiling q*'s step failed ({type(e).__name__}: "
+                          f"{text[0][:200] if text else ''}); fitting eagerly",
+                          RuntimeWarning, stacklevel=3)
+            cls._failed.add(key)
+            return None
+        if len(cls._cache) >= 8:
+            cls._cache.clear()
+        cls._cache[key] = fit
+        return fit
+
+    @classmethod
+    def _build(cls, model, chunk: "LocalNormal", batch: Batch, objective) -> "_CompiledFit":
+        from torch.func import functional_call
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from .compiled import _Program
+
+        def loss_fn(model, guide, batch):
+            return -objective.per_datapoint(model, guide, batch).sum()
+
+        program = _Program(loss_fn, model, chunk, len(batch.idx), ())
+        betas, eps = (0.9, 0.999), 1e-8
+        beta1, beta2 = betas
+
+        def pure(tensors, rows, exp_avg, exp_avg_sq, t, lr, x, idx):
+            rows_ = rows.detach().requires_grad_()
+            with chunk.given_rows([rows_]):
+                loss = functional_call(program, tensors, (x, idx))
+            (grad,) = torch.autograd.grad(loss, [rows_])
+            # torch.optim.Adam, single tensor, not capturable
+            exp_avg = exp_avg.lerp(grad, 1 - beta1)
+            exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+            t = t + 1
+            step_size = lr / (1 - beta1 ** t)
+            denom = exp_avg_sq.sqrt() / (1 - beta2 ** t).sqrt() + eps
+            rows = rows - step_size * exp_avg / denom
+            return loss.detach(), rows.detach(), exp_avg, exp_avg_sq, t, lr
+
+        with _fork(batch.x.device), pyro.validation_enabled(False), torch.enable_grad():
+            # checked eagerly once (Pyro validates every site), then traced
+            with torch.no_grad():
+                loss_fn(model, chunk, batch)
+            state = cls._fresh(chunk.params.detach(), 0.0)
+            graph = make_fx(pure)(cls._tensors(program), *state, batch.x, batch.idx)
+        graph = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
+                              options={"fallback_random": True})
+        return cls(graph, program, betas, eps)
+
+    @staticmethod
+    def _tensors(program) -> dict:
+        """The decoder's (and prior's, likelihood's) tensors; the rows are the graph's own."""
+        return {n: t for n, t in program.tensors().items() if not n.startswith("guide.")}
+
+    @staticmethod
+    def _fresh(rows: torch.Tensor, lr: float) -> tuple:
+        # step count and learning rate in double, as torch.optim.Adam's Python floats
+        return (rows, torch.zeros_like(rows), torch.zeros_like(rows),
+                torch.zeros((), dtype=torch.float64, device=rows.device),
+                torch.tensor(float(lr), dtype=torch.float64, device=rows.device))
+
+    def start(self, chunk: "LocalNormal", lr: float) -> tuple:
+        return self._fresh(chunk.params.detach().clone(), lr)
+
+    def step(self, state: tuple, batch: Batch):
+        with torch.no_grad():
+            loss, *state = self.graph(self._tensors(self.program), *state, batch.x, batch.idx)
+        return loss, tuple(state)
+
+    @staticmethod
+    def halve(state: tuple) -> tuple:
+        return (*state[:-1], state[-1] * 0.5)
+
+    @staticmethod
+    def finish(chunk: "LocalNormal", state: tuple) -> None:
+        with torch.no_grad():
+            chunk.params.copy_(state[0])
+
+
+def _hashable(obj) -> bool:
+    try:
+        hash(obj)
+        return True
+    except TypeError:
+        return False
+
+
+def _fork(device):
+    """Keep the draws of the checking and tracing runs out of the caller's random stream."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # ---------------------------------------------------------------------------------------
@@ -408,10 +563,10 @@ class _GivenNormal:
 
     def __call__(self, batch: Batch) -> None:
         with data_plate(batch):
-            pyro.sample("z", dist.Normal(self.loc, F.softplus(self.raw) + 1e-5).to_event(1))
+            pyro.sample("z", dist.Normal(self.loc, to_scale(self.raw)).to_event(1))
 
 
-class SemiAmortizedNormal(Guide):
+class SemiAmortizedNormal(Encoded):
     """Semi-amortized inference (Kim, Wiseman, Miller, Sontag & Rush 2018, "SA-VAE").
 
     q(z | x) = N(loc_K, diag scale_K^2), where (loc_0, scale_0) is the encoder's output and each
@@ -428,25 +583,21 @@ class SemiAmortizedNormal(Guide):
     """
 
     family = "diagonal normal"
+    settings = ("refine_steps", "refine_lr", "refine_stop_gradient")
 
     def __init__(self, encoder: nn.Module, model: nn.Module, steps: int = 5,
                  step_size: float = 0.05, stop_gradient: bool = False, max_norm: float = 10.0):
-        super().__init__()
-        self.encoder = encoder
+        super().__init__(encoder)
         self._model = [model]
         self.steps, self.step_size = steps, step_size
         self.stop_gradient, self.max_norm = stop_gradient, max_norm
-
-    @property
-    def latent_dim(self) -> int:
-        return self.encoder.latent_dim
 
     def _refine(self, batch: Batch):
         """(loc_K, raw_K) of the batch's rows."""
         from .objectives import AnalyticKLELBO, isolated
 
         loc, scale = self.encoder(batch.x)
-        raw = softplus_inv((scale - 1e-5).clamp_min(1e-6))
+        raw = from_scale(scale)
         through = torch.is_grad_enabled() and not self.stop_gradient
         if not through:
             loc, raw = loc.detach().requires_grad_(), raw.detach().requires_grad_()
@@ -465,7 +616,7 @@ class SemiAmortizedNormal(Guide):
 
     def loc_scale(self, batch: Batch):
         loc, raw = self._refine(batch)
-        return loc, F.softplus(raw) + 1e-5
+        return loc, to_scale(raw)
 
     def forward(self, batch: Batch) -> None:
         register("encoder", self.encoder)

@@ -14,6 +14,19 @@ def softplus_inv(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
 
 
+MIN_SCALE = 1e-5  # the smallest standard deviation a guide's scale map gives
+
+
+def to_scale(raw: torch.Tensor) -> torch.Tensor:
+    """A guide's standard deviation from its unconstrained parameter: softplus(raw) + 1e-5."""
+    return F.softplus(raw) + MIN_SCALE
+
+
+def from_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``to_scale`` (scales at or below the floor map to its edge)."""
+    return softplus_inv((scale - MIN_SCALE).clamp_min(1e-6))
+
+
 def mlp(sizes: Sequence[int], activation=nn.ReLU) -> nn.Sequential:
     """Linear layers with ``activation`` between them (none after the last)."""
     layers = []
@@ -46,7 +59,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor):
         loc, raw = self.net(x).chunk(2, dim=-1)
-        return loc, F.softplus(raw) + 1e-5
+        return loc, to_scale(raw)
 
 
 def conv_sizes(height: int, width: int, max_layers: int = 3):
@@ -83,7 +96,7 @@ class ConvEncoder(nn.Module):
     def forward(self, x: torch.Tensor):
         h = self.conv(x.reshape(-1, *self.shape)).flatten(1)
         loc, raw = self.head(h).reshape(*x.shape[:-1], -1).chunk(2, dim=-1)
-        return loc, F.softplus(raw) + 1e-5
+        return loc, to_scale(raw)
 
 
 class ConvDecoder(nn.Module):

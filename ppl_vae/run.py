@@ -22,7 +22,8 @@ import torch
 
 from . import checkpoint, data, distributed, guides, logs, memory
 from .config import (OBJECTIVES, RESUMABLE, Config, build_guide, build_model,
-                     build_objective, code_names, lr_factor, require_consent, resolve_device)
+                     build_objective, code_names, guide_settings, lr_factor, require_consent,
+                     resolve_device)
 from .errors import UserError, setting
 from .compiled import compiled_run
 from .evaluate import Estimate
@@ -102,7 +103,7 @@ def check_sizes(config: Config, splits: data.Splits) -> None:
         raise UserError(f"{n} training rows are fewer than {setting('batch_size')} "
                         f"{config.batch_size}; use a batch size of at most {n} or give "
                         f"more rows")
-    if config.guide == "meanfield" and config.local_init == "pca" and \
+    if "local_init" in guide_settings(config) and config.local_init == "pca" and \
             min(n, dim) < config.latent_dim + 10:
         raise UserError(f"{setting('local_init')} pca needs at least latent_dim + 10 = "
                         f"{config.latent_dim + 10} training rows and pixels, the data have {n} "

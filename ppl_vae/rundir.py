@@ -31,8 +31,8 @@ from .errors import UserError, setting
 
 MARKER, LOCK = ".ppl_vae", ".running"
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.pt.tmp")
-RESULTS = ("summary.json", "eval.json", "arrays.npz", "gaps.jsonl", "curves.png",
-           "reconstructions.png", "samples.png", "latent.png", "gaps.png")
+RESULTS = ("summary.json", "eval.json", "eval_valid.json", "arrays.npz", "gaps.jsonl",
+           "curves.png", "reconstructions.png", "samples.png", "latent.png", "gaps.png")
 # what an evaluation writes, replaced as one set; the gap curves belong to the training (like
 # metrics.jsonl) and stay when a run resumes or is evaluated again
 EVALUATION = tuple(n for n in RESULTS[1:] if n not in ("gaps.jsonl", "gaps.png"))

@@ -305,7 +305,12 @@ class Loop:
         if beta is not None:
             self.beta = float(beta)
 
-    def sync(self) -> Tuple[int, int]:
+    @property
+    def resume_step(self) -> int:
+        """The step within its epoch that a resumed run starts from (0 otherwise)."""
+        return self._resume.step if self._resume is not None else 0
+
+    def read_counters(self) -> Tuple[int, int]:
         """Read the device counters (one host read): returns how many of the steps since the
         last read were not applied and the first such step (-1: none)."""
         if self.pending == 0:
@@ -322,17 +327,19 @@ class Loop:
         return int(bad), int(first)
 
     def position(self) -> Position:
-        self.sync()
+        self.read_counters()
         return Position(self.epoch, self.step, self.loss_sum + float(self.epoch_loss),
                         self.before + self.elapsed(), self.run_seconds(), self.steps, self.taken)
 
-    def end_epoch(self, sync=None) -> EpochMetrics:
-        """The epoch's metrics; ``sync`` (a ``GradSync``) averages the loss over processes."""
-        self.sync()
+    def end_epoch(self, grad_sync=None) -> EpochMetrics:
+        """The epoch's metrics; ``grad_sync`` (torchrun's ``GradSync``) averages the loss over
+        processes."""
+        self.read_counters()
         elapsed = self.elapsed()
         seconds = self.before + elapsed
         self.wall += elapsed
-        loss = self.epoch_loss if sync is None else sync.all_reduce(self.epoch_loss) / sync.size
+        loss = (self.epoch_loss if grad_sync is None
+                else grad_sync.all_reduce(self.epoch_loss) / grad_sync.size)
         train = -(self.loss_sum + float(loss)) / (self.n * max(self.taken, 1))
         metrics = EpochMetrics(self.epoch + 1, train, self.valid, seconds, self.wall,
                                self.steps, self.beta)
@@ -363,26 +370,23 @@ class Callback:
         pass
 
 
-SYNC_EVERY = 100  # steps between host reads of the divergence guard's device counters
+READ_EVERY = 100  # steps between host reads of the divergence guard's device counters
 
 
-def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: int,
-         batch_size: int, binarize: Binarize, seed: int = 0, beta: Optional[BetaSchedule] = None,
-         callbacks: Sequence[Callback] = (), state: Optional[Loop] = None,
-         on_divergence: str = "stop", log: Callable[[str], None] = logs.info,
-         shards: Optional[Shards] = None, rank: int = 0, sync_every: int = SYNC_EVERY
-         ) -> List[EpochMetrics]:
+def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: int, *,
+         binarize: Binarize, shards: Shards, state: Loop, seed: int = 0,
+         beta: Optional[BetaSchedule] = None, callbacks: Sequence[Callback] = (),
+         on_divergence: str = "stop", log: Callable[[str], None] = logs.info, rank: int = 0,
+         read_every: int = READ_EVERY) -> List[EpochMetrics]:
     """The core loop: epochs of seeded minibatches, one guarded step each, callbacks around.
 
     The steps never wait on the host: whether a step was applied is counted on the device
-    and read every ``sync_every`` steps and at the end of the epoch, where a non-finite step
+    and read every ``read_every`` steps and at the end of the epoch, where a non-finite step
     (never applied) stops the run or lowers the rates (``on_divergence``). Under torchrun,
     ``shards`` and ``rank`` say which rows this process draws (``data.Shards``); ``binarize``
     is then this process's noise.
     """
-    shards = shards or Shards(len(train), 1, batch_size)
     noise = {rank: binarize}
-    state = state or Loop(len(train), shards.steps)
     try:
         for cb in callbacks:
             cb.on_start(state)
@@ -403,7 +407,7 @@ def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: 
                 else:
                     state.record(loss, bad, kwargs.get("beta"))
                 state.step += 1
-                if state.step % sync_every == 0:
+                if state.step % read_every == 0:
                     _check(state, optimizers, on_divergence, log)
                 if any([cb.after_step(state) for cb in callbacks]):
                     break
@@ -421,7 +425,7 @@ def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: 
 
 def _check(state: Loop, optimizers, on_divergence: str, log) -> None:
     """The host read of the guard: act on every step since the last read that was not applied."""
-    bad, first = state.sync()
+    bad, first = state.read_counters()
     for _ in range(bad):
         _recover(DivergenceError("non-finite loss or gradient; the step was not applied"),
                  state, first, optimizers, on_divergence, log)
@@ -558,7 +562,7 @@ class ProgressBar(Callback):
                             dynamic_ncols=True, leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
                                        "[{elapsed}{postfix}]")
         else:
-            done = loop.epoch * loop.steps_per_epoch + (loop._resume.step if loop._resume else 0)
+            done = loop.epoch * loop.steps_per_epoch + loop.resume_step
             self.bar = tqdm(total=self.epochs * loop.steps_per_epoch, initial=done,
                             disable=None if self.enabled is True else True, unit="step",
                             dynamic_ncols=True, leave=False)
@@ -597,7 +601,7 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
         position: Optional[Position] = None, on_divergence: str = "stop",
         callbacks: Sequence[Callback] = (), log: Callable[[str], None] = logs.info,
         shards: Optional[Shards] = None, rank: int = 0, ctrl_c: bool = True,
-        sync_every: int = SYNC_EVERY) -> List[EpochMetrics]:
+        read_every: int = READ_EVERY) -> List[EpochMetrics]:
     """Train for epochs ``start_epoch .. epochs-1`` (by default from ``len(history)``);
     returns the per-epoch metrics.
 
@@ -616,7 +620,7 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     every learning rate, skips the batch and goes on (at most 10 times). Ctrl-C finishes the
     current step and raises ``Interrupted`` carrying the position to resume from (with
     ``ctrl_c``; a torchrun process leaves Ctrl-C to torchrun). ``shards`` and ``rank``: the
-    rows this process draws under torchrun (``data.Shards``); ``sync_every``: steps between
+    rows this process draws under torchrun (``data.Shards``); ``read_every``: steps between
     host reads of the divergence guard (``loop``).
     """
     shards = shards or Shards(len(train), 1, batch_size)
@@ -638,7 +642,8 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
         pieces.append(StopOnCtrlC())  # after the checkpoint: Ctrl-C there stops at the boundary
     if max_seconds is not None:
         pieces.append(TimeBudget(max_seconds))
-    return loop(model, guide, objective, train, optimizers, epochs, batch_size, binarize, seed,
-                schedule, [*pieces, *callbacks], state, on_divergence, log, shards, rank,
-                sync_every)
+    return loop(model, guide, objective, train, optimizers, epochs, binarize=binarize,
+                shards=shards, state=state, seed=seed, beta=schedule,
+                callbacks=[*pieces, *callbacks], on_divergence=on_divergence, log=log, rank=rank,
+                read_every=read_every)
 

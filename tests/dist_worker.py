@@ -62,7 +62,7 @@ def main(out: Path) -> None:
         calls.clear()
         train.fit(model, guide, build_objective(c), split(), opts, 1, BATCH, noise(world.rank),
                   seed=SEED, progress=False, ctrl_c=False, callbacks=[record],
-                  shards=data.Shards(N, world.size, BATCH), rank=world.rank, sync_every=7)
+                  shards=data.Shards(N, world.size, BATCH), rank=world.rank, read_every=7)
         trained_calls = list(calls)
         # evaluation: the held-out rows' units shared out over the processes
         results, _ = evaluate_model(model, guide, eval_rows(), **EVAL)

@@ -272,10 +272,16 @@ def test_evaluate_valid_split_honours_test_size(tmp_path, amortized_run, cached_
 
     run = tmp_path / "run"
     shutil.copytree(amortized_run, run)
+    before = (run / "eval.json").read_bytes() if (run / "eval.json").exists() else None
     results = evaluate_run(run, num_particles=2, split="valid", test_size=30, progress=False,
                            log=lambda _m: None)
     assert results["split"] == "valid"
     assert results["num_rows"] == 30
+    # under its own names and file: the test evaluation is left alone
+    saved = json.loads((run / "eval_valid.json").read_text())
+    assert "valid_log_px" in saved and not any(k.startswith("test_") for k in saved)
+    after = (run / "eval.json").read_bytes() if (run / "eval.json").exists() else None
+    assert after == before
 
 
 def test_bernoulli_on_grayscale_is_refused(tmp_path, cached_mnist, capsys):

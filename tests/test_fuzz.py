@@ -156,7 +156,9 @@ def test_fuzz_train(tmp_path, cached_mnist, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_fuzz_train_many(tmp_path, cached_mnist, capsys, seed):
-    fuzz_train(tmp_path, capsys, cases=400, max_trained=40, slow=True, seed=seed)
+    tried, trained = fuzz_train(tmp_path, capsys, cases=400, max_trained=40, slow=True,
+                                seed=seed)
+    assert tried == 400 and trained >= 1
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +206,8 @@ def test_fuzz_evaluate(tiny_run, tmp_path, cached_mnist, capsys):
     with capsys.disabled():
         print(f"\nfuzz evaluate: {tried} cases ({trained} evaluated) in "
               f"{time.perf_counter() - start:.1f} s")
+    # every case ended in 0 or one line with code 2 (run_case); both kinds occurred
+    assert tried == 40 and 1 <= trained < tried
 
 
 COMPARE_BAD = [
@@ -225,7 +229,14 @@ def test_fuzz_compare_refusals(extra, tmp_path, capsys, monkeypatch):
 # a module:attribute that is not a class (a function of other arguments, a constant) is
 # refused with one line; it is never called
 NOT_A_BUILDER = [["train", "--likelihood", "os:system"], ["train", "--guide", "math:pi"],
-                 ["compare", "--guides", "os:system"]]
+                 ["compare", "--guides", "os:system"],
+                 # classes of the wrong role, malformed names, odd classes of torchvision
+                 ["train", "--lr-schedule", "builtins:int"], ["train", "--guide", "builtins:object"],
+                 ["train", "--likelihood", ".x:Y"], ["train", "--prior", ":"],
+                 ["train", "--prior", ":b"], ["train", "--objective", "pyro.infer:RenyiELBO"],
+                 ["train", "--guide", "ppl_vae.likelihoods:Bernoulli"],
+                 ["train", "--dataset", "torchvision:__class__"],
+                 ["train", "--dataset", "torchvision:VisionDataset"]]
 
 
 @pytest.mark.parametrize("argv", NOT_A_BUILDER, ids=lambda v: " ".join(v))
