@@ -1,9 +1,13 @@
 """Amortized, semi-amortized and mean-field inference on the same decoder, data and budget.
 
-``compare(config, out)`` trains one model per guide with identical decoder architecture,
-initialization seed, data order and epochs (a time budget only when asked for), evaluates
-each on the same test rows with the same seeds, and writes ``results.json``, ``report.md``
-and figures (``report.py``).
+``compare(config, out)`` trains one model per guide and seed with identical decoder
+architecture, initialization seed, data order and budget (equal epochs, or equal network
+passes: ``compute.Budget``; a time budget only when asked for), evaluates each on the same
+test rows with the same seeds, and writes ``results.json``, ``report.md`` and figures
+(``report.py``). With several seeds every quantity is given as mean and standard deviation
+over seeds, and each pair of guides as a paired difference with a 95% interval over seeds
+(``seeds.py``). The seeds run one after another in this process: on a 2-core CPU a second
+process would share the cores that one training run already uses (torch's two threads).
 
 Reference: Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational Autoencoders.
 """
@@ -11,28 +15,89 @@ from __future__ import annotations
 
 import datetime
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import distributed, logs, report
-from .config import GUIDES, Config
+from .compute import Budget, Compute, LocalBudget, local_budget, step_cost, steps_per_epoch
+from .config import GUIDES, SEED_LIMIT, Config
 from .errors import UserError, setting
 from .evaluate import Estimate
 from .heldout import evaluate_trained, read_gaps
 from .rundir import MARKER, RunDir, check_out, refuse_foreign, versions, write_json
 from .run import finish, fit_run, load_splits, load_trained
+from .seeds import Difference, Spread, differences
 
 DEFAULT_GUIDES = ("amortized", "semiamortized", "meanfield")
 FROM_SUMMARY = ("train_seconds", "epochs", "steps", "steps_per_second", "seconds_per_epoch",
                 "param_mb", "peak_rss_mb", "peak_cuda_mb", "gap_tracking_seconds")
+# the quantities whose paired differences between guides the report gives
+PAIRED = ("test_log_px", "test_elbo_local", "test_elbo", "approximation_gap",
+          "amortization_gap")
+LOCAL_ROWS = 500  # training rows of a per-datapoint table scored for its local budget
+MAX_SEEDS = 100
+SCHEDULE = "one after another in one process"
+
+
+def parse_seeds(text: str, first: int = 0) -> Tuple[int, ...]:
+    """``--seeds``: a count K (seeds ``first`` .. ``first`` + K - 1, ``first`` being
+    ``--seed``) or a comma-separated list of seeds (``0,1,2``; ``5,`` is the one seed 5)."""
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = tuple(int(part) for part in text.split(",") if part.strip())
+        else:
+            count = int(text)
+            if not 1 <= count <= MAX_SEEDS:
+                raise ValueError
+            seeds = tuple(range(first, first + count))
+    except ValueError:
+        raise UserError(f"{setting('seeds')} takes a number of seeds from 1 to {MAX_SEEDS} or "
+                        f"a comma-separated list of seeds such as 0,1,2; got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or len(seeds) > MAX_SEEDS:
+        raise UserError(f"{setting('seeds')} needs 1 to {MAX_SEEDS} distinct seeds, got {text!r}")
+    bad = [s for s in seeds if not 0 <= s <= SEED_LIMIT]
+    if bad:
+        raise UserError(f"{setting('seeds')} has seed {bad[0]} outside 0 .. {SEED_LIMIT:,}; "
+                        f"give seeds in that range")
+    return seeds
+
+
+@dataclass
+class GuideRun:
+    """One guide trained from one seed: its held-out numbers (``evaluate_model``'s and the
+    summary's timings), its compute and, for a guide with tables, its local budget."""
+
+    guide: str
+    seed: int
+    folder: str  # relative to the comparison's folder
+    results: Dict[str, object]
+    compute: Compute
+    local: Optional[LocalBudget] = None
+
+    def numbers(self) -> Dict[str, float]:
+        """Every number of the run under one flat name (what the report's rows read)."""
+        out = {k: v for k, v in self.results.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out.update(passes_per_step=self.compute.step.passes, total_passes=self.compute.total)
+        if self.local is not None:
+            out.update(local_stored=self.local.stored, local_fitted=self.local.fitted,
+                       local_gap=self.local.gap, local_gap_stderr=self.local.gap_stderr,
+                       local_visits=self.local.visits)
+        return out
+
+    def to_json(self) -> dict:
+        return {**self.results, "seed": self.seed, "folder": self.folder,
+                "compute": self.compute.to_json(),
+                "local_budget": self.local.to_json() if self.local is not None else None}
 
 
 @dataclass
 class Comparison:
-    """What ``results.json`` holds: the settings and, per guide, every measured quantity."""
+    """What ``results.json`` holds: the settings and every guide's runs, one per seed."""
 
     date: str
     config: dict
@@ -41,20 +106,71 @@ class Comparison:
     guides: List[str]
     data: dict
     command: List[str]
-    results: Dict[str, dict] = field(default_factory=dict)
+    seeds: List[int]
+    budget: Budget
+    local_rows: int
+    runs: List[GuideRun] = field(default_factory=list)
+
+    def runs_of(self, guide: str) -> List[GuideRun]:
+        return sorted((r for r in self.runs if r.guide == guide),
+                      key=lambda r: self.seeds.index(r.seed))
+
+    def spread(self, guide: str, key: str) -> Optional[Spread]:
+        """``key`` of ``guide`` over the seeds where it has a value (None: nowhere)."""
+        pairs = [(r.seed, r.numbers().get(key)) for r in self.runs_of(guide)]
+        pairs = [(s, float(v)) for s, v in pairs if v is not None]
+        if not pairs:
+            return None
+        return Spread(tuple(s for s, _ in pairs), tuple(v for _, v in pairs))
+
+    def differences(self) -> List[Difference]:
+        values = {g: {q: {r.seed: r.numbers().get(q) for r in self.runs_of(g)} for q in PAIRED}
+                  for g in self.guides}
+        return differences(values, PAIRED, self.guides)
+
+    @property
+    def several(self) -> bool:
+        return len(self.seeds) > 1
 
     def to_json(self) -> dict:
-        doc = asdict(self)
-        doc.update(doc.pop("results"))  # one entry per guide at the top level
+        doc = {"date": self.date, "config": self.config, "versions": self.versions,
+               "device": self.device, "guides": self.guides, "data": self.data,
+               "command": self.command, "seeds": self.seeds, "seed_schedule": SCHEDULE,
+               "budget": self.budget.to_json(), "local_rows": self.local_rows}
+        for guide in self.guides:  # one entry per guide at the top level
+            runs = self.runs_of(guide)
+            if not self.several:
+                doc[guide] = runs[0].to_json() if runs else {}
+                continue
+            keys = sorted({k for r in runs for k in r.numbers()})
+            spreads = {k: self.spread(guide, k) for k in keys}
+            entry = {k: s.mean for k, s in spreads.items() if s is not None}  # the means
+            entry["over_seeds"] = {k: s.to_json() for k, s in spreads.items() if s is not None}
+            entry["compute"] = {"per_step": runs[0].compute.step.to_json()} if runs else {}
+            entry["per_seed"] = {str(r.seed): r.to_json() for r in runs}
+            doc[guide] = entry
+        if self.several:
+            doc["differences"] = [d.to_json() for d in self.differences()]
         return doc
 
 
-def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str]):
-    """Refuse, before any training, what the comparison cannot do; returns (out, splits)."""
+def run_folder(out: Path, guide: str, seed: int, several: bool) -> Path:
+    """``out/<guide>`` for one seed (as before seeds existed), ``out/<guide>/seed<S>`` for
+    several."""
+    return out / guide / f"seed{seed}" if several else out / guide
+
+
+def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
+           seeds: Sequence[int], budget: Budget, local_rows: int):
+    """Refuse, before any training, what the comparison cannot do; returns (out, splits,
+    {guide: (its config under the budget, its step cost)})."""
     out = check_out(out)
     config.validate()
     if not guides or len(set(guides)) != len(guides):
         raise UserError(f"{setting('guides')} needs distinct guide names, got {list(guides)}")
+    if local_rows < 1:
+        raise UserError(f"{setting('local_rows')} must be a positive number of rows, got "
+                        f"{local_rows}")
     refuse_foreign(out)
     if (out / "results.json").exists() and not overwrite:
         raise UserError(f"{out} holds a finished comparison; pass {setting('overwrite')} or "
@@ -63,24 +179,43 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str]):
         if guide not in GUIDES and ":" not in guide:
             raise UserError(f"unknown guide {guide!r} in {setting('guides')}; choose among "
                             f"{', '.join(GUIDES.names())} or module:Class, comma-separated")
-        config.replace(guide=guide).validate()
-        RunDir(out / guide, overwrite, resume=False, resumable=False)
-    return out, load_splits(config, torch.device("cpu"))  # bad data: refused before any folder
+        for seed in seeds:
+            config.replace(guide=guide, seed=seed).validate()
+            RunDir(run_folder(out, guide, seed, len(seeds) > 1), overwrite, resume=False,
+                   resumable=False)
+    splits = load_splits(config, torch.device("cpu"))  # bad data: refused before any folder
+    per_epoch = steps_per_epoch(config, splits)
+    plans = {}
+    for guide in guides:
+        cost = step_cost(config.replace(guide=guide), splits)
+        plans[guide] = (budget.apply(config.replace(guide=guide), cost, per_epoch), cost)
+    return out, splits, plans
 
 
 def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: bool = False,
             progress: bool = True, log: Callable[[str], None] = logs.info,
-            guides: Sequence[str] = DEFAULT_GUIDES) -> dict:
-    """Train and evaluate each guide; write results.json, report.md and figures into ``out``.
+            guides: Sequence[str] = DEFAULT_GUIDES, seeds: Optional[Sequence[int]] = None,
+            budget: Budget = Budget(), local_rows: int = LOCAL_ROWS,
+            local_options: Optional[dict] = None) -> dict:
+    """Train and evaluate each guide from each seed; write results.json, report.md and
+    figures into ``out``; returns what results.json holds.
 
     ``config.guide`` is ignored: every entry of ``guides`` gets the same config otherwise.
+    ``seeds`` (default: ``config.seed`` alone) replace ``config.seed`` one at a time; with
+    one seed each guide's run is ``out/<guide>``, with several ``out/<guide>/seed<S>``.
+    ``budget``: equal epochs (``config.epochs``) or equal network passes (``compute``).
+    ``local_rows`` training rows of a per-datapoint table are refitted to show its local
+    budget; ``local_options`` go to every local fit (``guides.local_inference``: q* on the
+    test rows and that refit), e.g. a smaller ``max_steps`` for a toy run.
     A finished comparison is replaced only with ``overwrite``, and only once the new one has
     its results (each guide's run is replaced once it has its first checkpoint).
     """
+    seeds = tuple(seeds) if seeds is not None else (config.seed,)
+    several = len(seeds) > 1
     world = distributed.current()
-    error, splits = None, None
+    error, splits, plans = None, None, {}
     try:
-        out, splits = _check(config, out, overwrite, guides)
+        out, splits, plans = _check(config, out, overwrite, guides, seeds, budget, local_rows)
     except UserError as e:
         error = e
     distributed.refuse_unless_all(error, world)
@@ -88,34 +223,55 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).touch()
     doc = Comparison(datetime.date.today().isoformat(), config.to_dict(), versions(), "",
-                     list(guides), splits.describe(), list(sys.argv))
+                     list(guides), splits.describe(), list(sys.argv), list(seeds), budget,
+                     local_rows)
     arrays, histories, gaps = {}, {}, {}
-    for guide in guides:
-        log(f"== training the {guide} guide")
-        trained = fit_run(config.replace(guide=guide), out / guide, overwrite=overwrite,
-                          progress=progress, log=log)
-        if world.size > 1:  # every process evaluates its share of the test rows with
-            distributed.barrier(world)  # the whole table, as rank 0 checkpointed it
-            trained = load_trained(out / guide, device=config.device)
-        log(f"== evaluating the {guide} model")
-        res, arrays[guide] = evaluate_trained(trained, num_particles, progress=progress)
-        if not world.main:  # rank 0 scores and writes
-            continue
-        summary = finish(trained, out / guide, log=log,
-                         test=Estimate(res["test_elbo"], res["test_elbo_stderr"]))
-        res.update({k: summary[k] for k in FROM_SUMMARY if summary.get(k) is not None})
-        doc.results[guide] = res
-        doc.device = str(trained.device)
-        histories[guide] = [m._asdict() for m in trained.history]
-        if (out / guide / "gaps.jsonl").exists():
-            gaps[guide] = read_gaps(out / guide / "gaps.jsonl")
-            report.gap_curves({guide: gaps[guide]}, out / guide / "gaps.png")
-        log(report.line(guide, res))
+    if several:
+        log(f"== {len(seeds)} seeds ({', '.join(map(str, seeds))}), {SCHEDULE}")
+    for seed in seeds:
+        for guide in guides:
+            run_config, cost = plans[guide]
+            run_config = run_config.replace(seed=seed)
+            folder = run_folder(out, guide, seed, several)
+            who = f"{guide} guide, seed {seed}" if several else f"{guide} guide"
+            log(f"== training the {who} ({cost.passes:g} network passes per step"
+                + (f", {run_config.max_steps} steps" if run_config.max_steps else "") + ")")
+            if several and world.main:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                (folder.parent / MARKER).touch()
+            trained = fit_run(run_config, folder, overwrite=overwrite, progress=progress,
+                              log=log)
+            if world.size > 1:  # every process evaluates its share of the test rows with
+                distributed.barrier(world)  # the whole table, as rank 0 checkpointed it
+                trained = load_trained(folder, device=config.device, given=run_config)
+            log(f"== evaluating the {who}")
+            res, figs = evaluate_trained(trained, num_particles, progress=progress,
+                                         local_options=local_options)
+            if not world.main:  # rank 0 scores and writes
+                continue
+            summary = finish(trained, folder, log=log,
+                             test=Estimate(res["test_elbo"], res["test_elbo_stderr"]))
+            res.update({k: summary[k] for k in FROM_SUMMARY if summary.get(k) is not None})
+            local = local_budget(trained, local_rows, **(local_options or {}))
+            run = GuideRun(guide, seed, folder.relative_to(out).as_posix(), res,
+                           Compute(cost, summary["steps"], summary["epochs"],
+                                   summary["train_seconds"]), local)
+            doc.runs.append(run)
+            doc.device = str(trained.device)
+            if (folder / "gaps.jsonl").exists():
+                run_gaps = read_gaps(folder / "gaps.jsonl")
+                report.gap_curves({guide: run_gaps}, folder / "gaps.png")
+                if seed == seeds[0]:
+                    gaps[guide] = run_gaps
+            if seed == seeds[0]:  # the figures show the first seed
+                arrays[guide] = figs
+                histories[guide] = [m._asdict() for m in trained.history]
+            log(report.line(who, res, local))
     if not world.main:
         return {}
     result = doc.to_json()
-    report.write_figures(out, histories, doc.results, arrays, gaps)
-    (out / "report.md").write_text(report.markdown(result, bool(gaps)))
+    report.write_figures(out, histories, doc, arrays, gaps)
+    (out / "report.md").write_text(report.markdown(doc, bool(gaps)))
     write_json(out / "results.json", result)
     log(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     return result

@@ -144,9 +144,12 @@ def latent(pca: np.ndarray, labels, path: Path,
     return _save(fig, path)
 
 
-def gaps(results: Dict[str, dict], path: Path) -> Path:
-    """Approximation and amortization gaps (nats) per guide, with 2-stderr error bars; the
-    bare encoder's amortization gap too when a guide has one (semi-amortized)."""
+def gaps(results: Dict[str, dict], path: Path, error: str = "_stderr", times: float = 2.0,
+         title: str = "inference gaps on the test set") -> Path:
+    """Approximation and amortization gaps (nats) per guide, with error bars of ``times`` x
+    the value under ``key + error`` (2 standard errors by default; ``"_sd"``, 1: a standard
+    deviation over seeds); the bare encoder's amortization gap too when a guide has one
+    (semi-amortized)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     names = list(results)
@@ -158,17 +161,16 @@ def gaps(results: Dict[str, dict], path: Path) -> Path:
     for j, (key, label) in enumerate(kinds):
         xs = np.arange(len(names)) + (j - (len(kinds) - 1) / 2) * width
         values = [results[n].get(key) for n in names]
-        errs = [results[n].get(key + "_stderr") or 0.0 for n in names]
-        ax.bar(xs, [v or 0.0 for v in values], width, yerr=[2 * e for e in errs],
-               label=label, capsize=3)
+        errs = [times * (results[n].get(key + error) or 0.0) for n in names]
+        ax.bar(xs, [v or 0.0 for v in values], width, yerr=errs, label=label, capsize=3)
         for x_, v, e in zip(xs, values, errs):
-            ax.annotate("n/a" if v is None else f"{v:.2f}", (x_, (v or 0.0) + 2 * e),
+            ax.annotate("n/a" if v is None else f"{v:.2f}", (x_, (v or 0.0) + e),
                         xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
                         fontsize=8)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
     ax.set_ylabel("nats per image")
-    ax.set_title("inference gaps on the test set")
+    ax.set_title(title)
     ax.margins(y=0.15)
     ax.legend(fontsize=8)
     return _save(fig, path)

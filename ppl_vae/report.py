@@ -1,18 +1,19 @@
-"""The comparison report: a Markdown table per guide, the gaps, the settings, the figures.
-
-``evaluate_run`` and ``load_trained`` are re-exported from ``heldout`` and ``run``, where
-they live.
+"""The comparison report: a Markdown table per guide, the gaps, the compute, the settings, the
+figures; with several seeds, means and standard deviations over seeds and the paired
+differences between guides with their 95% intervals, in numbers and in words.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 
 from . import plots
-from .heldout import evaluate_run  # noqa: F401
-from .run import load_trained  # noqa: F401
+
+if TYPE_CHECKING:
+    from .compare import Comparison
+    from .compute import LocalBudget
 
 ROWS = [
     ("test ELBO of its own guide, L[q] (nats)", "test_elbo", "test_elbo_stderr"),
@@ -27,8 +28,14 @@ ROWS = [
     ("rate KL(q‖p) of its own guide", "rate", None),
     ("distortion -E_q log p(x|z)", "distortion", None),
     ("active units", "active_units", None),
+    ("table rows: ELBO as stored at the end of training", "local_stored", None),
+    ("table rows: ELBO after a local fit (decoder frozen)", "local_fitted", None),
+    ("table rows: local gap, fit - stored", "local_gap", "local_gap_stderr"),
+    ("table rows: visits per row in training", "local_visits", None),
     ("epochs", "epochs", None),
     ("optimizer steps", "steps", None),
+    ("network passes per optimizer step (fwd + bwd)", "passes_per_step", None),
+    ("network passes in all", "total_passes", None),
     ("training time (s)", "train_seconds", None),
     ("steps per second", "steps_per_second", None),
     ("gap curves: seconds", "gap_tracking_seconds", None),
@@ -38,81 +45,246 @@ ROWS = [
     ("test-time local inference: seconds", "local_seconds", None),
     ("log p(x) estimate: seconds", "log_px_seconds", None),
 ]
+COUNTS = {"epochs", "steps", "active_units", "local_steps", "passes_per_step", "total_passes"}
+PAIRED_LABELS = {"test_log_px": "log p(x)", "test_elbo_local": "L[q*]",
+                 "test_elbo": "its own test ELBO L[q]", "approximation_gap": "approximation gap",
+                 "amortization_gap": "amortization gap"}
+PER_SEED = [("L[q]", "test_elbo"), ("L[q*]", "test_elbo_local"), ("log p(x)", "test_log_px"),
+            ("approx. gap", "approximation_gap"), ("amort. gap", "amortization_gap"),
+            ("table gap", "local_gap"), ("steps", "steps"), ("passes", "total_passes"),
+            ("train s", "train_seconds")]
 
 
-def line(guide: str, r: dict) -> str:
+def line(who: str, r: dict, local: Optional["LocalBudget"] = None) -> str:
     amort = r.get("amortization_gap")
-    return (f"{guide}: ELBO {r['test_elbo']:.2f}  L[q*] {r['test_elbo_local']:.2f}  "
+    return (f"{who}: ELBO {r['test_elbo']:.2f}  L[q*] {r['test_elbo_local']:.2f}  "
             f"log p(x) {r['test_log_px']:.2f}  approx gap {r['approximation_gap']:.2f}  "
-            f"amort gap {'n/a' if amort is None else f'{amort:.2f}'}")
+            f"amort gap {'n/a' if amort is None else f'{amort:.2f}'}"
+            + ("" if local is None else f"  table rows {local.stored:.2f} -> "
+               f"{local.fitted:.2f} after a local fit"))
 
 
 def gap_curves(gaps: Dict[str, List[dict]], path: Path) -> Path:
     return plots.gap_curves(gaps, path)
 
 
-def write_figures(out: Path, histories, results, arrays, gaps=None) -> None:
-    plots.curves(histories, out / "curves.png", "ELBO per image, per guide")
-    plots.gaps(results, out / "gaps.png")
+def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=None) -> None:
+    """curves.png, gaps.png (means and, with several seeds, standard deviations over seeds),
+    gap_curves.png and reconstructions.png; curves and images show the first seed."""
+    first = comparison.seeds[0]
+    plots.curves(histories, out / "curves.png", "ELBO per image, per guide"
+                 + (f" (seed {first})" if comparison.several else ""))
+    if comparison.several:
+        results = {}
+        for g in comparison.guides:
+            results[g] = {}
+            for key in ("approximation_gap", "amortization_gap", "amortization_gap_encoder"):
+                s = comparison.spread(g, key)
+                results[g].update({key: s.mean, key + "_sd": s.sd} if s is not None else {})
+        plots.gaps(results, out / "gaps.png", error="_sd", times=1.0,
+                   title=f"inference gaps on the test set: mean ± sd over "
+                         f"{len(comparison.seeds)} seeds")
+    else:
+        plots.gaps({r.guide: r.results for r in comparison.runs}, out / "gaps.png")
     if gaps:
         plots.gap_curves(gaps, out / "gap_curves.png")
-    first = next(iter(arrays.values()))
-    rows = {"input": first["inputs"]}
+    first_arrays = next(iter(arrays.values()))
+    rows = {"input": first_arrays["inputs"]}
     rows.update({f"{g} recon.": a["reconstructions"] for g, a in arrays.items()})
     plots.image_rows(rows, out / "reconstructions.png",
-                     "test images and reconstructions at the posterior mean", first.get("shape"))
+                     "test images and reconstructions at the posterior mean",
+                     first_arrays.get("shape"))
     np.savez_compressed(out / "arrays.npz", **{f"{g}_{k}": v for g, a in arrays.items()
                                                for k, v in a.items()})
 
 
-def _fmt(v, stderr=None) -> str:
+def _num(v, key: str = "") -> str:
     if v is None:
         return "n/a"
+    if key in COUNTS and float(v).is_integer():
+        return f"{int(v):,}" if key == "total_passes" else str(int(v))
     if isinstance(v, int):
         return str(v)
-    return f"{v:.2f} ± {stderr:.2f}" if stderr is not None else f"{v:.2f}"
+    return f"{v:.2f}"
 
 
-def markdown(doc: dict, with_gap_curves: bool = False) -> str:
+def _fmt(v, stderr=None, key: str = "") -> str:
+    if v is None:
+        return "n/a"
+    return f"{_num(v, key)} ± {stderr:.2f}" if stderr is not None else _num(v, key)
+
+
+def _cell(comparison: "Comparison", guide: str, key: str, err: Optional[str]) -> str:
+    """One guide's ``key``: value ± standard error over test rows (one seed), or mean ±
+    standard deviation over seeds (one value when every seed gave the same)."""
+    if comparison.several:
+        s = comparison.spread(guide, key)
+        if s is None:
+            return "n/a"
+        if len(set(s.values)) == 1:
+            return _num(s.values[0], key)
+        return f"{_num(s.mean, key)} ± {s.sd:.2f}"
+    runs = comparison.runs_of(guide)
+    numbers = runs[0].numbers() if runs else {}
+    return _fmt(numbers.get(key), numbers.get(err) if err else None, key)
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.2f}"
+
+
+def _budget(comparison: "Comparison") -> str:
+    c = comparison.config
+    if comparison.budget.unit == "epochs":
+        text = f"the same budget of {c['epochs']} epochs"
+    else:
+        each = ", ".join(
+            f"{g} {r.compute.steps} steps ({r.compute.epochs} epochs)"
+            for g in comparison.guides for r in comparison.runs_of(g)[:1])
+        text = (f"the same budget of {comparison.budget.amount:,} network passes (forward and "
+                f"backward passes of encoder and decoder over a minibatch; {each})")
+    if c["max_seconds"] is not None:
+        text += f" or {c['max_seconds']:.0f} s of training, whichever first"
+    return text
+
+
+def _compute(comparison: "Comparison") -> str:
+    parts = []
+    for g in comparison.guides:
+        runs = comparison.runs_of(g)
+        if not runs:
+            continue
+        step = runs[0].compute.step
+        nets = ", ".join(f"{n} {_num(step.forward[n], 'steps')} forward + "
+                         f"{_num(step.backward[n], 'steps')} backward" for n in step.forward)
+        parts.append(f"{g}: {_num(step.passes, 'steps')} per step ({nets})")
+    return "; ".join(parts)
+
+
+def _local(comparison: "Comparison") -> str:
+    text = ""
+    for g in comparison.guides:
+        runs = [r for r in comparison.runs_of(g) if r.local is not None]
+        if not runs:
+            continue
+        stored, fitted, gap = (comparison.spread(g, k) for k in
+                               ("local_stored", "local_fitted", "local_gap"))
+        r = runs[0].local
+        over = (f" (means over {len(runs)} seeds; the gap ranges from {min(gap.values):.2f} "
+                f"to {max(gap.values):.2f})" if len(runs) > 1
+                else f" (± {r.gap_stderr:.2f} over rows)")
+        text += (f"\nThe {g} guide's local budget: each training row was visited "
+                 f"{r.visits:.1f} times in training. On its first {r.rows} training rows (as "
+                 f"the run saw them), the ELBO of the rows as stored is {stored.mean:.2f}; a "
+                 f"fresh local fit of those rows with the decoder frozen (warm-started from the "
+                 f"stored rows, the stopping rule of the test-time fit, {r.fit_steps} steps) "
+                 f"reaches {fitted.mean:.2f}: the table's rows were {gap.mean:.2f} nats short of "
+                 f"a local optimum{over}. Where that gap is large beside the amortization gaps, "
+                 f"the comparison at this budget is about the local optimizer's budget as much "
+                 f"as about amortization.\n")
+    return text
+
+
+def _differences(comparison: "Comparison") -> str:
+    diffs = comparison.differences()
+    if not diffs:
+        return ""
+    n = len(comparison.seeds)
+    head = ("| quantity | difference | mean | sd | 95% interval | per seed | settled |\n"
+            "|---|---|---|---|---|---|---|\n")
+    body, settled, open_ = "", [], []
+    for d in diffs:
+        label = PAIRED_LABELS.get(d.quantity, d.quantity)
+        interval = "n/a" if d.low is None else f"[{d.low:.2f}, {d.high:.2f}]"
+        per_seed = ", ".join(_signed(v) for v in d.values)
+        verdict = {True: "yes", False: "no", None: "n/a"}[d.settled]
+        body += (f"| {label} | {d.a} − {d.b} | {_signed(d.mean)} | "
+                 f"{'n/a' if d.sd is None else f'{d.sd:.2f}'} | {interval} | {per_seed} | "
+                 f"{verdict} |\n")
+        words = f"{d.a} − {d.b} in {label}: {_signed(d.mean)} nats {interval}"
+        (settled if d.settled else open_).append(words)
+    text = (f"\n## Paired differences between guides over {n} seeds\n\nEach difference is "
+            f"taken seed by seed (the two guides share that seed's decoder initialization, "
+            f"data order and noise, and the same test rows), then averaged; the interval is "
+            f"mean ± t(0.975, {n - 1}) × sd / √{n}. A difference is settled when its interval "
+            f"excludes 0.\n\n{head}{body}\n")
+    text += ("Settled: " + "; ".join(settled) + ".\n\n" if settled else
+             "Settled: none of the differences.\n\n")
+    text += ("Not settled (the interval includes 0; more seeds or a longer budget would be "
+             "needed to tell): " + "; ".join(open_) + ".\n" if open_ else
+             "Not settled: none; every difference above excludes 0.\n")
+    return text
+
+
+def _per_seed(comparison: "Comparison") -> str:
+    head = ("| guide | seed | " + " | ".join(label for label, _ in PER_SEED) + " |\n|---|---|"
+            + "---|" * len(PER_SEED) + "\n")
+    body = ""
+    for g in comparison.guides:
+        for r in comparison.runs_of(g):
+            numbers = r.numbers()
+            body += (f"| {g} | {r.seed} | "
+                     + " | ".join(_num(numbers.get(k), k) for _, k in PER_SEED) + " |\n")
+    return f"\nPer seed (each run's folder is `<guide>/seed<S>`):\n\n{head}{body}"
+
+
+def markdown(comparison: "Comparison", with_gap_curves: bool = False) -> str:
     """The comparison as Markdown."""
-    c = doc["config"]
-    names = doc["guides"]
+    c = comparison.config
+    names = comparison.guides
+    n = len(comparison.seeds)
     head = "| quantity | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
     body = ""
     for label, key, err in ROWS:
-        if all(doc[g].get(key) is None for g in names):
+        if all(comparison.spread(g, key) is None for g in names):
             continue
-        cells = [_fmt(doc[g].get(key), doc[g].get(err) if err else None) for g in names]
+        cells = [_cell(comparison, g, key, err) for g in names]
         body += f"| {label} | " + " | ".join(cells) + " |\n"
-    a = doc[names[0]]
-    budget = f"{c['epochs']} epochs" + ("" if c["max_seconds"] is None else
-                                        f" or {c['max_seconds']:.0f} s of training, whichever first")
+    a = comparison.runs[0].results
     tracked = sorted({e for e in c["gap_epochs"] if e <= c["epochs"]} | {c["epochs"]})
     curves = ("\n![gap curves](gap_curves.png)\n\nGap curves: L[q], L[q*] and log p(x) "
               f"(K = {c['gap_particles']}) on the first {c['gap_rows']} training and test rows "
-              f"at epochs {', '.join(map(str, tracked))}; each guide's `gaps.jsonl` has the "
-              f"numbers.\n" if with_gap_curves else "")
+              f"at epochs {', '.join(map(str, tracked))}"
+              + (f" (seed {comparison.seeds[0]})" if comparison.several else "")
+              + "; each guide's `gaps.jsonl` has the numbers.\n" if with_gap_curves else "")
+    if comparison.several:
+        listed = ", ".join(map(str, comparison.seeds))
+        seeds = (f"Every guide is trained from each of {n} seeds ({listed}): "
+                 f"a seed sets the decoder's and encoder's initialization, the data order and "
+                 f"the training binarization noise; the seeds ran one after another in one "
+                 f"process. Under one seed every guide has the same decoder initialization")
+        errors = (f"Each cell is the mean ± the standard deviation over the {n} seeds (one "
+                  f"number where every seed gave the same); the per-seed values are below and "
+                  f"in `results.json`")
+    else:
+        seeds = f"Every guide: same decoder initialization (seed {comparison.seeds[0]})"
+        errors = "Errors are ± one standard error over test images (paired for the gaps)"
     return f"""# Amortized, semi-amortized and mean-field inference
 
-Date {doc['date']}, device `{doc['device']}`, torch {doc['versions']['torch']}, pyro {doc['versions']['pyro']}, git `{doc['versions']['git']}`.
+Date {comparison.date}, device `{comparison.device}`, torch {comparison.versions['torch']}, pyro {comparison.versions['pyro']}, git `{comparison.versions['git']}`.
 
 Data: {c['dataset']}, {c['binarize']} binarization for training; the test set ({a['num_rows']} rows) is scored
 under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, {c['net']} networks, hidden {c['hidden']} ({c['activation']}),
-{c['likelihood']} likelihood, {c['prior']} prior. Every guide: same decoder initialization (seed {c['seed']}),
-same data order, the same budget of {budget}, batch {c['batch_size']}, Adam lr {c['lr']}; the per-datapoint table:
+{c['likelihood']} likelihood, {c['prior']} prior. {seeds},
+same data order, {_budget(comparison)}, batch {c['batch_size']}, Adam lr {c['lr']}; the per-datapoint table:
 RowAdam lr {c['local_lr']}, {c["inner_steps"]} local-only step(s) per minibatch before each joint step; the
 semi-amortized guide: {c['refine_steps']} refinement steps of size {c['refine_lr']} from the encoder's output.
 Wall time and steps per second are reported beside the numbers; they are not the budget.
 
 log p(x) is importance-sampled with K = {a['num_particles']} particles from the locally optimized q*
-(proposal `{a['proposal']}`). Errors are ± one standard error over test images (paired for the gaps).
+(proposal `{a['proposal']}`). {errors}.
 
 {head}{body}
+Compute, counted on one optimizer step of each guide (a pass is one evaluation of a network
+over a minibatch, forward or backward; K particles count K; a backward pass is counted each
+time a gradient flows back through a forward pass, so differentiating through a refinement
+counts its passes again): {_compute(comparison)}. Validation and evaluation are not counted.
+{_local(comparison)}{_differences(comparison) if comparison.several else ""}{_per_seed(comparison) if comparison.several else ""}
 Curves: "train" is the training objective over the epoch's minibatches (for the per-datapoint
 guide, the ELBO of its table rows as they were when visited); "valid" is the ELBO on
 {c['valid_size']} validation rows of the guide as it answers for new rows (the encoder; the
 refined encoder; a per-datapoint fit warm-started from the previous epoch, 30 steps with the
-decoder frozen).
+decoder frozen){f"; seed {comparison.seeds[0]}" if comparison.several else ""}.
 
 ![ELBO curves](curves.png)
 
