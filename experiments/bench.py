@@ -14,6 +14,8 @@ of ms per step with the ratios ppl_vae / hand-written and ppl_vae / plain Pyro, 
                                                           # the guard's target, more rounds
     uv run python experiments/bench.py --part guides      # every guide beside its hand-written
                                                           # step: eager, default (compiled)
+    uv run python experiments/bench.py --part eval --run runs/x   # q*: eager loop against the
+                                                          # compiled step; log p(x), K = 5000
 """
 from __future__ import annotations
 
@@ -430,6 +432,91 @@ def table(name, result) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------
+# evaluation: q* (test-time local inference) and log p(x)
+# ---------------------------------------------------------------------------------------
+def eval_model(run_dir, device):
+    """A trained run's model, amortized guide and fixed-binarization test rows; without a
+    run, untrained networks (log p(x)'s time does not depend on the weights, q*'s does)."""
+    from ppl_vae import heldout, run
+    if run_dir:
+        tr = run.load_trained(Path(run_dir), device=device.type, warn=lambda *a, **k: None)
+        return tr.model, tr.guide, heldout.eval_pixels(tr.config, tr.splits.test)
+    model, guide, _ = ours(1, device)
+    x = data.static_binarize(data.load("mnist").test, 1234).x.to(device)
+    return model, guide, x
+
+
+def bench_eval(device, run_dir, q_rows, repeats, logpx_k, logpx_rows, logpx_repeats):
+    """Interleaved: q* on ``q_rows`` test rows, eager loop (``compile=False``, the path before
+    issue 23) and compiled step (the default), ``repeats`` rounds each, with L[q*] of both;
+    then log p(x) with K = ``logpx_k`` on ``logpx_rows`` rows, plain and default chunks."""
+    from ppl_vae.evaluate import elbo_parts, Estimate
+    from ppl_vae.guides import local_inference
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    model, guide, x_all = eval_model(run_dir, device)
+    x = x_all[:q_rows]
+    out = {"q_rows": len(x), "run": str(run_dir) if run_dir else None}
+    t = time.perf_counter()  # the compile, once per process and shape
+    local_inference(model, x[:min(len(x), 5000)], init=guide, max_steps=2, compile=True)
+    out["q_compile_seconds"] = time.perf_counter() - t
+    cases = {"eager (before)": False, "compiled (default)": True}
+    seconds = {k: [] for k in cases}
+    fits = {}
+    for r in range(repeats):
+        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+            sync()
+            t = time.perf_counter()
+            fit = local_inference(model, x, init=guide, compile=cases[name])
+            sync()
+            seconds[name].append(time.perf_counter() - t)
+            fits[name] = fit
+    for name, fit in fits.items():
+        elbo = Estimate.of(elbo_parts(model, fit.guide, x, num_particles=10, seed=0).elbo)
+        out[name] = {"seconds": seconds[name], "median_seconds": statistics.median(seconds[name]),
+                     "steps": fit.steps, "L_q_star": elbo.mean, "L_q_star_stderr": elbo.stderr}
+    a, b = (fits[k].guide.params for k in cases)
+    out["q_max_abs_param_diff"] = float((a - b).detach().abs().max())
+    if logpx_k:
+        xs = x_all[:logpx_rows]
+        lp = {"default (2 ** 15 rows a chunk)": {}}
+        if logpx_repeats > 1:  # the chunks before issue 23, interleaved
+            lp["2 ** 13 rows a chunk (before)"] = dict(max_rows=2 ** 13)
+        res = {k: [] for k in lp}
+        vals = {}
+        for r in range(logpx_repeats):
+            for name in (list(lp) if r % 2 == 0 else list(lp)[::-1]):
+                sync()
+                t = time.perf_counter()
+                vals[name] = log_px(model, guide, xs, logpx_k, **lp[name])
+                sync()
+                res[name].append(time.perf_counter() - t)
+        out["log_px"] = {k: {"seconds": v, "mean": float(vals[k].double().mean())}
+                         for k, v in res.items()}
+        out["log_px_setting"] = {"K": logpx_k, "rows": len(xs)}
+    return out
+
+
+def eval_table(name, r) -> str:
+    lines = [f"### {name}: evaluation ({r['q_rows']:,} test rows, run {r['run']})", "",
+             "| q* | median s | runs (s) | steps | L[q*] |", "|---|---|---|---|---|"]
+    for k in ("eager (before)", "compiled (default)"):
+        c = r[k]
+        lines.append(f"| {k} | {c['median_seconds']:.1f} | "
+                     + ", ".join(f"{s:.1f}" for s in c["seconds"])
+                     + f" | {c['steps']} | {c['L_q_star']:.3f} ± {c['L_q_star_stderr']:.3f} |")
+    e, c = r["eager (before)"], r["compiled (default)"]
+    lines.append(f"\nq* compiled / eager: {c['median_seconds'] / e['median_seconds']:.2f}; "
+                 f"compile (once per process and shape) {r['q_compile_seconds']:.1f} s; "
+                 f"largest difference of a fitted parameter {r['q_max_abs_param_diff']:.2g}")
+    if "log_px" in r:
+        s = r["log_px_setting"]
+        lines.append(f"\nlog p(x), K = {s['K']} on {s['rows']:,} rows: " + "; ".join(
+            f"{k} " + ", ".join(f"{t:.1f}" for t in v["seconds"]) + f" s (mean {v['mean']:.3f})"
+            for k, v in r["log_px"].items()))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny settings, seconds")
@@ -441,9 +528,18 @@ def main(argv=None):
                    help="comma-separated (default 32,128,512; --smoke: 32)")
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved rounds of 20 steps per case (default 7; --smoke: 2)")
-    p.add_argument("--part", choices=("all", "amortized", "guides"), default="all",
+    p.add_argument("--part", choices=("all", "amortized", "guides", "eval"), default="all",
                    help="amortized: the amortized step against the references; guides: every "
-                        "guide's step against its hand-written step (default: both)")
+                        "guide's step against its hand-written step (default: both); eval: "
+                        "q* (eager loop against compiled step) and log p(x), interleaved")
+    p.add_argument("--run", default=None,
+                   help="--part eval: a trained run folder (default: untrained networks)")
+    p.add_argument("--q-rows", type=int, default=2000, help="--part eval: rows for q*")
+    p.add_argument("--logpx-rows", type=int, default=10_000,
+                   help="--part eval: rows for log p(x) with K = 5000 (0: skip it)")
+    p.add_argument("--logpx-repeats", type=int, default=1,
+                   help="--part eval: rounds of log p(x); from 2, interleaved with the "
+                        "chunks before issue 23 (2 ** 13 rows)")
     args = p.parse_args(argv)
     if args.smoke:
         kw = dict(batch_sizes=[32], repeats=2, steps=2, local_sizes=[1000], epoch=False,
@@ -462,6 +558,15 @@ def main(argv=None):
            "torch": torch.__version__, "pyro": pyro.__version__, "date": time.strftime("%Y-%m-%d"),
            "settings": kw}
     for device in devices:
+        if args.part == "eval":
+            ev = dict(q_rows=20, repeats=1, logpx_k=10, logpx_rows=20, logpx_repeats=1) \
+                if args.smoke else dict(q_rows=args.q_rows, repeats=args.repeats or 2,
+                                        logpx_k=5000 if args.logpx_rows else 0,
+                                        logpx_rows=args.logpx_rows,
+                                        logpx_repeats=args.logpx_repeats)
+            doc[f"{device.type}_eval"] = bench_eval(device, args.run, **ev)
+            print(eval_table(device.type, doc[f"{device.type}_eval"]), flush=True)
+            continue
         if args.part in ("all", "amortized"):
             doc[device.type] = bench_device(device, **kw)
             print(table(device.type, doc[device.type]), flush=True)

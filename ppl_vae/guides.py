@@ -327,7 +327,8 @@ class LocalFit(NamedTuple):
     seconds: float
 
 
-COMPILE_LOCAL_ROWS = 256  # rows per chunk from which local_inference compiles its step (auto)
+COMPILE_LOCAL_ROWS = 1000  # rows per chunk from which local_inference compiles its step (auto):
+# the compile (seconds to a minute, once per process and shape) pays from about here on a CPU
 
 
 def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objective=None,

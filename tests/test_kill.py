@@ -14,8 +14,9 @@ from ppl_vae import checkpoint
 
 # kills per guide: one in the default suite, more on request (PPL_VAE_KILL_TRIALS=5)
 TRIALS = int(os.environ.get("PPL_VAE_KILL_TRIALS", "1"))
+# eager steps: an open-ended run (--epochs 100000) would otherwise compile its step first
 TOY = ["--train-size", "256", "--valid-size", "8", "--test-size", "8", "--hidden", "8",
-       "--latent-dim", "2", "--batch-size", "32", "--device", "cpu"]
+       "--latent-dim", "2", "--batch-size", "32", "--device", "cpu", "--compile", "off"]
 
 
 def _train(out, *extra):
