@@ -298,6 +298,10 @@ def _command(args) -> int:
     if args.command == "compare":
         from .compare import compare, parse_seeds
         from .compute import Budget
+        argv = getattr(args, "argv", None)  # what the user typed (set by _main)
+        if argv is not None and "guide" in _given(argv, "compare"):
+            raise UserError(f"compare trains every guide of --guides, not --guide; use "
+                            f"--guides {args.guide} to compare that guide alone")
         config = _config(args)
         seeds, budget = parse_seeds(args.seeds, config.seed), Budget.parse(args.budget)
         k = args.num_particles_eval

@@ -21,9 +21,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import distributed, logs, report
+from . import distributed, guides as guide_lib, logs, report
 from .compute import Budget, Compute, LocalBudget, local_budget, step_cost, steps_per_epoch
-from .config import GUIDES, SEED_LIMIT, Config
+from .config import GUIDES, SEED_LIMIT, Config, guide_settings
+from .data import Batch
 from .errors import UserError, setting
 from .evaluate import Estimate
 from .heldout import evaluate_trained, read_gaps
@@ -33,7 +34,7 @@ from .seeds import Difference, Spread, differences
 
 DEFAULT_GUIDES = ("amortized", "semiamortized", "meanfield")
 FROM_SUMMARY = ("train_seconds", "epochs", "steps", "steps_per_second", "seconds_per_epoch",
-                "param_mb", "peak_rss_mb", "peak_cuda_mb", "gap_tracking_seconds")
+                "param_mb", "peak_rss_mb", "peak_cuda_mb", "gap_tracking_seconds", "compiled")
 # the quantities whose paired differences between guides the report gives
 PAIRED = ("test_log_px", "test_elbo_local", "test_elbo", "approximation_gap",
           "amortization_gap")
@@ -110,6 +111,7 @@ class Comparison:
     budget: Budget
     local_rows: int
     runs: List[GuideRun] = field(default_factory=list)
+    settings: Dict[str, List[str]] = field(default_factory=dict)  # guide -> its own settings
 
     def runs_of(self, guide: str) -> List[GuideRun]:
         return sorted((r for r in self.runs if r.guide == guide),
@@ -136,7 +138,8 @@ class Comparison:
         doc = {"date": self.date, "config": self.config, "versions": self.versions,
                "device": self.device, "guides": self.guides, "data": self.data,
                "command": self.command, "seeds": self.seeds, "seed_schedule": SCHEDULE,
-               "budget": self.budget.to_json(), "local_rows": self.local_rows}
+               "budget": self.budget.to_json(), "local_rows": self.local_rows,
+               "guide_settings": {g: list(v) for g, v in self.settings.items()}}
         for guide in self.guides:  # one entry per guide at the top level
             runs = self.runs_of(guide)
             if not self.several:
@@ -154,10 +157,17 @@ class Comparison:
         return doc
 
 
+def folder_name(guide: str) -> str:
+    """A safe folder name for a guide: ``mymod.sub:A`` -> ``mymod_sub_A`` (no colon, which
+    some file systems and tools refuse; results.json keeps the guide's real name)."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in guide)
+
+
 def run_folder(out: Path, guide: str, seed: int, several: bool) -> Path:
     """``out/<guide>`` for one seed (as before seeds existed), ``out/<guide>/seed<S>`` for
-    several."""
-    return out / guide / f"seed{seed}" if several else out / guide
+    several; ``<guide>`` is ``folder_name(guide)``."""
+    name = folder_name(guide)
+    return out / name / f"seed{seed}" if several else out / name
 
 
 def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
@@ -168,6 +178,9 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
     config.validate()
     if not guides or len(set(guides)) != len(guides):
         raise UserError(f"{setting('guides')} needs distinct guide names, got {list(guides)}")
+    if len({folder_name(g) for g in guides}) != len(guides):
+        raise UserError(f"{setting('guides')} names guides that would share a run folder "
+                        f"({', '.join(folder_name(g) for g in guides)}); rename one")
     if local_rows < 1:
         raise UserError(f"{setting('local_rows')} must be a positive number of rows, got "
                         f"{local_rows}")
@@ -190,6 +203,21 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
         cost = step_cost(config.replace(guide=guide), splits)
         plans[guide] = (budget.apply(config.replace(guide=guide), cost, per_epoch), cost)
     return out, splits, plans
+
+
+def _family(trained) -> dict:
+    """The trained guide's variational family (``guides.family``) and whether it is a
+    per-datapoint table: what the report needs to say why an amortization gap is n/a."""
+    x = trained.splits.test.x[:2] if hasattr(trained.splits.test, "x") else None
+    probe = None
+    if x is not None:
+        x = x.to(trained.device).float()
+        probe = Batch(x, torch.arange(len(x), device=x.device), len(x))
+    try:
+        fam = guide_lib.family(trained.guide, probe)
+    except Exception:  # noqa: BLE001 - a guide whose probe fails has no family to report
+        fam = None
+    return {"family": fam, "per_datapoint": bool(guide_lib.local_parameters(trained.guide))}
 
 
 def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: bool = False,
@@ -224,7 +252,7 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         (out / MARKER).touch()
     doc = Comparison(datetime.date.today().isoformat(), config.to_dict(), versions(), "",
                      list(guides), splits.describe(), list(sys.argv), list(seeds), budget,
-                     local_rows)
+                     local_rows, settings={g: list(guide_settings(plans[g][0])) for g in guides})
     arrays, histories, gaps = {}, {}, {}
     if several:
         log(f"== {len(seeds)} seeds ({', '.join(map(str, seeds))}), {SCHEDULE}")
@@ -235,7 +263,7 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
             folder = run_folder(out, guide, seed, several)
             who = f"{guide} guide, seed {seed}" if several else f"{guide} guide"
             log(f"== training the {who} ({cost.passes:g} network passes per step"
-                + (f", {run_config.max_steps} steps" if run_config.max_steps else "") + ")")
+                + (f", {report.plural(run_config.max_steps, 'step')}" if run_config.max_steps else "") + ")")
             if several and world.main:
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 (folder.parent / MARKER).touch()
@@ -252,6 +280,7 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
             summary = finish(trained, folder, log=log,
                              test=Estimate(res["test_elbo"], res["test_elbo_stderr"]))
             res.update({k: summary[k] for k in FROM_SUMMARY if summary.get(k) is not None})
+            res.update(_family(trained))
             local = local_budget(trained, local_rows, **(local_options or {}))
             run = GuideRun(guide, seed, folder.relative_to(out).as_posix(), res,
                            Compute(cost, summary["steps"], summary["epochs"],
@@ -260,7 +289,8 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
             doc.device = str(trained.device)
             if (folder / "gaps.jsonl").exists():
                 run_gaps = read_gaps(folder / "gaps.jsonl")
-                report.gap_curves({guide: run_gaps}, folder / "gaps.png")
+                report.gap_curves({guide: run_gaps}, folder / "gaps.png",
+                                  tables=[guide] if res.get("per_datapoint") else [])
                 if seed == seeds[0]:
                     gaps[guide] = run_gaps
             if seed == seeds[0]:  # the figures show the first seed

@@ -43,11 +43,9 @@ def curves(histories: Dict[str, List[dict]], path: Path, title: str = "") -> Pat
         for ax, xs in zip(axes, (epochs, wall)):
             ax.plot(xs, [m["train_elbo"] for m in history], "--", color=c, label=f"{name} train")
             ax.plot(xs, [m["valid_elbo"] for m in history], "-", color=c, label=f"{name} valid")
-    valid = [m["valid_elbo"] for h in histories.values() for m in h]
-    valid = [v for v in valid if np.isfinite(v)]
-    if valid:
-        top = max(valid)
-        axes[0].set_ylim(top - 40, top + 5)
+    limits = curve_limits(histories)
+    if limits is not None:
+        axes[0].set_ylim(*limits)
     axes[0].set_xlabel("epoch")
     axes[1].set_xlabel("training time (s)")
     axes[0].set_ylabel("ELBO per image (nats)")
@@ -58,20 +56,59 @@ def curves(histories: Dict[str, List[dict]], path: Path, title: str = "") -> Pat
     return _save(fig, path)
 
 
+def curve_limits(histories: Dict[str, List[dict]], pad: float = 0.05) -> Optional[tuple]:
+    """y-limits that show a point of every curve: the range of every curve's values after its
+    first epoch (the first epoch, often hundreds of nats lower, may fall below), each curve's
+    one point when it has only one, padded by ``pad`` of the range; None without values."""
+    values = []
+    for history in histories.values():
+        rows = sorted(history, key=lambda m: m["epoch"])
+        later = rows[1:] or rows
+        for key in ("train_elbo", "valid_elbo"):
+            values += [float(m[key]) for m in later if m.get(key) is not None]
+    values = np.array([v for v in values if np.isfinite(v)])
+    if not len(values):
+        return None
+    lo, hi = float(values.min()), float(values.max())
+    margin = max(pad * (hi - lo), 0.5)
+    return lo - margin, hi + margin
+
+
 def image_shape(images: np.ndarray, shape=None) -> tuple:
-    """(C, H, W) of flattened images: ``shape`` when given, else square grayscale."""
+    """(C, H, W) of flattened images: ``shape`` when given, else square grayscale; a vector
+    (a shape of one row or column, or a non-square length) is drawn as a near-square
+    rectangle of its values (``rectangle``), not as a one-pixel strip."""
     if shape is not None and len(shape) == 3:
-        return tuple(int(v) for v in shape)
+        c, h, w = (int(v) for v in shape)
+        if min(h, w) > 1:
+            return c, h, w
+        if c != 1:
+            return c, h, w
     d = images.shape[-1]
     s = int(round(d ** 0.5))
-    return (1, s, s) if s * s == d else (1, 1, d)
+    return (1, s, s) if s * s == d else (1,) + rectangle(d)
+
+
+def rectangle(d: int) -> tuple:
+    """(H, W), H <= W, to show a vector of length ``d`` row by row: the factor pair nearest a
+    square when W <= 2 H (700 -> 25 x 28), else ceil(sqrt(d)) columns, the last row padded."""
+    for h in range(int(d ** 0.5), 0, -1):
+        if d % h == 0:
+            if d // h <= 2 * h:
+                return h, d // h
+            break
+    w = int(np.ceil(d ** 0.5))
+    return -(-d // w), w
 
 
 def _tile(images: np.ndarray, cols: int, shape=None, gap: int = 1) -> np.ndarray:
     """[N, C*H*W] images -> one mosaic with ``cols`` columns, 1-pixel white gaps:
     [rows*(H+gap), cols*(W+gap)] for grayscale, [..., 3] for colour (C = 3; other C: channel 0)."""
     c, h, w = image_shape(images, shape)
-    imgs = np.clip(np.asarray(images, dtype=np.float64).reshape(len(images), c, h, w), 0, 1)
+    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    if flat.shape[1] < c * h * w:  # a vector in a padded rectangle: white after its end
+        flat = np.concatenate([flat, np.ones((len(flat), c * h * w - flat.shape[1]))], 1)
+    imgs = np.clip(flat.reshape(len(images), c, h, w), 0, 1)
     imgs = imgs.transpose(0, 2, 3, 1) if c == 3 else imgs[:, 0]
     rows = -(-len(imgs) // cols)
     out = np.ones((rows * (h + gap) - gap, cols * (w + gap) - gap) + imgs.shape[3:])
@@ -184,19 +221,45 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def table_guides(gaps: Dict[str, List[dict]]) -> List[str]:
+    """The guides whose records show a per-datapoint table: L[q*] - L[q] on their training
+    rows but none on test rows (there the guide's q already is a local fit, so the
+    evaluation gives no amortization gap)."""
+    out = []
+    for name, rows in gaps.items():
+        train = [r for r in rows if r.get("split") == "train"]
+        test = [r for r in rows if r.get("split") == "test"]
+        if (test and any(r.get("amortization_gap") is not None for r in train)
+                and all(r.get("amortization_gap") is None for r in test)
+                and any(r.get("approximation_gap") is not None for r in test)):
+            out.append(name)
+    return out
+
+
+BAND = 1.0  # the shaded band: this many standard errors over rows, as in the report's tables
+
+
 def gap_curves(gaps: Dict[str, List[dict]], path: Path,
-               references: Optional[Dict[str, Dict[str, float]]] = None) -> Path:
-    """Amortization and approximation gap (nats, 2-stderr bands) against epoch, training rows
-    and test rows side by side, one colour per guide (from ``gaps.jsonl`` rows). A panel
-    whose values span more than a factor of 20 gets a log axis (symmetric-log if a gap is
-    negative), so the late, small gaps are not flattened by the first epochs' hundreds.
+               references: Optional[Dict[str, Dict[str, float]]] = None,
+               tables: Optional[Sequence[str]] = None) -> Path:
+    """Amortization and approximation gap (nats; shaded: ± ``BAND`` standard error over the
+    rows, as the report's tables give it) against epoch, training rows and test rows side by
+    side, one colour per guide (from ``gaps.jsonl`` rows). A panel whose values span more
+    than a factor of 20 gets a log axis (symmetric-log if a gap is negative), so the late,
+    small gaps are not flattened by the first epochs' hundreds.
+    ``tables``: the guides with a per-datapoint table (default: as their records show,
+    ``table_guides``); on training rows their L[q*] - L[q] is the local gap of the table's
+    rows, not an amortization gap, and is labelled so.
     ``references`` (guide name -> {"amortization_gap": nats, ..., "label": legend text})
     draws reference values as dashed lines in that guide's colour (``cremer.py``: the
     paper's, as recalled)."""
     plt = _plt()
+    tables = set(table_guides(gaps) if tables is None else tables)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     kinds = [("amortization_gap", "amortization gap  L[q*] - L[q]"),
              ("approximation_gap", "approximation gap  log p(x) - L[q*]")]
+    band = "± 1 s.e." if BAND == 1 else f"± {BAND:g} s.e."
+    shown = {}  # (row, col) -> names of guides drawn there
     for (name, rows), colour in zip(gaps.items(), plt.rcParams["axes.prop_cycle"]):
         for col, split in enumerate(("train", "test")):
             these = sorted((r for r in rows if r["split"] == split), key=lambda r: r["epoch"])
@@ -204,10 +267,14 @@ def gap_curves(gaps: Dict[str, List[dict]], path: Path,
                 pts = [(r["epoch"], r[key], r.get(key + "_stderr") or 0.0) for r in these
                        if r.get(key) is not None]
                 ax = axes[row, col]
+                local = key == "amortization_gap" and split == "train" and name in tables
                 if pts:
                     e, v, s_ = (np.array(t, dtype=float) for t in zip(*pts))
-                    ax.plot(e, v, "o-", color=colour["color"], label=name)
-                    ax.fill_between(e, v - 2 * s_, v + 2 * s_, color=colour["color"], alpha=0.2)
+                    ax.plot(e, v, "o-", color=colour["color"],
+                            label=f"{name}: local gap of the table rows" if local else name)
+                    ax.fill_between(e, v - BAND * s_, v + BAND * s_, color=colour["color"],
+                                    alpha=0.2)
+                    shown.setdefault((row, col), []).append(name)
                 refs = (references or {}).get(name, {})
                 if refs.get(key) is not None:
                     ax.axhline(refs[key], color=colour["color"], linestyle="--", linewidth=1,
@@ -215,6 +282,13 @@ def gap_curves(gaps: Dict[str, List[dict]], path: Path,
                 ax.set_title(f"{label}, {split} rows", fontsize=9)
                 ax.set_xscale("log")
                 ax.grid(alpha=0.3)
+    drawn = shown.get((0, 0), [])
+    if drawn and all(n in tables for n in drawn):
+        axes[0, 0].set_title("L[q*] - L[q], train rows: local gap of the table rows "
+                             "(no amortization)", fontsize=9)
+    elif any(n in tables for n in drawn):
+        axes[0, 0].set_title("amortization gap  L[q*] - L[q], train rows (a per-datapoint "
+                             "table: local gap of its rows)", fontsize=9)
     for ax in axes.flat:
         values = np.concatenate([line.get_ydata() for line in ax.get_lines()] or [[]])
         values = values[np.isfinite(values)]
@@ -228,7 +302,7 @@ def gap_curves(gaps: Dict[str, List[dict]], path: Path,
     for ax in axes[:, 0]:
         ax.set_ylabel("nats per image")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("inference gaps over training")
+    fig.suptitle(f"inference gaps over training (shaded: {band} over the scored rows)")
     return _save(fig, path)
 
 

@@ -55,17 +55,139 @@ PER_SEED = [("L[q]", "test_elbo"), ("L[q*]", "test_elbo_local"), ("log p(x)", "t
             ("train s", "train_seconds")]
 
 
+def plural(n, word: str, many: Optional[str] = None) -> str:
+    """``1 epoch``, ``2 epochs``: the count and the word in its number."""
+    one = isinstance(n, (int, float)) and not isinstance(n, bool) and float(n) == 1
+    return f"{n} {word}" if one else f"{n} {many or word + 's'}"
+
+
+DESCRIBED = {"amortized": "amortized", "semiamortized": "semi-amortized",
+             "meanfield": "mean-field", "iaf": "flow (IAF)"}
+
+
+def _and(words: List[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def title(guides: List[str]) -> str:
+    """The report's title, from the guides that ran: "Amortized, semi-amortized and
+    mean-field inference" for the default three; a user guide is named as given."""
+    if all(g in DESCRIBED for g in guides):
+        text = _and([DESCRIBED[g] for g in guides]) + " inference"
+        return text[0].upper() + text[1:]
+    return "Inference compared: " + _and([f"`{g}`" for g in guides])
+
+
+def _setting_words(name: str, c: dict) -> str:
+    v = c.get(name)
+    if name == "local_lr":
+        return f"RowAdam lr {v}"
+    if name == "inner_steps":
+        return f"{plural(v, 'local-only step')} per minibatch before each joint step"
+    if name == "local_init":
+        return f"rows initialized by `{v}`"
+    if name == "refine_steps":
+        return (f"{plural(v, 'refinement step')} of size {c.get('refine_lr')} from the "
+                f"encoder's output")
+    if name == "refine_lr":
+        return ""  # said with refine_steps
+    if name == "refine_stop_gradient":
+        return ("no gradient through the refinement to the encoder" if v
+                else "the encoder's gradient flows through the refinement")
+    return f"{name} {v}"
+
+
+def guide_settings(comparison: "Comparison") -> Dict[str, tuple]:
+    """Each compared guide's own settings (``Guide.settings``), as the comparison recorded
+    them, else as the guide's class says (built-in names only)."""
+    recorded = getattr(comparison, "settings", None) or {}
+    out = {}
+    for g in comparison.guides:
+        if g in recorded:
+            out[g] = tuple(recorded[g])
+            continue
+        try:
+            from .config import GUIDES
+            out[g] = tuple(getattr(getattr(GUIDES.resolve(g), "piece", None), "settings", ())
+                           if g in GUIDES else ())
+        except Exception:  # noqa: BLE001 - a guide that cannot be looked up says nothing
+            out[g] = ()
+    return out
+
+
+def _settings_text(comparison: "Comparison") -> str:
+    """"; the meanfield guide: RowAdam lr 0.01, ..." for the guides that read settings of
+    their own; nothing for guides that read only the shared ones."""
+    parts = []
+    for g, names in guide_settings(comparison).items():
+        words = [w for w in (_setting_words(n, comparison.config) for n in names) if w]
+        if words:
+            parts.append(f"the {g} guide: " + ", ".join(words))
+    return "; " + "; ".join(parts) if parts else ""
+
+
+def gap_notes(comparison: "Comparison") -> str:
+    """Why a guide's amortization gap is n/a, and what its approximation gap is when its
+    family is not q*'s diagonal Normal."""
+    notes = []
+    for g in comparison.guides:
+        runs = comparison.runs_of(g)
+        if not runs:
+            continue
+        r = runs[0].results
+        table = r.get("per_datapoint", runs[0].local is not None)
+        if "family" not in r and not table:  # not recorded (an older results.json)
+            continue
+        fam = r.get("family")
+        diagonal = fam == "diagonal normal"
+        called = f" ({fam})" if fam else ""
+        if r.get("amortization_gap") is None and r.get("approximation_gap") is not None:
+            if table:
+                notes.append(f"The {g} guide's amortization gap is n/a: it is a per-datapoint "
+                             f"table, fitted to each test row already (its held-out q is "
+                             f"itself a local fit, so L[q*] - L[q] is not an amortization "
+                             f"gap).")
+            elif not diagonal:
+                notes.append(f"The {g} guide's amortization gap is n/a: its family{called} "
+                             f"is not q*'s diagonal Normal family, so L[q*] - L[q] would "
+                             f"compare two families, not a guide with the best member of its "
+                             f"own family.")
+        if not table and not diagonal and r.get("approximation_gap") is not None:
+            notes.append(f"The {g} guide's approximation gap is log p(x) - L[q*] with a "
+                         f"diagonal Normal q*: the diagonal family's approximation gap, not "
+                         f"that of the {g} guide's own family{called}.")
+    return "\n" + "".join(f"- {n}\n" for n in notes) if notes else ""
+
+
+def _why_na(r: dict) -> str:
+    if r.get("per_datapoint"):
+        return "n/a (a per-datapoint table, fitted locally already)"
+    if "family" in r and r["family"] != "diagonal normal":
+        return (f"n/a (family {r['family'] or 'unstated'}, not q*'s diagonal Normal; the "
+                f"approx gap is the diagonal family's)")
+    return "n/a"
+
+
 def line(who: str, r: dict, local: Optional["LocalBudget"] = None) -> str:
     amort = r.get("amortization_gap")
     return (f"{who}: ELBO {r['test_elbo']:.2f}  L[q*] {r['test_elbo_local']:.2f}  "
             f"log p(x) {r['test_log_px']:.2f}  approx gap {r['approximation_gap']:.2f}  "
-            f"amort gap {'n/a' if amort is None else f'{amort:.2f}'}"
+            f"amort gap {_why_na(r) if amort is None else f'{amort:.2f}'}"
             + ("" if local is None else f"  table rows {local.stored:.2f} -> "
                f"{local.fitted:.2f} after a local fit"))
 
 
-def gap_curves(gaps: Dict[str, List[dict]], path: Path) -> Path:
-    return plots.gap_curves(gaps, path)
+def gap_curves(gaps: Dict[str, List[dict]], path: Path, tables=None) -> Path:
+    return plots.gap_curves(gaps, path, tables=tables)
+
+
+def _tables(comparison: "Comparison") -> Optional[List[str]]:
+    """The guides whose results say they are per-datapoint tables (None: not recorded, the
+    figure reads it from the gap records)."""
+    flags = {r.guide: r.results.get("per_datapoint") for r in comparison.runs}
+    if any(v is None for v in flags.values()):
+        return None
+    return [g for g, v in flags.items() if v]
 
 
 def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=None) -> None:
@@ -87,7 +209,7 @@ def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=N
     else:
         plots.gaps({r.guide: r.results for r in comparison.runs}, out / "gaps.png")
     if gaps:
-        plots.gap_curves(gaps, out / "gap_curves.png")
+        plots.gap_curves(gaps, out / "gap_curves.png", tables=_tables(comparison))
     first_arrays = next(iter(arrays.values()))
     rows = {"input": first_arrays["inputs"]}
     rows.update({f"{g} recon.": a["reconstructions"] for g, a in arrays.items()})
@@ -136,10 +258,10 @@ def _signed(v: float) -> str:
 def _budget(comparison: "Comparison") -> str:
     c = comparison.config
     if comparison.budget.unit == "epochs":
-        text = f"the same budget of {c['epochs']} epochs"
+        text = f"the same budget of {plural(c['epochs'], 'epoch')}"
     else:
         each = ", ".join(
-            f"{g} {r.compute.steps} steps ({r.compute.epochs} epochs)"
+            f"{g} {plural(r.compute.steps, 'step')} ({plural(r.compute.epochs, 'epoch')})"
             for g in comparison.guides for r in comparison.runs_of(g)[:1])
         text = (f"the same budget of {comparison.budget.amount:,} network passes (forward and "
                 f"backward passes of encoder and decoder over a minibatch; {each})")
@@ -177,7 +299,7 @@ def _local(comparison: "Comparison") -> str:
                  f"{r.visits:.1f} times in training. On its first {r.rows} training rows (as "
                  f"the run saw them), the ELBO of the rows as stored is {stored.mean:.2f}; a "
                  f"fresh local fit of those rows with the decoder frozen (warm-started from the "
-                 f"stored rows, the stopping rule of the test-time fit, {r.fit_steps} steps) "
+                 f"stored rows, the stopping rule of the test-time fit, {plural(r.fit_steps, 'step')}) "
                  f"reaches {fitted.mean:.2f}: the table's rows were {gap.mean:.2f} nats short of "
                  f"a local optimum{over}. Where that gap is large beside the amortization gaps, "
                  f"the comparison at this budget is about the local optimizer's budget as much "
@@ -259,32 +381,38 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False) -> str:
     else:
         seeds = f"Every guide: same decoder initialization (seed {comparison.seeds[0]})"
         errors = "Errors are ± one standard error over test images (paired for the gaps)"
-    return f"""# Amortized, semi-amortized and mean-field inference
+    settings = guide_settings(comparison)
+    tables = [g for g in names if "local_lr" in settings[g]]
+    refined = [g for g in names if "refine_steps" in settings[g]]
+    refining = (", so differentiating through a refinement counts its passes again"
+                if refined else "")
+    table_train = (f" (for {_and(tables)}, a per-datapoint table, the ELBO of its table rows "
+                   f"as they were when visited)" if tables else "")
+    answers = [f"{g}: its encoder" for g in names if g not in tables + refined]
+    answers += [f"{g}: the refined encoder" for g in refined]
+    answers += [f"{g}: a per-datapoint fit warm-started from the previous epoch, 30 steps with "
+                f"the decoder frozen" for g in tables]
+    answers = f" ({'; '.join(answers)})" if tables or refined else ""
+    return f"""# {title(names)}
 
 Date {comparison.date}, device `{comparison.device}`, torch {comparison.versions['torch']}, pyro {comparison.versions['pyro']}, git `{comparison.versions['git']}`.
 
 Data: {c['dataset']}, {c['binarize']} binarization for training; the test set ({a['num_rows']} rows) is scored
 under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, {c['net']} networks, hidden {c['hidden']} ({c['activation']}),
 {c['likelihood']} likelihood, {c['prior']} prior. {seeds},
-same data order, {_budget(comparison)}, batch {c['batch_size']}, Adam lr {c['lr']}; the per-datapoint table:
-RowAdam lr {c['local_lr']}, {c["inner_steps"]} local-only step(s) per minibatch before each joint step; the
-semi-amortized guide: {c['refine_steps']} refinement steps of size {c['refine_lr']} from the encoder's output.
+same data order, {_budget(comparison)}, batch {c['batch_size']}, Adam lr {c['lr']}{_settings_text(comparison)}.
 Wall time and steps per second are reported beside the numbers; they are not the budget.
 
 log p(x) is importance-sampled with K = {a['num_particles']} particles from the locally optimized q*
 (proposal `{a['proposal']}`). {errors}.
 
-{head}{body}
+{head}{body}{gap_notes(comparison)}
 Compute, counted on one optimizer step of each guide (a pass is one evaluation of a network
 over a minibatch, forward or backward; K particles count K; a backward pass is counted each
-time a gradient flows back through a forward pass, so differentiating through a refinement
-counts its passes again): {_compute(comparison)}. Validation and evaluation are not counted.
+time a gradient flows back through a forward pass{refining}): {_compute(comparison)}. Validation and evaluation are not counted.
 {_local(comparison)}{_differences(comparison) if comparison.several else ""}{_per_seed(comparison) if comparison.several else ""}
-Curves: "train" is the training objective over the epoch's minibatches (for the per-datapoint
-guide, the ELBO of its table rows as they were when visited); "valid" is the ELBO on
-{c['valid_size']} validation rows of the guide as it answers for new rows (the encoder; the
-refined encoder; a per-datapoint fit warm-started from the previous epoch, 30 steps with the
-decoder frozen){f"; seed {comparison.seeds[0]}" if comparison.several else ""}.
+Curves: "train" is the training objective over the epoch's minibatches{table_train}; "valid" is the ELBO on
+{c['valid_size']} validation rows of the guide as it answers for new rows{answers}{f"; seed {comparison.seeds[0]}" if comparison.several else ""}.
 
 ![ELBO curves](curves.png)
 

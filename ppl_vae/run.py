@@ -235,10 +235,10 @@ def _setup(config: Config, out, overwrite: bool, resume: bool, world: distribute
         history = [EpochMetrics(**m) for m in state["history"]]
         if state.get("position") is None and len(history) >= config.epochs:
             if (final / "summary.json").exists():
-                raise UserError(f"{final} already has {len(history)} epochs; to continue, "
+                raise UserError(f"{final} already has {_epochs(len(history))}; to continue, "
                                 f"ask for more with {setting('epochs')}")
             # all epochs trained, the final scoring interrupted: score it, train nothing
-            log(f"{final} has trained its {len(history)} epochs but was not scored "
+            log(f"{final} has trained its {_epochs(len(history))} but was not scored "
                 f"(interrupted): scoring it now")
             config = config.replace(epochs=len(history))
         _restore_networks(state, model, guide)
@@ -401,9 +401,8 @@ def _train(setup: _Setup, config: Config, world: distributed.World, progress, lo
                       callbacks=callbacks, log=log, shards=shards, rank=world.rank,
                       ctrl_c=world.size == 1)
     except Interrupted as e:
-        if folder is not None and folder.staged and len(done) == len(history):
-            e.kept = (f"the new run had not finished an epoch: {folder.final} is left as it "
-                      f"was")  # the staged attempt is dropped by close()
+        if folder is not None and folder.staged:  # no epoch yet: close() drops the attempt
+            e.kept = _what_is_kept(folder, done, history)
         else:
             save(done, e.position)
         raise
@@ -419,11 +418,15 @@ def _train(setup: _Setup, config: Config, world: distributed.World, progress, lo
                    gap_seconds=tracker.seconds if tracker is not None else None)
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
 def _what_is_kept(folder: Optional[RunDir], done: list, history: list) -> str:
     """What a run that stops on an error leaves, in words."""
     if folder is None:
         return "nothing was written"
-    if folder.staged:
+    if folder.staged:  # it commits after its first epoch
         return f"the new run had not finished an epoch: {folder.final} is left as it was"
     if len(done) > 0:
         return f"the checkpoint after epoch {len(done)} is kept"
@@ -532,7 +535,7 @@ def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = l
         binarize=trained.config.binarize, memory=memory_summary(trained),
         gap_tracking_seconds=trained.gap_seconds, compiled=compiled_run(
             trained.config, trained.guide, len(trained.splits.train)))
-    log(f"test ELBO {test.mean:.2f} +- {test.stderr:.2f} nats ({len(history)} epochs, "
+    log(f"test ELBO {test.mean:.2f} +- {test.stderr:.2f} nats ({_epochs(len(history))}, "
         f"{summary.seconds_per_epoch:.1f} s/epoch)")
     _warn_if_absurd(summary, trained.config.lr, log)
     if out is not None:

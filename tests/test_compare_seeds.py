@@ -208,3 +208,84 @@ def test_local_rows_must_be_positive(tmp_path, capsys, cached_mnist):
     err = capsys.readouterr().err
     assert code == 2 and "--local-rows" in err and err.count("\n") == 1
     assert not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# the report's text from the guides that ran; folders; --guide refused
+# ---------------------------------------------------------------------------------------
+VERSIONS = {"torch": "t", "pyro": "p", "git": "g"}
+RESULTS = {"num_rows": 40, "num_particles": 5, "proposal": "local", "test_elbo": -100.0,
+           "test_elbo_local": -99.0, "test_log_px": -97.0, "approximation_gap": 2.0}
+
+
+def _report(guides, results=None, config=TINY, settings=None, seeds=(0,)):
+    from ppl_vae import report
+    comp = Comparison("d", config.to_dict(), VERSIONS, "cpu", list(guides), {}, [], list(seeds),
+                      Budget(), 10, settings=settings or {})
+    for g in guides:
+        for s in seeds:
+            comp.runs.append(GuideRun(g, s, g, {**RESULTS, **(results or {}).get(g, {})},
+                                      Compute(StepCost({"decoder": 1.0}, {"decoder": 1.0}),
+                                              10, config.epochs, 1.0)))
+    return report.markdown(comp)
+
+
+def test_the_reports_title_and_settings_come_from_the_guides_that_ran():
+    default = _report(["amortized", "semiamortized", "meanfield"])
+    assert default.startswith("# Amortized, semi-amortized and mean-field inference\n")
+    assert "RowAdam lr" in default and "refinement steps of size" in default
+    user = _report(["mymod:A", "mymod:B"])
+    assert user.startswith("# Inference compared: `mymod:A` and `mymod:B`\n")
+    assert "RowAdam" not in user and "refinement" not in user and "mean-field" not in user
+    told = _report(["mymod:A", "mymod:B"], settings={"mymod:A": ["local_lr"]})
+    assert "the mymod:A guide: RowAdam lr" in told and "refinement" not in told
+    assert "RowAdam" not in _report(["amortized"])
+
+
+def test_one_epoch_is_one_epoch_not_one_epochs():
+    text = _report(["amortized"], config=TINY.replace(epochs=1))
+    assert "same budget of 1 epoch," in text and "1 epochs" not in text
+    assert "same budget of 2 epochs," in _report(["amortized"], config=TINY.replace(epochs=2))
+
+
+def test_the_report_says_why_an_amortization_gap_is_na():
+    text = _report(["amortized", "meanfield", "iaf"], results={
+        "amortized": {"family": "diagonal normal", "per_datapoint": False,
+                      "amortization_gap": 1.0},
+        "meanfield": {"family": "diagonal normal", "per_datapoint": True,
+                      "amortization_gap": None},
+        "iaf": {"family": None, "per_datapoint": False, "amortization_gap": None}})
+    assert "The meanfield guide's amortization gap is n/a: it is a per-datapoint table" in text
+    assert "The iaf guide's amortization gap is n/a: its family" in text
+    assert "not q*'s diagonal Normal family" in text
+    assert ("The iaf guide's approximation gap is log p(x) - L[q*] with a diagonal Normal q*: "
+            "the diagonal family's approximation gap") in text
+    assert "The amortized guide's" not in text and "The meanfield guide's approximation" not in text
+    from ppl_vae import report
+    said = report.line("iaf", {**RESULTS, "family": None, "per_datapoint": False,
+                               "amortization_gap": None})
+    assert "amort gap n/a (family unstated, not q*'s diagonal Normal" in said
+    assert "n/a (a per-datapoint table" in report.line("mf", {**RESULTS, "per_datapoint": True})
+
+
+def test_a_module_class_guide_gets_a_folder_without_a_colon(tmp_path):
+    from ppl_vae.compare import folder_name, run_folder
+    assert run_folder(tmp_path, "mymod.sub:A", 0, False) == tmp_path / "mymod_sub_A"
+    assert run_folder(tmp_path, "mymod:A", 3, True) == tmp_path / "mymod_A" / "seed3"
+    assert folder_name("meanfield") == "meanfield"
+    comp = Comparison("d", {}, {}, "cpu", ["mymod:A"], {}, [], [0], Budget(), 10)
+    comp.runs = [_run("mymod:A", 0, -90.0)]
+    assert "mymod:A" in comp.to_json()  # results.json keeps the guide's own name
+
+
+def test_guides_sharing_a_folder_are_refused(tmp_path, capsys):
+    code = cli.main(["compare", "--guides", "m:A_b,m:A.b", "--out", str(tmp_path / "c")])
+    assert code == 2 and "share a run folder" in capsys.readouterr().err
+
+
+def test_compare_refuses_guide_and_points_to_guides(tmp_path, capsys):
+    for guide in ("meanfield", "amortized"):  # the default too, when given
+        code = cli.main(["compare", "--guide", guide, "--out", str(tmp_path / "c")])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--guides {guide}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()

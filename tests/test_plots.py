@@ -96,3 +96,76 @@ def test_gap_curves_draw_reference_values_as_dashed_lines(monkeypatch, tmp_path)
                if line.get_linestyle() == "--"] for ax in figures[0].axes]
     curve = figures[0].axes[0].get_lines()[0].get_color()
     assert dashed == [[(1.34, curve)], [(1.34, curve)], [], []]  # amortization panels only
+
+
+def _figures(monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    return figures
+
+
+def test_curves_show_a_point_of_every_curve_they_list(monkeypatch, tmp_path):
+    """compare --quick: the amortized training curve (about -180) lay below a y-axis cut 40
+    nats under the best validation ELBO (-130), while its legend entry stayed."""
+    figures = _figures(monkeypatch)
+    amortized = [{"epoch": e, "wall": e, "train_elbo": t, "valid_elbo": v}
+                 for e, t, v in ((1, -260.0, -200.0), (2, -185.0, -150.0), (3, -180.0, -140.0))]
+    meanfield = [{"epoch": e, "wall": e, "train_elbo": t, "valid_elbo": v}
+                 for e, t, v in ((1, -300.0, -180.0), (2, -140.0, -135.0), (3, -128.0, -130.0))]
+    plots.curves({"amortized": amortized, "meanfield": meanfield}, tmp_path / "c.png")
+    ax = figures[0].axes[0]
+    lo, hi = ax.get_ylim()
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["amortized train", "amortized valid", "meanfield train", "meanfield valid"]
+    for line in ax.get_lines():
+        later = np.asarray(line.get_ydata())[1:]  # after the first epoch: all of it shown
+        assert ((later >= lo) & (later <= hi)).all(), (line.get_label(), lo, hi)
+    assert lo > -260  # the first epoch's hundreds do not flatten the rest
+
+
+def test_gap_curves_band_is_one_standard_error_and_says_so(monkeypatch, tmp_path):
+    figures = _figures(monkeypatch)
+    rows = [{"epoch": e, "split": s, "amortization_gap": 5.0, "amortization_gap_stderr": 1.0,
+             "approximation_gap": 3.0, "approximation_gap_stderr": 0.5}
+            for e in (1, 10) for s in ("train", "test")]
+    plots.gap_curves({"g": rows}, tmp_path / "a.png")
+    fig = figures[0]
+    (band,) = fig.axes[0].collections
+    ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+    assert ys.min() == pytest.approx(4.0) and ys.max() == pytest.approx(6.0)  # ± 1 s.e.
+    assert "± 1 s.e." in fig._suptitle.get_text()
+
+
+def test_gap_curves_call_a_tables_training_row_gap_the_local_gap(monkeypatch, tmp_path):
+    """A per-datapoint table's records: L[q*] - L[q] on training rows, none on test rows."""
+    figures = _figures(monkeypatch)
+    table = [{"epoch": e, "split": s, "approximation_gap": 3.0,
+              "amortization_gap": 2.0 if s == "train" else None}
+             for e in (1, 10) for s in ("train", "test")]
+    encoder = [{**r, "amortization_gap": 1.5} for r in table]
+    assert plots.table_guides({"mf": table, "enc": encoder}) == ["mf"]
+    plots.gap_curves({"mf": table}, tmp_path / "a.png")
+    plots.gap_curves({"enc": encoder, "mf": table}, tmp_path / "b.png")
+    plots.gap_curves({"mf": table}, tmp_path / "c.png", tables=[])  # the caller says: none
+    alone, mixed, told = (fig.axes[0] for fig in figures)
+    assert "local gap of the table rows" in alone.get_title()
+    assert not alone.get_title().startswith("amortization gap")
+    assert [line.get_label() for line in mixed.get_lines()] == [
+        "enc", "mf: local gap of the table rows"]
+    assert "local gap" in mixed.get_title()
+    assert told.get_title().startswith("amortization gap") and "local" not in told.get_title()
+
+
+def test_vectors_are_drawn_as_rectangles_not_one_pixel_strips(tmp_path):
+    vectors = np.random.default_rng(0).random((4, 700))
+    assert plots.image_shape(vectors) == (1, 25, 28)
+    assert plots.image_shape(vectors, (1, 1, 700)) == (1, 25, 28)  # a saved strip shape
+    assert plots.rectangle(701) == (26, 27)  # a prime length: padded after its end
+    mosaic = plots._tile(np.random.default_rng(0).random((3, 701)), 3)
+    assert mosaic.shape == (26, 3 * 28 - 1)
+    assert np.allclose(mosaic[-1, 27 - (26 * 27 - 701):27], 1.0)  # the padding: white
+    plots.image_rows({"input": vectors, "recon": vectors}, tmp_path / "r.png", "t", (1, 1, 700))
+    from PIL import Image
+    with Image.open(tmp_path / "r.png") as image:
+        width, height = image.size
+    assert height > width / 8  # not a strip
