@@ -187,3 +187,18 @@ def tiny_binary_data(n: int = 64, d: int = 12, seed: int = 0) -> torch.Tensor:
     flips = (torch.rand(n, d, generator=g) < 0.05).float()
     return (protos[which] + flips) % 2
 
+
+
+class TableWithoutRows(torch.nn.Module):
+    """A user's guide with a table it reads itself (no ``given_rows``): it cannot hand a
+    tracer its rows, so its steps take autograd."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, batch):
+        return self.table(batch)
+
+    def local_parameters(self):
+        return [self.table.params]

@@ -8,7 +8,7 @@ import pyro
 import pytest
 import torch
 
-from conftest import SEED, tiny_binary_data
+from conftest import SEED, TableWithoutRows, tiny_binary_data
 from ppl_vae import guides, nets, objectives, optim, train
 from ppl_vae.compiled import Compiled
 from ppl_vae.config import Config
@@ -134,7 +134,7 @@ def test_the_rule_of_compile_auto(monkeypatch):
     assert c.choose("auto", guides.LocalNormal(N, L), long).compile
     assert not c.choose("auto", encoder, long - 1).compile
     assert not c.choose("auto", encoder, long, max_seconds=c.PAYS_FROM_SECONDS - 1).compile
-    assert not c.choose("auto", _TableWithoutRows(guides.LocalNormal(N, L)), long).compile
+    assert not c.choose("auto", TableWithoutRows(guides.LocalNormal(N, L)), long).compile
     assert c.choose("on", encoder, 1).compile and not c.choose("off", encoder, long).compile
     monkeypatch.setattr(c, "has_compiler", lambda: False)
     none = c.choose("auto", encoder, long)
@@ -327,20 +327,6 @@ def test_a_parameter_the_loss_does_not_use_gets_no_gradient_as_in_eager():
     assert model.unused not in opts.global_.state
 
 
-class _TableWithoutRows(torch.nn.Module):
-    """A user's guide with a table it reads itself (no ``given_rows``)."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = table
-
-    def forward(self, batch):
-        return self.table(batch)
-
-    def local_parameters(self):
-        return [self.table.params]
-
-
 def test_value_and_grad_answers_none_where_the_step_must_use_autograd():
     """A parameter that is not the program's (or no longer is), a table asked for as a
     parameter, or a guide with a table it cannot hand over as rows: None, and the step
@@ -351,7 +337,7 @@ def test_value_and_grad_answers_none_where_the_step_must_use_autograd():
     assert compiled.value_and_grad(model, guide, batch, _params(model, guide) + [stray]) is None
     table = guides.LocalNormal(N, L)
     assert compiled.value_and_grad(model, table, batch, [table.params]) is None
-    assert compiled.value_and_grad(model, _TableWithoutRows(table), batch, []) is None
+    assert compiled.value_and_grad(model, TableWithoutRows(table), batch, []) is None
     params = _params(model, guide)
     assert compiled.value_and_grad(model, guide, batch, params) is not None
     layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))

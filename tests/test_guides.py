@@ -14,7 +14,7 @@ import torch.nn as nn
 from pyro import poutine
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
-from conftest import SEED, tiny_binary_data
+from conftest import SEED, TableWithoutRows, tiny_binary_data
 from ppl_vae import data, guides, likelihoods, nets, objectives, optim, priors, train
 from ppl_vae.data import Batch
 from ppl_vae.errors import UserError
@@ -126,20 +126,6 @@ def test_our_elbo_honours_poutine_scale_like_pyros():
     assert abs(float(unscaled) - float(ours.detach())) > 1.0  # the scale matters
 
 
-class _TableWithoutRows(torch.nn.Module):
-    """A user's guide with a table it reads itself: it cannot hand a tracer its rows."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = table
-
-    def forward(self, batch):
-        return self.table(batch)
-
-    def local_parameters(self):
-        return [self.table.params]
-
-
 def test_the_pipeline_asks_the_guide():
     model = _model()
     table = guides.LocalNormal(N, L)
@@ -147,7 +133,7 @@ def test_the_pipeline_asks_the_guide():
     assert guides.local_parameters(table) == [table.params]
     assert guides.local_parameters(encoder) == [] == guides.local_parameters(my_function_guide)
     assert guides.compilable(table) and guides.compilable(encoder)  # a table gives its rows
-    assert not guides.compilable(_TableWithoutRows(table))  # a table that cannot: not compiled
+    assert not guides.compilable(TableWithoutRows(table))  # a table that cannot: not compiled
     x = _split().x[:10]
     assert guides.held_out(encoder, model, x).guide is encoder
     held = guides.held_out(table, model, x, max_steps=5)
