@@ -157,7 +157,9 @@ def build_parser() -> Parser:
     _add_config(t, Config())
     t.add_argument("--out", type=_folder, default=Path("runs/train"), help="run folder")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its own settings; give only what "
+                        "changes (--epochs, --lr, ...)")
     t.add_argument("--evaluate", action="store_true",
                    help="run `evaluate` (log p(x), figures) at the end")
     t.add_argument("--num-particles-eval", type=int, default=5000, help="K of log p(x) with --evaluate")
