@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import guides, logs, plots
+from . import distributed, guides, logs, plots
 from .errors import UserError, setting
 from .heldout import evaluate_trained, read_gaps
 from .rundir import (EVALUATION, MARKER, lock, read_json, refuse_writer, unlock,
@@ -40,7 +40,8 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
                  test_size: Optional[int] = None, device: Optional[str] = None,
                  progress: bool = True, log=logs.info, warn=logs.warning,
                  trust_code: bool = False, given=None) -> dict:
-    """Evaluate the run in ``run_dir``; writes eval.json, arrays.npz and four PNG figures.
+    """Evaluate the run in ``run_dir``; writes eval.json, arrays.npz and four PNG figures
+    (``split="valid"``: ``eval_valid.json`` under ``valid_*`` names, beside the test's).
 
     Only a folder ppl_vae wrote (its marker) is written into, and only while no other process
     writes it (its lock; a run still training is refused: evaluate a copy). The new files are
@@ -86,7 +87,6 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     if proposal == "guide" and fitted:
         raise UserError(f"the {trained.config.guide} guide has no parameters for held-out "
                         f"rows; use {setting('proposal')} local")
-    from . import distributed
     main = distributed.current().main
     if main:  # one writer: a train or evaluate started now is refused
         lock(run_dir, "evaluate")
