@@ -447,6 +447,20 @@ def eval_model(run_dir, device):
     return model, guide, x
 
 
+def _alternating(cases: dict, repeats: int, sync, run):
+    """Time ``run(value)`` for every case, rounds alternating the order (so a drift of the
+    machine's load hits every case alike); returns (seconds per case, last result per case)."""
+    seconds, results = {k: [] for k in cases}, {}
+    for r in range(repeats):
+        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+            sync()
+            t = time.perf_counter()
+            results[name] = run(cases[name])
+            sync()
+            seconds[name].append(time.perf_counter() - t)
+    return seconds, results
+
+
 def bench_eval(device, run_dir, q_rows, repeats, logpx_k, logpx_rows, logpx_repeats):
     """Interleaved: q* on ``q_rows`` test rows, eager loop (``compile=False``, the path before
     issue 23) and compiled step (the default), ``repeats`` rounds each, with L[q*] of both;
@@ -461,16 +475,8 @@ def bench_eval(device, run_dir, q_rows, repeats, logpx_k, logpx_rows, logpx_repe
     local_inference(model, x[:min(len(x), 5000)], init=guide, max_steps=2, compile=True)
     out["q_compile_seconds"] = time.perf_counter() - t
     cases = {"eager (before)": False, "compiled (default)": True}
-    seconds = {k: [] for k in cases}
-    fits = {}
-    for r in range(repeats):
-        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
-            sync()
-            t = time.perf_counter()
-            fit = local_inference(model, x, init=guide, compile=cases[name])
-            sync()
-            seconds[name].append(time.perf_counter() - t)
-            fits[name] = fit
+    seconds, fits = _alternating(
+        cases, repeats, sync, lambda c: local_inference(model, x, init=guide, compile=c))
     for name, fit in fits.items():
         elbo = Estimate.of(elbo_parts(model, fit.guide, x, num_particles=10, seed=0).elbo)
         out[name] = {"seconds": seconds[name], "median_seconds": statistics.median(seconds[name]),
@@ -482,15 +488,8 @@ def bench_eval(device, run_dir, q_rows, repeats, logpx_k, logpx_rows, logpx_repe
         lp = {"default (2 ** 15 rows a chunk)": {}}
         if logpx_repeats > 1:  # the chunks before issue 23, interleaved
             lp["2 ** 13 rows a chunk (before)"] = dict(max_rows=2 ** 13)
-        res = {k: [] for k in lp}
-        vals = {}
-        for r in range(logpx_repeats):
-            for name in (list(lp) if r % 2 == 0 else list(lp)[::-1]):
-                sync()
-                t = time.perf_counter()
-                vals[name] = log_px(model, guide, xs, logpx_k, **lp[name])
-                sync()
-                res[name].append(time.perf_counter() - t)
+        res, vals = _alternating(lp, logpx_repeats, sync,
+                                 lambda kw: log_px(model, guide, xs, logpx_k, **kw))
         out["log_px"] = {k: {"seconds": v, "mean": float(vals[k].double().mean())}
                          for k, v in res.items()}
         out["log_px_setting"] = {"K": logpx_k, "rows": len(xs)}
