@@ -304,8 +304,9 @@ def probe(config: Config, model, guide, train: data.Split) -> None:
     if not code_names(config):
         return
     factor = lr_factor(config)
-    if factor is not None and not isinstance(factor(0), (int, float)):
-        raise TypeError(f"the schedule gave {type(factor(0)).__name__} for epoch 0, not a number")
+    first = factor(0) if factor is not None else 1.0
+    if not isinstance(first, (int, float)):
+        raise TypeError(f"the schedule gave {type(first).__name__} for epoch 0, not a number")
     x = train.x[:2]
     batch = data.Batch(x if config.binarize == "none" else torch.bernoulli(x),
                        torch.arange(len(x), device=x.device), len(train))
