@@ -5,8 +5,7 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
-from ppl_vae.heldout import evaluate_trained
-from ppl_vae.evaluate import Estimate
+from ppl_vae.evaluation import evaluate_trained
 from ppl_vae import logs
 from ppl_vae.config import Config
 from ppl_vae.run import finish, fit_run
@@ -21,12 +20,13 @@ SMOKE = dict(epochs=1, max_seconds=None, train_size=300, valid_size=50, test_siz
 
 def train_and_score(config: Config, out: Path, num_particles: int, local: bool = False,
                     progress: bool = True) -> Dict:
-    """Train ``config`` into ``out`` and return its summary merged with held-out results."""
+    """Train ``config`` into ``out`` and return its summary merged with its test scores
+    (``Scores.to_json``'s names: ``test_elbo``, ``test_log_px``, ``test_log_px_stderr``, ...)."""
     trained = fit_run(config, out, overwrite=True, progress=progress)
-    results, _ = evaluate_trained(trained, num_particles, local=local, progress=progress)
-    summary = finish(trained, out, test=Estimate(results["test_elbo"], results["test_elbo_stderr"]))
-    (Path(out) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    return {**summary, **results}
+    scores, _ = evaluate_trained(trained, num_particles, local=local, progress=progress)
+    summary = finish(trained, out, test=scores.elbo)
+    (Path(out) / "eval.json").write_text(json.dumps(scores.to_json(), indent=2) + "\n")
+    return {**summary.to_json(), **scores.to_json()}
 
 
 def markdown(rows: List[Dict], columns: List[str]) -> str:

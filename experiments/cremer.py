@@ -45,9 +45,9 @@ PROTOCOL = Config(hidden=(200, 200), activation="elu", latent_dim=50, batch_size
                   track_gaps=True, gap_epochs=(1, 3, 10, 30, 100, 300, 1000, 3280),
                   gap_rows=1000, gap_particles=500, valid_size=1000)
 PAPER = {  # Cremer, Li & Duvenaud (2018), Table 2, MNIST (see experiments/README.md)
-    "amortized": {"test_log_px": -89.80, "test_elbo_local": -91.23, "test_elbo": -92.57,
+    "amortized": {"log_px": -89.80, "elbo_local": -91.23, "elbo": -92.57,
                   "approximation_gap": 1.43, "amortization_gap": 1.34},
-    "iaf": {"test_log_px": -88.94, "test_elbo_local": -90.38, "test_elbo": -91.79,
+    "iaf": {"log_px": -88.94, "elbo_local": -90.38, "elbo": -91.79,
             "approximation_gap": 1.44, "amortization_gap": 1.41},
 }
 
@@ -78,8 +78,8 @@ def paper_lines(paper: dict, names=None) -> dict:
             for g, v in paper.items() if g in names}
 
 
-COLUMNS = ["guide", "rows", "epochs", "test_log_px", "test_elbo_local", "test_elbo",
-           "approximation_gap", "amortization_gap"]
+COLUMNS = ["guide", "rows", "epochs", "log_px", "elbo_local", "elbo", "approximation_gap",
+           "amortization_gap"]  # ``Scores`` quantities, of the row's split
 
 
 def score(trained, rows: int, num_particles: int, progress: bool,
@@ -88,11 +88,14 @@ def score(trained, rows: int, num_particles: int, progress: bool,
     out = []
     for split in ("train", "test"):
         guide, x = scored_rows(trained, split, rows)
-        results, _ = evaluate_model(trained.model, guide, x, num_particles, local=True,
-                                    seed=EVAL_SEED, progress=progress,
-                                    local_options={"max_steps": local_steps})
+        scores = evaluate_model(trained.model, guide, x, num_particles, local=True,
+                                seed=EVAL_SEED, progress=progress, split=split,
+                                local_options={"max_steps": local_steps})
         out.append({"guide": trained.config.guide, "rows": f"{split} {len(x)}",
-                    "epochs": len(trained.history), **results})
+                    "epochs": len(trained.history), "num_particles": scores.num_particles,
+                    **{name: est and est.mean for name, est in scores.estimates().items()},
+                    **{f"{name}_stderr": est and est.stderr
+                       for name, est in scores.estimates().items()}})
     return out
 
 

@@ -36,7 +36,7 @@ def main(argv=None):
         r = train_and_score(base.replace(likelihood=name), args.out / name, args.num_particles,
                             progress=not args.smoke)
         rows.append({"likelihood": name, **r})
-    write(rows, ["likelihood", "epochs", "test_elbo", "test_log_px", "log_px_stderr",
+    write(rows, ["likelihood", "epochs", "test_elbo", "test_log_px", "test_log_px_stderr",
                "rate", "distortion", "active_units", "seconds_per_epoch"], args.out)
     return rows
 

@@ -66,7 +66,7 @@ def main(argv=None):
             continue
         trained = fit_run(base.replace(guide=guide), args.out / guide, overwrite=True,
                           progress=not args.smoke)
-        rows.append({"setup": label, **finish(trained, args.out / guide)})
+        rows.append({"setup": label, **finish(trained, args.out / guide).to_json()})
     if "naive" in args.setups:
         rows.append({"setup": "meanfield (naive dense Adam)",
                      **naive_meanfield(base.replace(guide="meanfield"), not args.smoke)})

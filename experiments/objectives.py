@@ -39,7 +39,7 @@ def main(argv=None):
         r = train_and_score(config, args.out / label, args.num_particles, progress=not args.smoke)
         rows.append({"objective": label, **r})
     write(rows, ["objective", "epochs", "train_seconds", "test_elbo", "test_log_px",
-               "log_px_stderr", "active_units"], args.out)
+               "test_log_px_stderr", "active_units"], args.out)
     return rows
 
 

@@ -26,18 +26,16 @@ from .compute import Budget, Compute, LocalBudget, local_budget, step_cost, step
 from .config import GUIDES, SEED_LIMIT, Config, guide_settings
 from .data import Batch
 from .errors import UserError, setting
-from .evaluate import Estimate
-from .heldout import evaluate_trained, read_gaps
+from .evaluate import Scores
+from .evaluation import evaluate_trained
+from .heldout import read_gaps
 from .rundir import MARKER, RunDir, check_out, refuse_foreign, versions, write_json
-from .run import finish, fit_run, load_splits, load_trained
+from .run import Summary, finish, fit_run, load_splits, load_trained
 from .seeds import Difference, Spread, differences
 
 DEFAULT_GUIDES = ("amortized", "semiamortized", "meanfield")
-FROM_SUMMARY = ("train_seconds", "epochs", "steps", "steps_per_second", "seconds_per_epoch",
-                "param_mb", "peak_rss_mb", "peak_cuda_mb", "gap_tracking_seconds", "compiled")
-# the quantities whose paired differences between guides the report gives
-PAIRED = ("test_log_px", "test_elbo_local", "test_elbo", "approximation_gap",
-          "amortization_gap")
+# the quantities whose paired differences between guides the report gives (``Scores`` names)
+PAIRED = ("log_px", "elbo_local", "elbo", "approximation_gap", "amortization_gap")
 LOCAL_ROWS = 500  # training rows of a per-datapoint table scored for its local budget
 MAX_SEEDS = 100
 SCHEDULE = "one after another in one process"
@@ -69,19 +67,23 @@ def parse_seeds(text: str, first: int = 0) -> Tuple[int, ...]:
 
 @dataclass
 class GuideRun:
-    """One guide trained from one seed: its held-out numbers (``evaluate_model``'s and the
-    summary's timings), its compute and, for a guide with tables, its local budget."""
+    """One guide trained from one seed: its test scores, its training summary, its compute,
+    its variational family and, for a guide with tables, its local budget."""
 
     guide: str
     seed: int
     folder: str  # relative to the comparison's folder
-    results: Dict[str, object]
+    scores: Scores
+    summary: Summary
     compute: Compute
+    family: Optional[str] = None  # ``guides.family`` of the trained guide (None: unstated)
+    per_datapoint: bool = False  # a per-datapoint table (its held-out q is a local fit)
     local: Optional[LocalBudget] = None
 
     def numbers(self) -> Dict[str, float]:
-        """Every number of the run under one flat name (what the report's rows read)."""
-        out = {k: v for k, v in self.results.items()
+        """Every number of the run under the name results.json gives it (what the report's
+        rows and the spreads over seeds read)."""
+        out = {k: v for k, v in {**self.summary.costs(), **self.scores.to_json()}.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
         out.update(passes_per_step=self.compute.step.passes, total_passes=self.compute.total)
         if self.local is not None:
@@ -91,7 +93,8 @@ class GuideRun:
         return out
 
     def to_json(self) -> dict:
-        return {**self.results, "seed": self.seed, "folder": self.folder,
+        return {**self.summary.costs(), **self.scores.to_json(), "family": self.family,
+                "per_datapoint": self.per_datapoint, "seed": self.seed, "folder": self.folder,
                 "compute": self.compute.to_json(),
                 "local_budget": self.local.to_json() if self.local is not None else None}
 
@@ -126,9 +129,12 @@ class Comparison:
         return Spread(tuple(s for s, _ in pairs), tuple(v for _, v in pairs))
 
     def differences(self) -> List[Difference]:
-        values = {g: {q: {r.seed: r.numbers().get(q) for r in self.runs_of(g)} for q in PAIRED}
+        """The paired differences of ``PAIRED`` between guides, named as results.json names
+        them (``Scores.json_key``)."""
+        keys = [Scores.json_key(q, "test") for q in PAIRED]
+        values = {g: {k: {r.seed: r.numbers().get(k) for r in self.runs_of(g)} for k in keys}
                   for g in self.guides}
-        return differences(values, PAIRED, self.guides)
+        return differences(values, keys, self.guides)
 
     @property
     def several(self) -> bool:
@@ -205,9 +211,9 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
     return out, splits, plans
 
 
-def _family(trained) -> dict:
-    """The trained guide's variational family (``guides.family``) and whether it is a
-    per-datapoint table: what the report needs to say why an amortization gap is n/a."""
+def _family(trained) -> Optional[str]:
+    """The trained guide's variational family (``guides.family``): what the report needs to
+    say why an amortization gap is n/a."""
     x = trained.splits.test.x[:2] if hasattr(trained.splits.test, "x") else None
     probe = None
     if x is not None:
@@ -217,7 +223,7 @@ def _family(trained) -> dict:
         fam = guide_lib.family(trained.guide, probe)
     except Exception:  # noqa: BLE001 - a guide whose probe fails has no family to report
         fam = None
-    return {"family": fam, "per_datapoint": bool(guide_lib.local_parameters(trained.guide))}
+    return fam
 
 
 def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: bool = False,
@@ -273,30 +279,28 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
                 distributed.barrier(world)  # the whole table, as rank 0 checkpointed it
                 trained = load_trained(folder, device=config.device, given=run_config)
             log(f"== evaluating the {who}")
-            res, figs = evaluate_trained(trained, num_particles, progress=progress,
-                                         local_options=local_options)
+            scores, figs = evaluate_trained(trained, num_particles, progress=progress,
+                                            local_options=local_options)
             if not world.main:  # rank 0 scores and writes
                 continue
-            summary = finish(trained, folder, log=log,
-                             test=Estimate(res["test_elbo"], res["test_elbo_stderr"]))
-            res.update({k: summary[k] for k in FROM_SUMMARY if summary.get(k) is not None})
-            res.update(_family(trained))
+            summary = finish(trained, folder, log=log, test=scores.elbo)
             local = local_budget(trained, local_rows, **(local_options or {}))
-            run = GuideRun(guide, seed, folder.relative_to(out).as_posix(), res,
-                           Compute(cost, summary["steps"], summary["epochs"],
-                                   summary["train_seconds"]), local)
+            per_datapoint = bool(guide_lib.local_parameters(trained.guide))
+            run = GuideRun(guide, seed, folder.relative_to(out).as_posix(), scores, summary,
+                           Compute(cost, summary.steps, summary.epochs, summary.train_seconds),
+                           _family(trained), per_datapoint, local)
             doc.runs.append(run)
             doc.device = str(trained.device)
             if (folder / "gaps.jsonl").exists():
                 run_gaps = read_gaps(folder / "gaps.jsonl")
                 report.gap_curves({guide: run_gaps}, folder / "gaps.png",
-                                  tables=[guide] if res.get("per_datapoint") else [])
+                                  tables=[guide] if per_datapoint else [])
                 if seed == seeds[0]:
                     gaps[guide] = run_gaps
             if seed == seeds[0]:  # the figures show the first seed
                 arrays[guide] = figs
                 histories[guide] = [m._asdict() for m in trained.history]
-            log(report.line(who, res, local))
+            log(report.line(who, run))
     if not world.main:
         return {}
     result = doc.to_json()

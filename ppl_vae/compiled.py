@@ -24,7 +24,7 @@ as one graph that returns the loss, the gradients and a found-non-finite flag. A
 there is then no autograd at all (no autograd graph, no ``CompiledFunction`` wrappers, no
 gradient accumulation), and the divergence guard's check of every gradient is fused into the
 kernels that produce them: on a 2-core CPU that step is faster than a hand-written eager
-PyTorch step (experiments/README.md, section 12). ``train.step_on_device`` asks an
+PyTorch step (experiments/README.md, section 5). ``train.step_on_device`` asks an
 objective for it and falls back to ``loss.backward()`` where it answers None.
 
 Every built-in guide compiles this way. A per-datapoint table (``PerDatapoint``) cannot be an

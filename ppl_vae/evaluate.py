@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, NamedTuple, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -125,37 +126,152 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 UNIT_ROWS = 5000  # rows evaluated as one unit, with its own seed (local_inference's chunk)
+SPLITS = ("test", "valid", "train")
+
+
+@dataclass(frozen=True)
+class View:
+    """A guide's other view scored on the same rows (a semi-amortized guide's bare encoder):
+    its ELBO and, when it is in q*'s family, its amortization gap L[q*] - L[view]."""
+
+    name: str
+    elbo: Estimate
+    amortization_gap: Optional[Estimate] = None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Every held-out number of one model on the rows of one split (``evaluate_model``).
+
+    Estimates carry their standard error over rows (``Estimate``); a quantity that was not
+    computed is None. ``to_json`` is the one place the keys of ``eval.json`` (and of a
+    comparison's ``results.json`` entries and the gap curves' lines) are spelled:
+    ``json_key``. The posterior means go to the figures and are never written as numbers.
+    """
+
+    split: str  # test, valid or train: the rows that were scored
+    rows: int
+    num_particles: int  # K of the log p(x) estimate
+    proposal: str  # of log p(x): guide (the own guide) or local (q*)
+    elbo: Estimate  # L[q] of the model's own guide, as it answers for these rows
+    log_px: Estimate
+    rate: float  # KL(q || p) of the own guide, Monte Carlo
+    distortion: float  # -E_q log p(x | z)
+    active_units: int
+    seconds: float  # of the whole evaluation
+    log_px_seconds: float
+    elbo_local: Optional[Estimate] = None  # L[q*]
+    approximation_gap: Optional[Estimate] = None  # log p(x) - L[q*], paired
+    amortization_gap: Optional[Estimate] = None  # L[q*] - L[q], paired; None off q*'s family
+    views: Tuple[View, ...] = ()
+    local_steps: Optional[int] = None  # of the q* fit
+    local_seconds: Optional[float] = None
+    means: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)  # [N, L]
+
+    @staticmethod
+    def json_key(quantity: str, split: str) -> str:
+        """The file name of a quantity scored on ``split``: the estimates of the rows are
+        named by it (``test_elbo``, ``valid_log_px``, ``train_elbo_local``,
+        ``test_elbo_encoder``, each with ``..._stderr``); the gaps, rate, distortion and
+        active units keep their own names, of the same rows (the file's ``split``)."""
+        if quantity.endswith("_stderr"):
+            return Scores.json_key(quantity[:-len("_stderr")], split) + "_stderr"
+        if quantity in ("elbo", "log_px") or quantity.startswith("elbo_"):
+            return f"{split}_{quantity}"
+        return quantity
+
+    def estimates(self) -> Dict[str, Optional[Estimate]]:
+        """Every estimate by quantity name, views included (``elbo_<view>``,
+        ``amortization_gap_<view>``)."""
+        out = {"elbo": self.elbo, "elbo_local": self.elbo_local, "log_px": self.log_px,
+               "approximation_gap": self.approximation_gap,
+               "amortization_gap": self.amortization_gap}
+        for v in self.views:
+            out[f"elbo_{v.name}"] = v.elbo
+            out[f"amortization_gap_{v.name}"] = v.amortization_gap
+        return out
+
+    def to_json(self) -> dict:
+        doc = {"split": self.split, "num_rows": self.rows, "num_particles": self.num_particles,
+               "proposal": self.proposal}
+        if self.local_steps is not None:
+            doc.update(local_steps=self.local_steps, local_seconds=self.local_seconds)
+        for name, est in self.estimates().items():
+            if est is None and name not in ("amortization_gap", "approximation_gap",
+                                            "elbo_local"):
+                continue  # a view's gap outside q*'s family is simply absent, as before
+            doc[self.json_key(name, self.split)] = est and est.mean
+            doc[self.json_key(name + "_stderr", self.split)] = est and est.stderr
+        doc.update(rate=self.rate, distortion=self.distortion, active_units=self.active_units,
+                   log_px_seconds=self.log_px_seconds, seconds=self.seconds)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Scores":
+        """Read ``to_json``'s layout, and the older ones: files written before the keys named
+        their split (``test_*`` names whatever the split, ``log_px_stderr``)."""
+        split = doc.get("split", "test")
+
+        def get(quantity):
+            for key in (cls.json_key(quantity, split), cls.json_key(quantity, "test"),
+                        quantity):
+                if key in doc:
+                    return doc[key]
+            return None
+
+        def est(quantity) -> Optional[Estimate]:
+            mean, err = get(quantity), get(quantity + "_stderr")
+            if mean is None:
+                return None
+            return Estimate(float(mean), float(err) if err is not None else math.nan)
+
+        prefixes = {f"{split}_elbo_", "test_elbo_"}
+        names = sorted({k[len(p):] for k in doc for p in prefixes
+                        if k.startswith(p) and not k.endswith("_stderr")} - {"local"})
+        views = tuple(View(n, est(f"elbo_{n}"), est(f"amortization_gap_{n}")) for n in names)
+        return cls(split=split, rows=int(doc.get("num_rows", doc.get("rows", 0))),
+                   num_particles=int(doc.get("num_particles", 0)),
+                   proposal=str(doc.get("proposal", "")), elbo=est("elbo"),
+                   log_px=est("log_px"), rate=doc.get("rate"),
+                   distortion=doc.get("distortion"), active_units=doc.get("active_units"),
+                   seconds=doc.get("seconds"), log_px_seconds=doc.get("log_px_seconds"),
+                   elbo_local=est("elbo_local"), approximation_gap=est("approximation_gap"),
+                   amortization_gap=est("amortization_gap"), views=views,
+                   local_steps=doc.get("local_steps"), local_seconds=doc.get("local_seconds"))
 
 
 def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
                    local: bool = True, proposal: str = "auto", seed: int = 0,
                    local_options: Optional[dict] = None, progress: bool = True,
-                   unit_rows: int = UNIT_ROWS):
-    """Every held-out number of one model on rows ``x``; returns (results dict, arrays dict).
+                   unit_rows: int = UNIT_ROWS, split: str = "test") -> Optional[Scores]:
+    """Every held-out number of one model on rows ``x`` of ``split``, as ``Scores``.
 
-    - ``test_elbo``: the ELBO of the model's own guide on these rows, as the guide answers
+    - ``elbo``: the ELBO of the model's own guide on these rows, as the guide answers
       ``held_out`` (an encoder as it is; a per-datapoint guide fitted to the rows from
       N(0, I), which is how such a model is used; a semi-amortized guide after refinement).
-    - ``test_elbo_local`` = L[q*]: a per-datapoint Normal fitted by ``local_inference``,
+    - ``elbo_local`` = L[q*]: a per-datapoint Normal fitted by ``local_inference``,
       warm-started from the guide (or the own guide itself when that already is such a fit).
-    - ``test_log_px``: importance-sampled log p(x) with ``num_particles`` samples from
+    - ``log_px``: importance-sampled log p(x) with ``num_particles`` samples from
       ``proposal``: ``"guide"`` (the own guide), ``"local"`` (q*), or ``"auto"`` (q* when fitted).
     - ``approximation_gap`` = log p(x) - L[q*]; ``amortization_gap`` = L[q*] - L[q] when q is
       in q*'s family (``guides.family``; None otherwise, e.g. for a flow), with standard errors
       of the paired differences. Each of ``guides.views(guide)`` (a semi-amortized guide's
-      bare encoder) adds ``test_elbo_<view>`` and ``amortization_gap_<view>``.
-    - ``rate``/``distortion`` of the own guide; ``active_units`` of its posterior means.
+      bare encoder) adds a ``View`` with its ELBO and amortization gap.
+    - ``rate``/``distortion`` of the own guide; ``active_units`` and ``means`` (the
+      posterior means, for the figures) of its posterior.
 
     The rows are evaluated in units of ``unit_rows`` (unit u seeded with ``seed + u``), so
     the numbers do not depend on how the units are shared out: under torchrun each process
     takes units u with u mod W = rank, and rank 0 gathers the per-row values and returns the
-    same results as one process (the other processes return (None, None)).
+    same scores as one process (the other processes return None).
     """
     from . import distributed
 
     start = time.perf_counter()
     if proposal not in ("auto", "guide", "local"):
         raise ValueError(f"unknown proposal {proposal!r}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
     world = distributed.current()
     units = list(enumerate(range(0, len(x), unit_rows)))  # (unit, its first row)
     mine = {u: _evaluate_rows(model, guide, x[first:first + unit_rows], num_particles, local,
@@ -166,41 +282,31 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
             {u: {k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()}
              for u, r in mine.items()}, world)
         if not world.main:
-            return None, None
+            return None
         mine = {u: r for part in parts for u, r in part.items()}
     rows = [mine[u] for u, _ in units]
     cat = {k: torch.cat([r[k].to(x.device) for r in rows]) for k, v in rows[0].items()
            if torch.is_tensor(v)}
     first = rows[0]
-    results: dict = {"num_rows": len(x), "num_particles": num_particles}
-    if first["fitted"]:
-        results.update(local_steps=sum(r["steps"] for r in rows),
-                       local_seconds=sum(r["seconds"] for r in rows))
-    elbo = Estimate.of(cat["elbo"])
-    results.update(test_elbo=elbo.mean, test_elbo_stderr=elbo.stderr,
-                   rate=float(cat["rate"].mean()), distortion=float(cat["distortion"].mean()))
-    est = Estimate.of(cat["log_px"])
-    results.update(test_log_px=est.mean, log_px_stderr=est.stderr, proposal=first["proposal"],
-                   log_px_seconds=sum(r["log_px_seconds"] for r in rows))
-    if first["fitted"]:
-        approx = _paired(cat["log_px"], cat["local_elbo"])
-        results.update(test_elbo_local=float(cat["local_elbo"].mean()),
-                       test_elbo_local_stderr=Estimate.of(cat["local_elbo"]).stderr,
-                       approximation_gap=approx.mean, approximation_gap_stderr=approx.stderr)
-        amort = _paired(cat["local_elbo"], cat["elbo"]) if first["comparable"] else None
-        results.update(amortization_gap=amort and amort.mean,
-                       amortization_gap_stderr=amort and amort.stderr)
-    for name in first["views"]:
-        view_elbo = cat[f"view_{name}"]
-        results[f"test_elbo_{name}"] = float(view_elbo.mean())
-        results[f"test_elbo_{name}_stderr"] = Estimate.of(view_elbo).stderr
-        if first["views"][name]:
-            gap = _paired(cat["local_elbo"], view_elbo)
-            results[f"amortization_gap_{name}"] = gap.mean
-            results[f"amortization_gap_{name}_stderr"] = gap.stderr
-    results["active_units"] = active_units(cat["means"])
-    results["seconds"] = time.perf_counter() - start
-    return results, {"posterior_means": cat["means"]}
+    fitted = first["fitted"]
+    local_elbo = cat["local_elbo"] if fitted else None
+    views = tuple(View(name, Estimate.of(cat[f"view_{name}"]),
+                       _paired(local_elbo, cat[f"view_{name}"]) if comparable else None)
+                  for name, comparable in first["views"].items())
+    return Scores(
+        split=split, rows=len(x), num_particles=num_particles, proposal=first["proposal"],
+        elbo=Estimate.of(cat["elbo"]), log_px=Estimate.of(cat["log_px"]),
+        rate=float(cat["rate"].mean()), distortion=float(cat["distortion"].mean()),
+        active_units=active_units(cat["means"]),
+        log_px_seconds=sum(r["log_px_seconds"] for r in rows),
+        elbo_local=Estimate.of(local_elbo) if fitted else None,
+        approximation_gap=_paired(cat["log_px"], local_elbo) if fitted else None,
+        amortization_gap=(_paired(local_elbo, cat["elbo"])
+                          if fitted and first["comparable"] else None),
+        views=views,
+        local_steps=sum(r["steps"] for r in rows) if fitted else None,
+        local_seconds=sum(r["seconds"] for r in rows) if fitted else None,
+        means=cat["means"], seconds=time.perf_counter() - start)
 
 
 @own_rng

@@ -1,4 +1,5 @@
-"""The ``evaluate`` command: a run folder reloaded, scored on held-out rows, and its files
+"""A trained run scored on its held-out split (``evaluate_trained``: what ``evaluate`` and
+``compare`` score), and the ``evaluate`` command: a run folder reloaded, scored, and its files
 (``eval.json``, ``arrays.npz``, the figures) written aside and put in place once complete.
 
 Only a folder ppl_vae wrote is written into, and only while no other process writes it."""
@@ -7,17 +8,42 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from . import distributed, guides, logs, plots
 from .errors import UserError, setting
-from .heldout import evaluate_trained, read_gaps
+from .evaluate import Scores, evaluate_model, figure_arrays
+from .heldout import EVAL_SEED, eval_pixels, read_gaps
 from .rundir import (EVALUATION, MARKER, lock, read_json, refuse_writer, unlock,
                      write_json)
 from .run import load_trained
 from .tracking import open_tracker
+
+
+class Evaluated(NamedTuple):
+    scores: Optional[Scores]  # None on a torchrun process other than rank 0
+    arrays: Optional[dict]  # what the figures show (``figure_arrays``), with the labels
+
+
+def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local: bool = True,
+                     split: str = "test", progress: bool = True,
+                     local_options: Optional[dict] = None) -> Evaluated:
+    """``evaluate_model`` on a trained run's held-out split (its first ``test_size`` rows,
+    under the fixed evaluation binarization), with the figures' arrays."""
+    held_out = trained.splits.get(split).head(trained.config.test_size)
+    x = eval_pixels(trained.config, held_out)
+    scores = evaluate_model(trained.model, trained.guide, x, num_particles, local=local,
+                            proposal=proposal, seed=EVAL_SEED, progress=progress,
+                            local_options=local_options, split=split)
+    if scores is None:  # another torchrun process: rank 0 has the scores
+        return Evaluated(None, None)
+    figs = figure_arrays(trained.model, x, scores.means)
+    figs["labels"] = held_out.y.cpu().numpy()  # -1: unlabelled
+    figs["shape"] = np.array(held_out.image_shape)  # (C, H, W), for the figures
+    figs["classes"] = np.array(held_out.classes or (), dtype=str)
+    return Evaluated(scores, figs)
 
 
 def _check_gaps(run_dir: Path) -> None:
@@ -91,18 +117,16 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     if main:  # one writer: a train or evaluate started now is refused
         lock(run_dir, "evaluate")
     try:
-        results, figs = _evaluate_into(run_dir, trained, num_particles, proposal, local,
-                                       split, progress, finished)
+        s, results, figs = _evaluate_into(run_dir, trained, num_particles, proposal, local,
+                                          split, progress, finished)
     finally:
         if main:
             unlock(run_dir)
     if results is None:  # another torchrun process: rank 0 writes the files
         return {}
-    log(f"log p(x) {results[split + '_log_px']:.2f} ± {results['log_px_stderr']:.2f} "
-        f"(K={num_particles}, {results['num_rows']} {split} rows), ELBO "
-        f"{results[split + '_elbo']:.2f}, rate {results['rate']:.2f}, distortion "
-        f"{results['distortion']:.2f}, active units {results['active_units']}, "
-        f"{results['seconds']:.0f} s")
+    log(f"log p(x) {s.log_px.mean:.2f} ± {s.log_px.stderr:.2f} (K={num_particles}, "
+        f"{s.rows} {split} rows), ELBO {s.elbo.mean:.2f}, rate {s.rate:.2f}, distortion "
+        f"{s.distortion:.2f}, active units {s.active_units}, {s.seconds:.0f} s")
     name = "eval.json" if split == "test" else f"eval_{split}.json"
     log("wrote " + ", ".join(str(p) for p in [run_dir / name, *figs]))
     return results
@@ -112,19 +136,17 @@ def _evaluate_into(run_dir: Path, trained, num_particles, proposal, local, split
                    finished):
     """Evaluate and write the files aside (``.evaluating-<pid>``); the previous evaluation is
     replaced only once the new one is complete (each file by a rename, eval.json last)."""
-    results, arrays = evaluate_trained(trained, num_particles, proposal=proposal, local=local,
-                                       split=split, progress=progress)
-    if results is None:
-        return None, None
-    results.update(guide=trained.config.guide, dataset=trained.config.dataset,
-                   binarize=trained.config.binarize, epochs=len(trained.history),
-                   finished=finished, checkpoint=trained.checkpoint,
-                   device=str(trained.device))
+    scores, arrays = evaluate_trained(trained, num_particles, proposal=proposal, local=local,
+                                      split=split, progress=progress)
+    if scores is None:
+        return None, None, None
+    results = {**scores.to_json(), "guide": trained.config.guide,
+               "dataset": trained.config.dataset, "binarize": trained.config.binarize,
+               "epochs": len(trained.history), "finished": finished,
+               "checkpoint": trained.checkpoint, "device": str(trained.device)}
     if split != "test":  # another split's numbers, under its own names, beside the test's
-        results = {(split + key[4:] if key.startswith("test_") else key): value
-                   for key, value in results.items()}
         write_json(run_dir / f"eval_{split}.json", results)
-        return results, []
+        return scores, results, []
     aside = run_dir / f".evaluating-{os.getpid()}"
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir()
@@ -150,4 +172,4 @@ def _evaluate_into(run_dir: Path, trained, num_particles, proposal, local, split
         tracker.figures(figs, step=len(trained.history))
         tracker.scalars(results, step=len(trained.history), prefix=f"eval_{split}/")
         tracker.close()
-    return results, figs
+    return scores, results, figs

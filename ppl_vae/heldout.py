@@ -1,18 +1,17 @@
-"""Scoring a trained guide on held-out rows: the fixed evaluation pixels, the per-epoch
-validation ELBO, the gap curves over training (``GapTracker``), and a trained run scored on
-its held-out split (``evaluate_trained``); the ``evaluate`` command, which writes the files,
-is ``evaluation.py``."""
+"""Scoring during training: the fixed evaluation pixels every score uses, the per-epoch
+validation ELBO (``Validator``) and the gap curves over training (``GapTracker``). A trained
+run scored on its held-out split, and the ``evaluate`` command that writes its files, are
+``evaluation.py``."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
 from . import data, guides
-from .evaluate import elbo_parts, evaluate_model, figure_arrays
+from .evaluate import elbo_parts, evaluate_model
 from .train import Callback, EpochMetrics, Loop
 
 EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
@@ -112,11 +111,6 @@ class RowsOf(torch.nn.Module):
         return guides.family(self._inner[0])
 
 
-GAP_KEYS = ("test_elbo", "test_elbo_stderr", "test_elbo_local", "test_elbo_local_stderr",
-            "test_log_px", "log_px_stderr", "approximation_gap", "approximation_gap_stderr",
-            "amortization_gap", "amortization_gap_stderr")
-
-
 class GapTracker(Callback):
     """Scores L[q], L[q*], log p(x) and both gaps on fixed training and test rows at chosen
     epochs (and the last), appending one JSON line per epoch and split to ``path``."""
@@ -143,12 +137,10 @@ class GapTracker(Callback):
         lines = []
         for split, guide, x in (("train", RowsOf(self.guide, self.rows, self.num_train),
                                  self.x_train), ("test", self.guide, self.x_test)):
-            results, _ = evaluate_model(self.model, guide, x, self.num_particles, local=True,
-                                        seed=EVAL_SEED, progress=False,
-                                        local_options={"max_steps": self.local_steps})
-            lines.append({"epoch": metrics.epoch, "split": split, "rows": len(x),
-                          "num_particles": self.num_particles,
-                          **{k: results.get(k) for k in GAP_KEYS}})
+            scores = evaluate_model(self.model, guide, x, self.num_particles, local=True,
+                                    seed=EVAL_SEED, progress=False, split=split,
+                                    local_options={"max_steps": self.local_steps})
+            lines.append({"epoch": metrics.epoch, **scores.to_json()})
         self.seconds += time.perf_counter() - start
         for line in lines:
             line["tracking_seconds"] = self.seconds
@@ -160,31 +152,3 @@ class GapTracker(Callback):
 
 def read_gaps(path: Path) -> list:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-# ---------------------------------------------------------------------------------------
-# a trained run on its held-out split
-# ---------------------------------------------------------------------------------------
-class Evaluated(NamedTuple):
-    results: dict
-    arrays: dict
-
-
-def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local: bool = True,
-                     split: str = "test", progress: bool = True,
-                     local_options: Optional[dict] = None) -> Evaluated:
-    """``evaluate_model`` on a trained run's held-out split, with the figures' arrays."""
-    # load_splits cut the test split to test_size; cut a validation split the same way
-    held_out = trained.splits.get(split).head(trained.config.test_size)
-    x = eval_pixels(trained.config, held_out)
-    results, arrays = evaluate_model(trained.model, trained.guide, x, num_particles, local=local,
-                                     proposal=proposal, seed=EVAL_SEED, progress=progress,
-                                     local_options=local_options)
-    if results is None:  # another torchrun process: rank 0 has the results
-        return Evaluated(None, None)
-    results["split"] = split
-    figs = figure_arrays(trained.model, x, arrays["posterior_means"])
-    figs["labels"] = held_out.y.cpu().numpy()  # -1: unlabelled
-    figs["shape"] = np.array(held_out.image_shape)  # (C, H, W), for the figures
-    figs["classes"] = np.array(held_out.classes or (), dtype=str)
-    return Evaluated(results, figs)

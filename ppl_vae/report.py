@@ -10,49 +10,53 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 import numpy as np
 
 from . import plots
+from .evaluate import Scores
 
 if TYPE_CHECKING:
-    from .compare import Comparison
-    from .compute import LocalBudget
+    from .compare import Comparison, GuideRun
 
+# (label, quantity, with its error): a ``Scores`` quantity (named in results.json by
+# ``Scores.json_key``) or a number of the run (``GuideRun.numbers``)
 ROWS = [
-    ("test ELBO of its own guide, L[q] (nats)", "test_elbo", "test_elbo_stderr"),
-    ("test ELBO of the bare encoder (semi-amortized)", "test_elbo_encoder",
-     "test_elbo_encoder_stderr"),
-    ("test ELBO after local optimization, L[q*]", "test_elbo_local", "test_elbo_local_stderr"),
-    ("importance-sampled log p(x)", "test_log_px", "log_px_stderr"),
-    ("approximation gap log p(x) - L[q*]", "approximation_gap", "approximation_gap_stderr"),
-    ("amortization gap L[q*] - L[q]", "amortization_gap", "amortization_gap_stderr"),
-    ("amortization gap of the bare encoder", "amortization_gap_encoder",
-     "amortization_gap_encoder_stderr"),
-    ("rate KL(q‖p) of its own guide", "rate", None),
-    ("distortion -E_q log p(x|z)", "distortion", None),
-    ("active units", "active_units", None),
-    ("table rows: ELBO as stored at the end of training", "local_stored", None),
-    ("table rows: ELBO after a local fit (decoder frozen)", "local_fitted", None),
-    ("table rows: local gap, fit - stored", "local_gap", "local_gap_stderr"),
-    ("table rows: visits per row in training", "local_visits", None),
-    ("epochs", "epochs", None),
-    ("optimizer steps", "steps", None),
-    ("network passes per optimizer step (fwd + bwd)", "passes_per_step", None),
-    ("network passes in all", "total_passes", None),
-    ("training time (s)", "train_seconds", None),
-    ("steps per second", "steps_per_second", None),
-    ("gap curves: seconds", "gap_tracking_seconds", None),
-    ("peak RSS of the process so far (MiB)", "peak_rss_mb", None),
-    ("parameters (MiB)", "param_mb", None),
-    ("test-time local inference: steps", "local_steps", None),
-    ("test-time local inference: seconds", "local_seconds", None),
-    ("log p(x) estimate: seconds", "log_px_seconds", None),
+    ("test ELBO of its own guide, L[q] (nats)", "elbo", True),
+    ("test ELBO of the bare encoder (semi-amortized)", "elbo_encoder", True),
+    ("test ELBO after local optimization, L[q*]", "elbo_local", True),
+    ("importance-sampled log p(x)", "log_px", True),
+    ("approximation gap log p(x) - L[q*]", "approximation_gap", True),
+    ("amortization gap L[q*] - L[q]", "amortization_gap", True),
+    ("amortization gap of the bare encoder", "amortization_gap_encoder", True),
+    ("rate KL(q‖p) of its own guide", "rate", False),
+    ("distortion -E_q log p(x|z)", "distortion", False),
+    ("active units", "active_units", False),
+    ("table rows: ELBO as stored at the end of training", "local_stored", False),
+    ("table rows: ELBO after a local fit (decoder frozen)", "local_fitted", False),
+    ("table rows: local gap, fit - stored", "local_gap", True),
+    ("table rows: visits per row in training", "local_visits", False),
+    ("epochs", "epochs", False),
+    ("optimizer steps", "steps", False),
+    ("network passes per optimizer step (fwd + bwd)", "passes_per_step", False),
+    ("network passes in all", "total_passes", False),
+    ("training time (s)", "train_seconds", False),
+    ("steps per second", "steps_per_second", False),
+    ("gap curves: seconds", "gap_tracking_seconds", False),
+    ("peak RSS of the process so far (MiB)", "peak_rss_mb", False),
+    ("parameters (MiB)", "param_mb", False),
+    ("test-time local inference: steps", "local_steps", False),
+    ("test-time local inference: seconds", "local_seconds", False),
+    ("log p(x) estimate: seconds", "log_px_seconds", False),
 ]
 COUNTS = {"epochs", "steps", "active_units", "local_steps", "passes_per_step", "total_passes"}
-PAIRED_LABELS = {"test_log_px": "log p(x)", "test_elbo_local": "L[q*]",
-                 "test_elbo": "its own test ELBO L[q]", "approximation_gap": "approximation gap",
-                 "amortization_gap": "amortization gap"}
-PER_SEED = [("L[q]", "test_elbo"), ("L[q*]", "test_elbo_local"), ("log p(x)", "test_log_px"),
+PAIRED_LABELS = {"log_px": "log p(x)", "elbo_local": "L[q*]", "elbo": "its own test ELBO L[q]",
+                 "approximation_gap": "approximation gap", "amortization_gap": "amortization gap"}
+PER_SEED = [("L[q]", "elbo"), ("L[q*]", "elbo_local"), ("log p(x)", "log_px"),
             ("approx. gap", "approximation_gap"), ("amort. gap", "amortization_gap"),
             ("table gap", "local_gap"), ("steps", "steps"), ("passes", "total_passes"),
             ("train s", "train_seconds")]
+
+
+def key(quantity: str) -> str:
+    """A quantity's name among a run's numbers: a test score's as results.json names it."""
+    return Scores.json_key(quantity, "test")
 
 
 def plural(n, word: str, many: Optional[str] = None) -> str:
@@ -134,14 +138,11 @@ def gap_notes(comparison: "Comparison") -> str:
         runs = comparison.runs_of(g)
         if not runs:
             continue
-        r = runs[0].results
-        table = r.get("per_datapoint", runs[0].local is not None)
-        if "family" not in r and not table:  # not recorded (an older results.json)
-            continue
-        fam = r.get("family")
+        r = runs[0]
+        table, fam, scores = r.per_datapoint, r.family, r.scores
         diagonal = fam == "diagonal normal"
         called = f" ({fam})" if fam else ""
-        if r.get("amortization_gap") is None and r.get("approximation_gap") is not None:
+        if scores.amortization_gap is None and scores.approximation_gap is not None:
             if table:
                 notes.append(f"The {g} guide's amortization gap is n/a: it is a per-datapoint "
                              f"table, fitted to each test row already (its held-out q is "
@@ -152,27 +153,31 @@ def gap_notes(comparison: "Comparison") -> str:
                              f"is not q*'s diagonal Normal family, so L[q*] - L[q] would "
                              f"compare two families, not a guide with the best member of its "
                              f"own family.")
-        if not table and not diagonal and r.get("approximation_gap") is not None:
+        if not table and not diagonal and scores.approximation_gap is not None:
             notes.append(f"The {g} guide's approximation gap is log p(x) - L[q*] with a "
                          f"diagonal Normal q*: the diagonal family's approximation gap, not "
                          f"that of the {g} guide's own family{called}.")
     return "\n" + "".join(f"- {n}\n" for n in notes) if notes else ""
 
 
-def _why_na(r: dict) -> str:
-    if r.get("per_datapoint"):
+def _why_na(r: "GuideRun") -> str:
+    if r.per_datapoint:
         return "n/a (a per-datapoint table, fitted locally already)"
-    if "family" in r and r["family"] != "diagonal normal":
-        return (f"n/a (family {r['family'] or 'unstated'}, not q*'s diagonal Normal; the "
+    if r.family != "diagonal normal":
+        return (f"n/a (family {r.family or 'unstated'}, not q*'s diagonal Normal; the "
                 f"approx gap is the diagonal family's)")
     return "n/a"
 
 
-def line(who: str, r: dict, local: Optional["LocalBudget"] = None) -> str:
-    amort = r.get("amortization_gap")
-    return (f"{who}: ELBO {r['test_elbo']:.2f}  L[q*] {r['test_elbo_local']:.2f}  "
-            f"log p(x) {r['test_log_px']:.2f}  approx gap {r['approximation_gap']:.2f}  "
-            f"amort gap {_why_na(r) if amort is None else f'{amort:.2f}'}"
+def line(who: str, r: "GuideRun") -> str:
+    """One guide's numbers in one line, as the comparison logs them."""
+    s, local = r.scores, r.local
+
+    def num(est) -> str:
+        return "n/a" if est is None else f"{est.mean:.2f}"
+    return (f"{who}: ELBO {num(s.elbo)}  L[q*] {num(s.elbo_local)}  log p(x) "
+            f"{num(s.log_px)}  approx gap {num(s.approximation_gap)}  amort gap "
+            f"{_why_na(r) if s.amortization_gap is None else num(s.amortization_gap)}"
             + ("" if local is None else f"  table rows {local.stored:.2f} -> "
                f"{local.fitted:.2f} after a local fit"))
 
@@ -181,13 +186,9 @@ def gap_curves(gaps: Dict[str, List[dict]], path: Path, tables=None) -> Path:
     return plots.gap_curves(gaps, path, tables=tables)
 
 
-def _tables(comparison: "Comparison") -> Optional[List[str]]:
-    """The guides whose results say they are per-datapoint tables (None: not recorded, the
-    figure reads it from the gap records)."""
-    flags = {r.guide: r.results.get("per_datapoint") for r in comparison.runs}
-    if any(v is None for v in flags.values()):
-        return None
-    return [g for g, v in flags.items() if v]
+def _tables(comparison: "Comparison") -> List[str]:
+    """The guides that are per-datapoint tables."""
+    return sorted({r.guide for r in comparison.runs if r.per_datapoint})
 
 
 def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=None) -> None:
@@ -200,14 +201,17 @@ def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=N
         results = {}
         for g in comparison.guides:
             results[g] = {}
-            for key in ("approximation_gap", "amortization_gap", "amortization_gap_encoder"):
-                s = comparison.spread(g, key)
-                results[g].update({key: s.mean, key + "_sd": s.sd} if s is not None else {})
+            for name in ("approximation_gap", "amortization_gap", "amortization_gap_encoder"):
+                s = comparison.spread(g, key(name))
+                results[g].update({name: s.mean, name + "_sd": s.sd} if s is not None else {})
         plots.gaps(results, out / "gaps.png", error="_sd", times=1.0,
                    title=f"inference gaps on the test set: mean ± sd over "
                          f"{len(comparison.seeds)} seeds")
     else:
-        plots.gaps({r.guide: r.results for r in comparison.runs}, out / "gaps.png")
+        plots.gaps({r.guide: {k: est and getattr(est, part) for name, est in
+                              r.scores.estimates().items()
+                              for k, part in ((name, "mean"), (name + "_stderr", "stderr"))}
+                    for r in comparison.runs}, out / "gaps.png")
     if gaps:
         plots.gap_curves(gaps, out / "gap_curves.png", tables=_tables(comparison))
     first_arrays = next(iter(arrays.values()))
@@ -220,35 +224,37 @@ def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=N
                                                for k, v in a.items()})
 
 
-def _num(v, key: str = "") -> str:
+def _num(v, quantity: str = "") -> str:
     if v is None:
         return "n/a"
-    if key in COUNTS and float(v).is_integer():
-        return f"{int(v):,}" if key == "total_passes" else str(int(v))
+    if quantity in COUNTS and float(v).is_integer():
+        return f"{int(v):,}" if quantity == "total_passes" else str(int(v))
     if isinstance(v, int):
         return str(v)
     return f"{v:.2f}"
 
 
-def _fmt(v, stderr=None, key: str = "") -> str:
+def _fmt(v, stderr=None, quantity: str = "") -> str:
     if v is None:
         return "n/a"
-    return f"{_num(v, key)} ± {stderr:.2f}" if stderr is not None else _num(v, key)
+    return f"{_num(v, quantity)} ± {stderr:.2f}" if stderr is not None else _num(v, quantity)
 
 
-def _cell(comparison: "Comparison", guide: str, key: str, err: Optional[str]) -> str:
-    """One guide's ``key``: value ± standard error over test rows (one seed), or mean ±
+def _cell(comparison: "Comparison", guide: str, quantity: str, with_error: bool) -> str:
+    """One guide's ``quantity``: value ± standard error over test rows (one seed), or mean ±
     standard deviation over seeds (one value when every seed gave the same)."""
+    name = key(quantity)
     if comparison.several:
-        s = comparison.spread(guide, key)
+        s = comparison.spread(guide, name)
         if s is None:
             return "n/a"
         if len(set(s.values)) == 1:
-            return _num(s.values[0], key)
-        return f"{_num(s.mean, key)} ± {s.sd:.2f}"
+            return _num(s.values[0], quantity)
+        return f"{_num(s.mean, quantity)} ± {s.sd:.2f}"
     runs = comparison.runs_of(guide)
     numbers = runs[0].numbers() if runs else {}
-    return _fmt(numbers.get(key), numbers.get(err) if err else None, key)
+    return _fmt(numbers.get(name), numbers.get(key(quantity + "_stderr")) if with_error
+                else None, quantity)
 
 
 def _signed(v: float) -> str:
@@ -289,7 +295,7 @@ def _local(comparison: "Comparison") -> str:
         runs = [r for r in comparison.runs_of(g) if r.local is not None]
         if not runs:
             continue
-        stored, fitted, gap = (comparison.spread(g, k) for k in
+        stored, fitted, gap = (comparison.spread(g, name) for name in
                                ("local_stored", "local_fitted", "local_gap"))
         r = runs[0].local
         over = (f" (means over {len(runs)} seeds; the gap ranges from {min(gap.values):.2f} "
@@ -316,7 +322,7 @@ def _differences(comparison: "Comparison") -> str:
             "|---|---|---|---|---|---|---|\n")
     body, settled, open_ = "", [], []
     for d in diffs:
-        label = PAIRED_LABELS.get(d.quantity, d.quantity)
+        label = next((v for q, v in PAIRED_LABELS.items() if key(q) == d.quantity), d.quantity)
         interval = "n/a" if d.low is None else f"[{d.low:.2f}, {d.high:.2f}]"
         per_seed = ", ".join(_signed(v) for v in d.values)
         verdict = {True: "yes", False: "no", None: "n/a"}[d.settled]
@@ -346,7 +352,7 @@ def _per_seed(comparison: "Comparison") -> str:
         for r in comparison.runs_of(g):
             numbers = r.numbers()
             body += (f"| {g} | {r.seed} | "
-                     + " | ".join(_num(numbers.get(k), k) for _, k in PER_SEED) + " |\n")
+                     + " | ".join(_num(numbers.get(key(q)), q) for _, q in PER_SEED) + " |\n")
     return f"\nPer seed (each run's folder is `<guide>/seed<S>`):\n\n{head}{body}"
 
 
@@ -357,12 +363,12 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False) -> str:
     n = len(comparison.seeds)
     head = "| quantity | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
     body = ""
-    for label, key, err in ROWS:
-        if all(comparison.spread(g, key) is None for g in names):
+    for label, quantity, with_error in ROWS:
+        if all(comparison.spread(g, key(quantity)) is None for g in names):
             continue
-        cells = [_cell(comparison, g, key, err) for g in names]
+        cells = [_cell(comparison, g, quantity, with_error) for g in names]
         body += f"| {label} | " + " | ".join(cells) + " |\n"
-    a = comparison.runs[0].results
+    a = comparison.runs[0].scores
     tracked = sorted({e for e in c["gap_epochs"] if e <= c["epochs"]} | {c["epochs"]})
     curves = ("\n![gap curves](gap_curves.png)\n\nGap curves: L[q], L[q*] and log p(x) "
               f"(K = {c['gap_particles']}) on the first {c['gap_rows']} training and test rows "
@@ -397,14 +403,14 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False) -> str:
 
 Date {comparison.date}, device `{comparison.device}`, torch {comparison.versions['torch']}, pyro {comparison.versions['pyro']}, git `{comparison.versions['git']}`.
 
-Data: {c['dataset']}, {c['binarize']} binarization for training; the test set ({a['num_rows']} rows) is scored
+Data: {c['dataset']}, {c['binarize']} binarization for training; the test set ({a.rows} rows) is scored
 under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, {c['net']} networks, hidden {c['hidden']} ({c['activation']}),
 {c['likelihood']} likelihood, {c['prior']} prior. {seeds},
 same data order, {_budget(comparison)}, batch {c['batch_size']}, Adam lr {c['lr']}{_settings_text(comparison)}.
 Wall time and steps per second are reported beside the numbers; they are not the budget.
 
-log p(x) is importance-sampled with K = {a['num_particles']} particles from the locally optimized q*
-(proposal `{a['proposal']}`). {errors}.
+log p(x) is importance-sampled with K = {a.num_particles} particles from the locally optimized q*
+(proposal `{a.proposal}`). {errors}.
 
 {head}{body}{gap_notes(comparison)}
 Compute, counted on one optimizer step of each guide (a pass is one evaluation of a network

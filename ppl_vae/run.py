@@ -85,6 +85,16 @@ class Summary:
         d.update(d.pop("memory"))
         return d
 
+    def costs(self) -> dict:
+        """What training took: counts, times, memory and whether the step was compiled (what
+        a comparison gives beside each guide's scores); unmeasured ones left out."""
+        d = {"epochs": self.epochs, "steps": self.steps, "train_seconds": self.train_seconds,
+             "seconds_per_epoch": self.seconds_per_epoch,
+             "steps_per_second": self.steps_per_second,
+             "gap_tracking_seconds": self.gap_tracking_seconds, "compiled": self.compiled,
+             **self.memory}
+        return {k: v for k, v in d.items() if v is not None}
+
 
 def load_splits(config: Config, device: torch.device) -> data.Splits:
     """The dataset's splits on ``device``, cut to ``train_size``/``test_size`` when set."""
@@ -147,8 +157,9 @@ def check_compatible(saved: Config, config: Config) -> dict:
 
 def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
               resume: bool = False, progress: bool = True,
-              log: Callable[[str], None] = logs.info, trust_code: bool = False) -> dict:
-    """Train per ``config``, write the run's files into ``out`` and return the summary
+              log: Callable[[str], None] = logs.info, trust_code: bool = False
+              ) -> Optional["Summary"]:
+    """Train per ``config``, write the run's files into ``out`` and return its ``Summary``
     (under torchrun: rank 0 scores and writes it; the other processes return None).
     ``trust_code``: a resumed checkpoint may name code (``module:Class``) that ``config``
     does not (see ``config.require_consent``)."""
@@ -511,7 +522,7 @@ def memory_summary(trained: Trained) -> dict:
 
 
 def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = logs.info,
-           test: Optional[Estimate] = None) -> dict:
+           test: Optional[Estimate] = None) -> Summary:
     """Score the trained model's own guide on the test set and write ``summary.json``.
 
     ``test`` passes a test ELBO already computed (by ``evaluate_model``) instead.
@@ -554,7 +565,7 @@ def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = l
                 "test_elbo": summary.test_elbo, "final_valid_elbo": summary.final_valid_elbo,
                 "final_train_elbo": summary.final_train_elbo})
             tracker.close()
-    return summary.to_json()
+    return summary
 
 
 def _warn_if_absurd(summary: Summary, lr: float, log) -> None:

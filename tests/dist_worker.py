@@ -65,7 +65,8 @@ def main(out: Path) -> None:
                   shards=data.Shards(N, world.size, BATCH), rank=world.rank, read_every=7)
         trained_calls = list(calls)
         # evaluation: the held-out rows' units shared out over the processes
-        results, _ = evaluate_model(model, guide, eval_rows(), **EVAL)
+        scores = evaluate_model(model, guide, eval_rows(), **EVAL)
+        results = scores.to_json() if scores is not None else None
         torch.save({"losses": record.losses, "model": model.state_dict(),
                     "guide": guide.state_dict(), "table0": table0, "calls": trained_calls,
                     "eval": results,

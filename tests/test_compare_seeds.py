@@ -13,6 +13,8 @@ from ppl_vae import cli, data
 from ppl_vae.compare import Comparison, GuideRun, compare, parse_seeds
 from ppl_vae.compute import Budget, Compute, StepCost
 from ppl_vae.config import Config
+from ppl_vae.evaluate import Estimate, Scores
+from ppl_vae.run import Summary
 from ppl_vae.errors import UserError
 from ppl_vae.seeds import Spread, differences, paired, t975
 
@@ -95,9 +97,27 @@ def test_spread_is_mean_and_sample_sd():
     assert Spread((0,), (1.0,)).sd is None
 
 
-def _run(guide, seed, log_px):
-    return GuideRun(guide, seed, f"{guide}/seed{seed}", {"test_log_px": log_px, "proposal": "x"},
-                    Compute(StepCost({"decoder": 1.0}, {"decoder": 1.0}), 10, 1, 1.0))
+def _scores(log_px=-97.0, elbo=-100.0, elbo_local=-99.0, approximation_gap=2.0,
+            amortization_gap=None):
+    def est(v):
+        return None if v is None else Estimate(v, 0.1)
+    return Scores(split="test", rows=40, num_particles=5, proposal="local", elbo=est(elbo),
+                  log_px=est(log_px), rate=1.0, distortion=99.0, active_units=2, seconds=1.0,
+                  log_px_seconds=0.5, elbo_local=est(elbo_local),
+                  approximation_gap=est(approximation_gap),
+                  amortization_gap=est(amortization_gap))
+
+
+SUMMARY = Summary(test_elbo=-100.0, test_elbo_stderr=0.1, test_rows=40, epochs=1, steps=10,
+                  seconds_per_epoch=1.0, train_seconds=1.0, steps_per_second=10.0,
+                  eval_seconds=None, final_train_elbo=-101.0, final_valid_elbo=-100.5,
+                  guide="g", dataset="mnist", binarize="dynamic")
+
+
+def _run(guide, seed, log_px, family="diagonal normal", per_datapoint=False, **scores):
+    return GuideRun(guide, seed, f"{guide}/seed{seed}", _scores(log_px=log_px, **scores),
+                    SUMMARY, Compute(StepCost({"decoder": 1.0}, {"decoder": 1.0}), 10, 1, 1.0),
+                    family, per_datapoint)
 
 
 def test_a_comparison_pairs_runs_by_seed_whatever_their_order():
@@ -214,8 +234,6 @@ def test_local_rows_must_be_positive(tmp_path, capsys, cached_mnist):
 # the report's text from the guides that ran; folders; --guide refused
 # ---------------------------------------------------------------------------------------
 VERSIONS = {"torch": "t", "pyro": "p", "git": "g"}
-RESULTS = {"num_rows": 40, "num_particles": 5, "proposal": "local", "test_elbo": -100.0,
-           "test_elbo_local": -99.0, "test_log_px": -97.0, "approximation_gap": 2.0}
 
 
 def _report(guides, results=None, config=TINY, settings=None, seeds=(0,)):
@@ -224,9 +242,12 @@ def _report(guides, results=None, config=TINY, settings=None, seeds=(0,)):
                       Budget(), 10, settings=settings or {})
     for g in guides:
         for s in seeds:
-            comp.runs.append(GuideRun(g, s, g, {**RESULTS, **(results or {}).get(g, {})},
-                                      Compute(StepCost({"decoder": 1.0}, {"decoder": 1.0}),
-                                              10, config.epochs, 1.0)))
+            comp.runs.append(GuideRun(g, s, g, _scores(**{
+                k: v for k, v in (results or {}).get(g, {}).items() if k.endswith("_gap")}),
+                SUMMARY, Compute(StepCost({"decoder": 1.0}, {"decoder": 1.0}), 10,
+                                 config.epochs, 1.0),
+                (results or {}).get(g, {}).get("family", "diagonal normal"),
+                (results or {}).get(g, {}).get("per_datapoint", False)))
     return report.markdown(comp)
 
 
@@ -262,10 +283,10 @@ def test_the_report_says_why_an_amortization_gap_is_na():
             "the diagonal family's approximation gap") in text
     assert "The amortized guide's" not in text and "The meanfield guide's approximation" not in text
     from ppl_vae import report
-    said = report.line("iaf", {**RESULTS, "family": None, "per_datapoint": False,
-                               "amortization_gap": None})
+    said = report.line("iaf", _run("iaf", 0, -97.0, family=None))
     assert "amort gap n/a (family unstated, not q*'s diagonal Normal" in said
-    assert "n/a (a per-datapoint table" in report.line("mf", {**RESULTS, "per_datapoint": True})
+    assert "n/a (a per-datapoint table" in report.line("mf", _run("mf", 0, -97.0,
+                                                                  per_datapoint=True))
 
 
 def test_a_module_class_guide_gets_a_folder_without_a_colon(tmp_path):

@@ -122,7 +122,7 @@ def test_distributed_evaluation_equals_one_process(two_processes, name):
     model.load_state_dict(run["model"])
     if name == "amortized":
         guide.load_state_dict(run["guide"])  # a per-datapoint guide fits held-out rows anew
-    results, _ = evaluate_model(model, guide, eval_rows(), **EVAL)
+    results = evaluate_model(model, guide, eval_rows(), **EVAL).to_json()
     assert run["eval"].keys() == results.keys()
     for key, value in results.items():
         if isinstance(value, float) and "seconds" not in key:

@@ -172,20 +172,24 @@ def test_evaluate_model_gaps_on_the_linear_gaussian_model():
     x = lg.sample(8, seed=10)
     torch.manual_seed(0)
     amortized = guides.AmortizedNormal(nets.Encoder(3, (8,), 2))  # untrained: a poor q
-    results, arrays = evaluate.evaluate_model(
+    s = evaluate.evaluate_model(
         lg.model, amortized, x, num_particles=500, seed=SEED, progress=False,
         local_options=dict(max_steps=800, objective=objectives.AnalyticKLELBO(8)))
     exact = float(lg.log_px(x).mean())
     opt_elbo = float(lg.elbo(x, *lg.optimal_meanfield(x)).mean())
-    assert results["test_log_px"] == pytest.approx(exact, abs=0.05)
-    assert results["test_elbo_local"] == pytest.approx(opt_elbo, abs=0.05)
-    assert results["approximation_gap"] == pytest.approx(exact - opt_elbo, abs=0.08)
-    assert results["amortization_gap"] > 0.5  # the untrained encoder is far from q*
-    assert results["amortization_gap"] == pytest.approx(
-        results["test_elbo_local"] - results["test_elbo"], abs=1e-6)
-    assert results["test_elbo"] == pytest.approx(-(results["rate"] + results["distortion"]), abs=1e-4)
-    assert results["proposal"] == "local" and results["num_rows"] == 8
-    assert arrays["posterior_means"].shape == (8, 2)
+    assert s.log_px.mean == pytest.approx(exact, abs=0.05)
+    assert s.elbo_local.mean == pytest.approx(opt_elbo, abs=0.05)
+    assert s.approximation_gap.mean == pytest.approx(exact - opt_elbo, abs=0.08)
+    assert s.amortization_gap.mean > 0.5  # the untrained encoder is far from q*
+    assert s.amortization_gap.mean == pytest.approx(s.elbo_local.mean - s.elbo.mean, abs=1e-6)
+    assert s.elbo.mean == pytest.approx(-(s.rate + s.distortion), abs=1e-4)
+    assert s.proposal == "local" and s.rows == 8 and s.split == "test"
+    assert s.means.shape == (8, 2)
+    # eval.json's names: the split's estimates named by it, read back whole
+    doc = s.to_json()
+    assert doc["test_log_px"] == s.log_px.mean and doc["test_log_px_stderr"] == s.log_px.stderr
+    assert doc["approximation_gap"] == s.approximation_gap.mean
+    assert evaluate.Scores.from_json(doc) == s
 
 
 # ----------------------------------------------------------------------------------------

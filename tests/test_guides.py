@@ -18,7 +18,7 @@ from conftest import SEED, TableWithoutRows, tiny_binary_data
 from ppl_vae import data, guides, likelihoods, nets, objectives, optim, priors, train
 from ppl_vae.data import Batch
 from ppl_vae.errors import UserError
-from ppl_vae.evaluate import elbo_parts, evaluate_model
+from ppl_vae.evaluate import Scores, elbo_parts, evaluate_model
 from ppl_vae.model import VAEModel, data_plate
 
 N, D, L = 96, 12, 2
@@ -74,20 +74,20 @@ def test_a_users_guide_trains_and_is_scored_without_library_changes(make):
     split, history = _train(model, guide)
     assert history[-1].train_elbo > history[0].train_elbo  # it learned
     x = split.x[:40]
-    results, _ = evaluate_model(model, guide, x, num_particles=20, progress=False,
-                                local_options={"max_steps": 60})
-    for key in ("test_elbo", "test_elbo_local", "test_log_px", "approximation_gap"):
-        assert math.isfinite(results[key]), key
+    s = evaluate_model(model, guide, x, num_particles=20, progress=False,
+                       local_options={"max_steps": 60})
+    for est in (s.elbo, s.elbo_local, s.log_px, s.approximation_gap):
+        assert math.isfinite(est.mean) and math.isfinite(est.stderr)
     if isinstance(guide, AutoNormal):
         # a parameter per training row means nothing for new rows: q is refitted, like a
         # per-datapoint table's, so its own ELBO there is L[q*] and no amortization gap exists
-        assert guides.reads_rows(guide, x) and results["local_steps"] > 0
-        assert results["amortization_gap"] is None
-        assert results["test_elbo"] == pytest.approx(results["test_elbo_local"], abs=1e-4)
+        assert guides.reads_rows(guide, x) and s.local_steps > 0
+        assert s.amortization_gap is None
+        assert s.elbo.mean == pytest.approx(s.elbo_local.mean, abs=1e-4)
     else:
         # a diagonal Normal from x, q*'s family: the amortization gap is defined
         assert not guides.reads_rows(guide, x)
-        assert results["amortization_gap"] is not None
+        assert s.amortization_gap is not None
 
 
 def test_autonormal_without_the_models_plate_is_refused():
@@ -186,12 +186,18 @@ def test_semi_amortized_reports_both_amortization_gaps():
     model = _model()
     guide = guides.SemiAmortizedNormal(nets.Encoder(D, (16,), L), model, steps=3)
     split, _ = _train(model, guide, epochs=2)
-    results, _ = evaluate_model(model, guide, split.x[:30], num_particles=20, progress=False,
-                                local_options={"max_steps": 60})
-    for key in ("amortization_gap", "amortization_gap_encoder", "test_elbo_encoder"):
-        assert results[key] is not None and math.isfinite(results[key]), key
-    assert results["test_elbo"] - results["test_elbo_encoder"] == pytest.approx(
-        results["amortization_gap_encoder"] - results["amortization_gap"], abs=1e-4)
+    s = evaluate_model(model, guide, split.x[:30], num_particles=20, progress=False,
+                       local_options={"max_steps": 60})
+    (view,) = s.views
+    assert view.name == "encoder"
+    for est in (s.amortization_gap, view.amortization_gap, view.elbo):
+        assert est is not None and math.isfinite(est.mean)
+    assert s.elbo.mean - view.elbo.mean == pytest.approx(
+        view.amortization_gap.mean - s.amortization_gap.mean, abs=1e-4)
+    doc = s.to_json()  # the view under its own names, read back whole
+    assert doc["test_elbo_encoder"] == view.elbo.mean
+    assert doc["amortization_gap_encoder"] == view.amortization_gap.mean
+    assert Scores.from_json(doc) == s
 
 
 def test_a_table_reads_the_rows_it_is_given_and_only_within():
