@@ -1,12 +1,20 @@
 """The training loop, visible: ``loop`` draws a batch, takes a step and records it; everything
 around it (progress bar, time budget, Ctrl-C, validation, checkpoints, learning-rate schedule)
 is a ``Callback``, and KL warm-up is a schedule of beta handed to the objective per step.
+Steps never wait on the host: whether each was applied is counted on the device
+(``Loop.record``) and read every ``READ_EVERY`` steps and at each epoch's end, where a step
+that diverged (and was not applied) stops the run or lowers the learning rates.
 
-``fit(model, guide, objective, data, optimizers, ...)`` assembles the usual callbacks from
-keyword arguments and runs the loop. One step asks the guide for the loss it trains on
-(``guides.training_loss``, by default ``objective(model, guide, batch)``); a guide with
-per-datapoint tables first takes ``inner_steps`` updates of its batch rows alone (stochastic
-variational inference in the style of Hoffman et al. 2013), then a joint step.
+``fit(model, guide, objective, data, optimizers, ...)`` builds the defaults (the batches,
+``data.Shards``; the beta schedule; the ``Loop`` state) and the usual callbacks from keyword
+arguments and calls ``loop``. One step (``step_on_device``) is ``zero_grad();
+loss.backward(); step()`` on the loss the guide trains on (``guides.training_loss``, by
+default ``objective(model, guide, batch)``), with its other paths as named pieces around it:
+a guide with per-datapoint tables first takes ``inner_steps`` updates of its batch rows alone
+(stochastic variational inference in the style of Hoffman et al. 2013); a compiled objective
+gives the loss and gradients from one graph instead of autograd; under torchrun the
+gradients are all-reduced; and a divergence guard keeps a non-finite step from changing
+anything.
 """
 from __future__ import annotations
 
@@ -114,6 +122,11 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
                    guard: bool = True, defer: bool = True, **kwargs):
     """One SVI step that never waits on the host; returns (loss, bad), both on the device.
 
+    The plain step is ``zero_grad(); loss.backward(); step()``; around it, each in a named
+    function: a per-datapoint table's inner updates (``_inner_steps``), the compiled graph
+    in place of autograd (``_backward``), the all-reduce under torchrun (``_all_reduce``) and
+    the divergence guard (``_checked``, ``_give_up``, ``_saved_rows``, ``_put_back``).
+
     With ``guard``, ``bad`` is 1.0 when the loss or a gradient of the step (inner updates
     included, on any process) was non-finite, else 0.0, and then nothing was applied: the
     flag goes to the optimizers as ``found_inf`` (fused Adam and ``RowAdam`` skip on it, as
@@ -124,77 +137,174 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
 
     An objective with ``value_and_grad`` (``Compiled``) computes the loss, the networks'
     gradients, the gradients of a table's batch rows and the guard's check in one graph (the
-    inner updates in a second one); others are differentiated with autograd.
+    inner updates in a second one); others, and steps the graph declines (it answers None),
+    are differentiated with autograd.
 
     Under torchrun (``optimizers.sync``) every process's loss is divided by the world size
     and the networks' gradients are summed over processes, with the flag in the same
     all-reduce; a table's gradient stays on its process.
     """
-    sync = optimizers.sync
-    scale = 1.0 / sync.size if sync is not None else 1.0
-    tables = optimizers.tables()
-    rows = guides.table_index(guide, batch.idx) if tables else None
-    bad = torch.zeros((), device=batch.x.device) if guard else None
-    on_device = defer and optimizers.skips_on_device()
-    saved = ([save_rows(optimizers.local, t, rows) for t in tables]
-             if guard and tables and optimizers.inner_steps else None)
-
-    def give_up() -> None:  # an optimizer that cannot skip on a flag: decide on the host
-        if not on_device and bool(bad):
-            optimizers.zero_grad()
-            for table, kept in zip(tables, saved or ()):
-                restore_rows(optimizers.local, table, rows, kept)
-            raise DivergenceError("non-finite loss or gradient; the step was not applied")
-
-    graph = _graph(objective, guide, tables)
-
-    def compiled(params):  # the step's compiled graph (a ``Step``), or None: autograd
-        if graph is None:
-            return None
-        return graph(model, guide, batch, params, scale=scale, check=guard, **kwargs)
-
-    for _ in range(optimizers.inner_steps if tables else 0):
-        out = compiled([])
-        if out is not None:  # the rows' loss, gradients and the guard's check in one graph
-            loss, grads = out.loss, _row_grads(out.rows, tables, rows)
-        else:
-            loss = guides.training_loss(guide, objective, model, batch, **kwargs)
-            grads = torch.autograd.grad(loss * scale if sync is not None else loss, tables)
-        if guard:
-            bad = torch.maximum(bad, out.flag) if out is not None else _nonfinite(bad, loss, *grads)
-            give_up()
-        for table, grad in zip(tables, grads):
-            table.grad = grad
-        optimizers.local.found_inf = bad
-        optimizers.local.step()
-    for table in tables:
-        table.grad = None
+    s = _StepContext.of(model, guide, objective, batch, optimizers, guard, defer, kwargs)
+    bad = s.zero() if guard else None
+    saved = _saved_rows(s)
+    bad = _inner_steps(s, bad, saved)  # a table's batch rows alone, ``inner_steps`` times
     optimizers.zero_grad()
     params = optimizers.networks()
-    out = compiled(params)
-    if out is not None:  # forward, backward and the guard's check in one compiled graph
-        loss = out.loss
-        for p, grad in zip(params, out.grads):
-            p.grad = grad
-        for table, grad in zip(tables, _row_grads(out.rows, tables, rows)):
-            table.grad = grad
-        if guard:
-            bad = torch.maximum(bad, out.flag)
-    else:
-        loss = guides.training_loss(guide, objective, model, batch, **kwargs)
-        (loss * scale if sync is not None else loss).backward()
-        if guard:
-            bad = _nonfinite(bad, loss, *_grads(optimizers))
-    if sync is not None:
-        total = sync.reduce(params, bad if guard else torch.zeros((), device=batch.x.device))
-        bad = (total > 0).to(total.dtype) if guard else None
+    loss, flag = _backward(s, params)  # ``loss.backward()``, or the compiled graph
     if guard:
-        give_up()
-    optimizers.set_found_inf(bad if on_device else None)
+        bad = _checked(bad, flag, loss, _grads(optimizers))
+    bad = _all_reduce(s, params, bad)
+    _give_up(s, bad, saved)
+    optimizers.set_found_inf(bad if s.on_device else None)
     optimizers.step()
-    for table, kept in zip(tables, saved or ()):
-        restore_rows(optimizers.local, table, rows, kept, where=bad)
+    _put_back(s, bad, saved)
     return loss.detach(), bad
+
+
+class _StepContext(NamedTuple):
+    """One call of ``step_on_device`` and what it works out once: the per-datapoint tables
+    and the batch's rows in them, the compiled graph, and where the guard decides."""
+
+    model: object
+    guide: object
+    objective: object
+    batch: Batch
+    optimizers: Optimizers
+    kwargs: dict  # to the objective (``beta``)
+    guard: bool
+    on_device: bool  # the guard's flag goes to the optimizers; else it is read on the host
+    tables: List[torch.Tensor]  # the tables the local optimizer updates ([]: none)
+    rows: Optional[torch.Tensor]  # the batch's rows in them (None: no tables)
+    graph: Optional[Callable]  # the objective's compiled step (``_graph``), or None
+
+    @classmethod
+    def of(cls, model, guide, objective, batch: Batch, optimizers: Optimizers, guard: bool,
+           defer: bool, kwargs: dict) -> "_StepContext":
+        tables = optimizers.tables()
+        rows = guides.table_index(guide, batch.idx) if tables else None
+        return cls(model, guide, objective, batch, optimizers, kwargs, guard,
+                   defer and optimizers.skips_on_device(), tables, rows,
+                   _graph(objective, guide, tables))
+
+    @property
+    def scale(self) -> float:
+        """This process's share of the loss: 1 / world size under torchrun, else 1."""
+        sync = self.optimizers.sync
+        return 1.0 / sync.size if sync is not None else 1.0
+
+    def zero(self) -> torch.Tensor:
+        return torch.zeros((), device=self.batch.x.device)
+
+    def loss(self) -> torch.Tensor:
+        """The training loss, for autograd (``guides.training_loss``)."""
+        return guides.training_loss(self.guide, self.objective, self.model, self.batch,
+                                    **self.kwargs)
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """What autograd differentiates: ``loss``, times ``scale`` under torchrun."""
+        return loss * self.scale if self.optimizers.sync is not None else loss
+
+    def compiled(self, params: Sequence[torch.Tensor]):
+        """The compiled graph's answer (a ``compiled.Step``: the loss, the gradients of
+        ``params`` and of the tables' batch rows, the guard's check when guarded), or None:
+        use autograd (no graph, or one that declines this step)."""
+        if self.graph is None:
+            return None
+        return self.graph(self.model, self.guide, self.batch, params, scale=self.scale,
+                          check=self.guard, **self.kwargs)
+
+
+def _backward(s: _StepContext, params: Sequence[torch.Tensor]):
+    """The joint step's gradients: returns the loss and the compiled graph's guard flag (None
+    under autograd), the gradients of the networks (``params``) and of a table's batch rows
+    put in ``.grad``."""
+    out = s.compiled(params)  # forward, backward and the guard's check in one graph
+    if out is None:  # the plain path
+        loss = s.loss()
+        s.scaled(loss).backward()
+        return loss, None
+    for p, grad in zip(params, out.grads):
+        p.grad = grad
+    for table, grad in zip(s.tables, _row_grads(out.rows, s.tables, s.rows)):
+        table.grad = grad
+    return out.loss, out.flag
+
+
+def _inner_steps(s: _StepContext, bad: Optional[torch.Tensor],
+                 saved: Optional[List[dict]]) -> Optional[torch.Tensor]:
+    """A per-datapoint table's ``inner_steps`` updates of the batch's rows alone, the
+    networks held (stochastic variational inference in the style of Hoffman et al. 2013),
+    each checked by the guard; ``RowAdam`` skips on its flag. Returns the flag; without
+    tables, nothing happens."""
+    for _ in range(s.optimizers.inner_steps if s.tables else 0):
+        loss, grads, flag = _row_gradients(s)
+        if s.guard:
+            bad = _checked(bad, flag, loss, grads)
+            _give_up(s, bad, saved)
+        for table, grad in zip(s.tables, grads):
+            table.grad = grad
+        s.optimizers.local.found_inf = bad
+        s.optimizers.local.step()
+    for table in s.tables:
+        table.grad = None
+    return bad
+
+
+def _row_gradients(s: _StepContext):
+    """The loss, the gradients of the tables' batch rows (sparse) and the compiled graph's
+    guard flag (None under autograd)."""
+    out = s.compiled([])  # the rows' loss, gradients and the guard's check in one graph
+    if out is None:
+        loss = s.loss()
+        return loss, torch.autograd.grad(s.scaled(loss), s.tables), None
+    return out.loss, _row_grads(out.rows, s.tables, s.rows), out.flag
+
+
+def _checked(bad: torch.Tensor, flag: Optional[torch.Tensor], loss: torch.Tensor,
+             grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The guard after a backward pass: ``bad`` or'ed with the compiled graph's ``flag``, or
+    under autograd (``flag`` None) with ``_nonfinite`` of the loss and ``grads``."""
+    return torch.maximum(bad, flag) if flag is not None else _nonfinite(bad, loss, *grads)
+
+
+def _all_reduce(s: _StepContext, params: Sequence[torch.Tensor],
+                bad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Under torchrun (``optimizers.sync``): the networks' gradients summed over processes,
+    the guard's flag in the same all-reduce; returns the flag, set when any process's was.
+    Otherwise ``bad`` as it is."""
+    sync = s.optimizers.sync
+    if sync is None:
+        return bad
+    total = sync.reduce(params, bad if s.guard else s.zero())
+    return (total > 0).to(total.dtype) if s.guard else None
+
+
+def _saved_rows(s: _StepContext) -> Optional[List[dict]]:
+    """Under the guard, copies of the batch's table rows and their ``RowAdam`` state before
+    the inner updates move them (``save_rows``); None without guard, tables or inner steps."""
+    if not (s.guard and s.tables and s.optimizers.inner_steps):
+        return None
+    return [save_rows(s.optimizers.local, t, s.rows) for t in s.tables]
+
+
+def _give_up(s: _StepContext, bad: Optional[torch.Tensor],
+             saved: Optional[List[dict]]) -> None:
+    """The guard's host read, where the flag cannot go to the optimizers (``defer=False``, or
+    an optimizer that cannot skip on it): a non-finite step clears the gradients, puts back
+    the rows the inner updates moved and raises ``DivergenceError``."""
+    if s.guard and not s.on_device and bool(bad):
+        s.optimizers.zero_grad()
+        for table, kept in zip(s.tables, saved or ()):
+            restore_rows(s.optimizers.local, table, s.rows, kept)
+        raise DivergenceError("non-finite loss or gradient; the step was not applied")
+
+
+def _put_back(s: _StepContext, bad: Optional[torch.Tensor],
+              saved: Optional[List[dict]]) -> None:
+    """After the joint step: where the guard's flag is set (a step not applied), the rows the
+    inner updates moved go back as ``saved`` them, selected on the device."""
+    for table, kept in zip(s.tables, saved or ()):
+        restore_rows(s.optimizers.local, table, s.rows, kept, where=bad)
 
 
 def _graph(objective, guide, tables: Sequence[torch.Tensor]):
@@ -612,38 +722,58 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     ``warmup_epochs`` a linear warm-up to it from 0 (``kl_warmup``); when either is not the
     default the weight is handed to the objective as ``beta=`` every step, so the objective
     must take it (``takes_beta``), and the metrics record it. ``validate()`` scores the model
-    after every epoch; ``on_epoch``
-    (checkpointing, logging) runs after it; ``callbacks`` come after those.
+    after every epoch; ``on_epoch`` (checkpointing, logging) runs after it; ``callbacks``
+    come after those.
 
     A non-finite loss or gradient never reaches the parameters: with ``on_divergence="stop"``
     it raises ``DivergenceError`` naming the epoch and step; with ``"lower_lr"`` it halves
     every learning rate, skips the batch and goes on (at most 10 times). Ctrl-C finishes the
     current step and raises ``Interrupted`` carrying the position to resume from (with
     ``ctrl_c``; a torchrun process leaves Ctrl-C to torchrun). ``shards`` and ``rank``: the
-    rows this process draws under torchrun (``data.Shards``); ``read_every``: steps between
-    host reads of the divergence guard (``loop``).
+    rows this process draws under torchrun (``data.Shards``; by default all rows in batches
+    of ``batch_size``); ``read_every``: steps between host reads of the divergence guard
+    (``loop``).
     """
     shards = shards or Shards(len(train), 1, batch_size)
-    steps_per_epoch = shards.steps
-    schedule = None
-    if warmup_epochs or beta != 1.0:
-        if not takes_beta(objective):
-            raise UserError(f"the objective {objective!r} has no KL weight to warm up or set "
-                            f"(beta={beta}, warmup_epochs={warmup_epochs}); use an ELBO "
-                            f"objective or leave both at their defaults")
-        schedule = kl_warmup(beta, warmup_epochs, steps_per_epoch)
-    state = Loop(len(train), steps_per_epoch, history or (), position, beta, start_epoch)
-    pieces: List[Callback] = [ProgressBar(epochs, max_seconds, progress, log)]
+    schedule = _beta_schedule(objective, beta, warmup_epochs, shards.steps)
+    state = Loop(len(train), shards.steps, history or (), position, beta, start_epoch)
+    pieces = _fit_callbacks(epochs, validate=validate, on_epoch=on_epoch, progress=progress,
+                            max_seconds=max_seconds, ctrl_c=ctrl_c, log=log)
+    return loop(model, guide, objective, train, optimizers, epochs, binarize=binarize,
+                shards=shards, state=state, seed=seed, beta=schedule,
+                callbacks=[*pieces, *callbacks], on_divergence=on_divergence, log=log,
+                rank=rank, read_every=read_every)
+
+
+def _beta_schedule(objective, beta: float, warmup_epochs: int,
+                   steps_per_epoch: int) -> Optional[BetaSchedule]:
+    """The KL weight ``fit`` hands the objective every step (``kl_warmup``), or None when
+    ``beta`` and ``warmup_epochs`` are at their defaults; ``UserError`` when the objective
+    takes no ``beta``."""
+    if not warmup_epochs and beta == 1.0:
+        return None
+    if not takes_beta(objective):
+        raise UserError(f"the objective {objective!r} has no KL weight to warm up or set "
+                        f"(beta={beta}, warmup_epochs={warmup_epochs}); use an ELBO "
+                        f"objective or leave both at their defaults")
+    return kl_warmup(beta, warmup_epochs, steps_per_epoch)
+
+
+def _fit_callbacks(epochs: int, *, validate: Optional[Callable[[], float]],
+                   on_epoch: Optional[Callable[[EpochMetrics], None]], progress,
+                   max_seconds: Optional[float], ctrl_c: bool,
+                   log: Callable[[str], None]) -> List[Callback]:
+    """``fit``'s callbacks, in the order they run: validation, the progress bar, ``on_epoch``
+    (checkpoints), Ctrl-C (after the checkpoint: Ctrl-C there stops at the boundary) and the
+    time budget."""
+    pieces: List[Callback] = []
     if validate is not None:
-        pieces.insert(0, Validate(validate))
+        pieces.append(Validate(validate))
+    pieces.append(ProgressBar(epochs, max_seconds, progress, log))
     if on_epoch is not None:
         pieces.append(OnEpoch(on_epoch))
     if ctrl_c:
-        pieces.append(StopOnCtrlC())  # after the checkpoint: Ctrl-C there stops at the boundary
+        pieces.append(StopOnCtrlC())
     if max_seconds is not None:
         pieces.append(TimeBudget(max_seconds))
-    return loop(model, guide, objective, train, optimizers, epochs, binarize=binarize,
-                shards=shards, state=state, seed=seed, beta=schedule,
-                callbacks=[*pieces, *callbacks], on_divergence=on_divergence, log=log, rank=rank,
-                read_every=read_every)
-
+    return pieces

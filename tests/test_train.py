@@ -118,6 +118,53 @@ def test_fit_same_seed_same_result_and_max_seconds_stops():
     assert len(h) == 1
 
 
+def test_fit_callbacks_come_in_the_order_they_must_run():
+    """Validation before the bar's line and the checkpoint (``on_epoch``), Ctrl-C after the
+    checkpoint, the time budget last; what is not asked for is left out."""
+    pieces = train._fit_callbacks(3, validate=lambda: 0.0, on_epoch=print, progress=False,
+                                  max_seconds=5.0, ctrl_c=True, log=_quiet)
+    assert [type(p) for p in pieces] == [train.Validate, train.ProgressBar, train.OnEpoch,
+                                         train.StopOnCtrlC, train.TimeBudget]
+    pieces = train._fit_callbacks(3, validate=None, on_epoch=None, progress=False,
+                                  max_seconds=None, ctrl_c=False, log=_quiet)
+    assert [type(p) for p in pieces] == [train.ProgressBar]
+
+
+def test_beta_schedule_only_when_beta_or_warmup_is_set():
+    class NoBeta:
+        weights_kl = False
+
+    assert train._beta_schedule(NoBeta(), 1.0, 0, 10) is None  # defaults: the objective's own
+    schedule = train._beta_schedule(objectives.ELBO(), 1.0, 2, 10)
+    assert schedule(0, 5) == pytest.approx(0.25) and schedule(2, 0) == 1.0
+    assert train._beta_schedule(objectives.ELBO(), 0.5, 0, 10)(0, 0) == 0.5
+    with pytest.raises(UserError, match="no KL weight"):
+        train._beta_schedule(NoBeta(), 0.5, 0, 10)
+
+
+def test_the_progress_bar_reads_only_public_attributes_of_the_loop():
+    class Public:
+        """The loop as a callback outside train.py may see it: no ``_`` attributes."""
+
+        def __init__(self, state):
+            self._state = state
+
+        def __getattr__(self, name):
+            if name.startswith("_"):
+                raise AttributeError(f"private attribute {name} of the loop")
+            return getattr(self._state, name)
+
+    position = train.Position(1, 2, 0.0, 0.0, 0.0, 5, 2)
+    state = train.Loop(96, 3, position=position)
+    bar = train.ProgressBar(2, enabled=False, log=_quiet)
+    bar.on_start(Public(state))
+    assert bar.bar.n == 3 + 2  # a resumed run's bar starts at epoch 1, step 2
+    state.begin(1, "cpu")
+    bar.after_step(Public(state))
+    bar.on_metrics(Public(state), state.end_epoch())
+    bar.close()
+
+
 # ---------------------------------------------------------------------------------------
 # divergence guard
 # ---------------------------------------------------------------------------------------
@@ -223,6 +270,35 @@ def test_check_finite_reads_sparse_gradients():
     assert not train.check_finite(torch.tensor(math.nan), opts)
 
 
+class _RecordingSync:
+    """torchrun's ``GradSync`` for one process: records the flag it was handed."""
+
+    size = 1
+
+    def __init__(self):
+        self.flags = []
+
+    def reduce(self, params, flag):
+        self.flags.append(flag.clone())
+        return flag
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_a_step_under_a_sync_all_reduces_the_flag_with_the_gradients(guard):
+    """The guard's flag rides the all-reduce (a zero when unguarded, and then no flag comes
+    back); the step is applied either way."""
+    model, guide, split, opts = _fit_setup(False)
+    sync = _RecordingSync()
+    before = [p.detach().clone() for p in model.parameters()]
+    idx = torch.arange(10)
+    loss, bad = train.step_on_device(model, guide, objectives.ELBO(),
+                                     Batch(split.x[idx], idx, len(split)),
+                                     opts._replace(sync=sync), guard=guard)
+    assert torch.isfinite(loss) and len(sync.flags) == 1 and float(sync.flags[0]) == 0.0
+    assert (bad is None) if not guard else float(bad) == 0.0
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 # ---------------------------------------------------------------------------------------
 # resume: 2 + 2 epochs == 4 epochs, bitwise
 # ---------------------------------------------------------------------------------------
@@ -260,7 +336,7 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cached_mnist,
     assert ma == mb and len(ma) == 4
     for key in ("model", "guide", "optimizers", "valid_guide"):
         _assert_same_tensors(a[key], b[key], key)
-    assert s4["test_elbo"] == s22["test_elbo"] and s4["epochs"] == s22["epochs"] == 4
+    assert s4.test_elbo == s22.test_elbo and s4.epochs == s22.epochs == 4
 
 
 def test_resume_refuses_a_different_architecture(tmp_path, cached_mnist):
@@ -322,7 +398,7 @@ def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, cached_mnist):
                             log=messages.append)
     assert any("checkpoint.prev.pt" in m for m in messages)
     assert any("after epoch 1" in m for m in messages)  # the previous checkpoint is epoch 1
-    assert summary["epochs"] == 3
+    assert summary.epochs == 3
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
 
