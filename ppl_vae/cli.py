@@ -1,7 +1,9 @@
 """The ``ppl-vae`` command: train, evaluate and compare.
 
 Every user error is one line on stderr and exit code 2; options map one-to-one onto
-``Config`` fields, so the CLI and the Python API cannot drift apart.
+``Config`` fields, so the CLI and the Python API cannot drift apart. Importing this module
+imports no torch: ``--help`` and usage errors answer at once, and a command imports the
+modules it runs.
 """
 from __future__ import annotations
 
@@ -12,11 +14,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .compare import DEFAULT_GUIDES
-from . import distributed, logs
+from . import logs
 from .config import Config, check_particles
 from .errors import UserError
-from .train import DivergenceError, Interrupted
 
 HELP = {
     "dataset": "mnist, fashion_mnist, kmnist, a folder of IDX files, a .npz/.npy file of images, "
@@ -69,12 +69,15 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def _add_config(parser: argparse.ArgumentParser, defaults: Config) -> None:
+def _add_config(parser: argparse.ArgumentParser, defaults: Config, unlisted=()) -> None:
+    """An option per ``Config`` field; those in ``unlisted`` are parsed but not shown in --help."""
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kind = f.type if isinstance(f.type, str) else str(f.type)
         help_ = HELP.get(f.name, "") + f" (default: {default})"
+        if f.name in unlisted:
+            help_ = argparse.SUPPRESS
         if f.name in ("hidden", "gap_epochs"):
             parser.add_argument(flag, type=int, nargs="+", default=list(default), help=help_)
         elif isinstance(default, bool):
@@ -181,13 +184,13 @@ def build_parser() -> Parser:
 
     c = sub.add_parser("compare", help="amortized, semi-amortized and mean-field on the same "
                                        "decoder and budget")
-    _add_config(c, COMPARE_DEFAULTS)
+    _add_config(c, COMPARE_DEFAULTS, unlisted=("guide",))  # refused: compare takes --guides
     c.add_argument("--out", type=_folder, default=Path("runs/compare"), help="output folder")
     c.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
     c.add_argument("--quick", action="store_true",
                    help="a first look: 10k training rows, 2 epochs each, 1k test rows, K=100")
     c.add_argument("--num-particles-eval", type=int, default=1000, help="K of log p(x) (default 1000)")
-    c.add_argument("--guides", type=_guides, default=list(DEFAULT_GUIDES),
+    c.add_argument("--guides", type=_guides, default=None,  # None: compare.DEFAULT_GUIDES
                    help="comma-separated guides to compare, any subset (default: "
                         "amortized,semiamortized,meanfield; iaf adds a flow guide)")
     c.add_argument("--seeds", default="1",
@@ -237,12 +240,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logs.to_console()
     try:
         return _main(argv)
-    except distributed.RefusedElsewhere:  # another torchrun process printed why
+    except _loaded("distributed", "RefusedElsewhere"):  # another torchrun process printed why
         return 2
     except UserError as e:
         print(f"error: {e.for_cli()}", file=sys.stderr)
         return 2
-    except Interrupted as e:
+    except _loaded("train", "Interrupted") as e:
         print(f"{e}; {e.kept or 'the checkpoint is kept: continue with `ppl-vae train ... --resume`'}",
               file=sys.stderr)
         return 130
@@ -253,15 +256,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e.strerror or e}: {e.filename or ''}; choose another --out or free "
               f"the disk", file=sys.stderr)
         return 2
-    except DivergenceError as e:
+    except _loaded("train", "DivergenceError") as e:
         print(f"error: training diverged at {e}; {e.kept or 'the last good checkpoint is kept'}"
               f". Try a smaller --lr or --on-divergence lower_lr", file=sys.stderr)
         return 1
 
 
+def _loaded(module: str, name: str):
+    """The exception class ``name`` of this package's ``module`` if that module was imported,
+    else ``()`` (catches nothing: nothing could have raised it), so that ``main`` imports no
+    torch to answer --help or a usage error."""
+    found = sys.modules.get(f"{__package__}.{module}")
+    return getattr(found, name) if found is not None else ()
+
+
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    from . import distributed
     if distributed.launched():  # under torchrun: join the process group; rank 0 talks
         world = distributed.init(getattr(args, "device", "auto") or "auto")
         if not world.main:
@@ -298,12 +310,14 @@ def _command(args) -> int:
                      progress=args.progress or "lines", trust_code=args.trust_code)
         return 0
     if args.command == "compare":
-        from .compare import compare, parse_seeds
+        from .compare import DEFAULT_GUIDES, PAIRED, compare, parse_seeds
         from .compute import Budget
         argv = getattr(args, "argv", None)  # what the user typed (set by _main)
         if argv is not None and "guide" in _given(argv, "compare"):
             raise UserError(f"compare trains every guide of --guides, not --guide; use "
                             f"--guides {args.guide} to compare that guide alone")
+        if args.guides is None:
+            args.guides = list(DEFAULT_GUIDES)
         config = _config(args)
         seeds, budget = parse_seeds(args.seeds, config.seed), Budget.parse(args.budget)
         k = args.num_particles_eval
@@ -317,9 +331,10 @@ def _command(args) -> int:
                       budget=budget, local_rows=args.local_rows)
         if not doc:  # another torchrun process: rank 0 prints the results
             return 0
-        print(json.dumps({g: {key: doc[g].get(key) for key in (
-            "test_elbo", "test_elbo_local", "test_log_px", "approximation_gap",
-            "amortization_gap")} for g in args.guides}, indent=2))
+        from .evaluate import Scores
+        keys = [Scores.json_key(q, "test") for q in PAIRED]  # as results.json names them
+        print(json.dumps({g: {key: doc[g].get(key) for key in keys} for g in args.guides},
+                         indent=2))
         return 0
     raise AssertionError(args.command)
 

@@ -69,7 +69,6 @@ from .data import Batch
 from .errors import UserError
 
 
-COMPILE_MODES = ("auto", "on", "off")
 PAYS_FROM_STEPS = 2000  # ``auto`` compiles a run of at least this many optimizer steps ...
 PAYS_FROM_SECONDS = 120.0  # ... and, with a time budget, a budget at least this long
 

@@ -12,6 +12,10 @@ Importing a module runs its code, so a name read from a run's files (a checkpoin
 else wrote) is imported only with the user's consent: ``require_consent`` refuses, before
 anything is imported, every ``module:attribute`` that the user did not give on this command
 unless ``trust_code`` is set (``--trust-code``), as Hugging Face's ``trust_remote_code`` does.
+
+Importing this module imports no torch: a builder imports its piece's module when it first
+runs (``_lib``) and a registered ``piece`` may be named ``module:Class``, imported when first
+asked for, so ``ppl-vae --help`` and the CLI's usage errors answer without waiting for torch.
 """
 from __future__ import annotations
 
@@ -21,14 +25,20 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Literal, Optional, Tuple, Union
 
-import torch
-import torch.nn as nn
-
-from . import data, guides, likelihoods, nets, objectives, priors
-from .compiled import COMPILE_MODES, Auto, Compiled, check_compilable
 from .errors import UserError, setting
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+    import torch.nn as nn
+
+    from . import data
+
+
+def _lib(module: str):
+    """This package's ``module``, imported when a builder first needs it (not at import)."""
+    return importlib.import_module(f"{__package__}.{module}")
 
 
 class Registry:
@@ -38,14 +48,18 @@ class Registry:
         self.kind, self.field = kind, field
         self._builders: Dict[str, Callable] = {}
 
-    def register(self, name: str, builder: Callable, piece: Optional[type] = None) -> Callable:
+    def register(self, name: str, builder: Callable,
+                 piece: Union[type, str, None] = None) -> Callable:
         """Add ``builder`` under ``name``: a function ``(config, **context)`` or a class.
 
         ``piece`` is the class the builder makes, asked before anything is built (a guide's
-        ``compilable``); a registered class is its own piece.
+        ``compilable``), or its ``module:Class`` name, imported when first asked for; a
+        registered class is its own piece.
         """
         builder = _as_builder(builder)
-        if piece is not None:
+        if isinstance(piece, str):
+            builder = _Named(builder, piece)
+        elif piece is not None:
             builder.piece = piece
         self._builders[name] = builder
         return builder
@@ -95,6 +109,21 @@ def _as_builder(obj) -> Callable:
         build.piece = obj
         return build
     return obj
+
+
+class _Named:
+    """A builder whose ``piece`` is named ``module:Class`` and imported when first asked for."""
+
+    def __init__(self, build: Callable, piece: str):
+        self._build, self._piece = build, piece
+
+    def __call__(self, config, **context):
+        return self._build(config, **context)
+
+    @property
+    def piece(self) -> type:
+        module, _, attr = self._piece.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 def _import(name: str, registry: Registry):
@@ -147,57 +176,68 @@ def require_consent(config: "Config", source, given: Optional["Config"] = None,
                         f"folder whose author you trust)")
 
 
+def _activation(name: str) -> Callable:
+    """``torch.nn``'s activation class ``name``."""
+    def build(c, **_):
+        import torch.nn
+        return getattr(torch.nn, name)
+    return build
+
+
 ACTIVATIONS = Registry("activation", "activation")
-ACTIVATIONS.register("relu", lambda c, **_: nn.ReLU)
-ACTIVATIONS.register("elu", lambda c, **_: nn.ELU)
-ACTIVATIONS.register("tanh", lambda c, **_: nn.Tanh)
-ACTIVATIONS.register("softplus", lambda c, **_: nn.Softplus)
+for _name, _class in (("relu", "ReLU"), ("elu", "ELU"), ("tanh", "Tanh"), ("softplus", "Softplus")):
+    ACTIVATIONS.register(_name, _activation(_class))
 
 LIKELIHOODS = Registry("likelihood", "likelihood")  # context: data_dim
-LIKELIHOODS.register("bernoulli", lambda c, **_: likelihoods.Bernoulli())
-LIKELIHOODS.register("continuous_bernoulli", lambda c, **_: likelihoods.ContinuousBernoulli())
-LIKELIHOODS.register("normal", lambda c, data_dim, **_: likelihoods.Normal(data_dim, shared=False))
-LIKELIHOODS.register("normal_shared", lambda c, data_dim, **_: likelihoods.Normal(data_dim, shared=True))
+LIKELIHOODS.register("bernoulli", lambda c, **_: _lib("likelihoods").Bernoulli())
+LIKELIHOODS.register("continuous_bernoulli",
+                     lambda c, **_: _lib("likelihoods").ContinuousBernoulli())
+LIKELIHOODS.register("normal", lambda c, data_dim, **_: _lib("likelihoods").Normal(
+    data_dim, shared=False))
+LIKELIHOODS.register("normal_shared", lambda c, data_dim, **_: _lib("likelihoods").Normal(
+    data_dim, shared=True))
 
 PRIORS = Registry("prior", "prior")
-PRIORS.register("normal", lambda c, **_: priors.StandardNormal(c.latent_dim))
-PRIORS.register("mog", lambda c, **_: priors.MixtureOfGaussians(c.latent_dim, seed=c.seed))
+PRIORS.register("normal", lambda c, **_: _lib("priors").StandardNormal(c.latent_dim))
+PRIORS.register("mog", lambda c, **_: _lib("priors").MixtureOfGaussians(c.latent_dim, seed=c.seed))
 
 OBJECTIVES = Registry("objective", "objective")
-OBJECTIVES.adapt = objectives.pyro_objective  # a user's Pyro ELBO class (pyro.infer:X) works too
-OBJECTIVES.register("elbo", lambda c, **_: objectives.ELBO(c.num_particles, beta=c.beta),
-                    objectives.ELBO)
-OBJECTIVES.register("analytic_kl", lambda c, **_: objectives.AnalyticKLELBO(
-    c.num_particles, beta=c.beta), objectives.AnalyticKLELBO)
-OBJECTIVES.register("iwae", lambda c, **_: objectives.IWAE(c.num_particles, dreg=c.dreg),
-                    objectives.IWAE)
+# a user's Pyro ELBO class (pyro.infer:X) works too
+OBJECTIVES.adapt = lambda piece: _lib("objectives").pyro_objective(piece)
+OBJECTIVES.register("elbo", lambda c, **_: _lib("objectives").ELBO(c.num_particles, beta=c.beta),
+                    "ppl_vae.objectives:ELBO")
+OBJECTIVES.register("analytic_kl", lambda c, **_: _lib("objectives").AnalyticKLELBO(
+    c.num_particles, beta=c.beta), "ppl_vae.objectives:AnalyticKLELBO")
+OBJECTIVES.register("iwae", lambda c, **_: _lib("objectives").IWAE(c.num_particles, dreg=c.dreg),
+                    "ppl_vae.objectives:IWAE")
 
 
 def _pyro(name: str):
     """Pyro's ``name`` ELBO class with ``num_particles`` vectorized particles."""
     def build(c, **_):
         import pyro.infer
-        return objectives.PyroObjective(getattr(pyro.infer, name)(
+        return _lib("objectives").PyroObjective(getattr(pyro.infer, name)(
             num_particles=c.num_particles, vectorize_particles=c.num_particles > 1,
             max_plate_nesting=2))
     return build
 
 
 for _name in ("Trace_ELBO", "TraceMeanField_ELBO", "TraceGraph_ELBO"):
-    OBJECTIVES.register(_name, _pyro(_name), objectives.PyroObjective)
+    OBJECTIVES.register(_name, _pyro(_name), "ppl_vae.objectives:PyroObjective")
 
 
 def _mlp(c, shape, role, **_):
     dim = shape[0] * shape[1] * shape[2]
     if role == "encoder":
-        return nets.Encoder(dim, tuple(reversed(c.hidden)), c.latent_dim, ACTIVATIONS.build(c))
-    return nets.Decoder(c.latent_dim, c.hidden, dim, ACTIVATIONS.build(c))
+        return _lib("nets").Encoder(dim, tuple(reversed(c.hidden)), c.latent_dim,
+                                    ACTIVATIONS.build(c))
+    return _lib("nets").Decoder(c.latent_dim, c.hidden, dim, ACTIVATIONS.build(c))
 
 
 def _conv(c, shape, role, **_):
     if role == "encoder":
-        return nets.ConvEncoder(shape, tuple(reversed(c.hidden)), c.latent_dim)
-    return nets.ConvDecoder(c.latent_dim, c.hidden, shape)
+        return _lib("nets").ConvEncoder(shape, tuple(reversed(c.hidden)), c.latent_dim)
+    return _lib("nets").ConvDecoder(c.latent_dim, c.hidden, shape)
 
 
 NETS = Registry("network", "net")  # context: shape (C, H, W), role ("encoder" or "decoder")
@@ -206,15 +246,15 @@ NETS.register("conv", _conv)
 
 
 def encoder(c: "Config", data_dim: int, shape=None) -> nn.Module:
-    return NETS.build(c, shape=shape or data.infer_shape(data_dim), role="encoder")
+    return NETS.build(c, shape=shape or _lib("data").infer_shape(data_dim), role="encoder")
 
 
 def decoder(c: "Config", data_dim: int, shape=None) -> nn.Module:
-    return NETS.build(c, shape=shape or data.infer_shape(data_dim), role="decoder")
+    return NETS.build(c, shape=shape or _lib("data").infer_shape(data_dim), role="decoder")
 
 
 def _meanfield(c, data_dim, num_data, x=None, rank=0, world_size=1, **_):
-    guide = guides.LocalNormal(num_data, c.latent_dim, rank=rank, world_size=world_size)
+    guide = _lib("guides").LocalNormal(num_data, c.latent_dim, rank=rank, world_size=world_size)
     if c.local_init == "pca" and x is not None:
         guide = guide.to(x.device).init_pca(x)
     return guide
@@ -222,16 +262,16 @@ def _meanfield(c, data_dim, num_data, x=None, rank=0, world_size=1, **_):
 
 GUIDES = Registry("guide", "guide")  # context: data_dim, num_data, x (training rows), model,
 #                                       shape, rank and world_size (the torchrun process)
-GUIDES.register("amortized", lambda c, data_dim, shape=None, **_: guides.AmortizedNormal(
-    encoder(c, data_dim, shape)), guides.AmortizedNormal)
-GUIDES.register("meanfield", _meanfield, guides.LocalNormal)
-GUIDES.register("iaf", lambda c, data_dim, shape=None, **_: guides.AmortizedIAF(
-    encoder(c, data_dim, shape), num_flows=2), guides.AmortizedIAF)
+GUIDES.register("amortized", lambda c, data_dim, shape=None, **_: _lib("guides").AmortizedNormal(
+    encoder(c, data_dim, shape)), "ppl_vae.guides:AmortizedNormal")
+GUIDES.register("meanfield", _meanfield, "ppl_vae.guides:LocalNormal")
+GUIDES.register("iaf", lambda c, data_dim, shape=None, **_: _lib("guides").AmortizedIAF(
+    encoder(c, data_dim, shape), num_flows=2), "ppl_vae.guides:AmortizedIAF")
 GUIDES.register("semiamortized", lambda c, data_dim, model, shape=None, **_:
-                guides.SemiAmortizedNormal(encoder(c, data_dim, shape), model,
-                                           steps=c.refine_steps, step_size=c.refine_lr,
-                                           stop_gradient=c.refine_stop_gradient),
-                guides.SemiAmortizedNormal)
+                _lib("guides").SemiAmortizedNormal(encoder(c, data_dim, shape), model,
+                                                   steps=c.refine_steps, step_size=c.refine_lr,
+                                                   stop_gradient=c.refine_stop_gradient),
+                "ppl_vae.guides:SemiAmortizedNormal")
 
 LR_SCHEDULES = Registry("learning-rate schedule", "lr_schedule")  # epoch -> factor
 LR_SCHEDULES.register("constant", lambda c, **_: None)
@@ -252,7 +292,8 @@ PriorName = Literal[PRIORS.names()]
 GuideName = Literal[GUIDES.names()]
 ObjectiveName = Literal[OBJECTIVES.names()]
 
-BINARIZE = data.Binarize.MODES
+BINARIZE = ("dynamic", "static", "none")  # data.Binarize's modes (its home: no torch here)
+COMPILE_MODES = ("auto", "on", "off")  # compiled.choose's modes (its home: no torch here)
 LOCAL_INIT = ("pca", "prior")
 ON_DIVERGENCE = ("stop", "lower_lr")
 MAX_LATENT, MAX_WIDTH = 4096, 65536  # beyond these a run only fails in the allocator
@@ -315,7 +356,7 @@ class Config:
     device: str = "auto"
 
     def validate(self) -> "Config":
-        data.check_name(self.dataset)
+        _lib("data").check_name(self.dataset)
         for registry in REGISTRIES:
             registry.resolve(getattr(self, registry.field))
         for name in ("valid_fraction", "test_fraction"):
@@ -376,7 +417,7 @@ class Config:
             raise UserError(f"{setting('dreg')} needs a Normal guide; with {setting('guide')} "
                             f"{self.guide} drop dreg or use the amortized or meanfield guide")
         objective = getattr(OBJECTIVES.resolve(self.objective), "piece", None)
-        if not objectives.takes_beta(objective):
+        if not _lib("objectives").takes_beta(objective):
             for name, default in (("warmup_epochs", 0), ("beta", 1.0)):
                 if getattr(self, name) != default:
                     raise UserError(f"{setting(name)} weights the KL term of our ELBO "
@@ -438,6 +479,8 @@ def resolve_device(name: str, world=None) -> torch.device:
     """The device a setting names, decided here only: ``auto`` is CUDA when available, else
     the CPU; under torchrun (``world``, a ``distributed.World`` of a launched process) each
     process takes its own GPU, ``cuda:LOCAL_RANK``, unless the setting is ``cpu``."""
+    import torch
+
     from . import distributed
     if world is not None and (world.size > 1 or distributed.launched()):
         if name != "cpu" and torch.cuda.is_available():
@@ -472,6 +515,7 @@ def guide_settings(config: Config) -> Tuple[str, ...]:
 def build_model(config: Config, data_dim: int, shape: Optional[data.Shape] = None):
     """The generative model: prior, decoder (``config.net``; conv nets need the image ``shape``
     (C, H, W), inferred from ``data_dim`` when None) and likelihood, seeded by ``config.seed``."""
+    import torch
     torch.manual_seed(config.seed)  # same decoder initialization for every guide
     from .model import VAEModel
     return VAEModel(decoder(config, data_dim, shape),
@@ -488,6 +532,9 @@ def build_guide(config: Config, data_dim: int, num_data: int, x=None, model=None
     ``rank`` and ``world_size`` allocates only that process's rows of a per-datapoint table
     (any other guide is cut down afterwards by ``guides.shard``).
     """
+    import torch
+
+    from .compiled import check_compilable
     torch.manual_seed(config.seed + 1)
     guide = GUIDES.build(config, data_dim=data_dim, num_data=num_data, x=x, model=model,
                          shape=shape, rank=rank, world_size=world_size)
@@ -497,6 +544,7 @@ def build_guide(config: Config, data_dim: int, num_data: int, x=None, model=None
 
 
 def build_objective(config: Config):
+    from .compiled import Auto, Compiled
     objective = OBJECTIVES.build(config)
     if config.compile == "off":
         return objective

@@ -20,6 +20,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .config import BINARIZE
 from .errors import UserError, setting
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "_data"
@@ -503,7 +504,7 @@ class Binarize:
     on any device with the same pixels.
     """
 
-    MODES = ("dynamic", "static", "none")
+    MODES = BINARIZE
 
     def __init__(self, mode: str, generator: Optional[torch.Generator] = None):
         if mode not in self.MODES:

@@ -786,7 +786,7 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu_bitwise(tmp_path, cached_mnist, gui
     assert ma == mb and len(ma) == 3
     for key in ("model", "guide", "optimizers", "valid_guide"):
         _assert_same_tensors(a[key], b[key], key)
-    assert s3["test_elbo"] == s21["test_elbo"]
+    assert s3.test_elbo == s21.test_elbo
     assert config_json(moved)["resumes"][0]["changed"]["device"] == [device, "cpu"]
 
 
