@@ -288,13 +288,15 @@ def _main(argv) -> int:
 def _command(args) -> int:
     if args.command == "train":
         from .run import resumed_config, train_run
-        config = (resumed_config(args.out, _given(args.argv, "train"), args.trust_code)
-                  if args.resume else _config(args))
+        resumed = (resumed_config(args.out, _given(args.argv, "train"), args.trust_code)
+                   if args.resume else None)  # the run's settings, its checkpoint read once
+        config = resumed.config if resumed else _config(args)
         if args.num_particles_eval <= 0:
             raise UserError("--num-particles-eval must be positive")
         check_particles(args.num_particles_eval, "num_particles_eval")
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume,
-                  progress=args.progress or "lines", trust_code=args.trust_code)
+                  progress=args.progress or "lines", trust_code=args.trust_code,
+                  state=resumed.state if resumed else None)
         if args.evaluate:
             from .evaluation import evaluate_run
             evaluate_run(args.out, args.num_particles_eval, progress=args.progress or "lines",

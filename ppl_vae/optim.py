@@ -42,18 +42,23 @@ class RowAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                     state["steps"] = torch.zeros(p.shape[0], device=p.device, dtype=p.dtype)
-                kept = None if skip is None else save_rows(self, p, rows)
-                steps = state["steps"].index_add_(0, rows, torch.ones_like(rows, dtype=p.dtype))
-                t = steps[rows].unsqueeze(-1)  # [R, 1]
-                m = state["exp_avg"][rows].lerp_(values, 1 - beta1)
-                v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
-                state["exp_avg"][rows] = m
-                state["exp_avg_sq"][rows] = v
+                # the rows (distinct, after coalescing) gathered once, updated, written back
+                old = (p[rows], state["exp_avg"][rows], state["exp_avg_sq"][rows],
+                       state["steps"][rows])
+                steps = old[3] + 1
+                t = steps.unsqueeze(-1)  # [R, 1]
+                m = old[1].lerp(values, 1 - beta1)
+                v = old[2].mul(beta2).addcmul_(values, values, value=1 - beta2)
                 m_hat = m / (1 - beta1 ** t)
                 v_hat = v / (1 - beta2 ** t)
-                p[rows] = p[rows] - group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
-                if kept is not None:
-                    restore_rows(self, p, rows, kept, where=skip)
+                new = (old[0] - group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]), m, v,
+                       steps)
+                if skip is not None:  # a bad step: every row as it was, decided on the device
+                    bad = skip.reshape(()) > 0
+                    new = tuple(torch.where(bad, o, n) for o, n in zip(old, new))
+                for target, value in zip((p, state["exp_avg"], state["exp_avg_sq"],
+                                          state["steps"]), new):
+                    target[rows] = value
 
 
 def save_rows(optimizer: RowAdam, p: torch.Tensor, rows: torch.Tensor) -> dict:

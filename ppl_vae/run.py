@@ -31,7 +31,8 @@ from .heldout import (GapTracker, Validator, eval_pixels, held_out_elbo, read_ga
                       train_pixels)
 from .objectives import unguided_sites
 from .optim import make_optimizers
-from .rundir import RunDir, check_out, drop_stale_evaluation, write_config, write_json
+from .rundir import (RunDir, check_out, drop_stale_evaluation, recover, write_config,
+                     write_json)
 from .rng import seeded
 from .tracking import open_tracker
 from .train import (DivergenceError, EpochMetrics, Interrupted, LRSchedule, Position, StepBudget, fit,
@@ -121,27 +122,41 @@ def check_sizes(config: Config, splits: data.Splits) -> None:
                         f"{setting('local_init')} prior")
 
 
-def resumed_config(out, given: dict, trust_code: bool = False) -> Config:
+class Resumed(NamedTuple):
+    """What ``--resume`` continues (``resumed_config``): its settings, and the checkpoint
+    they were read from, handed to ``train_run`` so it is read once (None: no readable
+    checkpoint; ``train_run`` then refuses the resume with its reason)."""
+
+    config: Config
+    state: Optional[dict]
+
+
+def resumed_config(out, given: dict, trust_code: bool = False) -> Resumed:
     """What ``--resume`` continues: the run's own settings (its checkpoint's) with the
     settings ``given`` on this command laid over them, so a resume needs only what it
     changes (``--epochs``, ``--lr``, ...). The device is the one given, else ``auto``. Code
     that only the checkpoint names needs ``trust_code``; without a readable checkpoint the
     settings given are taken as they are (and the resume is refused later, with its reason).
+    What a killed ``--overwrite`` left beside ``out`` is undone first (``rundir.recover``,
+    as ``RunDir`` would), so the run read here is the run resumed.
     """
     own = Config().replace(**given)
+    out = check_out(out)
+    recover(out)
     try:
-        state = checkpoint.load(check_out(out), warn=lambda _m: None, required=REQUIRED)
+        state = checkpoint.load(out, warn=logs.warning, required=REQUIRED,
+                                mmap=distributed.launched())
     except UserError:
         state = None
     if state is None:
-        return own.validate()
+        return Resumed(own.validate(), None)
     saved = Config.from_dict(state["config"])
     require_consent(saved, Path(out) / state["file"], given=own, trust_code=trust_code)
     try:
         resolve_device(saved.device)
     except UserError:  # a GPU run resumed where there is none
         saved = saved.replace(device="auto")
-    return saved.replace(**given).validate()
+    return Resumed(saved.replace(**given).validate(), state)
 
 
 def check_compatible(saved: Config, config: Config) -> dict:
@@ -157,19 +172,21 @@ def check_compatible(saved: Config, config: Config) -> dict:
 
 def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
               resume: bool = False, progress: bool = True,
-              log: Callable[[str], None] = logs.info, trust_code: bool = False
-              ) -> Optional["Summary"]:
+              log: Callable[[str], None] = logs.info, trust_code: bool = False,
+              state: Optional[dict] = None) -> Optional["Summary"]:
     """Train per ``config``, write the run's files into ``out`` and return its ``Summary``
     (under torchrun: rank 0 scores and writes it; the other processes return None).
     ``trust_code``: a resumed checkpoint may name code (``module:Class``) that ``config``
-    does not (see ``config.require_consent``)."""
-    trained = fit_run(config, out, overwrite, resume, progress, log, trust_code)
+    does not (see ``config.require_consent``). ``state``: the checkpoint a resume continues,
+    already read (``resumed_config``); None reads it."""
+    trained = fit_run(config, out, overwrite, resume, progress, log, trust_code, state)
     return finish(trained, out, log) if distributed.current().main else None
 
 
 def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
             resume: bool = False, progress: bool = True,
-            log: Callable[[str], None] = logs.info, trust_code: bool = False) -> Trained:
+            log: Callable[[str], None] = logs.info, trust_code: bool = False,
+            state: Optional[dict] = None) -> Trained:
     """Train per ``config`` (writing config, metrics and checkpoints when ``out`` is given).
 
     Everything that can be refused is refused before anything is written: the settings, the
@@ -180,7 +197,7 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     world = distributed.current()
     setup, error = None, None
     try:
-        setup = _setup(config, out, overwrite, resume, world, log, trust_code)
+        setup = _setup(config, out, overwrite, resume, world, log, trust_code, state)
     except UserError as e:
         error = e
     distributed.refuse_unless_all(error, world)
@@ -211,7 +228,7 @@ class _Setup(NamedTuple):
 
 
 def _setup(config: Config, out, overwrite: bool, resume: bool, world: distributed.World,
-           log, trust_code: bool = False) -> _Setup:
+           log, trust_code: bool = False, loaded: Optional[dict] = None) -> _Setup:
     config.validate()
     device = resolve_device(config.device, world)
     if world.size > 1:
@@ -237,7 +254,8 @@ def _setup(config: Config, out, overwrite: bool, resume: bool, world: distribute
     torch.manual_seed(distributed.rank_seed(config.seed + 2, world))
     if resume:
         final = folder.final if folder is not None else Path(out)
-        state = checkpoint.load(final, warn=log, required=REQUIRED, mmap=world.size > 1)
+        state = loaded if loaded is not None else checkpoint.load(
+            final, warn=log, required=REQUIRED, mmap=world.size > 1)
         saved = Config.from_dict(state["config"])
         require_consent(saved, final / state["file"], given=config, trust_code=trust_code)
         saved.replace(device=config.device).validate()  # its device need not exist here

@@ -77,6 +77,32 @@ def test_a_resume_needs_only_what_it_changes(tmp_path, capsys, cached_mnist):
     assert code == 2 and "hidden" in err
 
 
+def test_a_resume_reads_its_checkpoint_once(tmp_path, capsys, cached_mnist, monkeypatch):
+    """The settings and the state of a resume come from one read of the checkpoint (it can
+    hold a 50,000-row table), handed from ``resumed_config`` to ``train_run``."""
+    from ppl_vae import checkpoint
+    out = tmp_path / "run"
+    assert train_cli(capsys, out)[0] == 0
+    reads, load = [], checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+    code, _, err = call(capsys, "train", "--out", out, "--resume", "--epochs", "2",
+                        "--no-progress")
+    assert code == 0, err
+    assert len(reads) == 1 and summary(out)["epochs"] == 2
+
+
+def test_a_resume_after_a_killed_swap_reads_the_run_it_resumes(tmp_path, capsys, cached_mnist):
+    """A kill between the two renames of an ``--overwrite`` swap parks the run beside its
+    folder; ``--resume`` puts it back before reading its settings (not the defaults)."""
+    out = tmp_path / "run"
+    assert train_cli(capsys, out, "--lr", "0.002")[0] == 0
+    out.rename(tmp_path / ".run.old-999999999")  # a pid that is not alive
+    code, _, err = call(capsys, "train", "--out", out, "--resume", "--epochs", "2",
+                        "--no-progress")
+    assert code == 0, err
+    assert config_json(out)["config"]["lr"] == 0.002 and summary(out)["epochs"] == 2
+
+
 # ---------------------------------------------------------------------------------------
 # what a user sees of the seams
 # ---------------------------------------------------------------------------------------
