@@ -58,12 +58,13 @@ def curves(histories: Dict[str, List[dict]], path: Path, title: str = "") -> Pat
 
 def curve_limits(histories: Dict[str, List[dict]], pad: float = 0.05) -> Optional[tuple]:
     """y-limits that show a point of every curve: the range of every curve's values after its
-    first epoch (the first epoch, often hundreds of nats lower, may fall below), each curve's
-    one point when it has only one, padded by ``pad`` of the range; None without values."""
+    first epoch when it has three or more (the first, often hundreds of nats lower, may fall
+    below), all of them when it has fewer (a two-epoch line would shrink to its end), padded
+    by ``pad`` of the range; None without values."""
     values = []
     for history in histories.values():
         rows = sorted(history, key=lambda m: m["epoch"])
-        later = rows[1:] or rows
+        later = rows[1:] if len(rows) >= 3 else rows
         for key in ("train_elbo", "valid_elbo"):
             values += [float(m[key]) for m in later if m.get(key) is not None]
     values = np.array([v for v in values if np.isfinite(v)])
@@ -207,7 +208,9 @@ def gaps(results: Dict[str, dict], path: Path, error: str = "_stderr", times: fl
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
     ax.set_ylabel("nats per image")
-    ax.set_title(title)
+    if error == "_stderr":  # say what the bars are: the table's ± is one standard error
+        title += f"\n(error bars: ± {times:g} standard errors over test images, paired)"
+    ax.set_title(title, fontsize=10)
     ax.margins(y=0.15)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -143,13 +143,16 @@ def resumed_config(out, given: dict, trust_code: bool = False) -> Resumed:
     own = Config().replace(**given)
     out = check_out(out)
     recover(out)
+    said = []  # a fallback to checkpoint.prev.pt, said once the load has succeeded
     try:
-        state = checkpoint.load(out, warn=logs.warning, required=REQUIRED,
+        state = checkpoint.load(out, warn=said.append, required=REQUIRED,
                                 mmap=distributed.launched())
-    except UserError:
+    except UserError:  # train_run reads it again and refuses the resume with the reason
         state = None
     if state is None:
         return Resumed(own.validate(), None)
+    for line in said:
+        logs.info(line)
     saved = Config.from_dict(state["config"])
     require_consent(saved, Path(out) / state["file"], given=own, trust_code=trust_code)
     try:

@@ -123,6 +123,16 @@ def test_curves_show_a_point_of_every_curve_they_list(monkeypatch, tmp_path):
     assert lo > -260  # the first epoch's hundreds do not flatten the rest
 
 
+def test_curves_of_two_epochs_show_both(monkeypatch, tmp_path):
+    """compare --quick trains 2 epochs: cutting the first would leave each line a sliver."""
+    figures = _figures(monkeypatch)
+    history = [{"epoch": 1, "wall": 1, "train_elbo": -246.0, "valid_elbo": -195.0},
+               {"epoch": 2, "wall": 2, "train_elbo": -181.0, "valid_elbo": -165.0}]
+    plots.curves({"amortized": history}, tmp_path / "c.png")
+    lo, hi = figures[0].axes[0].get_ylim()
+    assert lo < -246 and hi > -165
+
+
 def test_gap_curves_band_is_one_standard_error_and_says_so(monkeypatch, tmp_path):
     figures = _figures(monkeypatch)
     rows = [{"epoch": e, "split": s, "amortization_gap": 5.0, "amortization_gap_stderr": 1.0,
