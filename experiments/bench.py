@@ -508,9 +508,10 @@ def decoder_floor(model, rows: int, k: int, max_rows: int = 2 ** 15) -> torch.Te
     sampling, likelihood or log-sum-exp): work that any exact estimate must do, so a floor
     for its time on this machine. A decoder without linear layers runs whole."""
     per_chunk = max(1, min(rows, max_rows // min(k, max_rows))) * min(k, max_rows)
-    z = torch.randn(per_chunk, model.prior().event_shape[0])
+    device = next(model.decoder.parameters()).device
+    z = torch.randn(per_chunk, model.prior().event_shape[0], device=device)
     weights = [m.weight.T for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
-    outs = [torch.empty(per_chunk, w.shape[1]) for w in weights]
+    outs = [torch.empty(per_chunk, w.shape[1], device=device, dtype=w.dtype) for w in weights]
     total, h = rows * k, None
     for start in range(0, total, per_chunk):
         n = min(per_chunk, total - start)

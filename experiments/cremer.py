@@ -92,10 +92,7 @@ def score(trained, rows: int, num_particles: int, progress: bool,
                                 seed=EVAL_SEED, progress=progress, split=split,
                                 local_options={"max_steps": local_steps})
         out.append({"guide": trained.config.guide, "rows": f"{split} {len(x)}",
-                    "epochs": len(trained.history), "num_particles": scores.num_particles,
-                    **{name: est and est.mean for name, est in scores.estimates().items()},
-                    **{f"{name}_stderr": est and est.stderr
-                       for name, est in scores.estimates().items()}})
+                    "epochs": len(trained.history), **scores.by_quantity()})
     return out
 
 

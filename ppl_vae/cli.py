@@ -312,7 +312,7 @@ def _command(args) -> int:
                      progress=args.progress or "lines", trust_code=args.trust_code)
         return 0
     if args.command == "compare":
-        from .compare import DEFAULT_GUIDES, PAIRED, compare, parse_seeds
+        from .compare import DEFAULT_GUIDES, PAIRED_KEYS, compare, parse_seeds
         from .compute import Budget
         argv = getattr(args, "argv", None)  # what the user typed (set by _main)
         if argv is not None and "guide" in _given(argv, "compare"):
@@ -333,10 +333,8 @@ def _command(args) -> int:
                       budget=budget, local_rows=args.local_rows)
         if not doc:  # another torchrun process: rank 0 prints the results
             return 0
-        from .evaluate import Scores
-        keys = [Scores.json_key(q, "test") for q in PAIRED]  # as results.json names them
-        print(json.dumps({g: {key: doc[g].get(key) for key in keys} for g in args.guides},
-                         indent=2))
+        print(json.dumps({g: {key: doc[g].get(key) for key in PAIRED_KEYS}
+                          for g in args.guides}, indent=2))
         return 0
     raise AssertionError(args.command)
 

@@ -36,6 +36,7 @@ from .seeds import Difference, Spread, differences
 DEFAULT_GUIDES = ("amortized", "semiamortized", "meanfield")
 # the quantities whose paired differences between guides the report gives (``Scores`` names)
 PAIRED = ("log_px", "elbo_local", "elbo", "approximation_gap", "amortization_gap")
+PAIRED_KEYS = tuple(Scores.json_key(q, "test") for q in PAIRED)  # as results.json names them
 LOCAL_ROWS = 500  # training rows of a per-datapoint table scored for its local budget
 MAX_SEEDS = 100
 SCHEDULE = "one after another in one process"
@@ -131,10 +132,9 @@ class Comparison:
     def differences(self) -> List[Difference]:
         """The paired differences of ``PAIRED`` between guides, named as results.json names
         them (``Scores.json_key``)."""
-        keys = [Scores.json_key(q, "test") for q in PAIRED]
-        values = {g: {k: {r.seed: r.numbers().get(k) for r in self.runs_of(g)} for k in keys}
-                  for g in self.guides}
-        return differences(values, keys, self.guides)
+        values = {g: {k: {r.seed: r.numbers().get(k) for r in self.runs_of(g)}
+                      for k in PAIRED_KEYS} for g in self.guides}
+        return differences(values, PAIRED_KEYS, self.guides)
 
     @property
     def several(self) -> bool:

@@ -191,7 +191,11 @@ class Scores:
             out[f"amortization_gap_{v.name}"] = v.amortization_gap
         return out
 
-    def to_json(self) -> dict:
+    def by_quantity(self) -> dict:
+        """Every number under its quantity's own name, the split left out (``elbo``,
+        ``elbo_stderr``, ``log_px``, ..., ``rate``, ``seconds``): for tables and figures that
+        put rows of several splits side by side. A quantity not computed is None; a view's
+        gap outside q*'s family is left out."""
         doc = {"split": self.split, "num_rows": self.rows, "num_particles": self.num_particles,
                "proposal": self.proposal}
         if self.local_steps is not None:
@@ -199,12 +203,15 @@ class Scores:
         for name, est in self.estimates().items():
             if est is None and name not in ("amortization_gap", "approximation_gap",
                                             "elbo_local"):
-                continue  # a view's gap outside q*'s family is simply absent, as before
-            doc[self.json_key(name, self.split)] = est and est.mean
-            doc[self.json_key(name + "_stderr", self.split)] = est and est.stderr
+                continue
+            doc[name], doc[name + "_stderr"] = (est.mean, est.stderr) if est else (None, None)
         doc.update(rate=self.rate, distortion=self.distortion, active_units=self.active_units,
                    log_px_seconds=self.log_px_seconds, seconds=self.seconds)
         return doc
+
+    def to_json(self) -> dict:
+        """``by_quantity`` under the files' names (``json_key``)."""
+        return {self.json_key(k, self.split): v for k, v in self.by_quantity().items()}
 
     @classmethod
     def from_json(cls, doc: dict) -> "Scores":

@@ -208,10 +208,8 @@ def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=N
                    title=f"inference gaps on the test set: mean ± sd over "
                          f"{len(comparison.seeds)} seeds")
     else:
-        plots.gaps({r.guide: {k: est and getattr(est, part) for name, est in
-                              r.scores.estimates().items()
-                              for k, part in ((name, "mean"), (name + "_stderr", "stderr"))}
-                    for r in comparison.runs}, out / "gaps.png")
+        plots.gaps({r.guide: r.scores.by_quantity() for r in comparison.runs},
+                   out / "gaps.png")
     if gaps:
         plots.gap_curves(gaps, out / "gap_curves.png", tables=_tables(comparison))
     first_arrays = next(iter(arrays.values()))

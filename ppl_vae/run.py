@@ -4,7 +4,8 @@ Files written into ``out``: ``config.json`` (settings, library versions, git rev
 command line, and every resume's changed settings), ``metrics.jsonl`` (one object per epoch),
 ``checkpoint.pt`` (every epoch, atomically), ``gaps.jsonl`` with ``track_gaps``, and
 ``summary.json`` (``test_elbo`` and timings) once the run has finished. Which folders may be
-written is ``rundir``'s business; scoring on held-out rows is ``heldout``'s.
+written is ``rundir``'s business; scoring during training (validation, gap curves) is
+``heldout``'s, and a trained run's evaluation ``evaluation``'s.
 """
 from __future__ import annotations
 
@@ -138,11 +139,13 @@ def resumed_config(out, given: dict, trust_code: bool = False) -> Resumed:
     that only the checkpoint names needs ``trust_code``; without a readable checkpoint the
     settings given are taken as they are (and the resume is refused later, with its reason).
     What a killed ``--overwrite`` left beside ``out`` is undone first (``rundir.recover``,
-    as ``RunDir`` would), so the run read here is the run resumed.
+    as ``RunDir`` would; one process, not under torchrun), so the run read here is the run
+    resumed.
     """
     own = Config().replace(**given)
     out = check_out(out)
-    recover(out)
+    if not distributed.launched():  # under torchrun rank 0's RunDir does it, alone
+        recover(out)
     said = []  # a fallback to checkpoint.prev.pt, said once the load has succeeded
     try:
         state = checkpoint.load(out, warn=said.append, required=REQUIRED,

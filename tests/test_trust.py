@@ -299,7 +299,7 @@ EFFECTS = {
     "track_gaps": ([], GAPS, True, _gaps_written),
     "gap_epochs": (GAPS[:1] + ["--epochs", "2", "--gap-epochs", "3"], ["--gap-epochs", "1"],
                    [1], _gap_epochs),
-    "gap_rows": (GAPS, ["--gap-rows", "7"], 7, _gaps("rows", 7)),
+    "gap_rows": (GAPS, ["--gap-rows", "7"], 7, _gaps("num_rows", 7)),
     "gap_particles": (GAPS, ["--gap-particles", "3"], 3, _gaps("num_particles", 3)),
     "seed": ([], ["--seed", "4"], 4, _differs),
     "device": ([], ["--device", "auto"], "auto", _device),
