@@ -152,7 +152,7 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
     params = optimizers.networks()
     loss, flag = _backward(s, params)  # ``loss.backward()``, or the compiled graph
     if guard:
-        bad = _checked(bad, flag, loss, _grads(optimizers))
+        bad = _checked(bad, flag, loss, lambda: _grads(optimizers))
     bad = _all_reduce(s, params, bad)
     _give_up(s, bad, saved)
     optimizers.set_found_inf(bad if s.on_device else None)
@@ -239,7 +239,7 @@ def _inner_steps(s: _StepContext, bad: Optional[torch.Tensor],
     for _ in range(s.optimizers.inner_steps if s.tables else 0):
         loss, grads, flag = _row_gradients(s)
         if s.guard:
-            bad = _checked(bad, flag, loss, grads)
+            bad = _checked(bad, flag, loss, lambda: grads)
             _give_up(s, bad, saved)
         for table, grad in zip(s.tables, grads):
             table.grad = grad
@@ -261,10 +261,11 @@ def _row_gradients(s: _StepContext):
 
 
 def _checked(bad: torch.Tensor, flag: Optional[torch.Tensor], loss: torch.Tensor,
-             grads: Sequence[torch.Tensor]) -> torch.Tensor:
+             grads: Callable[[], Sequence[torch.Tensor]]) -> torch.Tensor:
     """The guard after a backward pass: ``bad`` or'ed with the compiled graph's ``flag``, or
-    under autograd (``flag`` None) with ``_nonfinite`` of the loss and ``grads``."""
-    return torch.maximum(bad, flag) if flag is not None else _nonfinite(bad, loss, *grads)
+    under autograd (``flag`` None) with ``_nonfinite`` of the loss and ``grads()`` (asked for
+    only then: the compiled graph checked its gradients itself)."""
+    return torch.maximum(bad, flag) if flag is not None else _nonfinite(bad, loss, *grads())
 
 
 def _all_reduce(s: _StepContext, params: Sequence[torch.Tensor],
