@@ -125,13 +125,27 @@ def _config(args) -> Config:
 _UNSET = object()
 
 
-def _given(argv, command: str) -> dict:
-    """The settings that ``argv`` gives explicitly (argparse fills in the others), as
-    ``Config`` values: what a ``--resume`` lays over the run's own settings."""
+def parse(argv, unset: bool = False) -> argparse.Namespace:
+    """``argv`` parsed, over the settings of its ``--config`` file (flags override the file);
+    ``unset``: the ``Config`` fields neither gives are ``_UNSET``."""
     parser = build_parser()
-    parser.commands[command].set_defaults(
-        **{f.name: _UNSET for f in dataclasses.fields(Config)})
     args = parser.parse_args(argv)
+    command = parser.commands.get(args.command)
+    if command is None:
+        return args
+    if unset:
+        command.set_defaults(**{f.name: _UNSET for f in dataclasses.fields(Config)})
+    if getattr(args, "config", None) is not None:
+        from . import config_file
+        command.set_defaults(**config_file.defaults(args.config, command, args.command))
+    return parser.parse_args(argv) if unset or args.config is not None else args
+
+
+def _given(argv, command: str) -> dict:
+    """The settings that ``argv`` (and its ``--config`` file) give explicitly (argparse fills
+    in the others), as ``Config`` values: what a ``--resume`` lays over the run's own
+    settings."""
+    args = parse(argv, unset=True)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
              if getattr(args, f.name) is not _UNSET}
     for key in ("hidden", "gap_epochs"):
@@ -144,6 +158,11 @@ NO_PROGRESS = ("--no-progress",)
 NO_PROGRESS_KW = dict(dest="progress", action="store_false",
                       help="no progress bars (they are drawn only on a terminal anyway)")
 
+
+CONFIG = ("--config",)
+CONFIG_KW = dict(type=Path, default=None, metavar="FILE",
+                 help="settings from a .toml or .json file (a run's own config.json, a "
+                      "comparison's results.json re-run it); flags given here override it")
 
 TRUST_CODE = ("--trust-code",)
 TRUST_CODE_KW = dict(action="store_true",
@@ -158,6 +177,7 @@ def build_parser() -> Parser:
 
     t = sub.add_parser("train", help="train one model and score it on the test set")
     _add_config(t, Config())
+    t.add_argument(*CONFIG, **CONFIG_KW)
     t.add_argument("--out", type=_folder, default=Path("runs/train"), help="run folder")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--resume", action="store_true",
@@ -185,8 +205,13 @@ def build_parser() -> Parser:
     c = sub.add_parser("compare", help="amortized, semi-amortized and mean-field on the same "
                                        "decoder and budget")
     _add_config(c, COMPARE_DEFAULTS, unlisted=("guide",))  # refused: compare takes --guides
+    c.add_argument(*CONFIG, **CONFIG_KW)
     c.add_argument("--out", type=_folder, default=Path("runs/compare"), help="output folder")
     c.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
+    c.add_argument("--resume", action="store_true",
+                   help="continue a comparison cut short (a kill, Ctrl-C): the same command "
+                        "with --resume keeps every scored guide run, continues the one in "
+                        "progress from its last checkpoint and runs the rest")
     c.add_argument("--quick", action="store_true",
                    help="a first look: 10k training rows, 2 epochs each, 1k test rows, K=100")
     c.add_argument("--num-particles-eval", type=int, default=1000, help="K of log p(x) (default 1000)")
@@ -270,8 +295,12 @@ def _loaded(module: str, name: str):
     return getattr(found, name) if found is not None else ()
 
 
+RESUME_COMPARE = ("every scored guide run and the last checkpoint are kept: continue with "
+                  "the same `ppl-vae compare` command and --resume")
+
+
 def _main(argv) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     from . import distributed
     if distributed.launched():  # under torchrun: join the process group; rank 0 talks
@@ -328,9 +357,16 @@ def _command(args) -> int:
             k = min(k, 100)
         if k <= 0:
             raise UserError("--num-particles-eval must be positive")
-        doc = compare(config, args.out, num_particles=k, overwrite=args.overwrite,
-                      guides=args.guides, progress=args.progress or "lines", seeds=seeds,
-                      budget=budget, local_rows=args.local_rows)
+        try:
+            doc = compare(config, args.out, num_particles=k, overwrite=args.overwrite,
+                          guides=args.guides, progress=args.progress or "lines", seeds=seeds,
+                          budget=budget, local_rows=args.local_rows, resume=args.resume)
+        except _loaded("train", "Interrupted") as e:  # a guide's training stopped
+            e.kept = RESUME_COMPARE
+            raise
+        except KeyboardInterrupt:  # between runs, or while scoring
+            print(f"interrupted; {RESUME_COMPARE}", file=sys.stderr)
+            return 130
         if not doc:  # another torchrun process: rank 0 prints the results
             return 0
         print(json.dumps({g: {key: doc[g].get(key) for key in PAIRED_KEYS}

@@ -14,22 +14,27 @@ Reference: Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational 
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from . import distributed, guides as guide_lib, logs, report
+from . import distributed, guides as guide_lib, logs, plots, report
 from .compute import Budget, Compute, LocalBudget, local_budget, step_cost, steps_per_epoch
-from .config import GUIDES, SEED_LIMIT, Config, guide_settings
+from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
+                     resolve_device)
 from .data import Batch
 from .errors import UserError, setting
 from .evaluate import Scores
 from .evaluation import evaluate_trained
 from .heldout import read_gaps
-from .rundir import MARKER, RunDir, check_out, refuse_foreign, versions, write_json
+from .rundir import (CHECKPOINTS, MARKER, RunDir, check_out, refuse_foreign, versions,
+                     write_json)
 from .run import Summary, finish, fit_run, load_splits, load_trained
 from .seeds import Difference, Spread, differences
 
@@ -116,6 +121,7 @@ class Comparison:
     local_rows: int
     runs: List[GuideRun] = field(default_factory=list)
     settings: Dict[str, List[str]] = field(default_factory=dict)  # guide -> its own settings
+    num_particles: Optional[int] = None  # K of log p(x) on the test rows
 
     def runs_of(self, guide: str) -> List[GuideRun]:
         return sorted((r for r in self.runs if r.guide == guide),
@@ -141,26 +147,43 @@ class Comparison:
         return len(self.seeds) > 1
 
     def to_json(self) -> dict:
+        """One layout for one seed or many: every guide's entry holds the means over seeds of
+        its numbers at the top (a ``*_stderr`` there is the Monte Carlo standard error of that
+        mean, sqrt(sum of the seeds' squared errors) / seeds, not an average of errors), the
+        spread of each over seeds (``over_seeds``; its ``sd`` is None for one seed) and every
+        seed's own record (``per_seed``, keyed by the seed)."""
         doc = {"date": self.date, "config": self.config, "versions": self.versions,
                "device": self.device, "guides": self.guides, "data": self.data,
                "command": self.command, "seeds": self.seeds, "seed_schedule": SCHEDULE,
                "budget": self.budget.to_json(), "local_rows": self.local_rows,
-               "guide_settings": {g: list(v) for g, v in self.settings.items()}}
+               "num_particles": self.num_particles,
+               "guide_settings": {g: list(v) for g, v in self.settings.items()},
+               "ran": {g: self.ran(g) for g in self.guides}}
         for guide in self.guides:  # one entry per guide at the top level
             runs = self.runs_of(guide)
-            if not self.several:
-                doc[guide] = runs[0].to_json() if runs else {}
-                continue
             keys = sorted({k for r in runs for k in r.numbers()})
             spreads = {k: self.spread(guide, k) for k in keys}
-            entry = {k: s.mean for k, s in spreads.items() if s is not None}  # the means
+            entry = {k: s.mean for k, s in spreads.items()
+                     if s is not None and not k.endswith("_stderr")}
+            for k, s in spreads.items():
+                if s is not None and k.endswith("_stderr"):
+                    entry[k] = math.sqrt(sum(v * v for v in s.values)) / len(s.values)
+            entry.update({k: None for r in runs for k, v in r.scores.to_json().items()
+                          if v is None and k not in entry})  # n/a (e.g. a table's amortization gap)
             entry["over_seeds"] = {k: s.to_json() for k, s in spreads.items() if s is not None}
-            entry["compute"] = {"per_step": runs[0].compute.step.to_json()} if runs else {}
+            if runs:
+                entry.update(family=runs[0].family, per_datapoint=runs[0].per_datapoint,
+                             compute={"per_step": runs[0].compute.step.to_json()})
             entry["per_seed"] = {str(r.seed): r.to_json() for r in runs}
             doc[guide] = entry
-        if self.several:
-            doc["differences"] = [d.to_json() for d in self.differences()]
+        doc["differences"] = [d.to_json() for d in self.differences()]
         return doc
+
+    def ran(self, guide: str) -> dict:
+        """What ``guide`` ran, per seed: its epochs and optimizer steps (under an evaluations
+        budget they differ from the guide to the guide and from ``config.epochs``)."""
+        return {str(r.seed): {"epochs": r.summary.epochs, "steps": r.summary.steps}
+                for r in self.runs_of(guide)}
 
 
 def folder_name(guide: str) -> str:
@@ -177,11 +200,15 @@ def run_folder(out: Path, guide: str, seed: int, several: bool) -> Path:
 
 
 def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
-           seeds: Sequence[int], budget: Budget, local_rows: int):
+           seeds: Sequence[int], budget: Budget, local_rows: int, resume: bool = False,
+           plan: Optional[dict] = None):
     """Refuse, before any training, what the comparison cannot do; returns (out, splits,
     {guide: (its config under the budget, its step cost)})."""
     out = check_out(out)
     config.validate()
+    if overwrite and resume:
+        raise UserError(f"{setting('resume')} continues the comparison in the folder and "
+                        f"{setting('overwrite')} replaces it; choose one")
     if not guides or len(set(guides)) != len(guides):
         raise UserError(f"{setting('guides')} needs distinct guide names, got {list(guides)}")
     if len({folder_name(g) for g in guides}) != len(guides):
@@ -190,18 +217,32 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
     if local_rows < 1:
         raise UserError(f"{setting('local_rows')} must be a positive number of rows, got "
                         f"{local_rows}")
+    if plan is not None:  # the 10^6 bound of train and evaluate holds here too
+        if plan["num_particles"] < 1:
+            raise UserError(f"{setting('num_particles_eval')} must be positive, got "
+                            f"{plan['num_particles']}")
+        check_particles(plan["num_particles"], "num_particles_eval")
     refuse_foreign(out)
-    if (out / "results.json").exists() and not overwrite:
+    if resume:
+        check_resume(out, plan)
+    elif (out / "results.json").exists() and not overwrite:
         raise UserError(f"{out} holds a finished comparison; pass {setting('overwrite')} or "
                         f"choose another {setting('out')}")
+    elif (out / PLAN).exists() and not overwrite:
+        raise UserError(f"{out} holds an unfinished comparison; pass {setting('resume')} to "
+                        f"continue it, {setting('overwrite')} to replace it, or choose "
+                        f"another {setting('out')}")
     for guide in guides:  # refuse before spending any time on training
         if guide not in GUIDES and ":" not in guide:
             raise UserError(f"unknown guide {guide!r} in {setting('guides')}; choose among "
                             f"{', '.join(GUIDES.names())} or module:Class, comma-separated")
         for seed in seeds:
             config.replace(guide=guide, seed=seed).validate()
-            RunDir(run_folder(out, guide, seed, len(seeds) > 1), overwrite, resume=False,
-                   resumable=False)
+            folder = run_folder(out, guide, seed, len(seeds) > 1)
+            if resume and (folder / RECORD).exists():
+                continue
+            started = resume and any((folder / n).exists() for n in CHECKPOINTS[:2])
+            RunDir(folder, overwrite and not started, resume=started, resumable=False)
     splits = load_splits(config, torch.device("cpu"))  # bad data: refused before any folder
     per_epoch = steps_per_epoch(config, splits)
     plans = {}
@@ -226,11 +267,110 @@ def _family(trained) -> Optional[str]:
     return fam
 
 
+# ---------------------------------------------------------------------------------------
+# what a comparison is (its plan), and what each finished guide run left (its record):
+# together they let ``--resume`` continue a comparison where it stopped
+# ---------------------------------------------------------------------------------------
+PLAN = "comparison.json"  # in the comparison's folder, written before the first run
+RECORD = "comparison_run.json"  # in a guide run's folder, once the run is scored
+FIGURE_ARRAYS = "comparison_arrays.npz"  # beside it: what the comparison's figures show
+PLAN_MAY_CHANGE = ("device", "compile")  # a resume may move devices or compile differently
+
+
+def plan_of(config: Config, guides, seeds, budget: Budget, num_particles: int,
+            local_rows: int, local_options: Optional[dict]) -> dict:
+    """Everything that decides a comparison's numbers (what ``--resume`` must find again)."""
+    return {"config": config.to_dict(), "guides": list(guides), "seeds": list(seeds),
+            "budget": budget.to_json(), "num_particles": int(num_particles),
+            "local_rows": int(local_rows), "local_options": dict(local_options or {})}
+
+
+def _plan_differs(saved: dict, plan: dict) -> Optional[str]:
+    """The first setting in which ``plan`` differs from the ``saved`` one (None: the same)."""
+    if not isinstance(saved, dict):
+        return "the saved plan (not an object)"
+    for key, value in plan.items():
+        old = saved.get(key)
+        if key == "config":
+            old = old if isinstance(old, dict) else {}
+            for name, v in value.items():
+                if name not in PLAN_MAY_CHANGE and old.get(name) != v:
+                    return f"--{name.replace('_', '-')} (was {old.get(name)!r}, now {v!r})"
+        elif old != value:
+            name = {"num_particles": "num-particles-eval"}.get(key, key.replace("_", "-"))
+            return f"--{name} (was {old!r}, now {value!r})"
+    return None
+
+
+def check_resume(out: Path, plan: dict) -> None:
+    """Refuse a ``--resume`` of a folder that holds no unfinished comparison, or that was
+    started with other settings."""
+    path = out / PLAN
+    if (out / "results.json").exists():
+        raise UserError(f"{out} holds a finished comparison: nothing to resume; pass "
+                        f"{setting('overwrite')} to run it again or choose another "
+                        f"{setting('out')}")
+    if not path.is_file():
+        raise UserError(f"{setting('resume')}: {out} holds no comparison to continue (no "
+                        f"{PLAN}); run it without {setting('resume')}")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); run the comparison again "
+                        f"with {setting('overwrite')}") from None
+    differs = _plan_differs(saved, plan)
+    if differs:
+        raise UserError(f"{setting('resume')} continues the comparison as it was started, but "
+                        f"this command changes {differs}; give the same settings, or "
+                        f"{setting('overwrite')} to start it again")
+
+
+def _write_record(folder: Path, run: GuideRun, arrays: Optional[dict]) -> None:
+    """A scored guide run's record (and its figures' arrays) in its folder, the record last:
+    a run with a record is finished and a resume takes it as it is."""
+    if arrays is not None:
+        tmp = folder / (FIGURE_ARRAYS + ".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(folder / FIGURE_ARRAYS)
+    write_json(folder / RECORD, {
+        "guide": run.guide, "seed": run.seed, "folder": run.folder, "family": run.family,
+        "per_datapoint": run.per_datapoint, "scores": run.scores.to_json(),
+        "summary": asdict(run.summary),
+        "local": run.local.to_json() if run.local is not None else None})
+
+
+def _read_record(folder: Path, guide: str, seed: int, cost) -> Optional[GuideRun]:
+    """The record ``_write_record`` left (None: the run is not finished, or its record is
+    unreadable, and is trained or scored again)."""
+    try:
+        doc = json.loads((folder / RECORD).read_text())
+        if doc["guide"] != guide or doc["seed"] != seed:
+            return None
+        summary = Summary(**doc["summary"])
+        local = LocalBudget(**doc["local"]) if doc["local"] is not None else None
+        return GuideRun(guide, seed, doc["folder"], Scores.from_json(doc["scores"]), summary,
+                        Compute(cost, summary.steps, summary.epochs, summary.train_seconds),
+                        doc["family"], bool(doc["per_datapoint"]), local)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_arrays(folder: Path) -> Optional[dict]:
+    try:
+        with np.load(folder / FIGURE_ARRAYS, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# the comparison
+# ---------------------------------------------------------------------------------------
 def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: bool = False,
             progress: bool = True, log: Callable[[str], None] = logs.info,
             guides: Sequence[str] = DEFAULT_GUIDES, seeds: Optional[Sequence[int]] = None,
             budget: Budget = Budget(), local_rows: int = LOCAL_ROWS,
-            local_options: Optional[dict] = None) -> dict:
+            local_options: Optional[dict] = None, resume: bool = False) -> dict:
     """Train and evaluate each guide from each seed; write results.json, report.md and
     figures into ``out``; returns what results.json holds.
 
@@ -241,68 +381,117 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     ``local_rows`` training rows of a per-datapoint table are refitted to show its local
     budget; ``local_options`` go to every local fit (``guides.local_inference``: q* on the
     test rows and that refit), e.g. a smaller ``max_steps`` for a toy run.
-    A finished comparison is replaced only with ``overwrite``, and only once the new one has
-    its results (each guide's run is replaced once it has its first checkpoint).
+    A finished comparison is replaced only with ``overwrite`` (which first removes its
+    results, so a comparison cut short is never beside results that no longer hold).
+    ``resume`` continues a comparison cut short (a kill, Ctrl-C, a full disk) with the same
+    settings: every scored guide run is kept as it is, the one in progress continues from
+    its last checkpoint (or is scored, if its training had finished), the rest are run; the
+    numbers are those of an uninterrupted comparison (wall times aside).
     """
     seeds = tuple(seeds) if seeds is not None else (config.seed,)
     several = len(seeds) > 1
     world = distributed.current()
+    plan = plan_of(config, guides, seeds, budget, num_particles, local_rows, local_options)
     error, splits, plans = None, None, {}
     try:
-        out, splits, plans = _check(config, out, overwrite, guides, seeds, budget, local_rows)
+        out, splits, plans = _check(config, out, overwrite, guides, seeds, budget, local_rows,
+                                    resume, plan)
     except UserError as e:
         error = e
     distributed.refuse_unless_all(error, world)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).touch()
+        if not resume:  # an overwrite's old results go first; the plan makes it resumable
+            for name in ("results.json", "report.md"):
+                (out / name).unlink(missing_ok=True)
+            write_json(out / PLAN, plan)
     doc = Comparison(datetime.date.today().isoformat(), config.to_dict(), versions(), "",
                      list(guides), splits.describe(), list(sys.argv), list(seeds), budget,
-                     local_rows, settings={g: list(guide_settings(plans[g][0])) for g in guides})
-    arrays, histories, gaps = {}, {}, {}
+                     local_rows, settings={g: list(guide_settings(plans[g][0])) for g in guides},
+                     num_particles=num_particles)
     if several:
         log(f"== {len(seeds)} seeds ({', '.join(map(str, seeds))}), {SCHEDULE}")
     for seed in seeds:
         for guide in guides:
-            run_config, cost = plans[guide]
-            run_config = run_config.replace(seed=seed)
             folder = run_folder(out, guide, seed, several)
             who = f"{guide} guide, seed {seed}" if several else f"{guide} guide"
-            log(f"== training the {who} ({cost.passes:g} network passes per step"
-                + (f", {report.plural(run_config.max_steps, 'step')}" if run_config.max_steps else "") + ")")
-            if several and world.main:
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                (folder.parent / MARKER).touch()
-            trained = fit_run(run_config, folder, overwrite=overwrite, progress=progress,
-                              log=log)
-            if world.size > 1:  # every process evaluates its share of the test rows with
-                distributed.barrier(world)  # the whole table, as rank 0 checkpointed it
-                trained = load_trained(folder, device=config.device, given=run_config)
-            log(f"== evaluating the {who}")
-            scores, figs = evaluate_trained(trained, num_particles, progress=progress,
-                                            local_options=local_options)
-            if not world.main:  # rank 0 scores and writes
+            run = _read_record(folder, guide, seed, plans[guide][1]) if resume else None
+            if run is not None:
+                log(f"== the {who} is finished: kept as it is")
+            else:
+                run = _train_and_score(plans[guide], seed, folder, out, who, overwrite,
+                                       resume, num_particles, local_rows, local_options,
+                                       progress, log, several)
+            if run is None:  # another torchrun process: rank 0 scores and writes
                 continue
-            summary = finish(trained, folder, log=log, test=scores.elbo)
-            local = local_budget(trained, local_rows, **(local_options or {}))
-            per_datapoint = bool(guide_lib.local_parameters(trained.guide))
-            run = GuideRun(guide, seed, folder.relative_to(out).as_posix(), scores, summary,
-                           Compute(cost, summary.steps, summary.epochs, summary.train_seconds),
-                           _family(trained), per_datapoint, local)
             doc.runs.append(run)
-            doc.device = str(trained.device)
-            if (folder / "gaps.jsonl").exists():
-                run_gaps = read_gaps(folder / "gaps.jsonl")
-                report.gap_curves({guide: run_gaps}, folder / "gaps.png",
-                                  tables=[guide] if per_datapoint else [])
-                if seed == seeds[0]:
-                    gaps[guide] = run_gaps
-            if seed == seeds[0]:  # the figures show the first seed
-                arrays[guide] = figs
-                histories[guide] = [m._asdict() for m in trained.history]
-            log(report.line(who, run))
     if not world.main:
         return {}
+    doc.device = str(resolve_device(config.device))
+    return _write_results(out, doc, log)
+
+
+def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwrite: bool,
+                     resume: bool, num_particles: int, local_rows: int,
+                     local_options: Optional[dict], progress, log, several: bool
+                     ) -> Optional[GuideRun]:
+    """One guide from one seed: trained (or continued from its checkpoint), scored on the
+    test rows, its local budget measured, its record written; None on a torchrun process
+    other than rank 0."""
+    world = distributed.current()
+    run_config, cost = plan
+    run_config = run_config.replace(seed=seed)
+    if several and world.main:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        (folder.parent / MARKER).touch()
+    started = resume and any((folder / n).exists() for n in CHECKPOINTS[:2])
+    if started and (folder / "summary.json").exists():  # trained and summarised, not recorded
+        log(f"== the {who} was trained: scoring it again")
+        trained = load_trained(folder, device=run_config.device, given=run_config)
+    else:
+        log(f"== {'continuing' if started else 'training'} the {who} ({cost.passes:g} network "
+            f"passes per step" + (f", {report.plural(run_config.max_steps, 'step')}"
+                                  if run_config.max_steps else "") + ")")
+        trained = fit_run(run_config, folder, overwrite=overwrite and not started,
+                          resume=started, progress=progress, log=log)
+    if world.size > 1:  # every process evaluates its share of the test rows with
+        distributed.barrier(world)  # the whole table, as rank 0 checkpointed it
+        trained = load_trained(folder, device=run_config.device, given=run_config)
+    log(f"== evaluating the {who}")
+    scores, figs = evaluate_trained(trained, num_particles, progress=progress,
+                                    local_options=local_options)
+    if not world.main:
+        return None
+    summary = finish(trained, folder, log=log, test=scores.elbo)
+    local = local_budget(trained, local_rows, **(local_options or {}))
+    per_datapoint = bool(guide_lib.local_parameters(trained.guide))
+    run = GuideRun(run_config.guide, seed, folder.relative_to(out).as_posix(), scores, summary,
+                   Compute(cost, summary.steps, summary.epochs, summary.train_seconds),
+                   _family(trained), per_datapoint, local)
+    _write_record(folder, run, figs)
+    log(report.line(who, run))
+    return run
+
+
+def _write_results(out: Path, doc: Comparison, log) -> dict:
+    """results.json, report.md and the figures, from the guide runs' folders (the same
+    whether a run was scored in this process or by an earlier one that a resume continues):
+    curves and images show the first seed."""
+    first = doc.seeds[0]
+    arrays, histories, gaps = {}, {}, {}
+    for run in doc.runs:
+        folder = out / run.folder
+        if (folder / "gaps.jsonl").exists():
+            run_gaps = read_gaps(folder / "gaps.jsonl")
+            report.gap_curves({run.guide: run_gaps}, folder / "gaps.png",
+                              tables=[run.guide] if run.per_datapoint else [])
+            if run.seed == first:
+                gaps[run.guide] = run_gaps
+        if run.seed == first:
+            arrays[run.guide] = _read_arrays(folder)
+            histories[run.guide] = plots.read_metrics(folder)
+    arrays = {g: a for g, a in arrays.items() if a is not None}
     result = doc.to_json()
     report.write_figures(out, histories, doc, arrays, gaps)
     (out / "report.md").write_text(report.markdown(doc, bool(gaps)))

@@ -172,15 +172,33 @@ def test_a_seed_changes_the_numbers(runs):
 
 
 def test_the_same_seed_gives_the_same_numbers_again(runs):
-    """Seed 1 alone (the list form, one seed: the layout of one seed) gives seed 1's numbers
-    of the two-seed comparison: a run depends on its seed only, not on the others."""
+    """Seed 1 alone (the list form, one seed) gives seed 1's numbers of the two-seed
+    comparison: a run depends on its seed only, not on the others; and one seed is written in
+    the layout of many (a mean over one seed, its spread, its per-seed record)."""
     out, both, one = runs
-    assert one["seeds"] == [1] and "differences" not in one
+    assert one["seeds"] == [1]
     guide = GUIDES[0]
     assert (out / "one" / guide / "summary.json").is_file()  # out/<guide>, as before seeds
     assert not (out / "one" / guide / "seed1").exists()
-    assert without_times(one[guide]) == without_times(both[guide]["per_seed"]["1"])
-    assert one[guide]["test_log_px"] == both[guide]["per_seed"]["1"]["test_log_px"]
+    assert set(one[guide]) == set(both[guide])  # one layout for one seed and for many
+    mine, theirs = one[guide]["per_seed"]["1"], both[guide]["per_seed"]["1"]
+    assert without_times(mine) == without_times({**theirs, "folder": guide})
+    assert one[guide]["test_log_px"] == theirs["test_log_px"] == mine["test_log_px"]
+    assert one[guide]["test_log_px_stderr"] == pytest.approx(mine["test_log_px_stderr"])
+    assert one[guide]["over_seeds"]["test_log_px"]["sd"] is None
+    assert one["ran"] == {guide: {"1": {"epochs": 1, "steps": 3}}}
+
+
+def test_standard_errors_over_seeds_are_combined_not_averaged(runs):
+    """The mean over seeds of an estimate has the Monte Carlo standard error of a mean of
+    independent estimates, sqrt(sum se^2) / n, not the mean of the errors."""
+    _, both, _ = runs
+    for guide in GUIDES:
+        se = [both[guide]["per_seed"][s]["test_log_px_stderr"] for s in ("0", "1")]
+        assert both[guide]["test_log_px_stderr"] == pytest.approx(
+            math.sqrt(se[0] ** 2 + se[1] ** 2) / 2)
+        assert both["ran"][guide] == {"0": {"epochs": 1, "steps": 3},
+                                      "1": {"epochs": 1, "steps": 3}}
 
 
 def test_the_paired_interval_is_on_matched_seeds(runs):

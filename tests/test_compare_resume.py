@@ -1,0 +1,172 @@
+"""compare --resume: a comparison cut short at any moment (during a guide's training, while
+scoring, between runs, while writing a record) and then resumed writes the results of an
+uninterrupted comparison; a resume with other settings, of a finished comparison or of a
+folder without one is refused in one line; a new comparison refuses an unfinished one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ppl_vae import cli, compare as compare_mod, data
+from ppl_vae.compare import PLAN, RECORD, compare
+from ppl_vae.config import Config
+from ppl_vae.errors import UserError
+
+TINY = Config(train_size=300, valid_size=20, test_size=40, epochs=2, hidden=(16,),
+              latent_dim=3, batch_size=100, device="cpu", compile="off")
+GUIDES = ("amortized", "meanfield")
+SEEDS = (0, 1)
+QUICK_FIT = {"max_steps": 30}
+TIMES = ("seconds", "per_second", "peak_rss", "date", "wall", "command")
+
+
+def quiet(_message):
+    pass
+
+
+def without_times(doc):
+    if isinstance(doc, dict):
+        return {k: without_times(v) for k, v in doc.items() if not any(t in k for t in TIMES)}
+    if isinstance(doc, list):
+        return [without_times(v) for v in doc]
+    return doc
+
+
+def run(out, **kw):
+    return compare(TINY, out, num_particles=5, progress=False, log=quiet, guides=GUIDES,
+                   seeds=SEEDS, local_rows=20, local_options=QUICK_FIT, **kw)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("base") / "c"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "load", lambda *a, **k: mnist)
+        return run(out)
+
+
+def _interrupt_at(monkeypatch, name: str, call: int):
+    """Raise KeyboardInterrupt (Ctrl-C) at the ``call``-th call of compare's ``name``."""
+    real, calls = getattr(compare_mod, name), []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(compare_mod, name, wrapped)
+
+
+# the moments: scoring the 2nd run, the local fit of the 2nd (a table), writing the 3rd's
+# record, the start of the 4th run's training, writing the results
+MOMENTS = [("evaluate_trained", 2), ("local_budget", 2), ("_write_record", 3),
+           ("fit_run", 4), ("_write_results", 1)]
+
+
+@pytest.mark.parametrize("name,call", MOMENTS[:1] + [pytest.param(*m, marks=pytest.mark.slow)
+                                                     for m in MOMENTS[1:]])
+def test_a_resumed_comparison_gives_the_uninterrupted_results(tmp_path, mnist, monkeypatch,
+                                                              baseline, name, call):
+    monkeypatch.setattr(data, "load", lambda *a, **k: mnist)
+    out = tmp_path / "c"
+    with monkeypatch.context() as mp:
+        _interrupt_at(mp, name, call)
+        with pytest.raises(KeyboardInterrupt):
+            run(out)
+    assert (out / PLAN).exists() and not (out / "results.json").exists()
+    with pytest.raises(UserError, match="unfinished comparison; pass resume"):
+        run(out)  # a new comparison does not take the unfinished one's place silently
+    finished = sorted(p.parent.relative_to(out).as_posix() for p in out.rglob(RECORD))
+    resumed = run(out, resume=True)
+    assert without_times(resumed) == without_times(baseline)
+    for folder in finished:  # what was scored before the interruption was kept, not redone
+        assert json.loads((out / folder / RECORD).read_text())["seed"] in SEEDS
+    assert json.loads((out / "results.json").read_text())["guides"] == list(GUIDES)
+
+
+def test_resume_refuses_other_settings_a_finished_comparison_and_an_empty_folder(
+        tmp_path, mnist, monkeypatch, baseline):
+    monkeypatch.setattr(data, "load", lambda *a, **k: mnist)
+    out = tmp_path / "c"
+    with pytest.raises(UserError, match="holds no comparison to continue"):
+        run(out, resume=True)
+    with monkeypatch.context() as mp:
+        _interrupt_at(mp, "fit_run", 2)
+        with pytest.raises(KeyboardInterrupt):
+            run(out)
+    with pytest.raises(UserError, match=r"changes --epochs \(was 2, now 3\)"):
+        compare(TINY.replace(epochs=3), out, num_particles=5, progress=False, log=quiet,
+                guides=GUIDES, seeds=SEEDS, local_rows=20, local_options=QUICK_FIT,
+                resume=True)
+    with pytest.raises(UserError, match=r"changes --num-particles-eval \(was 5, now 6\)"):
+        compare(TINY, out, num_particles=6, progress=False, log=quiet, guides=GUIDES,
+                seeds=SEEDS, local_rows=20, local_options=QUICK_FIT, resume=True)
+    with pytest.raises(UserError, match="choose one"):
+        run(out, resume=True, overwrite=True)
+    run(out, resume=True)
+    with pytest.raises(UserError, match="finished comparison: nothing to resume"):
+        run(out, resume=True)
+
+
+def test_an_overwrite_removes_the_old_results_first(tmp_path, mnist, monkeypatch, baseline):
+    """A comparison replaced with --overwrite and cut short leaves no results.json beside
+    runs that no longer match it; it is resumable instead."""
+    monkeypatch.setattr(data, "load", lambda *a, **k: mnist)
+    out = tmp_path / "c"
+    with monkeypatch.context() as mp:
+        _interrupt_at(mp, "evaluate_trained", 4)
+        with pytest.raises(KeyboardInterrupt):
+            run(out)
+    run(out, resume=True)
+    assert (out / "results.json").exists()
+    with monkeypatch.context() as mp:
+        _interrupt_at(mp, "evaluate_trained", 1)
+        with pytest.raises(KeyboardInterrupt):
+            run(out, overwrite=True)
+    assert not (out / "results.json").exists() and not (out / "report.md").exists()
+    assert without_times(run(out, resume=True)) == without_times(baseline)
+
+
+SMALL = ["--guides", "amortized,meanfield", "--seeds", "2", "--train-size", "300",
+         "--valid-size", "20", "--test-size", "40", "--epochs", "3", "--hidden", "16",
+         "--latent-dim", "3", "--batch-size", "100", "--compile", "off", "--local-rows", "20",
+         "--num-particles-eval", "5", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_a_killed_compare_command_resumes_to_the_same_results(tmp_path):
+    """SIGKILL in the middle of a guide's training (its first checkpoint written), then the
+    same command with --resume: the results of an uninterrupted command."""
+    base, out = tmp_path / "base", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ppl_vae", "compare", *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd + ["--out", str(base)], check=True, capture_output=True, env=env)
+    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    target = out / "meanfield" / "seed0" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+    done = subprocess.run(cmd + ["--out", str(out), "--resume"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "kept as it is" in done.stderr + done.stdout
+    a = json.loads((base / "results.json").read_text())
+    b = json.loads((out / "results.json").read_text())
+    assert without_times(a) == without_times(b)
+
+
+def test_cli_resume_and_ctrl_c_message(tmp_path, capsys):
+    """--resume is compare's option (its help says what it keeps); Ctrl-C names the resume."""
+    help_text = cli.build_parser().commands["compare"].format_help()
+    assert "--resume" in help_text and "continues the one in progress" in " ".join(help_text.split())
+    assert "ppl-vae compare" in cli.RESUME_COMPARE and "--resume" in cli.RESUME_COMPARE
