@@ -23,8 +23,8 @@ HELP = {
                "or torchvision:<Class> (files already under --data-dir); see README",
     "data_dir": "folder with the dataset's raw files (default: shipped MNIST; ~/.cache/ppl_vae "
                 "for fashion_mnist, kmnist, torchvision:<Class>)",
-    "valid_fraction": "fraction of the training rows held out for validation; None: 1/6 "
-                      "(MNIST's 10,000 of 60,000)",
+    "valid_fraction": "fraction of the training rows held out for validation (default: 1/6, "
+                      "MNIST's 10,000 of 60,000)",
     "test_fraction": "fraction of the rows held out for testing when the data have no test split",
     "net": "encoder/decoder: mlp, or conv (stride-2 convolutions built from the image shape)",
     "tensorboard": "also write TensorBoard events to <out>/tensorboard (needs the tensorboard extra)",
@@ -75,7 +75,9 @@ def _add_config(parser: argparse.ArgumentParser, defaults: Config, unlisted=()) 
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kind = f.type if isinstance(f.type, str) else str(f.type)
-        help_ = HELP.get(f.name, "") + f" (default: {default})"
+        help_ = HELP.get(f.name, "")
+        if "(default" not in help_:
+            help_ += f" (default: {default})"
         if f.name in unlisted:
             help_ = argparse.SUPPRESS
         if f.name in ("hidden", "gap_epochs"):
@@ -90,6 +92,7 @@ def _add_config(parser: argparse.ArgumentParser, defaults: Config, unlisted=()) 
                 typ = _optional(typ)
                 if f.name != "valid_fraction":
                     help_ = help_.replace(" (default", "; 'all' for no limit (default")
+                    help_ = help_.replace("(default: None)", "(default: all)")
             parser.add_argument(flag, type=typ, default=default, help=help_,
                                 metavar=("{" + ",".join(choices) + "}") if choices else None)
 
@@ -138,7 +141,7 @@ def parse(argv, unset: bool = False) -> argparse.Namespace:
     if getattr(args, "config", None) is not None:
         from . import config_file
         command.set_defaults(**config_file.defaults(args.config, command, args.command))
-    return parser.parse_args(argv) if unset or args.config is not None else args
+    return parser.parse_args(argv) if unset or getattr(args, "config", None) is not None else args
 
 
 def _given(argv, command: str) -> dict:
@@ -178,26 +181,34 @@ def build_parser() -> Parser:
     t = sub.add_parser("train", help="train one model and score it on the test set")
     _add_config(t, Config())
     t.add_argument(*CONFIG, **CONFIG_KW)
-    t.add_argument("--out", type=_folder, default=Path("runs/train"), help="run folder")
+    t.add_argument("--out", type=_folder, default=Path("runs/train"),
+                   help="run folder (default: runs/train)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out with its own settings; give only what "
                         "changes (--epochs, --lr, ...)")
     t.add_argument("--evaluate", action="store_true",
                    help="run `evaluate` (log p(x), figures) at the end")
-    t.add_argument("--num-particles-eval", type=int, default=5000, help="K of log p(x) with --evaluate")
+    t.add_argument("--num-particles-eval", type=int, default=5000, help="K of log p(x) with --evaluate (default 5000)")
     t.add_argument(*TRUST_CODE, **TRUST_CODE_KW)
     t.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
 
     e = sub.add_parser("evaluate", help="log p(x), gaps, rate/distortion, figures of a run")
     e.add_argument("run_dir", type=Path)
-    e.add_argument("--num-particles", type=int, default=5000, help="K of log p(x) (default 5000)")
+    e.add_argument("--num-particles-eval", type=int, default=5000,
+                   help="K of log p(x) (default 5000)")
+    e.add_argument("--num-particles", type=int, default=None, dest="old_num_particles",
+                   help=argparse.SUPPRESS)  # the old name, which train gives its own meaning
     e.add_argument("--split", default="test", help="test or valid (default test)")
     e.add_argument("--proposal", default="auto",
                    help="log p(x) proposal: auto (q* for meanfield, encoder for amortized), guide, local")
     e.add_argument("--local", action=argparse.BooleanOptionalAction, default=None,
                    help="also fit q* for L[q*] and the gaps (default: only for meanfield)")
-    e.add_argument("--test-size", type=int, default=None, help="evaluate on the first N rows only")
+    e.add_argument("--rows", type=int, default=None,
+                   help="score the first N rows of --split only (default: the run's "
+                        "--test-size; all rows when it has none)")
+    e.add_argument("--test-size", type=int, default=None, dest="old_test_size",
+                   help=argparse.SUPPRESS)  # the old name, which sized a valid split too
     e.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
     e.add_argument(*TRUST_CODE, **TRUST_CODE_KW)
     e.add_argument(*NO_PROGRESS, **NO_PROGRESS_KW)
@@ -206,7 +217,8 @@ def build_parser() -> Parser:
                                        "decoder and budget")
     _add_config(c, COMPARE_DEFAULTS, unlisted=("guide",))  # refused: compare takes --guides
     c.add_argument(*CONFIG, **CONFIG_KW)
-    c.add_argument("--out", type=_folder, default=Path("runs/compare"), help="output folder")
+    c.add_argument("--out", type=_folder, default=Path("runs/compare"),
+                   help="output folder (default: runs/compare)")
     c.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
     c.add_argument("--resume", action="store_true",
                    help="continue a comparison cut short (a kill, Ctrl-C): the same command "
@@ -295,6 +307,18 @@ def _loaded(module: str, name: str):
     return getattr(found, name) if found is not None else ()
 
 
+def _renamed(args, old_dest: str, old: str, new_dest: str, new: str, why: str):
+    """The value of an option given under its old name (with a warning naming the new one)
+    or its new one; both at once is refused."""
+    value = getattr(args, old_dest)
+    if value is None:
+        return getattr(args, new_dest)
+    if any(a == new or a.startswith(new + "=") for a in getattr(args, "argv", ())):
+        raise UserError(f"{old} is the old name of {new}; give {new} alone")
+    logs.warning(f"{old} is now {new} ({why}); the old name still works")
+    return value
+
+
 RESUME_COMPARE = ("every scored guide run and the last checkpoint are kept: continue with "
                   "the same `ppl-vae compare` command and --resume")
 
@@ -333,11 +357,18 @@ def _command(args) -> int:
         return 0
     if args.command == "evaluate":
         from .evaluation import evaluate_run
-        if args.num_particles <= 0:
-            raise UserError("--num-particles must be positive")
-        check_particles(args.num_particles, "num_particles")
-        evaluate_run(args.run_dir, args.num_particles, split=args.split, proposal=args.proposal,
-                     local=args.local, test_size=args.test_size, device=args.device,
+        k = _renamed(args, "old_num_particles", "--num-particles", "num_particles_eval",
+                     "--num-particles-eval", "in train it counts the training objective's "
+                     "particles")
+        rows = _renamed(args, "old_test_size", "--test-size", "rows", "--rows",
+                        "it sizes any --split")
+        if k <= 0:
+            raise UserError(f"--num-particles-eval must be a positive K, got {k}")
+        check_particles(k, "num_particles_eval")
+        if rows is not None and rows <= 0:
+            raise UserError(f"--rows must be a positive number of rows, got {rows}")
+        evaluate_run(args.run_dir, k, split=args.split, proposal=args.proposal,
+                     local=args.local, test_size=rows, device=args.device,
                      progress=args.progress or "lines", trust_code=args.trust_code)
         return 0
     if args.command == "compare":

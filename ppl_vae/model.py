@@ -3,11 +3,20 @@
 Sites are named ``"z"`` and ``"x"``, and the plate ``"data"`` is declared with the size of
 the whole dataset and the minibatch's row indices as ``subsample``, so Pyro scales every
 log-density by N / B. Model and guide share one signature: ``(batch: Batch) -> None``.
+
+The model observes ``batch.x``; ``posterior_predictive`` runs it with ``x`` unobserved
+(``poutine.uncondition``) under Pyro's ``Predictive``, so ``x`` is drawn from p(x | z) with
+z from the guide: new images like each row of the batch.
 """
 from __future__ import annotations
 
+from typing import Dict
+
 import pyro
+import torch
 import torch.nn as nn
+from pyro import poutine
+from pyro.infer import Predictive
 
 from .data import Batch
 from .likelihoods import Likelihood
@@ -42,3 +51,17 @@ class VAEModel(nn.Module):
         with data_plate(batch):
             z = pyro.sample("z", self.prior())
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=batch.x)
+
+
+def posterior_predictive(model: VAEModel, guide, batch: Batch, num_samples: int = 1,
+                         means: bool = False) -> Dict[str, torch.Tensor]:
+    """Draws of Pyro's ``Predictive`` with ``x`` left unobserved: ``{"z": [S, B, L], "x":
+    [S, B, D]}``, z ~ q(z | row) and x ~ p(x | z) for every row of ``batch`` (``means``: the
+    likelihood's mean image instead of a draw of x, what the figures show)."""
+    sites = ("z", "x")
+    with torch.no_grad():
+        draws = Predictive(poutine.uncondition(model), guide=guide, num_samples=num_samples,
+                           return_sites=sites)(batch)
+    if means:
+        draws["x"] = model.likelihood(model.decoder(draws["z"])).mean
+    return {k: draws[k].reshape(num_samples, len(batch.idx), -1) for k in sites}

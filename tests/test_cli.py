@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import math
 import shutil
 
@@ -297,3 +298,41 @@ def test_evaluate_a_one_dimensional_latent(tmp_path, cached_mnist, capsys):
                      "--epochs", "1", "--out", str(out)]) == 0
     assert cli.main(["evaluate", str(out), "--num-particles", "5", "--test-size", "50"]) == 0
     assert (out / "latent.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_evaluate_names_k_and_rows_by_what_they_mean(tmp_path, amortized_run, cached_mnist,
+                                                      capsys):
+    """evaluate's K is --num-particles-eval (as in train and compare; train's --num-particles
+    is the objective's particles) and its rows --rows (any split); the old names still work,
+    with a warning naming the new ones, and both at once are refused."""
+    run = tmp_path / "run"
+    shutil.copytree(amortized_run, run)
+    assert cli.main(["evaluate", str(run), "--num-particles-eval", "3", "--rows", "20",
+                     "--split", "valid", "--no-progress"]) == 0
+    saved = json.loads((run / "eval_valid.json").read_text())
+    assert saved["num_particles"] == 3 and saved["num_rows"] == 20
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run), "--num-particles", "4", "--test-size", "10",
+                     "--split", "valid", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "--num-particles is now --num-particles-eval" in err
+    assert "--test-size is now --rows" in err
+    saved = json.loads((run / "eval_valid.json").read_text())
+    assert saved["num_particles"] == 4 and saved["num_rows"] == 10
+    assert cli.main(["evaluate", str(run), "--num-particles", "4",
+                     "--num-particles-eval", "5"]) == 2
+    assert "give --num-particles-eval alone" in capsys.readouterr().err
+    assert cli.main(["evaluate", str(run), "--rows", "0"]) == 2
+    assert "--rows must be a positive number of rows" in capsys.readouterr().err
+
+
+def test_help_shows_every_default_once(capsys):
+    for command in ("train", "compare", "evaluate"):
+        text = " ".join(cli.build_parser().commands[command].format_help().split())
+        assert not re.search(r"\(default:[^)]*\) \(default", text), command
+        assert "(default: None)" not in text  # a default the reader can act on
+        if command != "evaluate":
+            assert f"(default: runs/{command})" in text  # where the run goes
+            assert "--config FILE" in text
+    text = " ".join(cli.build_parser().commands["train"].format_help().split())
+    assert "K of log p(x) with --evaluate (default 5000)" in text

@@ -278,3 +278,31 @@ def test_iaf_guide_is_a_normalized_density():
     # the guide's loc_scale is its base Normal
     loc, _ = guide.loc_scale(full_batch(x))
     torch.testing.assert_close(loc, guide.encoder(x)[0])
+
+
+def test_pyro_predictive_gives_posterior_predictive_draws_not_the_data():
+    """The model leaves x unobserved under posterior_predictive: x are draws from p(x | z) at
+    the guide's z (they differ from the data and from draw to draw, and their mean matches
+    the likelihood's mean at those z), where Predictive on the model itself hands back x."""
+    import pyro
+    from pyro.infer import Predictive
+
+    from ppl_vae import guides, likelihoods, nets, priors
+    from ppl_vae.data import Batch
+    from ppl_vae.model import VAEModel, posterior_predictive
+
+    pyro.set_rng_seed(0)
+    model = VAEModel(nets.Decoder(3, [16], 12), likelihoods.Bernoulli(), priors.StandardNormal(3))
+    guide = guides.AmortizedNormal(nets.Encoder(12, [16], 3))
+    x = torch.bernoulli(torch.full((5, 12), 0.5))
+    batch = Batch(x, torch.arange(5), 5)
+    observed = Predictive(model, guide=guide, num_samples=2, return_sites=("x",))(batch)["x"]
+    assert torch.equal(observed[0], x)  # the trap: the observed site returns the data
+    draws = posterior_predictive(model, guide, batch, num_samples=400)
+    assert draws["x"].shape == (400, 5, 12) and draws["z"].shape == (400, 5, 3)
+    assert not torch.equal(draws["x"][0], x) and not torch.equal(draws["x"][0], draws["x"][1])
+    assert set(draws["x"].unique().tolist()) <= {0.0, 1.0}
+    probs = model.likelihood(model.decoder(draws["z"])).mean
+    assert (draws["x"].mean(0) - probs.mean(0)).abs().max() < 0.15  # x ~ p(x | z)
+    mean_images = posterior_predictive(model, guide, batch, num_samples=3, means=True)["x"]
+    assert ((mean_images > 0) & (mean_images < 1)).all()
