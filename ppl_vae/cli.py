@@ -236,10 +236,14 @@ def build_parser() -> Parser:
                         "runs go to <out>/<guide>/seed<S> and the report gives means, standard "
                         "deviations and paired differences over seeds (default: 1, --seed alone)")
     c.add_argument("--budget", default="epochs",
-                   help="what every guide gets the same of: epochs (--epochs), or "
-                        "evaluations=N, N network passes (forward and backward passes of "
-                        "encoder and decoder, counted on one step of each guide); both are "
-                        "counts, never seconds (default: epochs)")
+                   help="what every guide gets the same of: epochs (--epochs); "
+                        "evaluations=N, N network passes (forward and backward passes over a "
+                        "minibatch of the decoder and of the guide's networks, which count as "
+                        "one network, counted on one step of each guide); or flops=N, N FLOPs "
+                        "(one step's forward and backward passes, counted with torch's "
+                        "FlopCounterMode). Each guide gets the whole steps N buys, at least 1 "
+                        "and at most 100,000,000, else the budget is refused; all are counts, "
+                        "never seconds (default: epochs)")
     c.add_argument("--local-rows", type=int, default=500,
                    help="training rows of a per-datapoint table scored for how far they are "
                         "from a local optimum at the end (default 500)")
@@ -294,8 +298,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"the disk", file=sys.stderr)
         return 2
     except _loaded("train", "DivergenceError") as e:
-        print(f"error: training diverged at {e}; {e.kept or 'the last good checkpoint is kept'}"
-              f". Try a smaller --lr or --on-divergence lower_lr", file=sys.stderr)
+        print(f"error: training diverged at {e.for_cli()}; "
+              f"{e.kept or 'the last good checkpoint is kept'}. {e.advice(cli=True)}",
+              file=sys.stderr)
         return 1
 
 
@@ -391,7 +396,8 @@ def _command(args) -> int:
         try:
             doc = compare(config, args.out, num_particles=k, overwrite=args.overwrite,
                           guides=args.guides, progress=args.progress or "lines", seeds=seeds,
-                          budget=budget, local_rows=args.local_rows, resume=args.resume)
+                          budget=budget, local_rows=args.local_rows, resume=args.resume,
+                          quick=args.quick)
         except _loaded("train", "Interrupted") as e:  # a guide's training stopped
             e.kept = RESUME_COMPARE
             raise

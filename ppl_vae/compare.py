@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import distributed, guides as guide_lib, logs, plots, report
+from . import budget_curves, distributed, guides as guide_lib, logs, plots, report
 from .compute import Budget, Compute, LocalBudget, local_budget, step_cost, steps_per_epoch
 from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
                      resolve_device)
@@ -91,7 +91,9 @@ class GuideRun:
         rows and the spreads over seeds read)."""
         out = {k: v for k, v in {**self.summary.costs(), **self.scores.to_json()}.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        out.update(passes_per_step=self.compute.step.passes, total_passes=self.compute.total)
+        out.update(passes_per_step=self.compute.step.passes, total_passes=self.compute.total,
+                   flops_per_step=self.compute.step.flops_per_step,
+                   total_flops=self.compute.total_flops)
         if self.local is not None:
             out.update(local_stored=self.local.stored, local_fitted=self.local.fitted,
                        local_gap=self.local.gap, local_gap_stderr=self.local.gap_stderr,
@@ -122,6 +124,7 @@ class Comparison:
     runs: List[GuideRun] = field(default_factory=list)
     settings: Dict[str, List[str]] = field(default_factory=dict)  # guide -> its own settings
     num_particles: Optional[int] = None  # K of log p(x) on the test rows
+    quick: bool = False  # ``--quick``: a smoke look, not a verdict
 
     def runs_of(self, guide: str) -> List[GuideRun]:
         return sorted((r for r in self.runs if r.guide == guide),
@@ -156,7 +159,7 @@ class Comparison:
                "device": self.device, "guides": self.guides, "data": self.data,
                "command": self.command, "seeds": self.seeds, "seed_schedule": SCHEDULE,
                "budget": self.budget.to_json(), "local_rows": self.local_rows,
-               "num_particles": self.num_particles,
+               "num_particles": self.num_particles, "quick": self.quick,
                "guide_settings": {g: list(v) for g, v in self.settings.items()},
                "ran": {g: self.ran(g) for g in self.guides}}
         for guide in self.guides:  # one entry per guide at the top level
@@ -181,7 +184,7 @@ class Comparison:
 
     def ran(self, guide: str) -> dict:
         """What ``guide`` ran, per seed: its epochs and optimizer steps (under an evaluations
-        budget they differ from the guide to the guide and from ``config.epochs``)."""
+        or a FLOPs budget they differ from guide to guide and from ``config.epochs``)."""
         return {str(r.seed): {"epochs": r.summary.epochs, "steps": r.summary.steps}
                 for r in self.runs_of(guide)}
 
@@ -370,7 +373,8 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
             progress: bool = True, log: Callable[[str], None] = logs.info,
             guides: Sequence[str] = DEFAULT_GUIDES, seeds: Optional[Sequence[int]] = None,
             budget: Budget = Budget(), local_rows: int = LOCAL_ROWS,
-            local_options: Optional[dict] = None, resume: bool = False) -> dict:
+            local_options: Optional[dict] = None, resume: bool = False,
+            quick: bool = False) -> dict:
     """Train and evaluate each guide from each seed; write results.json, report.md and
     figures into ``out``; returns what results.json holds.
 
@@ -386,11 +390,13 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     ``resume`` continues a comparison cut short (a kill, Ctrl-C, a full disk) with the same
     settings: every scored guide run is kept as it is, the one in progress continues from
     its last checkpoint (or is scored, if its training had finished), the rest are run; the
-    numbers are those of an uninterrupted comparison (wall times aside).
+    numbers are those of an uninterrupted comparison (wall times aside). ``quick``: the
+    settings are ``--quick``'s first look, and the report says it is no verdict.
     """
     seeds = tuple(seeds) if seeds is not None else (config.seed,)
     several = len(seeds) > 1
     world = distributed.current()
+    budget = budget.resolve(config)  # an epochs budget records its epochs
     plan = plan_of(config, guides, seeds, budget, num_particles, local_rows, local_options)
     error, splits, plans = None, None, {}
     try:
@@ -409,7 +415,7 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     doc = Comparison(datetime.date.today().isoformat(), config.to_dict(), versions(), "",
                      list(guides), splits.describe(), list(sys.argv), list(seeds), budget,
                      local_rows, settings={g: list(guide_settings(plans[g][0])) for g in guides},
-                     num_particles=num_particles)
+                     num_particles=num_particles, quick=quick)
     if several:
         log(f"== {len(seeds)} seeds ({', '.join(map(str, seeds))}), {SCHEDULE}")
     for seed in seeds:
@@ -451,7 +457,7 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
         trained = load_trained(folder, device=run_config.device, given=run_config)
     else:
         log(f"== {'continuing' if started else 'training'} the {who} ({cost.passes:g} network "
-            f"passes per step" + (f", {report.plural(run_config.max_steps, 'step')}"
+            f"passes, {cost.flops_per_step:,} FLOPs per step" + (f", {report.plural(run_config.max_steps, 'step')}"
                                   if run_config.max_steps else "") + ")")
         trained = fit_run(run_config, folder, overwrite=overwrite and not started,
                           resume=started, progress=progress, log=log)
@@ -474,6 +480,21 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
     return run
 
 
+def over_budget(out: Path, doc: Comparison) -> Optional[budget_curves.Curves]:
+    """Every guide's gap curves (``--track-gaps``) over seeds, as curves over budget (None:
+    no run tracked them)."""
+    runs = {}
+    for run in doc.runs:
+        folder = out / run.folder
+        if not (folder / "gaps.jsonl").exists():
+            continue
+        step = run.compute.step
+        runs.setdefault(run.guide, {})[run.seed] = (
+            read_gaps(folder / "gaps.jsonl"), plots.read_metrics(folder), step.passes,
+            step.flops_per_step or None)
+    return budget_curves.collect(runs, doc.seeds) if runs else None
+
+
 def _write_results(out: Path, doc: Comparison, log) -> dict:
     """results.json, report.md and the figures, from the guide runs' folders (the same
     whether a run was scored in this process or by an earlier one that a resume continues):
@@ -493,6 +514,10 @@ def _write_results(out: Path, doc: Comparison, log) -> dict:
             histories[run.guide] = plots.read_metrics(folder)
     arrays = {g: a for g, a in arrays.items() if a is not None}
     result = doc.to_json()
+    curves = over_budget(out, doc)
+    if curves is not None:  # the gap curves of every seed, as curves over budget
+        result["curves"] = curves.to_json()
+        budget_curves.figure(curves, out / "budget_curves.png")
     report.write_figures(out, histories, doc, arrays, gaps)
     (out / "report.md").write_text(report.markdown(doc, bool(gaps)))
     write_json(out / "results.json", result)

@@ -56,6 +56,7 @@ disk, so a second run starts faster. It pays on long runs: ``choose`` is the rul
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
@@ -67,6 +68,26 @@ import torch.nn as nn
 
 from .data import Batch
 from .errors import UserError
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." note, which every
+    compile on a machine with a CUDA toolkit but no GPU prints (Inductor's C++ build imports
+    ``torch.utils.cpp_extension``, which says so when it looks for CUDA): a CPU run needs no
+    CUDA runtime. Every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def quiet_cuda_runtime_note() -> None:
+    """Install ``_NoCudaRuntimeNote`` on torch's ``cpp_extension`` logger (once)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNote) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNote())
+
+
+quiet_cuda_runtime_note()  # before any compile: the note comes at the first C++ build
 
 
 PAYS_FROM_STEPS = 2000  # ``auto`` compiles a run of at least this many optimizer steps ...
@@ -221,6 +242,9 @@ class Compiled:
                 entry[1] = self._compile(program, batch, values)
             except Exception as e:  # noqa: BLE001 - whatever failed, eager still works
                 return self._eager_after(e, model, guide, batch, kwargs)
+            except BaseException:  # Ctrl-C while tracing: trace again next time
+                self._graphs.pop(key, None)
+                raise
         program, graph, ran = entry
         if graph is None:  # compiling failed once: eager from then on
             return self.objective(model, guide, batch, **kwargs)
@@ -231,6 +255,9 @@ class Compiled:
         except Exception as e:  # noqa: BLE001 - whatever failed, eager still works
             entry[1] = None
             return self._eager_after(e, model, guide, batch, kwargs)
+        except BaseException:  # Ctrl-C while compiling (train.abandonable): compile again
+            self._graphs.pop(key, None)  # next time rather than run eagerly for good
+            raise
         entry[2] = True
         return out
 
@@ -278,6 +305,9 @@ class Compiled:
                     entry.graph = self._compile_grad(entry, batch, values, scale, check)
                 except Exception as e:  # noqa: BLE001 - whatever failed, autograd still works
                     return self._no_graph(e, entry, model, guide, batch, names)
+                except BaseException:  # Ctrl-C while tracing: trace again next time
+                    self._graphs.pop(key, None)
+                    raise
         tensors = entry.current(params)
         if tensors is None:  # not the program's tensors (or no longer): autograd instead
             return None
@@ -289,6 +319,10 @@ class Compiled:
             if entry.ran:
                 raise
             return self._no_graph(e, entry, model, guide, batch, names)
+        except BaseException:  # Ctrl-C while compiling (train.abandonable): compile again
+            if not entry.ran:  # next time rather than differentiate eagerly for good
+                self._graphs.pop(key, None)
+            raise
         entry.ran = True
         it = iter(present)
         return Step(loss, flag, [next(it) if used else None for used in entry.used], rows)

@@ -77,7 +77,7 @@ def _flatten(doc: dict, command: str) -> dict:
         elif key == "budget" and isinstance(value, dict):
             value = ("epochs" if value.get("unit") == "epochs"
                      else f"{value.get('unit')}={value.get('amount')}")
-        elif key in ("local_rows", "num_particles") or key in ("guides", "seeds", "budget"):
+        elif key in ("local_rows", "num_particles", "quick", "guides", "seeds", "budget"):
             pass
         else:
             continue  # a guide's entry of results.json, and other records: not settings

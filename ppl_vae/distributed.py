@@ -94,10 +94,15 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> World:
     return current()
 
 
+RESOLVE_SECONDS = 10.0  # how long MASTER_ADDR may take to resolve before the run is refused
+
+
 def check_environment() -> None:
     """Refuse, in one line, a launcher's environment that torch would fail on with a traceback
     (or wait on forever): RANK, WORLD_SIZE and LOCAL_RANK must be integers with
-    0 <= RANK < WORLD_SIZE, and more than one process needs MASTER_ADDR and MASTER_PORT."""
+    0 <= RANK < WORLD_SIZE; torch's rendezvous (env://) needs MASTER_ADDR and MASTER_PORT,
+    even for one process; MASTER_PORT must be a port number (1 to 65535) and MASTER_ADDR a
+    host that resolves (within ``RESOLVE_SECONDS``), where torch would retry for minutes."""
     values = {}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         text = os.environ.get(name, "0")
@@ -109,11 +114,50 @@ def check_environment() -> None:
     if not 0 <= values["RANK"] < max(values["WORLD_SIZE"], 1) or values["WORLD_SIZE"] < 1:
         raise UserError(f"RANK={values['RANK']} and WORLD_SIZE={values['WORLD_SIZE']} do not "
                         f"fit (0 <= RANK < WORLD_SIZE); start the processes with torchrun")
-    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if n not in os.environ]
-    if values["WORLD_SIZE"] > 1 and missing:
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+    if missing:
         raise UserError(f"WORLD_SIZE={values['WORLD_SIZE']} without {' and '.join(missing)}: "
                         f"the processes could not find each other; start them with torchrun "
                         f"(it sets these), or unset WORLD_SIZE and RANK for one process")
+    text = os.environ["MASTER_PORT"]
+    try:
+        port = int(text)
+    except ValueError:
+        port = None
+    if port is None or not 1 <= port <= 65535:
+        raise UserError(f"the environment variable MASTER_PORT={text!r} is not a port number; "
+                        f"give an integer from 1 to 65535 (a free port, such as 29500), or "
+                        f"start the processes with torchrun")
+    check_address(os.environ["MASTER_ADDR"], port)
+
+
+def check_address(host: str, port: int, timeout_s: float = RESOLVE_SECONDS) -> None:
+    """Refuse a MASTER_ADDR that does not resolve (torch would retry it for minutes, warning
+    every few seconds), or takes more than ``timeout_s`` to (a resolver that does not
+    answer); the lookup runs in a thread so that a hung resolver cannot hold the run."""
+    import socket
+    import threading
+    answer: list = []
+
+    def lookup():
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            answer.append(None)
+        except (OSError, UnicodeError) as e:
+            answer.append(e)
+
+    worker = threading.Thread(target=lookup, name="resolve MASTER_ADDR", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not answer:
+        why = f"did not resolve within {timeout_s:g} s"
+    elif answer[0] is not None:
+        why = f"does not resolve ({getattr(answer[0], 'strerror', None) or answer[0]})"
+    else:
+        return
+    raise UserError(f"the environment variable MASTER_ADDR={host!r} {why}; give the host "
+                    f"name or IP address of the machine of rank 0 (127.0.0.1 on one machine), "
+                    f"or start the processes with torchrun")
 
 
 def shutdown() -> None:

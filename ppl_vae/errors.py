@@ -20,6 +20,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def for_library(text: str) -> str:
+    """``text`` with every ``setting(name)`` shown as ``name (--flag)``."""
+    return _TOKEN.sub(lambda m: f"{m.group(1)} ({flag(m.group(1))})", text)
+
+
+def for_cli(text: str) -> str:
+    """``text`` with every ``setting(name)`` shown as its command-line flag."""
+    return _TOKEN.sub(lambda m: flag(m.group(1)), text)
+
+
 class UserError(ValueError):
     """Bad input: the message names what was wrong and what would be right."""
 
@@ -28,8 +38,8 @@ class UserError(ValueError):
         self.raw = message
 
     def __str__(self) -> str:
-        return _TOKEN.sub(lambda m: f"{m.group(1)} ({flag(m.group(1))})", self.raw)
+        return for_library(self.raw)
 
     def for_cli(self) -> str:
         """The message with every setting shown as its command-line flag."""
-        return _TOKEN.sub(lambda m: flag(m.group(1)), self.raw)
+        return for_cli(self.raw)

@@ -20,6 +20,8 @@ asks a guide, never its kind:
   guide with tables must also answer ``given_rows``.
 - ``training_loss(objective, model, batch, **kw)`` (optional): the loss a step minimizes
   when it is not just ``objective(model, guide, batch)`` (a stopped-gradient refinement).
+- ``divergence_cause(model, batch)`` (optional): the setting of its own that made training
+  diverge, with why in words (a refinement step too large: ``refine_lr``), or None.
 
 ``Guide`` gives the defaults of an amortized guide. Guides that do not derive from it (a
 hand-written function, Pyro's autoguides) are asked through the module-level functions of
@@ -44,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Batch, shard_rows
-from .errors import UserError
+from .errors import UserError, setting
 from .model import data_plate, register
 from .nets import from_scale, softplus_inv, to_scale
 
@@ -588,6 +590,7 @@ class SemiAmortizedNormal(Encoded):
 
     def __init__(self, encoder: nn.Module, model: nn.Module, steps: int = 5,
                  step_size: float = 0.05, stop_gradient: bool = False, max_norm: float = 10.0):
+        check_refine_lr(step_size, max_norm)
         super().__init__(encoder)
         self._model = [model]
         self.steps, self.step_size = steps, step_size
@@ -603,7 +606,9 @@ class SemiAmortizedNormal(Encoded):
         if not through:
             loc, raw = loc.detach().requires_grad_(), raw.detach().requires_grad_()
         model, elbo = self._model[0], AnalyticKLELBO()
-        with torch.enable_grad(), isolated():  # the inner traces stay out of the caller's
+        # the inner traces stay out of the caller's; unvalidated: a step too large gives NaNs
+        # that the caller's own (validated) pass meets and the divergence guard answers
+        with torch.enable_grad(), isolated(), pyro.validation_enabled(False):
             for _ in range(self.steps):
                 value = elbo.per_datapoint(model, _GivenNormal(loc, raw), batch).sum()
                 g_loc, g_raw = torch.autograd.grad(value, [loc, raw], create_graph=through)
@@ -627,6 +632,32 @@ class SemiAmortizedNormal(Encoded):
     def views(self) -> Dict[str, object]:
         return {"encoder": AmortizedNormal(self.encoder)}
 
+    def divergence_cause(self, model, batch: Batch) -> Optional[Tuple[str, str]]:
+        """("refine_lr", why) when the refinement is what goes wrong on ``batch``: its
+        refined parameters are not finite, or it lowers the ELBO it climbs (by more than a
+        tenth of it) instead of raising it, which a step this size on its clipped gradient
+        cannot do unless the step is far too large. None otherwise."""
+        from .objectives import AnalyticKLELBO
+        elbo = AnalyticKLELBO()
+        # NaNs are what is looked for: no validation; the draws stay out of the caller's stream
+        with _fork(batch.x.device), torch.no_grad(), pyro.validation_enabled(False):
+            encoder = elbo.per_datapoint(model, AmortizedNormal(self.encoder), batch).mean()
+            loc, raw = self._refine(batch)
+            refined = elbo.per_datapoint(model, _GivenNormal(loc, raw), batch).mean()
+        what = f"{setting('refine_lr')} {self.step_size:g}, {self.steps} steps"
+        if not (torch.isfinite(loc).all() and torch.isfinite(raw).all()):
+            return "refine_lr", (f"the semi-amortized refinement diverged ({what}: its "
+                                 f"parameters are no longer finite)")
+        if not torch.isfinite(refined) and torch.isfinite(encoder):
+            return "refine_lr", (f"the semi-amortized refinement diverged ({what}: the ELBO "
+                                 f"it climbs went from {float(encoder):.4g} to "
+                                 f"{float(refined)} nats per image)")
+        if torch.isfinite(encoder) and refined < encoder - 0.1 * abs(encoder):
+            return "refine_lr", (f"the semi-amortized refinement lowers the ELBO it should "
+                                 f"raise ({float(encoder):.4g} -> {float(refined):.4g} nats "
+                                 f"per image; {what}): its step is far too large")
+        return None
+
     def training_loss(self, objective, model, batch: Batch, **kwargs) -> torch.Tensor:
         loss = objective(model, self, batch, **kwargs)
         if not self.stop_gradient:
@@ -635,6 +666,19 @@ class SemiAmortizedNormal(Encoded):
         # out of the reported loss, its gradient reaches the encoder only
         encoder_loss = objective(_Detached(model), AmortizedNormal(self.encoder), batch, **kwargs)
         return loss + encoder_loss - encoder_loss.detach()
+
+
+def check_refine_lr(step_size: float, max_norm: float = 10.0) -> None:
+    """Refuse a refinement step size whose first step can leave float32's range: a step
+    moves a datapoint's parameters by up to ``step_size * max_norm`` (the clipped gradient),
+    which must stay finite. ``Config.validate`` asks this of ``refine_lr``."""
+    limit = float(torch.finfo(torch.float32).max) / max_norm
+    if not (isinstance(step_size, (int, float)) and math.isfinite(step_size)
+            and 0 < step_size <= limit):
+        raise UserError(
+            f"{setting('refine_lr')} {step_size:g} is outside (0, {limit:.3g}]: one refinement "
+            f"step moves a code by up to {setting('refine_lr')} x {max_norm:g} (the clipped "
+            f"gradient), beyond float32's range; use a step such as 0.05 (the default)")
 
 
 class _Detached(nn.Module):
@@ -714,6 +758,15 @@ def held_out(guide, model, x: torch.Tensor, warm=None, **options) -> HeldOut:
 def views(guide) -> Dict[str, object]:
     fn = getattr(guide, "views", None)
     return dict(fn()) if fn is not None else {}
+
+
+def divergence_cause(guide, model, batch: Batch) -> Optional[Tuple[str, str]]:
+    """Why training diverged on ``batch``, when the guide can tell: (the setting that caused
+    it, why in words), e.g. a semi-amortized refinement whose step size is too large; None
+    (a guide that cannot tell, or finds nothing wrong with its own part): the learning
+    rate."""
+    fn = getattr(guide, "divergence_cause", None)
+    return fn(model, batch) if fn is not None else None
 
 
 def family(guide, batch: Optional[Batch] = None) -> Optional[str]:

@@ -12,7 +12,7 @@ import torch
 
 from . import data, guides
 from .evaluate import elbo_parts, evaluate_model
-from .train import Callback, EpochMetrics, Loop
+from .train import Callback, EpochMetrics, Loop, abandonable
 
 EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
 
@@ -113,7 +113,8 @@ class RowsOf(torch.nn.Module):
 
 class GapTracker(Callback):
     """Scores L[q], L[q*], log p(x) and both gaps on fixed training and test rows at chosen
-    epochs (and the last), appending one JSON line per epoch and split to ``path``."""
+    epochs (and the last), appending one JSON line per epoch and split to ``path``. Ctrl-C
+    abandons a scoring that runs on (``train.abandonable``): that epoch then has no line."""
 
     def __init__(self, model, guide, x_train: torch.Tensor, num_train: int,
                  x_test: torch.Tensor, epochs: Sequence[int], last: int, num_particles: int,
@@ -135,12 +136,13 @@ class GapTracker(Callback):
         import time
         start = time.perf_counter()
         lines = []
-        for split, guide, x in (("train", RowsOf(self.guide, self.rows, self.num_train),
-                                 self.x_train), ("test", self.guide, self.x_test)):
-            scores = evaluate_model(self.model, guide, x, self.num_particles, local=True,
-                                    seed=EVAL_SEED, progress=False, split=split,
-                                    local_options={"max_steps": self.local_steps})
-            lines.append({"epoch": metrics.epoch, **scores.to_json()})
+        with abandonable():  # Ctrl-C may cut the scoring short: nothing is written then
+            for split, guide, x in (("train", RowsOf(self.guide, self.rows, self.num_train),
+                                     self.x_train), ("test", self.guide, self.x_test)):
+                scores = evaluate_model(self.model, guide, x, self.num_particles, local=True,
+                                        seed=EVAL_SEED, progress=False, split=split,
+                                        local_options={"max_steps": self.local_steps})
+                lines.append({"epoch": metrics.epoch, **scores.to_json()})
         self.seconds += time.perf_counter() - start
         for line in lines:
             line["tracking_seconds"] = self.seconds

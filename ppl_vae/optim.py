@@ -8,9 +8,12 @@ updated. Cost per step is O(B).
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, List, NamedTuple, Optional
 
 import torch
+
+from .errors import UserError, setting
 
 
 class RowAdam(torch.optim.Optimizer):
@@ -124,8 +127,26 @@ class Optimizers(NamedTuple):
             o.step()
 
 
+def check_adam_eps(eps: float, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse an Adam epsilon that vanishes in the parameters' precision: below the smallest
+    normal number of ``dtype`` (float32: 1.2e-38) it is flushed or rounded to zero where
+    the update is computed, and a parameter whose gradient is exactly zero (a weight of a
+    pixel that is 0 in every image) gets 0 / 0 = NaN at the first step. ``Config.validate``
+    asks this of ``adam_eps``."""
+    tiny = float(torch.finfo(dtype).tiny)
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= tiny):
+        raise UserError(f"{setting('adam_eps')} {eps:g} is not a positive number of at least "
+                        f"{tiny:.2g} (the smallest normal {str(dtype).replace('torch.', '')}): "
+                        f"a smaller one vanishes and Adam divides 0 by 0 for parameters whose "
+                        f"gradient is 0; use a value such as 1e-8 (the default)")
+
+
 def adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
-    """Adam with its fused kernel (one pass over all parameters; CPU and CUDA)."""
+    """Adam with its fused kernel (one pass over all parameters; CPU and CUDA);
+    ``check_adam_eps`` refuses an ``eps`` the parameters' precision cannot hold."""
+    params = list(params)
+    for dtype in {p.dtype for p in params if torch.is_tensor(p) and p.is_floating_point()}:
+        check_adam_eps(eps, dtype)
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
 
 

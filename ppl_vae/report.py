@@ -11,17 +11,19 @@ import numpy as np
 
 from . import plots
 from .evaluate import Scores
+from .seeds import MIN_SEEDS
 
 if TYPE_CHECKING:
     from .compare import Comparison, GuideRun
 
 # (label, quantity, with its error): a ``Scores`` quantity (named in results.json by
-# ``Scores.json_key``) or a number of the run (``GuideRun.numbers``)
+# ``Scores.json_key``) or a number of the run (``GuideRun.numbers``); ``{K}`` in a label is
+# the K of the log p(x) estimate
 ROWS = [
     ("test ELBO of its own guide, L[q] (nats)", "elbo", True),
     ("test ELBO of the bare encoder (semi-amortized)", "elbo_encoder", True),
     ("test ELBO after local optimization, L[q*]", "elbo_local", True),
-    ("importance-sampled log p(x)", "log_px", True),
+    ("log p(x) (IWAE bound, K = {K}: a stochastic lower bound)", "log_px", True),
     ("approximation gap log p(x) - L[q*]", "approximation_gap", True),
     ("amortization gap L[q*] - L[q]", "amortization_gap", True),
     ("amortization gap of the bare encoder", "amortization_gap_encoder", True),
@@ -36,6 +38,8 @@ ROWS = [
     ("optimizer steps", "steps", False),
     ("network passes per optimizer step (fwd + bwd)", "passes_per_step", False),
     ("network passes in all", "total_passes", False),
+    ("FLOPs per optimizer step (fwd + bwd)", "flops_per_step", False),
+    ("FLOPs in all", "total_flops", False),
     ("training time (s)", "train_seconds", False),
     ("steps per second", "steps_per_second", False),
     ("gap curves: seconds", "gap_tracking_seconds", False),
@@ -45,7 +49,9 @@ ROWS = [
     ("test-time local inference: seconds", "local_seconds", False),
     ("log p(x) estimate: seconds", "log_px_seconds", False),
 ]
-COUNTS = {"epochs", "steps", "active_units", "local_steps", "passes_per_step", "total_passes"}
+COUNTS = {"epochs", "steps", "active_units", "local_steps", "passes_per_step", "total_passes",
+          "flops_per_step", "total_flops"}
+BIG_COUNTS = {"total_passes", "flops_per_step", "total_flops"}  # written with thousands commas
 PAIRED_LABELS = {"log_px": "log p(x)", "elbo_local": "L[q*]", "elbo": "its own test ELBO L[q]",
                  "approximation_gap": "approximation gap", "amortization_gap": "amortization gap"}
 PER_SEED = [("L[q]", "elbo"), ("L[q*]", "elbo_local"), ("log p(x)", "log_px"),
@@ -191,12 +197,40 @@ def _tables(comparison: "Comparison") -> List[str]:
     return sorted({r.guide for r in comparison.runs if r.per_datapoint})
 
 
+def _na_reasons(comparison: "Comparison") -> Dict[str, str]:
+    """Why a guide's amortization gap is n/a, in a few words for the gap figure."""
+    out = {}
+    for g in comparison.guides:
+        runs = comparison.runs_of(g)
+        if runs and runs[0].scores.amortization_gap is None:
+            out[g] = ("a per-datapoint table: its test q is q* itself" if runs[0].per_datapoint
+                      else f"family {runs[0].family or 'unstated'}, not q*'s")
+    return out
+
+
+def curve_unit(comparison: "Comparison") -> str:
+    """What the ELBO curves are drawn against: the budget's own unit (epochs, or network
+    passes under a budget of evaluations, where guides take different numbers of steps)."""
+    return "epoch" if comparison.budget.unit == "epochs" else "passes"
+
+
 def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=None) -> None:
     """curves.png, gaps.png (means and, with several seeds, standard deviations over seeds),
-    gap_curves.png and reconstructions.png; curves and images show the first seed."""
+    gap_curves.png and reconstructions.png; curves and images show the first seed. The
+    curves are drawn against the budget's unit (``curve_unit``); every error bar and band is
+    ± 1 standard error (over seeds: ± 1 standard deviation), as in the report's tables."""
     first = comparison.seeds[0]
+    unit = curve_unit(comparison)
+    passes = {g: comparison.runs_of(g)[0].compute.step.passes for g in comparison.guides
+              if comparison.runs_of(g)}
+    per_epoch = max([plots.steps_per_epoch(h) or 0 for h in histories.values()] + [0]) or None
+    train, batch = (comparison.data or {}).get("train"), comparison.config.get("batch_size")
+    if per_epoch is None and train and batch:
+        per_epoch = -(-int(train) // int(batch))
     plots.curves(histories, out / "curves.png", "ELBO per image, per guide"
-                 + (f" (seed {first})" if comparison.several else ""))
+                 + (f" (seed {first})" if comparison.several else ""), x=unit,
+                 tables=_tables(comparison), steps_per_epoch=per_epoch,
+                 passes_per_step=passes if unit == "passes" else None)
     if comparison.several:
         results = {}
         for g in comparison.guides:
@@ -206,18 +240,20 @@ def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=N
                 results[g].update({name: s.mean, name + "_sd": s.sd} if s is not None else {})
         plots.gaps(results, out / "gaps.png", error="_sd", times=1.0,
                    title=f"inference gaps on the test set: mean ± sd over "
-                         f"{len(comparison.seeds)} seeds")
+                         f"{len(comparison.seeds)} seeds", na=_na_reasons(comparison))
     else:
         plots.gaps({r.guide: r.scores.by_quantity() for r in comparison.runs},
-                   out / "gaps.png")
+                   out / "gaps.png", times=1.0, na=_na_reasons(comparison))
     if gaps:
         plots.gap_curves(gaps, out / "gap_curves.png", tables=_tables(comparison))
     first_arrays = next(iter(arrays.values()))
     rows = {"input": first_arrays["inputs"]}
-    rows.update({f"{g} recon.": a["reconstructions"] for g, a in arrays.items()})
+    tables = _tables(comparison)  # their q of a test image is a fit to that image
+    rows.update({f"{g} recon." + ("\n(q fitted to\neach image)" if g in tables else ""):
+                 a["reconstructions"] for g, a in arrays.items()})
     plots.image_rows(rows, out / "reconstructions.png",
-                     "test images and reconstructions at the posterior mean",
-                     first_arrays.get("shape"))
+                     "test images and reconstructions (the decoder's mean at the posterior "
+                     "mean)", first_arrays.get("shape"))
     np.savez_compressed(out / "arrays.npz", **{f"{g}_{k}": v for g, a in arrays.items()
                                                for k, v in a.items()})
 
@@ -226,7 +262,7 @@ def _num(v, quantity: str = "") -> str:
     if v is None:
         return "n/a"
     if quantity in COUNTS and float(v).is_integer():
-        return f"{int(v):,}" if quantity == "total_passes" else str(int(v))
+        return f"{int(v):,}" if quantity in BIG_COUNTS else str(int(v))
     if isinstance(v, int):
         return str(v)
     return f"{v:.2f}"
@@ -267,8 +303,12 @@ def _budget(comparison: "Comparison") -> str:
         each = ", ".join(
             f"{g} {plural(r.compute.steps, 'step')} ({plural(r.compute.epochs, 'epoch')})"
             for g in comparison.guides for r in comparison.runs_of(g)[:1])
-        text = (f"the same budget of {comparison.budget.amount:,} network passes (forward and "
-                f"backward passes of encoder and decoder over a minibatch; {each})")
+        if comparison.budget.unit == "flops":
+            text = (f"the same budget of {comparison.budget.amount:,} FLOPs (forward and "
+                    f"backward passes, counted on one step of each guide; {each})")
+        else:
+            text = (f"the same budget of {comparison.budget.amount:,} network passes (forward "
+                    f"and backward passes of encoder and decoder over a minibatch; {each})")
     if c["max_seconds"] is not None:
         text += f" or {c['max_seconds']:.0f} s of training, whichever first"
     return text
@@ -283,7 +323,8 @@ def _compute(comparison: "Comparison") -> str:
         step = runs[0].compute.step
         nets = ", ".join(f"{n} {_num(step.forward[n], 'steps')} forward + "
                          f"{_num(step.backward[n], 'steps')} backward" for n in step.forward)
-        parts.append(f"{g}: {_num(step.passes, 'steps')} per step ({nets})")
+        parts.append(f"{g}: {_num(step.passes, 'steps')} per step ({nets}), "
+                     f"{step.flops_per_step:,} FLOPs")
     return "; ".join(parts)
 
 
@@ -316,24 +357,40 @@ def _differences(comparison: "Comparison") -> str:
     if not diffs:
         return ""
     n = len(comparison.seeds)
+    judged = n >= MIN_SEEDS
     head = ("| quantity | difference | mean | sd | 95% interval | per seed | settled |\n"
             "|---|---|---|---|---|---|---|\n")
-    body, settled, open_ = "", [], []
+    body, settled, open_, excluding = "", [], [], []
     for d in diffs:
         label = next((v for q, v in PAIRED_LABELS.items() if key(q) == d.quantity), d.quantity)
         interval = "n/a" if d.low is None else f"[{d.low:.2f}, {d.high:.2f}]"
         per_seed = ", ".join(_signed(v) for v in d.values)
-        verdict = {True: "yes", False: "no", None: "n/a"}[d.settled]
+        verdict = ({True: "yes", False: "no", None: "n/a"}[d.excludes_zero] if judged
+                   else f"not judged ({plural(n, 'seed')})")
         body += (f"| {label} | {d.a} − {d.b} | {_signed(d.mean)} | "
                  f"{'n/a' if d.sd is None else f'{d.sd:.2f}'} | {interval} | {per_seed} | "
                  f"{verdict} |\n")
         words = f"{d.a} − {d.b} in {label}: {_signed(d.mean)} nats {interval}"
-        (settled if d.settled else open_).append(words)
+        (settled if judged and d.settled else open_).append(words)
+        if not judged and d.excludes_zero:
+            excluding.append(words)
     text = (f"\n## Paired differences between guides over {n} seeds\n\nEach difference is "
             f"taken seed by seed (the two guides share that seed's decoder initialization, "
             f"data order and noise, and the same test rows), then averaged; the interval is "
             f"mean ± t(0.975, {n - 1}) × sd / √{n}. A difference is settled when its interval "
-            f"excludes 0.\n\n{head}{body}\n")
+            f"excludes 0 and it rests on {MIN_SEEDS} seeds or more.\n\n{head}{body}\n")
+    if not judged:
+        from .seeds import t975
+        dof = plural(n - 1, "degree") + " of freedom"
+        text += (f"Settled: none. With {plural(n, 'seed')} each interval rests on {dof} "
+                 f"(its half-width is t(0.975, {n - 1}) = {t975(n - 1):.2f} times sd / √{n}, "
+                 f"with the sd estimated from {n} values), too little to tell a difference between the "
+                 f"guides from the seeds' noise, so this report calls a difference settled "
+                 f"only from {MIN_SEEDS} seeds up (`--seeds {MIN_SEEDS}`).\n\n")
+        text += ("Not settled: every difference above"
+                 + (f"; the interval excludes 0 at {plural(n, 'seed')} for "
+                    + "; ".join(excluding) if excluding else "") + ".\n")
+        return text
     text += ("Settled: " + "; ".join(settled) + ".\n\n" if settled else
              "Settled: none of the differences.\n\n")
     text += ("Not settled (the interval includes 0; more seeds or a longer budget would be "
@@ -365,11 +422,13 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False) -> str:
         if all(comparison.spread(g, key(quantity)) is None for g in names):
             continue
         cells = [_cell(comparison, g, quantity, with_error) for g in names]
-        body += f"| {label} | " + " | ".join(cells) + " |\n"
+        body += f"| {label.format(K=comparison.runs[0].scores.num_particles)} | " \
+            + " | ".join(cells) + " |\n"
     a = comparison.runs[0].scores
     tracked = sorted({e for e in c["gap_epochs"] if e <= c["epochs"]} | {c["epochs"]})
     curves = ("\n![gap curves](gap_curves.png)\n\nGap curves: L[q], L[q*] and log p(x) "
-              f"(K = {c['gap_particles']}) on the first {c['gap_rows']} training and test rows "
+              f"(IWAE bound, K = {c['gap_particles']}) on the first {c['gap_rows']} training "
+              f"and test rows "
               f"at epochs {', '.join(map(str, tracked))}"
               + (f" (seed {comparison.seeds[0]})" if comparison.several else "")
               + "; each guide's `gaps.jsonl` has the numbers.\n" if with_gap_curves else "")
@@ -381,17 +440,32 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False) -> str:
                  f"process. Under one seed every guide has the same decoder initialization")
         errors = (f"Each cell is the mean ± the standard deviation over the {n} seeds (one "
                   f"number where every seed gave the same); the per-seed values are below and "
-                  f"in `results.json`")
+                  f"in `results.json`. The error bars of gaps.png are ± one standard deviation "
+                  f"over seeds, as the cells"
+                  + ("; the bands of gap_curves.png (the first seed) are ± one standard error "
+                     "over the scored rows" if with_gap_curves else ""))
     else:
         seeds = f"Every guide: same decoder initialization (seed {comparison.seeds[0]})"
-        errors = "Errors are ± one standard error over test images (paired for the gaps)"
+        errors = ("Errors are ± one standard error over test images (paired for the gaps); "
+                  + ("the error bars of gaps.png and the bands of gap_curves.png are ± one "
+                     "standard error too" if with_gap_curves else
+                     "the error bars of gaps.png are ± one standard error too"))
     settings = guide_settings(comparison)
     tables = [g for g in names if "local_lr" in settings[g]]
     refined = [g for g in names if "refine_steps" in settings[g]]
     refining = (", so differentiating through a refinement counts its passes again"
                 if refined else "")
     table_train = (f" (for {_and(tables)}, a per-datapoint table, the ELBO of its table rows "
-                   f"as they were when visited)" if tables else "")
+                   f"as stored when visited: a row is updated only when its minibatch comes "
+                   f"round, while its valid curve refits the validation rows every epoch, so "
+                   f"its train curve can lie far under its valid curve: that distance is the "
+                   f"table's unfinished fit of its rows, not overfitting)" if tables else "")
+    if curve_unit(comparison) == "epoch":
+        against = "against epochs"
+    else:
+        against = ("against network passes, the budget's unit (a guide whose step costs more "
+                   "passes takes fewer steps; a partial last epoch ends where its passes ran "
+                   "out)")
     answers = [f"{g}: its encoder" for g in names if g not in tables + refined]
     answers += [f"{g}: the refined encoder" for g in refined]
     answers += [f"{g}: a per-datapoint fit warm-started from the previous epoch, 30 steps with "
@@ -401,30 +475,93 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False) -> str:
 
 Date {comparison.date}, device `{comparison.device}`, torch {comparison.versions['torch']}, pyro {comparison.versions['pyro']}, git `{comparison.versions['git']}`.
 
-Data: {c['dataset']}, {c['binarize']} binarization for training; the test set ({a.rows} rows) is scored
+{_quick(comparison)}Data: {c['dataset']}, {_sizes(comparison)}; {c['binarize']} binarization for training; the test rows are scored
 under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, {c['net']} networks, hidden {c['hidden']} ({c['activation']}),
 {c['likelihood']} likelihood, {c['prior']} prior. {seeds},
 same data order, {_budget(comparison)}, batch {c['batch_size']}, Adam lr {c['lr']}{_settings_text(comparison)}.
 Wall time and steps per second are reported beside the numbers; they are not the budget.
 
-log p(x) is importance-sampled with K = {a.num_particles} particles from the locally optimized q*
-(proposal `{a.proposal}`). {errors}.
+log p(x) is importance-sampled with K = {a.num_particles} particles from {"the locally optimized q*" if a.proposal == "local" else "the guide itself"}
+(proposal `{a.proposal}`): the IWAE bound, a stochastic lower bound on log p(x) (its expectation lies
+below log p(x), by less as K grows), so the approximation gap log p(x) - L[q*] drawn from it is
+a lower estimate too. {errors}.
 
 {head}{body}{gap_notes(comparison)}
 Compute, counted on one optimizer step of each guide (a pass is one evaluation of a network
 over a minibatch, forward or backward; K particles count K; a backward pass is counted each
 time a gradient flows back through a forward pass{refining}): {_compute(comparison)}. Validation and evaluation are not counted.
 {_local(comparison)}{_differences(comparison) if comparison.several else ""}{_per_seed(comparison) if comparison.several else ""}
-Curves: "train" is the training objective over the epoch's minibatches{table_train}; "valid" is the ELBO on
-{c['valid_size']} validation rows of the guide as it answers for new rows{answers}{f"; seed {comparison.seeds[0]}" if comparison.several else ""}.
+Curves, {against}: "train" is the training objective over the epoch's minibatches{table_train}; "valid" is the ELBO on
+{_valid_rows(comparison)} validation rows of the guide as it answers for new rows{answers}{f"; seed {comparison.seeds[0]}" if comparison.several else ""}.
 
 ![ELBO curves](curves.png)
 
 ![gaps](gaps.png)
 {curves}
 ![reconstructions](reconstructions.png)
+{_cremer(comparison)}"""
 
-For reference, Cremer, Li & Duvenaud (2018) report for MNIST with a factorized Gaussian
-about 1.4 nats of approximation gap and 1.3 nats of amortization gap (a larger model, 3,280
-epochs); `experiments/README.md` compares.
-"""
+
+def _cremer(comparison: "Comparison") -> str:
+    """The paper's MNIST numbers, beside an MNIST comparison only."""
+    if str(comparison.config.get("dataset", "")).lower() != "mnist":
+        return ""
+    return ("\nFor reference, Cremer, Li & Duvenaud (2018) report for MNIST with a factorized "
+            "Gaussian\nabout 1.4 nats of approximation gap and 1.3 nats of amortization gap (a "
+            "larger model, 3,280\nepochs); `experiments/README.md` compares.\n")
+
+
+def is_quick(comparison: "Comparison") -> bool:
+    """Whether the comparison ran under ``--quick`` (``Comparison.quick``)."""
+    return bool(comparison.quick)
+
+
+def _quick(comparison: "Comparison") -> str:
+    if not is_quick(comparison):
+        return ""
+    c, k = comparison.config, comparison.runs[0].scores.num_particles
+    train = (comparison.data or {}).get("train") or c.get("train_size")
+    return (f"**A smoke look, not a verdict.** `--quick` trains {plural(c['epochs'], 'epoch')} "
+            f"on {_count(train)} training rows "
+            f"and scores {comparison.runs[0].scores.rows:,} test rows with K = {k}: enough to "
+            f"see every guide train and be scored, too little to rank the guides or to read "
+            f"the gaps. Run without `--quick` for numbers to compare.\n\n")
+
+
+def _count(n) -> str:
+    return f"{int(n):,}" if isinstance(n, (int, float)) else "?"
+
+
+def _valid_rows(comparison: "Comparison") -> str:
+    """How many validation rows the curves' valid ELBO scores: the first ``valid_size``."""
+    size, held = comparison.config.get("valid_size"), (comparison.data or {}).get("valid")
+    if size is None or (held is not None and size >= held):
+        return _count(held) if held is not None else "all"
+    return _count(size)
+
+
+def _sizes(comparison: "Comparison") -> str:
+    """The data's sizes: training, validation and test rows, and how many were scored."""
+    d, c = comparison.data or {}, comparison.config
+    scored = comparison.runs[0].scores.rows
+    parts = []
+    if d.get("train") is not None:
+        parts.append(f"{_count(d['train'])} training rows"
+                     + (" (the first rows of the training split, by --train-size)"
+                        if c.get("train_size") is not None else ""))
+    if d.get("valid") is not None:
+        valid = _valid_rows(comparison)
+        parts.append(f"{_count(d['valid'])} validation rows"
+                     + (f" (the first {valid} scored each epoch)" if valid != _count(d["valid"])
+                        else " (all scored each epoch)"))
+    if d.get("test") is not None:
+        cut = " rows of the test split, by --test-size" if c.get("test_size") is not None else ""
+        parts.append(f"{_count(d['test'])} test rows"
+                     + (f" (the first {scored:,} scored)" if scored < d["test"]
+                        else f" (the first{cut}; all scored)" if cut else " (all scored)"))
+    else:
+        parts.append(f"{scored:,} test rows scored")
+    shape = d.get("shape")
+    if shape:
+        parts.append("images of " + " x ".join(str(v) for v in shape))
+    return ", ".join(parts)

@@ -56,11 +56,14 @@ class Spread:
                 "values": list(self.values)}
 
 
+MIN_SEEDS = 3  # the fewest seeds from which a difference is called settled
+
+
 @dataclass(frozen=True)
 class Difference:
     """``a - b`` in ``quantity``, paired by seed: the mean over seeds of the per-seed
     differences and its 95% t-interval (``low``, ``high``; None for one seed). Settled when
-    the interval excludes 0."""
+    the interval excludes 0 and rests on ``MIN_SEEDS`` seeds or more."""
 
     quantity: str
     a: str
@@ -73,14 +76,24 @@ class Difference:
     high: Optional[float]
 
     @property
-    def settled(self) -> Optional[bool]:
+    def excludes_zero(self) -> Optional[bool]:
+        """Whether the 95% interval excludes 0 (None: one seed, no interval)."""
         if self.low is None:
             return None
         return self.low > 0 or self.high < 0
 
+    @property
+    def settled(self) -> Optional[bool]:
+        """The interval excludes 0 and rests on ``MIN_SEEDS`` seeds or more (None: fewer
+        seeds, whose interval is too wide to judge by: 2 seeds give 1 degree of freedom)."""
+        if len(self.seeds) < MIN_SEEDS:
+            return None
+        return self.excludes_zero
+
     def to_json(self) -> dict:
         d = asdict(self)
-        d["seeds"], d["values"], d["settled"] = list(self.seeds), list(self.values), self.settled
+        d["seeds"], d["values"] = list(self.seeds), list(self.values)
+        d["excludes_zero"], d["settled"] = self.excludes_zero, self.settled
         return d
 
 

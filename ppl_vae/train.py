@@ -18,17 +18,22 @@ anything.
 """
 from __future__ import annotations
 
+import _thread
+import contextlib
 import math
+import re
 import signal
+import sys
 import threading
 import time
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+import warnings
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import guides, logs
+from . import errors, guides, logs
 from .data import Batch, Binarize, Shards, Split
-from .errors import UserError
+from .errors import UserError, setting
 from .objectives import takes_beta
 from .optim import Optimizers, restore_rows, save_rows
 
@@ -47,9 +52,34 @@ class EpochMetrics(NamedTuple):
 
 
 class DivergenceError(RuntimeError):
-    """A non-finite loss or gradient: the step was stopped before it touched the parameters."""
+    """A non-finite loss or gradient: the step was stopped before it touched the parameters.
+
+    ``setting`` names the setting to lower: ``lr``, unless the guide found the cause in one
+    of its own (a semi-amortized refinement that diverges: ``refine_lr``), which ``cause``
+    then says in words (settings written ``errors.setting``, shown as ``UserError`` shows
+    them). ``advice()`` is the way out, for the library or (``cli=True``) the command line.
+    """
 
     kept: Optional[str] = None  # what the run left, in words (set by the pipeline)
+
+    def __init__(self, message: str, cause: Optional[str] = None,
+                 setting_name: str = "lr"):
+        self.raw = message if cause is None else f"{message}; {cause}"
+        super().__init__(self.raw)
+        self.cause, self.setting = cause, setting_name
+
+    def __str__(self) -> str:
+        return errors.for_library(self.raw)
+
+    def for_cli(self) -> str:
+        return errors.for_cli(self.raw)
+
+    def advice(self, cli: bool = False) -> str:
+        """What to try: a smaller value of ``setting`` (and, for the learning rate, halving
+        the rates on a divergence)."""
+        text = (f"Try a smaller {setting('lr')} or {setting('on_divergence')} lower_lr"
+                if self.setting == "lr" else f"Try a smaller {setting(self.setting)}")
+        return errors.for_cli(text) if cli else errors.for_library(text)
 
 
 class Position(NamedTuple):
@@ -65,7 +95,9 @@ class Position(NamedTuple):
 
 
 class Interrupted(Exception):
-    """Training stopped on SIGINT (Ctrl-C) after finishing its current step."""
+    """Training stopped on SIGINT (Ctrl-C): after its current step, or in the middle of a step
+    (a validation, a scoring) that ran past ``GRACE_SECONDS`` after Ctrl-C, which was then
+    abandoned with nothing applied; ``position`` is where to resume."""
 
     def __init__(self, position: Position):
         super().__init__(f"interrupted at epoch {position.epoch + 1}, step {position.step}")
@@ -145,14 +177,25 @@ def step_on_device(model, guide, objective, batch: Batch, optimizers: Optimizers
     all-reduce; a table's gradient stays on its process.
     """
     s = _StepContext.of(model, guide, objective, batch, optimizers, guard, defer, kwargs)
-    bad = s.zero() if guard else None
     saved = _saved_rows(s)
-    bad = _inner_steps(s, bad, saved)  # a table's batch rows alone, ``inner_steps`` times
-    optimizers.zero_grad()
-    params = optimizers.networks()
-    loss, flag = _backward(s, params)  # ``loss.backward()``, or the compiled graph
-    if guard:
-        bad = _checked(bad, flag, loss, lambda: _grads(optimizers))
+    try:  # Ctrl-C past the grace abandons the step here, before anything is applied
+        with abandonable():
+            bad = s.zero() if guard else None
+            bad = _inner_steps(s, bad, saved)  # a table's batch rows alone, ``inner_steps`` times
+            optimizers.zero_grad()
+            params = optimizers.networks()
+            loss, flag = _backward(s, params)  # ``loss.backward()``, or the compiled graph
+            if guard:
+                bad = _checked(bad, flag, loss, lambda: _grads(optimizers))
+    except Abandoned:
+        _abandon(s, saved)
+        raise
+    except ValueError as e:  # torch.distributions refusing a NaN: the guard's business
+        reached = _invalid_values(e) if guard else None
+        if reached is None:
+            raise
+        _abandon(s, saved)
+        raise DivergenceError(f"NaN reached {reached}; the step was not applied") from None
     bad = _all_reduce(s, params, bad)
     _give_up(s, bad, saved)
     optimizers.set_found_inf(bad if s.on_device else None)
@@ -281,11 +324,33 @@ def _all_reduce(s: _StepContext, params: Sequence[torch.Tensor],
 
 
 def _saved_rows(s: _StepContext) -> Optional[List[dict]]:
-    """Under the guard, copies of the batch's table rows and their ``RowAdam`` state before
-    the inner updates move them (``save_rows``); None without guard, tables or inner steps."""
-    if not (s.guard and s.tables and s.optimizers.inner_steps):
+    """Copies of the batch's table rows and their ``RowAdam`` state before the inner updates
+    move them (``save_rows``), for the guard or a step that Ctrl-C abandons; None without
+    tables or inner steps, or with neither the guard nor Ctrl-C listened to."""
+    if not (s.tables and s.optimizers.inner_steps and (s.guard or _listening())):
         return None
     return [save_rows(s.optimizers.local, t, s.rows) for t in s.tables]
+
+
+_INVALID = re.compile(r"Expected parameter (\w+) .*? of distribution (\w+)\(.*"
+                      r"to satisfy the constraint Real\(\), but found invalid values", re.S)
+
+
+def _invalid_values(error: ValueError) -> Optional[str]:
+    """Where a distribution refused a NaN parameter (Pyro validates every site, so a NaN
+    raises there before the loss is NaN), in words; None for any other ValueError (a value
+    out of a distribution's support is the program's or the data's mistake, not a
+    divergence)."""
+    found = _INVALID.match(str(error))
+    return f"parameter {found.group(1)} of a {found.group(2)}" if found else None
+
+
+def _abandon(s: _StepContext, saved: Optional[List[dict]]) -> None:
+    """A step that Ctrl-C abandoned: no gradients left, the rows its inner updates moved put
+    back as ``saved`` them (nothing else was applied yet)."""
+    s.optimizers.zero_grad()
+    for table, kept in zip(s.tables, saved or ()):
+        restore_rows(s.optimizers.local, table, s.rows, kept)
 
 
 def _give_up(s: _StepContext, bad: Optional[torch.Tensor],
@@ -304,6 +369,8 @@ def _put_back(s: _StepContext, bad: Optional[torch.Tensor],
               saved: Optional[List[dict]]) -> None:
     """After the joint step: where the guard's flag is set (a step not applied), the rows the
     inner updates moved go back as ``saved`` them, selected on the device."""
+    if not s.guard:
+        return
     for table, kept in zip(s.tables, saved or ()):
         restore_rows(s.optimizers.local, table, s.rows, kept, where=bad)
 
@@ -377,6 +444,7 @@ class Loop:
             self.epoch, self.wall, self.steps = position.epoch, position.wall, position.steps
         self.beta, self.lowered, self.stop, self.valid = beta, 0, False, math.nan
         self.last_loss: Optional[torch.Tensor] = None
+        self.batch: Optional[Batch] = None  # the batch of the step in progress (or the last)
         self.shown = math.nan  # the epoch's mean training ELBO per image at the last host read
 
     def begin(self, epoch: int, device) -> None:
@@ -442,6 +510,10 @@ class Loop:
         return Position(self.epoch, self.step, self.loss_sum + float(self.epoch_loss),
                         self.before + self.elapsed(), self.run_seconds(), self.steps, self.taken)
 
+    def boundary(self) -> Position:
+        """The start of the next epoch, once this one's metrics are made."""
+        return Position(self.epoch + 1, 0, 0.0, 0.0, self.wall, self.steps, 0)
+
     def end_epoch(self, grad_sync=None) -> EpochMetrics:
         """The epoch's metrics; ``grad_sync`` (torchrun's ``GradSync``) averages the loss over
         processes."""
@@ -477,6 +549,9 @@ class Callback:
     def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
         return False
 
+    def on_end(self, loop: Loop) -> None:  # the run's epochs are done (not on an exception)
+        pass
+
     def close(self) -> None:
         pass
 
@@ -498,7 +573,9 @@ def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: 
     is then this process's noise.
     """
     noise = {rank: binarize}
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(_guard_speaks())
         for cb in callbacks:
             cb.on_start(state)
         for epoch in range(state.epoch, epochs):
@@ -507,60 +584,133 @@ def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: 
                 cb.on_epoch_start(state)
             if state.stop:
                 break
+            streams = _Streams.of(binarize, train.x.device)  # before the batch's noise
             for batch in shards.batches(train, noise, seed * 100_003 + epoch, [rank],
                                         start=state.step):
                 kwargs = {} if beta is None else {"beta": beta(epoch, state.step)}
+                state.batch = batch
                 try:
                     loss, bad = step_on_device(model, guide, objective, batch, optimizers,
                                                **kwargs)
                 except DivergenceError as e:  # an optimizer that cannot skip on a flag
-                    _recover(e, state, state.step, optimizers, on_divergence, log)
+                    _recover(e, state, state.step, optimizers, on_divergence, log,
+                             lambda: _cause(guide, model, batch))
+                except Abandoned:  # nothing applied: the random streams as before the step
+                    streams.restore()
+                    raise Interrupted(state.position()) from None
                 else:
                     state.record(loss, bad, kwargs.get("beta"))
                 state.step += 1
                 if state.step % read_every == 0:
-                    _check(state, optimizers, on_divergence, log)
+                    _check(state, optimizers, on_divergence, log, guide, model)
                 if any([cb.after_step(state) for cb in callbacks]):
                     break
-            _check(state, optimizers, on_divergence, log)
-            for cb in callbacks:
-                cb.on_epoch_end(state)
+                streams = _Streams.of(binarize, train.x.device)
+            _check(state, optimizers, on_divergence, log, guide, model)
+            try:
+                for cb in callbacks:
+                    cb.on_epoch_end(state)
+            except Abandoned:  # a validation cut short: the epoch's steps are all taken
+                raise Interrupted(state.position()) from None
             metrics = state.end_epoch(optimizers.sync)
-            if any([cb.on_metrics(state, metrics) for cb in callbacks]):
-                break
+            try:
+                if any([cb.on_metrics(state, metrics) for cb in callbacks]):
+                    break
+            except Abandoned:  # a scoring cut short (the gap curves), after the checkpoint
+                raise Interrupted(state.boundary()) from None
+        for cb in callbacks:
+            cb.on_end(state)
     finally:
         for cb in callbacks:
             cb.close()
+        stack.close()
     return state.history
 
 
-def _check(state: Loop, optimizers, on_divergence: str, log) -> None:
+@contextlib.contextmanager
+def _guard_speaks():
+    """Pyro's "Encountered NaN/inf" warnings silenced while the loop runs: a non-finite loss
+    or gradient is the divergence guard's to report, in one line naming the step (a
+    diverging refinement otherwise printed dozens of warnings before it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Encountered (NaN|\+inf|-inf)",
+                                category=UserWarning)
+        yield
+
+
+class _Streams(NamedTuple):
+    """The random streams a step draws from (torch's, the device's, the binarization
+    noise's), as they were before it, for a step that Ctrl-C abandons; empty (nothing to
+    keep) when no ``fit`` listens for Ctrl-C."""
+
+    cpu: Optional[torch.Tensor] = None
+    cuda: Optional[Tuple[torch.device, torch.Tensor]] = None
+    binarize: Optional[Tuple[torch.Generator, torch.Tensor]] = None
+
+    @classmethod
+    def of(cls, binarize: Binarize, device) -> "_Streams":
+        if not _listening():
+            return cls()
+        device = torch.device(device)
+        generator = getattr(binarize, "generator", None)
+        return cls(torch.get_rng_state(),
+                   (device, torch.cuda.get_rng_state(device)) if device.type == "cuda" else None,
+                   (generator, generator.get_state()) if generator is not None else None)
+
+    def restore(self) -> None:
+        if self.cpu is not None:
+            torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+        if self.binarize is not None:
+            self.binarize[0].set_state(self.binarize[1])
+
+
+def _check(state: Loop, optimizers, on_divergence: str, log, guide=None, model=None) -> None:
     """The host read of the guard: act on every step since the last read that was not applied."""
     bad, first = state.read_counters()
     for _ in range(bad):
         _recover(DivergenceError("non-finite loss or gradient; the step was not applied"),
-                 state, first, optimizers, on_divergence, log)
+                 state, first, optimizers, on_divergence, log,
+                 lambda: _cause(guide, model, state.batch))
+
+
+def _cause(guide, model, batch: Optional[Batch]) -> Optional[Tuple[str, str]]:
+    """The guide's diagnosis of a divergence on ``batch`` (``guides.divergence_cause``):
+    (setting, why in words), or None: the learning rate. A diagnosis that fails is none."""
+    if guide is None or batch is None:
+        return None
+    try:
+        return guides.divergence_cause(guide, model, batch)
+    except Exception:  # noqa: BLE001 - the divergence is reported either way
+        return None
 
 
 def _recover(error: DivergenceError, state: Loop, step: int, optimizers, on_divergence: str,
-             log) -> None:
-    """Stop on a diverged step, or halve every rate (its batch was skipped; at most 10 times)."""
-    where = f"epoch {state.epoch + 1}, step {step + 1}: {error}"
+             log, cause: Optional[Callable[[], Optional[Tuple[str, str]]]] = None) -> None:
+    """Stop on a diverged step, or halve every rate (its batch was skipped; at most 10 times).
+    ``cause()``: what the guide says caused it, asked for only when the run stops."""
+    where = f"epoch {state.epoch + 1}, step {step + 1}: {error.raw}"
     if on_divergence != "lower_lr" or state.lowered >= 10:
-        raise DivergenceError(where) from None
+        found = cause() if cause is not None else None
+        if found is None:
+            raise DivergenceError(where) from None
+        raise DivergenceError(where, found[1], found[0]) from None
     state.lowered += 1
     lower_lr(optimizers)
-    log(f"{where}; learning rates halved, batch skipped")
+    log(errors.for_library(f"{where}; learning rates halved, batch skipped"))
 
 
 class Validate(Callback):
-    """Scores the model after every epoch: ``valid_elbo`` of the epoch's metrics."""
+    """Scores the model after every epoch: ``valid_elbo`` of the epoch's metrics. Ctrl-C may
+    abandon the scoring (``abandonable``): the run then resumes at the epoch's end."""
 
     def __init__(self, score: Callable[[], float]):
         self.score = score
 
     def on_epoch_end(self, loop: Loop) -> None:
-        loop.valid = self.score()
+        with abandonable():
+            loop.valid = self.score()
 
 
 class OnEpoch(Callback):
@@ -624,17 +774,121 @@ class LRSchedule(Callback):
                 group["lr"] = group.setdefault("base_lr", group["lr"]) * self.factor(loop.epoch)
 
 
+GRACE_SECONDS = 1.0  # what Ctrl-C gives a step (a validation, a scoring) to finish
+
+
+class Abandoned(KeyboardInterrupt):
+    """Ctrl-C cut short what ran inside ``abandonable()``: a step, a validation or the gap
+    scoring that went on past ``GRACE_SECONDS`` after it. Nothing of it was applied; the loop
+    turns it into ``Interrupted``. A ``KeyboardInterrupt``, so that no ``except Exception``
+    on the way (a compile that falls back to eager) takes it for a failure."""
+
+
+_listener: Optional["StopOnCtrlC"] = None  # the running ``fit``'s, while it listens
+
+
+def _listening() -> bool:
+    return _listener is not None
+
+
+class abandonable:
+    """Within: while ``fit`` listens for Ctrl-C, Ctrl-C does not wait for the phase to end
+    but abandons it (raises ``Abandoned``) once it has run ``GRACE_SECONDS`` past Ctrl-C, or
+    at a second Ctrl-C, even inside a blocking call (a compiler that does not answer).
+    Outside, and without ``fit`` listening, nothing changes. What runs inside must change
+    nothing it cannot put back: a step before it applies anything, a scoring before it
+    writes."""
+
+    __slots__ = ("_owner",)
+
+    def __enter__(self) -> "abandonable":
+        self._owner = _listener
+        if self._owner is not None:
+            self._owner._enter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._owner is not None:
+            self._owner._exit()
+
+
 class StopOnCtrlC(Callback):
-    """Ctrl-C (SIGINT) becomes a flag read between steps, so no step is cut in half; the loop
-    then raises ``Interrupted`` carrying the position to resume from."""
+    """Ctrl-C (SIGINT) becomes a flag read between steps, so a step is not cut in half; the
+    loop then raises ``Interrupted`` carrying the position to resume from.
+
+    A phase that can run long (a step, a validation, the gap scoring: ``abandonable()``) is
+    given ``grace`` seconds after Ctrl-C to end; past them (or at a second Ctrl-C) it is
+    abandoned with nothing applied: a timer sends SIGINT to the main thread again, whose
+    handler then raises ``Abandoned``, which ends even a wait on a compiler that hangs."""
+
+    def __init__(self, grace: float = GRACE_SECONDS):
+        self.grace = grace
 
     def on_start(self, loop: Loop) -> None:
-        self.flag, self.previous = False, None
+        global _listener
+        self.flag, self.previous, self.outer = False, None, None
+        self._since: Optional[float] = None  # when Ctrl-C came (time.monotonic)
+        self._presses, self._depth, self._raised = 0, 0, False
+        self._lock, self._timer, self._installed = threading.RLock(), None, False
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.outer, _listener, self._installed = _listener, self, True
 
     def _handle(self, signum, frame):
-        self.flag = True
+        if not self.flag:
+            self.flag, self._since = True, time.monotonic()
+        self._presses += 1
+        if self._depth:
+            self._abandon_if_due()
+
+    def _abandon_if_due(self) -> None:
+        """Inside a phase, with Ctrl-C pressed: raise ``Abandoned`` once the grace is spent
+        or at a second Ctrl-C; else arm the timer that comes back when it is spent."""
+        if self._raised:
+            return
+        left = self.grace - (time.monotonic() - self._since)
+        if left <= 0 or self._presses > 1:
+            self._raised = True
+            self._disarm()
+            raise Abandoned()
+        self._arm(left)
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            return
+        main = threading.main_thread().ident
+
+        def again():
+            with self._lock:  # not once the phase is over (``_disarm``)
+                if self._timer is not None:
+                    if hasattr(signal, "pthread_kill"):  # wakes a blocking call too
+                        signal.pthread_kill(main, signal.SIGINT)
+                    else:
+                        _thread.interrupt_main(signal.SIGINT)
+
+        self._timer = threading.Timer(seconds + 0.01, again)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _disarm(self) -> None:
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _enter(self) -> None:
+        if threading.get_ident() != threading.main_thread().ident:
+            return
+        self._depth += 1
+        if self.flag:  # Ctrl-C came before the phase: what is left of the grace
+            self._abandon_if_due()
+
+    def _exit(self) -> None:
+        if threading.get_ident() != threading.main_thread().ident or not self._depth:
+            return
+        self._depth -= 1
+        if not self._depth:
+            self._disarm()
 
     def after_step(self, loop: Loop) -> bool:
         if self.flag:
@@ -643,13 +897,44 @@ class StopOnCtrlC(Callback):
 
     def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
         if self.flag:  # Ctrl-C during validation or checkpointing: stop at the boundary
-            raise Interrupted(Position(loop.epoch + 1, 0, 0.0, 0.0, loop.wall, loop.steps, 0))
+            raise Interrupted(loop.boundary())
         return False
 
+    def on_end(self, loop: Loop) -> None:
+        if self.flag:  # Ctrl-C in the last epoch's scoring, which ended within the grace
+            raise Interrupted(loop.boundary())
+
     def close(self) -> None:
-        if getattr(self, "previous", None) is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        global _listener
+        if not getattr(self, "_installed", False):
+            return
+        self._installed, self._depth = False, 0
+        self._disarm()
+        # None: a handler not set from Python; Python's own is the nearest to it
+        signal.signal(signal.SIGINT, self.previous if self.previous is not None
+                      else signal.default_int_handler)
+        self.previous = None
+        if _listener is self:
+            _listener = self.outer
+
+
+Progress = Union[bool, str, None]  # fit's ``progress``: True, "lines", False, or None (auto)
+
+
+def progress_default() -> bool:
+    """The rule of ``progress=None``: show progress where a person watches, that is when
+    stderr is a terminal (a bar, and a line per epoch), and stay quiet otherwise (a script,
+    a notebook's captured stream, a pipe to a file)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def resolve_progress(progress: Progress) -> Union[bool, str]:
+    """``progress`` as ``ProgressBar`` takes it: None becomes ``progress_default()``."""
+    return progress_default() if progress is None else progress
 
 
 class ProgressBar(Callback):
@@ -708,7 +993,7 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
         warmup_epochs: int = 0, beta: float = 1.0, max_seconds: Optional[float] = None,
         validate: Optional[Callable[[], float]] = None,
         on_epoch: Optional[Callable[[EpochMetrics], None]] = None,
-        progress: bool = True, history: Optional[List[EpochMetrics]] = None,
+        progress: Progress = None, history: Optional[List[EpochMetrics]] = None,
         position: Optional[Position] = None, on_divergence: str = "stop",
         callbacks: Sequence[Callback] = (), log: Callable[[str], None] = logs.info,
         shards: Optional[Shards] = None, rank: int = 0, ctrl_c: bool = True,
@@ -726,11 +1011,18 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     after every epoch; ``on_epoch`` (checkpointing, logging) runs after it; ``callbacks``
     come after those.
 
+    ``progress``: None (the default) shows a progress bar and a line per epoch when stderr
+    is a terminal and nothing otherwise (``progress_default``); True draws the bar on a
+    terminal and otherwise sends the epoch lines to ``log``; ``"lines"`` the lines alone
+    (through ``log`` when there is no bar); False nothing.
+
     A non-finite loss or gradient never reaches the parameters: with ``on_divergence="stop"``
     it raises ``DivergenceError`` naming the epoch and step; with ``"lower_lr"`` it halves
     every learning rate, skips the batch and goes on (at most 10 times). Ctrl-C finishes the
     current step and raises ``Interrupted`` carrying the position to resume from (with
-    ``ctrl_c``; a torchrun process leaves Ctrl-C to torchrun). ``shards`` and ``rank``: the
+    ``ctrl_c``; a torchrun process leaves Ctrl-C to torchrun); a step, validation or gap
+    scoring still running ``GRACE_SECONDS`` after Ctrl-C is abandoned with nothing applied
+    (``StopOnCtrlC``). ``shards`` and ``rank``: the
     rows this process draws under torchrun (``data.Shards``; by default all rows in batches
     of ``batch_size``); ``read_every``: steps between host reads of the divergence guard
     (``loop``).
@@ -738,7 +1030,8 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     shards = shards or Shards(len(train), 1, batch_size)
     schedule = _beta_schedule(objective, beta, warmup_epochs, shards.steps)
     state = Loop(len(train), shards.steps, history or (), position, beta, start_epoch)
-    pieces = _fit_callbacks(epochs, validate=validate, on_epoch=on_epoch, progress=progress,
+    pieces = _fit_callbacks(epochs, validate=validate, on_epoch=on_epoch,
+                            progress=resolve_progress(progress),
                             max_seconds=max_seconds, ctrl_c=ctrl_c, log=log)
     return loop(model, guide, objective, train, optimizers, epochs, binarize=binarize,
                 shards=shards, state=state, seed=seed, beta=schedule,

@@ -13,13 +13,14 @@ import time
 
 import pytest
 
-from ppl_vae import cli, compare as compare_mod, data
+from ppl_vae import cli, compare as compare_mod, data, heldout
 from ppl_vae.compare import PLAN, RECORD, compare
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
 
 TINY = Config(train_size=300, valid_size=20, test_size=40, epochs=2, hidden=(16,),
-              latent_dim=3, batch_size=100, device="cpu", compile="off")
+              latent_dim=3, batch_size=100, device="cpu", compile="off", track_gaps=True,
+              gap_epochs=(1, 2), gap_rows=20, gap_particles=10)
 GUIDES = ("amortized", "meanfield")
 SEEDS = (0, 1)
 QUICK_FIT = {"max_steps": 30}
@@ -43,11 +44,27 @@ def run(out, **kw):
                    seeds=SEEDS, local_rows=20, local_options=QUICK_FIT, **kw)
 
 
+def _short_gap_fits(mp):
+    """The gap curves' local fits cut from 500 steps to 20 (the toy's seconds, not hours)."""
+    record = heldout.GapTracker.record
+
+    def short(self, metrics):
+        self.local_steps = 20
+        return record(self, metrics)
+    mp.setattr(heldout.GapTracker, "record", short)
+
+
+@pytest.fixture(autouse=True)
+def _short_gaps(monkeypatch):
+    _short_gap_fits(monkeypatch)
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, mnist):
     out = tmp_path_factory.mktemp("base") / "c"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data, "load", lambda *a, **k: mnist)
+        _short_gap_fits(mp)
         return run(out)
 
 
@@ -165,8 +182,41 @@ def test_a_killed_compare_command_resumes_to_the_same_results(tmp_path):
     assert without_times(a) == without_times(b)
 
 
+def test_cli_passes_resume_and_quick_to_compare(tmp_path, monkeypatch):
+    """compare's --resume and --quick reach the comparison (the report labels a --quick run a
+    smoke look from this flag)."""
+    seen = {}
+
+    def fake(config, out, **kw):
+        seen.update(kw, out=out, config=config)
+        return {}
+    monkeypatch.setattr(compare_mod, "compare", fake)
+    assert cli.main(["compare", "--quick", "--resume", "--out", str(tmp_path / "c")]) == 0
+    assert seen["resume"] is True and seen["quick"] is True
+    assert seen["config"].epochs == 2 and seen["num_particles"] == 100  # --quick's settings
+    assert cli.main(["compare", "--out", str(tmp_path / "c")]) == 0
+    assert seen["resume"] is False and seen["quick"] is False
+
+
 def test_cli_resume_and_ctrl_c_message(tmp_path, capsys):
     """--resume is compare's option (its help says what it keeps); Ctrl-C names the resume."""
     help_text = cli.build_parser().commands["compare"].format_help()
     assert "--resume" in help_text and "continues the one in progress" in " ".join(help_text.split())
     assert "ppl-vae compare" in cli.RESUME_COMPARE and "--resume" in cli.RESUME_COMPARE
+
+
+def test_the_curves_over_budget_hold_every_seed(baseline, tmp_path):
+    """results.json holds the gap curves of every seed as curves over budget (epochs,
+    steps, passes), the paired differences at each epoch, and the figure is drawn."""
+    curves = baseline["curves"]
+    assert curves["seeds"] == list(SEEDS) and curves["split"] == "test"
+    for guide in GUIDES:
+        points = curves["guides"][guide]
+        assert [p["epoch"] for p in points] == [1, 2]
+        assert [p["steps"] for p in points] == [3.0, 6.0]  # 300 rows, batch 100
+        log_px = points[-1]["log_px"]
+        assert log_px["seeds"] == list(SEEDS) and len(log_px["values"]) == 2
+        assert log_px["mean"] == pytest.approx(sum(log_px["values"]) / 2)
+        assert points[-1]["passes"] == 6 * baseline[guide]["compute"]["per_step"]["passes"]
+    assert {(d["epoch"], d["quantity"]) for d in curves["differences"]} >= {(1, "log_px"),
+                                                                            (2, "log_px")}

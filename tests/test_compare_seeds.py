@@ -88,7 +88,15 @@ def test_differences_take_every_pair_in_order():
     diffs = differences(values, ["q"], ["x", "y", "z"])
     assert [(d.a, d.b, d.mean) for d in diffs] == [("x", "y", -2.0), ("x", "z", 1.0),
                                                    ("y", "z", 3.0)]
-    assert all(d.sd == 0 and d.settled for d in diffs)
+    assert all(d.sd == 0 and d.excludes_zero for d in diffs)
+    assert all(d.settled is None for d in diffs)  # 2 seeds: 1 degree of freedom, not judged
+
+
+def test_settled_needs_three_seeds_and_an_interval_without_zero():
+    two = paired("q", "a", "b", {0: 2.0, 1: 2.1}, {0: 1.0, 1: 1.05})
+    assert two.excludes_zero and two.settled is None and two.to_json()["settled"] is None
+    three = paired("q", "a", "b", {0: 2.0, 1: 2.1, 2: 2.05}, {0: 1.0, 1: 1.05, 2: 1.0})
+    assert three.excludes_zero and three.settled is True
 
 
 def test_spread_is_mean_and_sample_sd():
@@ -215,7 +223,8 @@ def test_the_paired_interval_is_on_matched_seeds(runs):
     assert (d["mean"], d["sd"]) == (pytest.approx(mean), pytest.approx(sd))
     assert (d["low"], d["high"]) == (pytest.approx(mean - half, abs=1e-3),
                                      pytest.approx(mean + half, abs=1e-3))
-    assert d["settled"] == (not d["low"] <= 0 <= d["high"])
+    assert d["excludes_zero"] == (not d["low"] <= 0 <= d["high"])
+    assert d["settled"] is None  # two seeds judge nothing
 
 
 def test_the_report_gives_spread_compute_differences_and_local_budget(runs):

@@ -581,3 +581,41 @@ def test_compiled_per_datapoint_steps_under_a_gradient_sync_follow_the_eager_one
     torch.testing.assert_close(table, eager_table, rtol=1e-4, atol=1e-5)
     for a, b in zip(nets_, eager_nets):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compile_on_a_cpu_prints_no_cuda_runtime_note(monkeypatch, capfd, tmp_path):
+    """Inductor's C++ build imports ``torch.utils.cpp_extension``, which on a machine with a
+    CUDA toolkit (CUDA_HOME) but no usable GPU logs "No CUDA runtime is found" at every
+    compile; a CPU compile shows no such note, and the objective still compiles."""
+    import logging
+    import sys
+
+    import torch.utils
+    old = sys.modules.pop("torch.utils.cpp_extension", None)  # imported afresh: it speaks
+    if old is not None:
+        monkeypatch.setattr(torch.utils, "cpp_extension", old)
+        monkeypatch.setitem(sys.modules, "torch.utils.cpp_extension", old)
+        del sys.modules["torch.utils.cpp_extension"]
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a build, not a cache hit
+    torch.manual_seed(SEED)
+    d = 11  # a shape of this test's own
+    model = VAEModel(nets.Decoder(2, [5], d), Bernoulli(), StandardNormal(2))
+    guide = guides.AmortizedNormal(nets.Encoder(d, [5], 2))
+    x = tiny_binary_data(6, d)
+    compiled = Compiled(objectives.ELBO())
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            compiled(model, guide, Batch(x, torch.arange(6), 6))
+    out, err = capfd.readouterr()
+    assert "torch.utils.cpp_extension" in sys.modules  # the build did import it
+    assert compiled._graphs and all(e[1] is not None for e in compiled._graphs.values())
+    assert "No CUDA runtime" not in out + err
+    assert not [w for w in caught if "No CUDA runtime" in str(w.message)]
+    # only that note is dropped: the logger's other warnings still pass
+    assert logging.getLogger("torch.utils.cpp_extension").filter(
+        logging.makeLogRecord({"msg": "something else", "levelno": logging.WARNING}))

@@ -295,3 +295,57 @@ def test_a_resumed_process_maps_the_checkpoint_and_copies_only_its_rows(tmp_path
         mapped["guide"]["params"].untyped_storage().data_ptr()
     mapped["guide"]["params"].add_(1.0)  # the run's own updates stay in its memory
     assert torch.equal(checkpoint.load(tmp_path)["guide"]["params"], read["guide"]["params"])
+
+
+# ---------------------------------------------------------------------------------------
+# a launcher's environment that torch would answer with a traceback or a long wait
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env, words", [
+    ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"},
+     ["MASTER_PORT='abc'", "65535"]),
+    ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_PORT": "abc"}, ["MASTER_ADDR"]),
+    ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"},
+     ["MASTER_PORT='70000'"]),
+], ids=["port-abc", "no-addr", "port-too-large"])
+def test_a_bad_master_port_is_one_line(tmp_path, capsys, monkeypatch, env, words):
+    from test_trust import TINY, assert_one_error_line, call
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = call(capsys, "train", *TINY, "--out", tmp_path / "r")
+    assert_one_error_line(code, err, out)
+    assert all(w in err for w in words), err
+
+
+def test_an_unresolvable_master_addr_is_one_line_within_seconds(tmp_path):
+    """Torch retried an address that does not resolve for a minute and more, warning every
+    few seconds; the run is refused at once, in one line naming the variable."""
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "no.such.host.invalid",
+           "MASTER_PORT": "29555"}
+    env.pop("LOCAL_RANK", None)
+    start = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ppl_vae", "train", "--train-size", "100",
+                               "--epochs", "1", "--out", str(tmp_path / "r")],
+                              env=env, capture_output=True, text=True, timeout=45)
+    except subprocess.TimeoutExpired:
+        pytest.fail("no answer within 45 s")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "MASTER_ADDR='no.such.host.invalid'" in proc.stderr
+    assert time.monotonic() - start < 40
+
+
+def test_a_resolver_that_does_not_answer_is_refused_after_its_timeout(monkeypatch):
+    import socket
+
+    from ppl_vae import distributed
+    from ppl_vae.errors import UserError
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(30))
+    start = time.monotonic()
+    with pytest.raises(UserError, match="did not resolve within 0.5 s"):
+        distributed.check_address("slow.example", 29500, timeout_s=0.5)
+    assert time.monotonic() - start < 5
+    monkeypatch.undo()
+    distributed.check_address("127.0.0.1", 29500)

@@ -214,3 +214,61 @@ def test_a_table_reads_the_rows_it_is_given_and_only_within():
     assert not grad.is_sparse and table.params.grad is None
     outside, _ = table.loc_scale(Batch(torch.zeros(len(idx), D), idx, N))
     torch.testing.assert_close(outside, table.params.detach()[idx, :L])
+
+
+# ---------------------------------------------------------------------------------------
+# a refinement step too large
+# ---------------------------------------------------------------------------------------
+def test_a_refine_lr_beyond_float32_is_one_line(tmp_path, capsys, cached_mnist):
+    """``--refine-lr 1e40``: the first refinement step left float32's range and a 120-line
+    Pyro ValueError followed; now one line naming the setting and a value that works."""
+    from test_trust import TINY, assert_one_error_line, call
+    code, out, err = call(capsys, "train", *TINY, "--guide", "semiamortized", "--refine-lr",
+                          "1e40", "--out", tmp_path / "r")
+    assert_one_error_line(code, err, out)
+    assert "--refine-lr 1e+40" in err and "0.05" in err
+    guides.check_refine_lr(0.05)
+    guides.check_refine_lr(1e30)  # finite steps are the divergence guard's business
+    for bad in (1e40, float("inf"), float("nan"), 0.0):
+        with pytest.raises(UserError, match="refine_lr"):
+            guides.check_refine_lr(bad)
+
+
+def _semi(step_size, d=12, latent=2):
+    torch.manual_seed(SEED)
+    model = VAEModel(nets.Decoder(latent, (16,), d), likelihoods.Bernoulli(),
+                     priors.StandardNormal(latent))
+    guide = guides.SemiAmortizedNormal(nets.Encoder(d, (16,), latent), model, steps=5,
+                                       step_size=step_size)
+    return model, guide
+
+
+def test_a_diverging_refinement_is_named_in_the_divergence(tmp_path, capsys, cached_mnist):
+    """A refinement step far too large makes training diverge: the error names refine_lr
+    (the setting that caused it), not the learning rate, on the command line too."""
+    from test_trust import TINY, call
+    code, out, err = call(capsys, "train", *TINY, "--guide", "semiamortized", "--refine-lr",
+                          "1e30", "--out", tmp_path / "r")
+    assert code == 1 and "Traceback" not in err, err
+    assert "diverged" in err and "--refine-lr" in err, err
+    model, guide = _semi(1e30)
+    x = tiny_binary_data(96, 12)
+    split = data.Split(x, torch.zeros(96, dtype=torch.long))
+    opts = optim.make_optimizers(model, guide, lr=1e-3)
+    with pytest.raises(train.DivergenceError) as e:
+        train.fit(model, guide, objectives.ELBO(), split, opts, epochs=1, batch_size=32,
+                  binarize=data.Binarize("none"), progress=False, log=lambda _m: None)
+    assert e.value.setting == "refine_lr" and "refine_lr (--refine-lr)" in str(e.value)
+    assert e.value.advice(cli=True) == "Try a smaller --refine-lr"
+
+
+@pytest.mark.parametrize("step_size, blamed", [(1000.0, True), (0.05, False)])
+def test_the_refinement_answers_whether_it_caused_a_divergence(step_size, blamed):
+    """A step so large that the refinement lowers the ELBO it climbs is blamed; the default
+    step, which raises it, is not (the learning rate is then the suspect)."""
+    model, guide = _semi(step_size)
+    x = tiny_binary_data(64, 12)
+    cause = guides.divergence_cause(guide, model, Batch(x, torch.arange(64), 64))
+    assert (cause is not None and cause[0] == "refine_lr") == blamed, cause
+    assert guides.divergence_cause(guides.AmortizedNormal(guide.encoder), model,
+                                   Batch(x, torch.arange(64), 64)) is None

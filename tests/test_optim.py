@@ -6,6 +6,7 @@ import torch
 
 from ppl_vae import guides, likelihoods, nets, objectives, optim, priors, train
 from ppl_vae.data import Batch
+from ppl_vae.errors import UserError
 from ppl_vae.model import VAEModel
 
 from conftest import tiny_binary_data
@@ -175,3 +176,28 @@ def test_make_optimizers_amortized_has_no_table_optimizer():
     expected = list(model.parameters()) + list(guide.parameters())
     assert len(params) == len(expected) and all(any(p is q for q in params) for p in expected)
     assert opts.global_.param_groups[0]["lr"] == 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# Adam's epsilon
+# ---------------------------------------------------------------------------------------
+def test_an_adam_eps_that_float32_cannot_hold_is_one_line(tmp_path, capsys, cached_mnist):
+    """``--adam-eps 1e-300`` rounds to 0 in float32: the first step divided 0 by 0 for every
+    weight whose gradient is 0 and a 120-line Pyro traceback followed. Now: one line naming
+    the setting and a value that works, exit code 2, nothing trained."""
+    from test_trust import TINY, assert_one_error_line, call
+    code, out, err = call(capsys, "train", *TINY, "--adam-eps", "1e-300", "--out",
+                          tmp_path / "r")
+    assert_one_error_line(code, err, out)
+    assert "--adam-eps 1e-300" in err and "1e-8" in err
+
+
+def test_check_adam_eps_takes_the_smallest_normal_float():
+    optim.check_adam_eps(1e-8)
+    optim.check_adam_eps(float(torch.finfo(torch.float32).tiny))
+    optim.check_adam_eps(1e-300, torch.float64)
+    for eps in (1e-300, 1e-40, 0.0, -1.0, float("nan")):
+        with pytest.raises(UserError, match="adam_eps"):
+            optim.check_adam_eps(eps)
+    with pytest.raises(UserError, match="adam_eps"):  # at the source, for library callers
+        optim.adam([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, eps=1e-300)

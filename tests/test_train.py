@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -472,3 +474,90 @@ def test_train_elbo_averages_the_applied_steps_only():
                            progress=False, log=_quiet)
     assert len(applied) == 2 and metrics.steps == 2
     assert metrics.train_elbo == pytest.approx(-sum(applied) / (96 * len(applied)), rel=1e-5)
+
+
+def test_a_divergence_names_the_learning_rate_unless_the_guide_names_its_own_setting():
+    model, guide, split, opts = _fit_setup(False)
+    with pytest.raises(train.DivergenceError) as e:
+        train.fit(model, guide, NaNLoss(), split, opts, epochs=1, batch_size=32,
+                  binarize=data.Binarize("none"), progress=False, log=_quiet)
+    assert e.value.setting == "lr" and e.value.cause is None
+    assert e.value.advice(cli=True) == "Try a smaller --lr or --on-divergence lower_lr"
+
+
+class _NaNDecoder:
+    """The ELBO, except that at its ``at``-th call the decoder's output is NaN: Pyro's
+    validation refuses the Bernoulli's logits with a ValueError before the loss is NaN."""
+
+    beta = 1.0
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def __call__(self, model, guide, batch):
+        self.calls += 1
+        if self.calls != self.at:
+            return objectives.ELBO()(model, guide, batch)
+        w = model.decoder.net[-1].bias
+        with torch.no_grad():
+            saved = w.clone()
+            w.fill_(float("nan"))
+        try:
+            return objectives.ELBO()(model, guide, batch)
+        finally:
+            with torch.no_grad():
+                w.copy_(saved)
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_a_nan_that_a_distribution_refuses_is_a_divergence(local):
+    """Pyro validates every site, so a NaN parameter raised a ValueError (a long traceback)
+    before the guard could see a NaN loss: it is a divergence like any other, the step is
+    not applied (the table's rows its inner updates moved are put back)."""
+    model, guide, split, opts = _fit_setup(local)
+    before = _snapshot(model, guide, opts)
+    # a table's step: an inner update (call 1) moves the rows, the joint pass (call 2) fails
+    with pytest.raises(train.DivergenceError, match="epoch 1, step 1: NaN reached parameter "
+                                                    "logits of a Bernoulli"):
+        train.fit(model, guide, _NaNDecoder(2 if local else 1), split, opts, epochs=1,
+                  batch_size=32,
+                  binarize=data.Binarize("none"), progress=False, log=_quiet)
+    after = _snapshot(model, guide, opts)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert after[1][0] == before[1][0] == "{}"  # Adam never stepped
+    if local:  # RowAdam's state, made by the inner update, is put back to its start: zeros
+        assert all(not v.any() for st in opts.local.state.values() for v in st.values())
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_fit_shows_progress_by_default_on_a_terminal_only(monkeypatch, tty):
+    """``fit`` (and ``run.train_run`` through it) without ``progress``: on a terminal
+    (stderr a tty) a bar and a line per epoch; otherwise nothing, not even through ``log``.
+    ``progress=True``/``False`` still decide."""
+    out, err = _Stream(tty), _Stream(tty)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert train.progress_default() is tty
+    model, guide, split, opts = _fit_setup(False)
+    logged = []
+    train.fit(model, guide, objectives.ELBO(), split, opts, epochs=2, batch_size=32,
+              binarize=data.Binarize("none"), log=logged.append)
+    shown = out.getvalue() + err.getvalue() + "".join(logged)
+    if tty:
+        assert "step" in err.getvalue()  # the bar
+        assert shown.count("epoch ") >= 2 and "epoch   2  train" in shown
+    else:
+        assert shown == ""
+    logged.clear()
+    train.fit(model, guide, objectives.ELBO(), split, opts, epochs=3, batch_size=32,
+              binarize=data.Binarize("none"), log=logged.append, progress=True)
+    assert "epoch   3  train" in out.getvalue() + "".join(logged)  # asked for: shown
