@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import budget_curves, distributed, guides as guide_lib, logs, plots, report
+from . import budget_curves, distributed, guides as guide_lib, logs, memory, plots, report
 from .compute import Budget, Compute, LocalBudget, local_budget, step_cost, steps_per_epoch
 from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
                      resolve_device)
@@ -452,6 +452,7 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
         folder.parent.mkdir(parents=True, exist_ok=True)
         (folder.parent / MARKER).touch()
     started = resume and any((folder / n).exists() for n in CHECKPOINTS[:2])
+    memory.reset_peak()  # the peak RSS of this run, not of the runs before it in this process
     if started and (folder / "summary.json").exists():  # trained and summarised, not recorded
         log(f"== the {who} was trained: scoring it again")
         trained = load_trained(folder, device=run_config.device, given=run_config)

@@ -60,3 +60,16 @@ def check(config, data_dim: int, num_data: int, device: torch.device) -> None:
                     f"{device.type} has {free / 2 ** 30:.1f} GiB free; use a smaller "
                     f"{setting('hidden')}, {setting('num_particles')} or "
                     f"{setting('batch_size')}")
+
+
+def reset_peak() -> bool:
+    """Start the process's peak resident memory afresh (Linux: ``/proc/self/clear_refs``,
+    which resets both ``VmHWM`` and ``getrusage``'s ``ru_maxrss``), so that a reading after
+    one run is that run's peak and not the process's so far (a comparison trains its guides
+    one after another in one process); returns False where the system cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -43,7 +43,7 @@ ROWS = [
     ("training time (s)", "train_seconds", False),
     ("steps per second", "steps_per_second", False),
     ("gap curves: seconds", "gap_tracking_seconds", False),
-    ("peak RSS of the process so far (MiB)", "peak_rss_mb", False),
+    ("peak RSS during its training and scoring (MiB)", "peak_rss_mb", False),
     ("parameters (MiB)", "param_mb", False),
     ("test-time local inference: steps", "local_steps", False),
     ("test-time local inference: seconds", "local_seconds", False),
