@@ -112,10 +112,8 @@ def _convert_one(action, key, value, path, bad):
         value = ",".join(str(v) for v in value) + ("," if len(value) == 1 else "")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise bad("a number or a name")
-    if typ is None:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
+    if typ is None:  # a free-form option: a name, or a number written as one (seeds = 3)
+        return str(value)
     if getattr(typ, "__name__", "") == "int" and isinstance(value, float):
         if not value.is_integer():
             raise bad("a whole number")

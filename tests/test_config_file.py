@@ -40,6 +40,9 @@ def test_compare_takes_its_own_options_from_a_file(tmp_path):
     args = cli.parse(["compare", "--config", str(path)])
     assert (args.guides, args.seeds, args.budget, args.num_particles_eval, args.local_rows,
             args.epochs) == (["amortized", "meanfield"], "0,1", "evaluations=400", 50, 30, 3)
+    path = write(tmp_path, "n.toml", "seeds = 3\nbudget = \"flops=2e14\"\n")
+    args = cli.parse(["compare", "--config", str(path)])
+    assert (args.seeds, args.budget) == ("3", "flops=2e14")  # a count of seeds, as --seeds 3
 
 
 def test_a_comparisons_record_gives_back_its_plan(tmp_path):
