@@ -221,10 +221,11 @@ UNIT_LABELS = {"epochs": "epochs (log scale)", "flops": "training FLOPs (log sca
 
 
 def _panel(ax, curves: Curves, unit: str, q: str, formatter) -> None:
-    drawn = False
+    drawn, absent = False, []
     for guide, pts in curves.points.items():
         rows = [(p.budget(unit), p.values[q]) for p in pts if q in p.values and p.budget(unit)]
         if not rows:
+            absent.append(guide)
             continue
         xs, ys = [x for x, _ in rows], [s.mean for _, s in rows]
         sd = [s.sd or 0.0 for _, s in rows]
@@ -237,14 +238,26 @@ def _panel(ax, curves: Curves, unit: str, q: str, formatter) -> None:
                 transform=ax.transAxes)
         ax.set_axis_off()
         return
+    if absent:  # said, not drawn (a table has no amortization gap: its q is q* itself)
+        ax.text(0.02, 0.02, f"n/a: {', '.join(absent)}", transform=ax.transAxes, fontsize=7,
+                va="bottom")
     for cr in curves.crossings:
         if cr.quantity == q and cr.unit == unit:
             ax.axvspan(cr.low, cr.high, color="0.5", alpha=0.15, lw=0)
             ax.annotate(f"{cr.a} and {cr.b} cross", (cr.high, 0.02), fontsize=7, ha="right",
                         xycoords=("data", "axes fraction"))
     ax.set_xscale("log")
-    if unit == "epochs":
+    from matplotlib.ticker import EngFormatter, FixedLocator, NullFormatter
+    if unit == "epochs":  # ticks at the tracked epochs, written as plain numbers
+        epochs = sorted({p.epoch for pts in curves.points.values() for p in pts})
+        ax.xaxis.set_major_locator(FixedLocator(epochs))
         ax.xaxis.set_major_formatter(formatter(lambda v, _p: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:  # 40M, 1.5G: engineering prefixes, on minor ticks too
+        eng = EngFormatter(sep="")
+        ax.xaxis.set_major_formatter(eng)
+        ax.xaxis.set_minor_formatter(eng)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(UNIT_LABELS[unit])
     ax.set_ylabel(f"{NAMES[q]} (nats)")
     ax.set_title(f"{curves.split} {NAMES[q]}", fontsize=10)

@@ -95,6 +95,11 @@ def test_the_figure_draws_a_band_per_guide_and_marks_the_crossing(curves, tmp_pa
     assert [l.get_label() for l in first.get_lines()][:2] == ["a", "b"]
     assert len(first.collections) == 2 and len(first.patches) == 1  # two sd bands, one span
     assert "epochs" in first.get_xlabel() and "log p(x)" in first.get_ylabel()
+    fig.canvas.draw()
+    labels = [t.get_text() for t in first.get_xticklabels() if t.get_text()]
+    assert labels == ["1", "3", "10"]  # the tracked epochs, not 2x10^0
+    assert not [t.get_text() for t in first.get_xticklabels(minor=True) if t.get_text()]
     assert "n/a for every guide" in " ".join(t.get_text() for t in axes[3].texts)
+    assert not any("n/a" in t.get_text() for t in first.texts)  # both guides drawn there
     assert "1 sd over 3 seeds" in fig._suptitle.get_text()
     plt.close(fig)
