@@ -411,8 +411,40 @@ def _per_seed(comparison: "Comparison") -> str:
     return f"\nPer seed (each run's folder is `<guide>/seed<S>`):\n\n{head}{body}"
 
 
-def markdown(comparison: "Comparison", with_gap_curves: bool = False) -> str:
-    """The comparison as Markdown."""
+def over_budget(curves) -> str:
+    """The curves over budget (``budget_curves.Curves``) as a table of log p(x) per tracked
+    epoch, mean ± sd over seeds, and the crossings of two guides' rankings in words."""
+    if curves is None:
+        return ""
+    from .budget_curves import NAMES
+    guides = list(curves.points)
+    epochs = sorted({p.epoch for pts in curves.points.values() for p in pts})
+    head = "| epoch | " + " | ".join(guides) + " |\n|---|" + "---|" * len(guides) + "\n"
+    body = ""
+    for e in epochs:
+        cells = []
+        for g in guides:
+            s = next((p.values.get("log_px") for p in curves.points[g] if p.epoch == e), None)
+            cells.append("n/a" if s is None else
+                         f"{s.mean:.2f}" + (f" ± {s.sd:.2f}" if s.sd is not None else ""))
+        body += f"| {e} | " + " | ".join(cells) + " |\n"
+    crossed = [f"{NAMES[c.quantity]}: {c.a} and {c.b} swap places between "
+               f"{c.low:,.3g} and {c.high:,.3g} {c.unit} ({c.before} first before)"
+               for c in curves.crossings]
+    n = len(curves.seeds)
+    return (f"\n## Over budget\n\n![curves over budget](budget_curves.png)\n\n"
+            f"{curves.split.capitalize()} log p(x) (the gap curves' K and rows) at each tracked "
+            f"epoch, mean ± sd over {plural(n, 'seed')}; `results.json` (`curves`) has every "
+            f"quantity, the budget in steps, passes and FLOPs, and the paired differences at "
+            f"each epoch.\n\n{head}{body}\n"
+            + ("Rankings that cross (means over seeds; in compute, each guide's curve "
+               "interpolated in log compute): " + "; ".join(crossed) + ".\n" if crossed else
+               "No ranking of log p(x) or L[q] crosses within the tracked budget, in epochs "
+               "or in compute.\n"))
+
+
+def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None) -> str:
+    """The comparison as Markdown (``over``: its curves over budget, when tracked)."""
     c = comparison.config
     names = comparison.guides
     n = len(comparison.seeds)
@@ -432,6 +464,7 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False) -> str:
               f"at epochs {', '.join(map(str, tracked))}"
               + (f" (seed {comparison.seeds[0]})" if comparison.several else "")
               + "; each guide's `gaps.jsonl` has the numbers.\n" if with_gap_curves else "")
+    curves += over_budget(over)
     if comparison.several:
         listed = ", ".join(map(str, comparison.seeds))
         seeds = (f"Every guide is trained from each of {n} seeds ({listed}): "

@@ -103,3 +103,11 @@ def test_the_figure_draws_a_band_per_guide_and_marks_the_crossing(curves, tmp_pa
     assert not any("n/a" in t.get_text() for t in first.texts)  # both guides drawn there
     assert "1 sd over 3 seeds" in fig._suptitle.get_text()
     plt.close(fig)
+
+
+def test_the_report_tables_log_px_over_budget_and_names_the_crossing(curves):
+    from ppl_vae import report
+    text = report.over_budget(curves)
+    assert "| 3 | -95.00 ± 1.00 | -97.00 ± 1.00 |" in text
+    assert "log p(x): a and b swap places between 3 and 10 epochs (a first before)" in text
+    assert report.over_budget(None) == ""
