@@ -377,7 +377,8 @@ def _command(args) -> int:
                      progress=args.progress or "lines", trust_code=args.trust_code)
         return 0
     if args.command == "compare":
-        from .compare import DEFAULT_GUIDES, PAIRED_KEYS, compare, parse_seeds
+        from .compare import DEFAULT_GUIDES, compare, parse_seeds
+        from .results import PAIRED_KEYS
         from .compute import Budget
         argv = getattr(args, "argv", None)  # what the user typed (set by _main)
         if argv is not None and "guide" in _given(argv, "compare"):

@@ -15,36 +15,29 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import budget_curves, distributed, guides as guide_lib, logs, memory, plots, report
-from .compute import Budget, Compute, LocalBudget, local_budget, step_cost, steps_per_epoch
+from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
 from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
                      resolve_device)
 from .data import Batch
 from .errors import UserError, setting
-from .evaluate import Scores
 from .evaluation import evaluate_trained
 from .heldout import read_gaps
 from .rundir import (CHECKPOINTS, MARKER, RunDir, check_out, refuse_foreign, versions,
                      write_json)
-from .run import Summary, finish, fit_run, load_splits, load_trained
-from .seeds import Difference, Spread, differences
+from .run import finish, fit_run, load_splits, load_trained
+from .results import SCHEDULE, Comparison, GuideRun
 
 DEFAULT_GUIDES = ("amortized", "semiamortized", "meanfield")
-# the quantities whose paired differences between guides the report gives (``Scores`` names)
-PAIRED = ("log_px", "elbo_local", "elbo", "approximation_gap", "amortization_gap")
-PAIRED_KEYS = tuple(Scores.json_key(q, "test") for q in PAIRED)  # as results.json names them
 LOCAL_ROWS = 500  # training rows of a per-datapoint table scored for its local budget
 MAX_SEEDS = 100
-SCHEDULE = "one after another in one process"
 
 
 def parse_seeds(text: str, first: int = 0) -> Tuple[int, ...]:
@@ -69,124 +62,6 @@ def parse_seeds(text: str, first: int = 0) -> Tuple[int, ...]:
         raise UserError(f"{setting('seeds')} has seed {bad[0]} outside 0 .. {SEED_LIMIT:,}; "
                         f"give seeds in that range")
     return seeds
-
-
-@dataclass
-class GuideRun:
-    """One guide trained from one seed: its test scores, its training summary, its compute,
-    its variational family and, for a guide with tables, its local budget."""
-
-    guide: str
-    seed: int
-    folder: str  # relative to the comparison's folder
-    scores: Scores
-    summary: Summary
-    compute: Compute
-    family: Optional[str] = None  # ``guides.family`` of the trained guide (None: unstated)
-    per_datapoint: bool = False  # a per-datapoint table (its held-out q is a local fit)
-    local: Optional[LocalBudget] = None
-
-    def numbers(self) -> Dict[str, float]:
-        """Every number of the run under the name results.json gives it (what the report's
-        rows and the spreads over seeds read)."""
-        out = {k: v for k, v in {**self.summary.costs(), **self.scores.to_json()}.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        out.update(passes_per_step=self.compute.step.passes, total_passes=self.compute.total,
-                   flops_per_step=self.compute.step.flops_per_step,
-                   total_flops=self.compute.total_flops)
-        if self.local is not None:
-            out.update(local_stored=self.local.stored, local_fitted=self.local.fitted,
-                       local_gap=self.local.gap, local_gap_stderr=self.local.gap_stderr,
-                       local_visits=self.local.visits)
-        return out
-
-    def to_json(self) -> dict:
-        return {**self.summary.costs(), **self.scores.to_json(), "family": self.family,
-                "per_datapoint": self.per_datapoint, "seed": self.seed, "folder": self.folder,
-                "compute": self.compute.to_json(),
-                "local_budget": self.local.to_json() if self.local is not None else None}
-
-
-@dataclass
-class Comparison:
-    """What ``results.json`` holds: the settings and every guide's runs, one per seed."""
-
-    date: str
-    config: dict
-    versions: dict
-    device: str
-    guides: List[str]
-    data: dict
-    command: List[str]
-    seeds: List[int]
-    budget: Budget
-    local_rows: int
-    runs: List[GuideRun] = field(default_factory=list)
-    settings: Dict[str, List[str]] = field(default_factory=dict)  # guide -> its own settings
-    num_particles: Optional[int] = None  # K of log p(x) on the test rows
-    quick: bool = False  # ``--quick``: a smoke look, not a verdict
-
-    def runs_of(self, guide: str) -> List[GuideRun]:
-        return sorted((r for r in self.runs if r.guide == guide),
-                      key=lambda r: self.seeds.index(r.seed))
-
-    def spread(self, guide: str, key: str) -> Optional[Spread]:
-        """``key`` of ``guide`` over the seeds where it has a value (None: nowhere)."""
-        pairs = [(r.seed, r.numbers().get(key)) for r in self.runs_of(guide)]
-        pairs = [(s, float(v)) for s, v in pairs if v is not None]
-        if not pairs:
-            return None
-        return Spread(tuple(s for s, _ in pairs), tuple(v for _, v in pairs))
-
-    def differences(self) -> List[Difference]:
-        """The paired differences of ``PAIRED`` between guides, named as results.json names
-        them (``Scores.json_key``)."""
-        values = {g: {k: {r.seed: r.numbers().get(k) for r in self.runs_of(g)}
-                      for k in PAIRED_KEYS} for g in self.guides}
-        return differences(values, PAIRED_KEYS, self.guides)
-
-    @property
-    def several(self) -> bool:
-        return len(self.seeds) > 1
-
-    def to_json(self) -> dict:
-        """One layout for one seed or many: every guide's entry holds the means over seeds of
-        its numbers at the top (a ``*_stderr`` there is the Monte Carlo standard error of that
-        mean, sqrt(sum of the seeds' squared errors) / seeds, not an average of errors), the
-        spread of each over seeds (``over_seeds``; its ``sd`` is None for one seed) and every
-        seed's own record (``per_seed``, keyed by the seed)."""
-        doc = {"date": self.date, "config": self.config, "versions": self.versions,
-               "device": self.device, "guides": self.guides, "data": self.data,
-               "command": self.command, "seeds": self.seeds, "seed_schedule": SCHEDULE,
-               "budget": self.budget.to_json(), "local_rows": self.local_rows,
-               "num_particles": self.num_particles, "quick": self.quick,
-               "guide_settings": {g: list(v) for g, v in self.settings.items()},
-               "ran": {g: self.ran(g) for g in self.guides}}
-        for guide in self.guides:  # one entry per guide at the top level
-            runs = self.runs_of(guide)
-            keys = sorted({k for r in runs for k in r.numbers()})
-            spreads = {k: self.spread(guide, k) for k in keys}
-            entry = {k: s.mean for k, s in spreads.items()
-                     if s is not None and not k.endswith("_stderr")}
-            for k, s in spreads.items():
-                if s is not None and k.endswith("_stderr"):
-                    entry[k] = math.sqrt(sum(v * v for v in s.values)) / len(s.values)
-            entry.update({k: None for r in runs for k, v in r.scores.to_json().items()
-                          if v is None and k not in entry})  # n/a (e.g. a table's amortization gap)
-            entry["over_seeds"] = {k: s.to_json() for k, s in spreads.items() if s is not None}
-            if runs:
-                entry.update(family=runs[0].family, per_datapoint=runs[0].per_datapoint,
-                             compute={"per_step": runs[0].compute.step.to_json()})
-            entry["per_seed"] = {str(r.seed): r.to_json() for r in runs}
-            doc[guide] = entry
-        doc["differences"] = [d.to_json() for d in self.differences()]
-        return doc
-
-    def ran(self, guide: str) -> dict:
-        """What ``guide`` ran, per seed: its epochs and optimizer steps (under an evaluations
-        or a FLOPs budget they differ from guide to guide and from ``config.epochs``)."""
-        return {str(r.seed): {"epochs": r.summary.epochs, "steps": r.summary.steps}
-                for r in self.runs_of(guide)}
 
 
 def folder_name(guide: str) -> str:
@@ -335,27 +210,17 @@ def _write_record(folder: Path, run: GuideRun, arrays: Optional[dict]) -> None:
         tmp = folder / (FIGURE_ARRAYS + ".tmp.npz")
         np.savez_compressed(tmp, **arrays)
         tmp.replace(folder / FIGURE_ARRAYS)
-    write_json(folder / RECORD, {
-        "guide": run.guide, "seed": run.seed, "folder": run.folder, "family": run.family,
-        "per_datapoint": run.per_datapoint, "scores": run.scores.to_json(),
-        "summary": asdict(run.summary),
-        "local": run.local.to_json() if run.local is not None else None})
+    write_json(folder / RECORD, run.to_record())
 
 
 def _read_record(folder: Path, guide: str, seed: int, cost) -> Optional[GuideRun]:
     """The record ``_write_record`` left (None: the run is not finished, or its record is
     unreadable, and is trained or scored again)."""
     try:
-        doc = json.loads((folder / RECORD).read_text())
-        if doc["guide"] != guide or doc["seed"] != seed:
-            return None
-        summary = Summary(**doc["summary"])
-        local = LocalBudget(**doc["local"]) if doc["local"] is not None else None
-        return GuideRun(guide, seed, doc["folder"], Scores.from_json(doc["scores"]), summary,
-                        Compute(cost, summary.steps, summary.epochs, summary.train_seconds),
-                        doc["family"], bool(doc["per_datapoint"]), local)
+        run = GuideRun.from_record(json.loads((folder / RECORD).read_text()), cost)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return run if (run.guide, run.seed) == (guide, seed) else None
 
 
 def _read_arrays(folder: Path) -> Optional[dict]:

@@ -14,7 +14,7 @@ from .evaluate import Scores
 from .seeds import MIN_SEEDS
 
 if TYPE_CHECKING:
-    from .compare import Comparison, GuideRun
+    from .results import Comparison, GuideRun
 
 # (label, quantity, with its error): a ``Scores`` quantity (named in results.json by
 # ``Scores.json_key``) or a number of the run (``GuideRun.numbers``); ``{K}`` in a label is

@@ -243,3 +243,23 @@ def test_peak_memory_is_each_guides_own(tmp_path, mnist, monkeypatch):
     assert first > 400
     if memory.reset_peak():  # Linux: the second guide's peak is its own
         assert second < first - 300, (first, second)
+
+
+def test_a_guide_runs_record_gives_it_back():
+    """GuideRun.to_record / from_record: what a resume reads is the run that was scored."""
+    from ppl_vae.compute import StepCost
+    from ppl_vae.evaluate import Estimate, Scores
+    from ppl_vae.results import GuideRun
+    from ppl_vae.run import Summary
+    from ppl_vae.compute import Compute, LocalBudget
+    cost = StepCost({"decoder": 1.0}, {"decoder": 1.0})
+    summary = Summary(-90.0, 0.5, 40, 2, 6, 1.0, 2.0, 3.0, None, -91.0, -92.0, "meanfield",
+                      "mnist", "dynamic", {"peak_rss_mb": 10.0}, None, False)
+    scores = Scores(split="test", rows=40, num_particles=5, proposal="local",
+                    elbo=Estimate(-95.0, 1.0), log_px=Estimate(-90.0, 0.9), rate=3.0,
+                    distortion=92.0, active_units=3, seconds=1.0, log_px_seconds=0.5)
+    run = GuideRun("meanfield", 1, "meanfield/seed1", scores, summary,
+                   Compute(cost, 6, 2, 2.0), "diagonal normal", True,
+                   LocalBudget(20, -100.0, -95.0, 5.0, 0.3, 30, 0.1, 2.0))
+    back = GuideRun.from_record(json.loads(json.dumps(run.to_record())), cost)
+    assert back.to_json() == run.to_json() and back.numbers() == run.numbers()

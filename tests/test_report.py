@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ppl_vae import plots, report
-from ppl_vae.compare import Comparison, GuideRun
+from ppl_vae.results import Comparison, GuideRun
 from ppl_vae.compute import Budget, Compute, LocalBudget, StepCost
 from ppl_vae.config import Config
 from ppl_vae.evaluate import Estimate, Scores, View
