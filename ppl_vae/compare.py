@@ -164,17 +164,25 @@ def plan_of(config: Config, guides, seeds, budget: Budget, num_particles: int,
 
 
 def _plan_differs(saved: dict, plan: dict) -> Optional[str]:
-    """The first setting in which ``plan`` differs from the ``saved`` one (None: the same)."""
+    """The first setting in which ``plan`` differs from the ``saved`` one (None: the same).
+    A plan saved before a setting existed matches that setting's default, and an epochs
+    budget saved without its amount matches the epochs of its config."""
     if not isinstance(saved, dict):
         return "the saved plan (not an object)"
+    defaults = Config().to_dict()
     for key, value in plan.items():
         old = saved.get(key)
         if key == "config":
             old = old if isinstance(old, dict) else {}
             for name, v in value.items():
-                if name not in PLAN_MAY_CHANGE and old.get(name) != v:
-                    return f"--{name.replace('_', '-')} (was {old.get(name)!r}, now {v!r})"
-        elif old != value:
+                was = old.get(name, defaults.get(name))
+                if name not in PLAN_MAY_CHANGE and was != v:
+                    return f"--{name.replace('_', '-')} (was {was!r}, now {v!r})"
+            continue
+        if key == "budget" and isinstance(old, dict) and old.get("unit") == "epochs" \
+                and old.get("amount") is None:
+            old = {**old, "amount": plan["config"].get("epochs")}
+        if old != value:
             name = {"num_particles": "num-particles-eval"}.get(key, key.replace("_", "-"))
             return f"--{name} (was {old!r}, now {value!r})"
     return None

@@ -263,3 +263,19 @@ def test_a_guide_runs_record_gives_it_back():
                    LocalBudget(20, -100.0, -95.0, 5.0, 0.3, 30, 0.1, 2.0))
     back = GuideRun.from_record(json.loads(json.dumps(run.to_record())), cost)
     assert back.to_json() == run.to_json() and back.numbers() == run.numbers()
+
+
+def test_a_plan_saved_by_an_older_version_still_matches():
+    """A comparison started before a setting existed (its plan lacks it) or before an epochs
+    budget recorded its amount resumes under today's code with the same settings."""
+    from ppl_vae.compare import _plan_differs, plan_of
+    from ppl_vae.compute import Budget
+    plan = plan_of(TINY, GUIDES, SEEDS, Budget().resolve(TINY), 5, 20, None)
+    old = json.loads(json.dumps(plan))
+    old["budget"] = {"unit": "epochs", "amount": None}
+    del old["config"]["gap_rows"]  # as if the setting came later (its default then holds)
+    assert _plan_differs(old, plan) == "--gap-rows (was 1000, now 20)"
+    old["config"]["gap_rows"] = 20
+    assert _plan_differs(old, plan) is None
+    old["config"]["device"] = "cuda"  # a resume may move to another device
+    assert _plan_differs(old, plan) is None
