@@ -17,7 +17,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import guides
+from . import families, guides
 from .compiled import Compiled
 from .data import Batch, batches_of
 from .objectives import log_weights
@@ -166,6 +166,7 @@ class Scores:
     views: Tuple[View, ...] = ()
     local_steps: Optional[int] = None  # of the q* fit
     local_seconds: Optional[float] = None
+    local_family: Optional[str] = None  # q*'s family (``families``' name: diagonal, full, ...)
     means: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)  # [N, L]
 
     @staticmethod
@@ -198,6 +199,8 @@ class Scores:
         gap outside q*'s family is left out."""
         doc = {"split": self.split, "num_rows": self.rows, "num_particles": self.num_particles,
                "proposal": self.proposal}
+        if self.local_family is not None:
+            doc["local_family"] = self.local_family
         if self.local_steps is not None:
             doc.update(local_steps=self.local_steps, local_seconds=self.local_seconds)
         for name, est in self.estimates().items():
@@ -216,7 +219,8 @@ class Scores:
     @classmethod
     def from_json(cls, doc: dict) -> "Scores":
         """Read ``to_json``'s layout, and the older ones: files written before the keys named
-        their split (``test_*`` names whatever the split, ``log_px_stderr``)."""
+        their split (``test_*`` names whatever the split, ``log_px_stderr``), and before q*'s
+        family was recorded (``local_family``: then diagonal wherever q* was fitted)."""
         split = doc.get("split", "test")
 
         def get(quantity):
@@ -236,34 +240,42 @@ class Scores:
         names = sorted({k[len(p):] for k in doc for p in prefixes
                         if k.startswith(p) and not k.endswith("_stderr")} - {"local"})
         views = tuple(View(n, est(f"elbo_{n}"), est(f"amortization_gap_{n}")) for n in names)
+        elbo_local = est("elbo_local")
+        local_family = doc.get("local_family", families.DIAGONAL.name if elbo_local else None)
         return cls(split=split, rows=int(doc.get("num_rows", doc.get("rows", 0))),
                    num_particles=int(doc.get("num_particles", 0)),
                    proposal=str(doc.get("proposal", "")), elbo=est("elbo"),
                    log_px=est("log_px"), rate=doc.get("rate"),
                    distortion=doc.get("distortion"), active_units=doc.get("active_units"),
                    seconds=doc.get("seconds"), log_px_seconds=doc.get("log_px_seconds"),
-                   elbo_local=est("elbo_local"), approximation_gap=est("approximation_gap"),
+                   elbo_local=elbo_local, approximation_gap=est("approximation_gap"),
                    amortization_gap=est("amortization_gap"), views=views,
-                   local_steps=doc.get("local_steps"), local_seconds=doc.get("local_seconds"))
+                   local_steps=doc.get("local_steps"), local_seconds=doc.get("local_seconds"),
+                   local_family=local_family)
 
 
 def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
                    local: bool = True, proposal: str = "auto", seed: int = 0,
                    local_options: Optional[dict] = None, progress: bool = True,
-                   unit_rows: int = UNIT_ROWS, split: str = "test") -> Optional[Scores]:
+                   unit_rows: int = UNIT_ROWS, split: str = "test",
+                   local_family: Optional[families.Spec] = None) -> Optional[Scores]:
     """Every held-out number of one model on rows ``x`` of ``split``, as ``Scores``.
 
     - ``elbo``: the ELBO of the model's own guide on these rows, as the guide answers
       ``held_out`` (an encoder as it is; a per-datapoint guide fitted to the rows from
       N(0, I), which is how such a model is used; a semi-amortized guide after refinement).
-    - ``elbo_local`` = L[q*]: a per-datapoint Normal fitted by ``local_inference``,
-      warm-started from the guide (or the own guide itself when that already is such a fit).
+    - ``elbo_local`` = L[q*]: q* fitted per datapoint by ``local_inference`` in
+      ``local_family`` (``families.resolve``: diagonal, full, lowrank:R, or a family object;
+      None: the guide's own, ``guides.local_family``, diagonal where it states none),
+      warm-started from the guide (or the own guide itself when that already is such a fit
+      in that family). ``Scores.local_family`` records which.
     - ``log_px``: importance-sampled log p(x) with ``num_particles`` samples from
       ``proposal``: ``"guide"`` (the own guide), ``"local"`` (q*), or ``"auto"`` (q* when fitted).
-    - ``approximation_gap`` = log p(x) - L[q*]; ``amortization_gap`` = L[q*] - L[q] when q is
-      in q*'s family (``guides.family``; None otherwise, e.g. for a flow), with standard errors
-      of the paired differences. Each of ``guides.views(guide)`` (a semi-amortized guide's
-      bare encoder) adds a ``View`` with its ELBO and amortization gap.
+    - ``approximation_gap`` = log p(x) - L[q*] (of q*'s family); ``amortization_gap`` =
+      L[q*] - L[q] when the guide's stated per-datapoint family (``guides.local_family``) is
+      q*'s (None otherwise, e.g. for a flow, or a diagonal guide scored with a full q*), with
+      standard errors of the paired differences. Each of ``guides.views(guide)`` (a
+      semi-amortized guide's bare encoder) adds a ``View`` with its ELBO and amortization gap.
     - ``rate``/``distortion`` of the own guide; ``active_units`` and ``means`` (the
       posterior means, for the figures) of its posterior.
 
@@ -279,10 +291,15 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
         raise ValueError(f"unknown proposal {proposal!r}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
+    local_options = dict(local_options or {})
+    asked = local_options.pop("family", None)
+    local_family = local_family if local_family is not None else asked
+    if local_family is not None:
+        local_family = families.resolve(local_family)
     world = distributed.current()
     units = list(enumerate(range(0, len(x), unit_rows)))  # (unit, its first row)
     mine = {u: _evaluate_rows(model, guide, x[first:first + unit_rows], num_particles, local,
-                              proposal, seed + u, dict(local_options or {}), progress)
+                              proposal, seed + u, dict(local_options), progress, local_family)
             for u, first in units if u % world.size == world.rank}
     if world.size > 1:
         parts = distributed.gather_objects(
@@ -313,12 +330,14 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
         views=views,
         local_steps=sum(r["steps"] for r in rows) if fitted else None,
         local_seconds=sum(r["seconds"] for r in rows) if fitted else None,
+        local_family=first["local_family"] if fitted else None,
         means=cat["means"], seconds=time.perf_counter() - start)
 
 
 @own_rng
 def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: bool,
-                   proposal: str, seed: int, local_options: dict, progress: bool) -> dict:
+                   proposal: str, seed: int, local_options: dict, progress: bool,
+                   local_family: Optional[families.LocalFamily] = None) -> dict:
     """One unit of ``evaluate_model``: per-row values (tensors) and what was done (plain).
 
     Its own seeded stream: a guide that draws noise where nothing else seeds it (a
@@ -327,13 +346,18 @@ def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: boo
     with _bar(0, "held-out fit (steps)", progress) as bar:
         held = guides.held_out(guide, model, x, seed=seed, progress=bar.update, **local_options)
     own = held.guide
-    q_star = own if own is not guide else None  # the own guide is already a local fit
+    # the own guide is already a local fit (a table's held-out rows): q* itself, when it is
+    # in the family asked for
+    q_star = own if own is not guide and (
+        local_family is None or families.same(guides.local_family(own), local_family)) else None
     if q_star is None and local:
         with _bar(0, "local inference (steps)", progress) as bar:
             held = guides.local_inference(model, x, init=own, seed=seed, progress=bar.update,
-                                          **local_options)
+                                          family=local_family, **local_options)
         q_star = held.guide
     out = {"fitted": q_star is not None, "steps": held.steps, "seconds": held.seconds}
+    fitted_family = guides.local_family(q_star) if q_star is not None else None
+    out["local_family"] = fitted_family.name if fitted_family is not None else None
     parts = elbo_parts(model, own, x, num_particles=10, seed=seed)
     out.update(elbo=parts.elbo, rate=parts.rate, distortion=parts.distortion)
     if proposal == "auto":
@@ -351,12 +375,12 @@ def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: boo
         out["local_elbo"] = parts.elbo if own is q_star else elbo_parts(
             model, q_star, x, num_particles=10, seed=seed).elbo
         out["comparable"] = (own is not q_star
-                             and guides.family(own, probe) == guides.family(q_star))
+                             and families.same(guides.local_family(own, probe), fitted_family))
     out["views"] = {}
     for name, view in guides.views(own).items():
         out[f"view_{name}"] = elbo_parts(model, view, x, num_particles=10, seed=seed).elbo
         out["views"][name] = (q_star is not None
-                              and guides.family(view, probe) == guides.family(q_star))
+                              and families.same(guides.local_family(view, probe), fitted_family))
     out["means"] = posterior_means(own, x)
     return out
 

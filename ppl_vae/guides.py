@@ -13,8 +13,12 @@ asks a guide, never its kind:
   (an encoder answers itself; a table fits fresh rows with the decoder frozen; a
   semi-amortized guide refines its encoder's output by itself).
 - ``loc_scale(batch)``: the Normal it offers as a warm start and for the 2-D view.
-- ``family``: the variational family it searches; the amortization gap L[q*] - L[q] is
-  reported when it is q*'s family (``LocalNormal.family``, a diagonal Normal).
+- ``family``: the variational family it searches, in words ("diagonal normal").
+- ``local_family()``: the per-datapoint family (``families.py``: ``diagonal``, ``full``,
+  ``lowrank:R``, or a family object) its q belongs to for each datapoint: q* is fitted in it
+  (``local_inference``), and the amortization gap L[q*] - L[q] is reported when q*'s family
+  is this one. Default: ``diagonal`` for a diagonal-Normal guide, None (unstated: q* is
+  diagonal and no amortization gap) otherwise, e.g. the IAF guide.
 - ``views()``: other guides worth scoring beside it (a semi-amortized guide's bare encoder).
 - ``compilable``: whether its step may be traced once and replayed (``compiled.py``); a
   guide with tables must also answer ``given_rows``.
@@ -30,7 +34,8 @@ the same names, which probe what the object cannot say (``reads_rows``).
 Built-ins: ``AmortizedNormal`` (encoder), ``AmortizedIAF`` (encoder + flows) and
 ``SemiAmortizedNormal`` (encoder + gradient refinement, Kim et al. 2018), on the base
 ``Encoded`` that owns the encoder; ``LocalNormal`` (per-datapoint table, no encoder; base
-``PerDatapoint`` owns the table). Scales come from ``nets.to_scale`` everywhere.
+``PerDatapoint`` owns the table) and ``LocalTable`` (a table in any per-datapoint family of
+``families.py``). Scales come from ``nets.to_scale`` everywhere.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import families as fam_lib
 from .data import Batch, shard_rows
 from .errors import UserError, setting
 from .model import data_plate, register
@@ -79,6 +85,12 @@ class Guide(nn.Module):
 
     def views(self) -> Dict[str, object]:
         return {}
+
+    def local_family(self):
+        """The per-datapoint family its q is in (q*'s): ``diagonal`` for a diagonal Normal,
+        None (unstated) for any other ``family``."""
+        found = fam_lib.of_title(self.family)
+        return found.name if found is fam_lib.DIAGONAL else None
 
     def shard(self, rank: int, world_size: int) -> "Guide":
         """Keep only what process ``rank`` of ``world_size`` needs (networks: everything)."""
@@ -128,8 +140,9 @@ class AmortizedIAF(Encoded):
     autoregressive transform (Kingma et al. 2016; Pyro's ``AffineAutoregressive``, the
     numerically stable variant), so q is no longer mean-field; log q(z | x) follows by the
     change of variables, exactly, for sampled z. ``loc_scale`` gives the base Normal's
-    parameters (an approximation of q's mean for warm starts and the 2-D view). Its family is
-    not q*'s, so no amortization gap is reported for it.
+    parameters (an approximation of q's mean for warm starts and the 2-D view). It states no
+    per-datapoint family (``local_family()`` is None: no family of ``families.py`` holds it),
+    so q* is a diagonal Normal and no amortization gap is reported for it.
     """
 
     def __init__(self, encoder: nn.Module, num_flows: int = 2, hidden: int = 0):
@@ -232,6 +245,7 @@ class PerDatapoint(Guide):
                 f"batch's dataset indices as subsample (Batch(x, idx, num_data={self.num_data}))")
 
     def held_out(self, model, x: torch.Tensor, warm=None, **options) -> HeldOut:
+        options.setdefault("family", local_family(self) or fam_lib.DIAGONAL)
         fit = local_inference(model, x, init=warm, **options)
         return HeldOut(fit.guide, fit.steps, fit.seconds)
 
@@ -310,6 +324,54 @@ class LocalNormal(PerDatapoint):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
+class LocalTable(PerDatapoint):
+    """q(z_n) in a per-datapoint ``family`` (``families.py``) with free parameters for each
+    of N datapoints, no encoder: the table's row n is the family's parameters of q(z_n).
+
+    What ``local_inference`` fits for a family other than the diagonal one (whose table is
+    ``LocalNormal``); also a guide to train, as ``LocalNormal`` is (its held-out rows are
+    fitted afresh in its own family). Rows start at N(0, I).
+    """
+
+    def __init__(self, num_data: int, latent_dim: int, family: fam_lib.Spec = "full",
+                 sparse: bool = True, rank: int = 0, world_size: int = 1):
+        q_family = fam_lib.resolve(family)
+        super().__init__(num_data, q_family.width(latent_dim), sparse, rank, world_size)
+        self.latent_dim, self.q_family = latent_dim, q_family
+        n = len(self.params)
+        with torch.no_grad():
+            self.params.copy_(q_family.init(torch.zeros(n, latent_dim), torch.ones(n, latent_dim)))
+
+    @property
+    def family(self) -> str:
+        return self.q_family.title
+
+    def local_family(self):
+        return self.q_family
+
+    def rows(self, idx: torch.Tensor):
+        """(loc [B, L], marginal scale [B, L]) of the rows ``idx``."""
+        return self.q_family.loc_scale(self.table_rows(idx))
+
+    def loc_scale(self, batch: Batch):
+        return self.rows(batch.idx)
+
+    def distribution(self, idx: torch.Tensor):
+        """q(z_n) of the rows ``idx`` (batch [B], event [L])."""
+        return self.q_family.dist(self.table_rows(idx))
+
+    @torch.no_grad()
+    def set_rows(self, idx: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        """Overwrite rows ``idx`` with the family's start at mean ``loc``, scales ``scale``."""
+        self.params[self.table_index(idx)] = self.q_family.init(loc, scale).to(self.params)
+
+    def forward(self, batch: Batch) -> None:
+        self.check_plate(batch)
+        register("local", self)
+        with data_plate(batch):
+            pyro.sample("z", self.distribution(batch.idx))
+
+
 def _column_std(centred: torch.Tensor, v: torch.Tensor, noise=None,
                 chunk: int = 8192) -> torch.Tensor:
     """``torch.cat([centred @ v, noise], 1).std(0)`` without holding the [N, L] scores."""
@@ -322,9 +384,11 @@ def _column_std(centred: torch.Tensor, v: torch.Tensor, noise=None,
 
 
 class LocalFit(NamedTuple):
-    """A per-datapoint Normal q* fitted to held-out rows with the decoder frozen."""
+    """A per-datapoint q* fitted to held-out rows with the decoder frozen: a ``LocalNormal``
+    (the diagonal family) or a ``LocalTable`` (any other); its family is
+    ``local_family(fit.guide)``."""
 
-    guide: LocalNormal
+    guide: PerDatapoint
     steps: int  # optimizer steps, summed over chunks
     seconds: float
 
@@ -336,8 +400,16 @@ COMPILE_LOCAL_ROWS = 1000  # rows per chunk from which local_inference compiles 
 def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objective=None,
                     max_steps: int = 3000, window: int = 30, tol: float = 0.01,
                     decays: int = 6, chunk_size: int = 5000, seed: int = 0,
-                    progress: Progress = None, compile: Optional[bool] = None) -> LocalFit:
-    """Fit q*(z_n) = N(m_n, diag s_n^2) for every row of ``x`` by maximizing its ELBO.
+                    progress: Progress = None, compile: Optional[bool] = None,
+                    family: Optional[fam_lib.Spec] = None) -> LocalFit:
+    """Fit q*(z_n) in a per-datapoint ``family`` for every row of ``x`` by maximizing its ELBO.
+
+    ``family`` (``families.resolve``: ``diagonal``, N(m_n, diag s_n^2); ``full``;
+    ``lowrank:R``; or a family object); None asks ``init`` (``local_family(init)``) and
+    falls back to ``diagonal`` where it states none (or there is no ``init``). The diagonal
+    family's q* is a ``LocalNormal`` fitted exactly as before families existed (the same
+    draws and steps); any other is a ``LocalTable``, started from ``init``'s (loc, scale)
+    (``families.LocalFamily.init``) and always fitted eagerly (``compile`` is ignored).
 
     Adam on the table's rows from ``init`` (any guide with ``loc_scale(batch)`` over these rows:
     an amortized guide, or an earlier fit to warm-start; ``None`` starts at N(0, I)), with the
@@ -363,7 +435,17 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
 
     start_time = time.perf_counter()
     n, device = len(x), x.device
-    guide = LocalNormal(n, model.latent_dim, sparse=False).to(device)
+    q_family = _q_family(family, init, x)
+    diagonal = q_family.name == fam_lib.DIAGONAL.name
+
+    def table(rows: int) -> PerDatapoint:
+        if diagonal:
+            return LocalNormal(rows, model.latent_dim, sparse=False).to(device)
+        return LocalTable(rows, model.latent_dim, q_family, sparse=False).to(device)
+
+    guide = table(n)
+    if not diagonal:
+        compile = False
     if compile is None:
         from .compiled import has_compiler
         compile = min(n, chunk_size) >= COMPILE_LOCAL_ROWS and has_compiler()
@@ -376,7 +458,7 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
         objective = objective or AnalyticKLELBO()
         total_steps = 0
         for batch in batches_of(x, chunk_size):
-            chunk = LocalNormal(len(batch.idx), model.latent_dim, sparse=False).to(device)
+            chunk = table(len(batch.idx))
             with torch.no_grad():
                 chunk.params.copy_(guide.params[batch.idx])
             local_batch = Batch(batch.x, torch.arange(len(batch.idx), device=device),
@@ -388,7 +470,26 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
     return LocalFit(guide, total_steps, time.perf_counter() - start_time)
 
 
-def _fit_rows(model, chunk: LocalNormal, batch: Batch, objective, lr, max_steps, window, tol,
+def _q_family(family, init, x: torch.Tensor) -> fam_lib.LocalFamily:
+    """q*'s family: the one asked for, else ``init``'s (probed on two rows, on a forked
+    random stream), else the diagonal one."""
+    if family is not None:
+        return fam_lib.resolve(family)
+    if init is None:
+        return fam_lib.DIAGONAL
+    m = min(2, len(x))
+    probe = Batch(x[:m], torch.arange(m, device=x.device), len(x)) if m else None
+    with _fork(x.device):
+        try:
+            found = local_family(init, probe)
+        except UserError:
+            raise  # a family it names that is none of ours
+        except Exception:  # noqa: BLE001 - a probe that fails states nothing
+            found = None
+    return found or fam_lib.DIAGONAL
+
+
+def _fit_rows(model, chunk: PerDatapoint, batch: Batch, objective, lr, max_steps, window, tol,
               decays, progress, compile: bool = False) -> int:
     """Adam on one chunk's rows under the plateau rule of ``local_inference``; returns steps.
 
@@ -770,16 +871,34 @@ def divergence_cause(guide, model, batch: Batch) -> Optional[Tuple[str, str]]:
 
 
 def family(guide, batch: Optional[Batch] = None) -> Optional[str]:
-    """The guide's variational family: its own answer, or a probe of its ``z`` site."""
+    """The guide's variational family in words: its own answer, or a probe of its ``z``
+    site ("diagonal normal", "full-covariance normal", "low-rank normal (rank R)")."""
     if hasattr(guide, "family"):
         return guide.family
+    found = _probe_family(guide, batch)
+    return found.title if found is not None else None
+
+
+def _probe_family(guide, batch: Optional[Batch]) -> Optional[fam_lib.LocalFamily]:
     if batch is None:
         return None
     site = _trace(guide, batch).nodes.get("z")
-    fn = site["fn"] if site is not None else None
-    while isinstance(fn, dist.Independent):
-        fn = fn.base_dist
-    return "diagonal normal" if isinstance(fn, (dist.Normal, torch.distributions.Normal)) else None
+    return fam_lib.of_distribution(site["fn"]) if site is not None else None
+
+
+def local_family(guide, batch: Optional[Batch] = None) -> Optional[fam_lib.LocalFamily]:
+    """The per-datapoint family (``families.LocalFamily``) the guide's q is in, as q*'s is:
+    its ``local_family()`` (a name or a family; an attribute is read as well), else the one
+    its ``family`` names, else a probe of its ``z`` site on ``batch``; None where none of
+    ``families.py`` is stated or found (then q* is diagonal and no amortization gap is
+    reported)."""
+    answer = getattr(guide, "local_family", None)
+    if answer is not None or hasattr(guide, "local_family"):
+        answer = answer() if callable(answer) else answer
+        return None if answer is None else fam_lib.resolve(answer)
+    if hasattr(guide, "family"):
+        return fam_lib.of_title(guide.family)
+    return _probe_family(guide, batch)
 
 
 @torch.no_grad()

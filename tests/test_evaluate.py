@@ -184,6 +184,7 @@ def test_evaluate_model_gaps_on_the_linear_gaussian_model():
     assert s.amortization_gap.mean == pytest.approx(s.elbo_local.mean - s.elbo.mean, abs=1e-6)
     assert s.elbo.mean == pytest.approx(-(s.rate + s.distortion), abs=1e-4)
     assert s.proposal == "local" and s.rows == 8 and s.split == "test"
+    assert s.local_family == "diagonal"  # q* in the amortized guide's own (diagonal) family
     assert s.means.shape == (8, 2)
     # eval.json's names: the split's estimates named by it, read back whole
     doc = s.to_json()

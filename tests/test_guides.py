@@ -139,6 +139,9 @@ def test_the_pipeline_asks_the_guide():
     held = guides.held_out(table, model, x, max_steps=5)
     assert held.guide is not table and held.steps == 5 and len(held.guide.params) == 10
     assert guides.family(MyEncoderGuide(), Batch(x, torch.arange(10), 10)) == "diagonal normal"
+    # q*'s family (families.py), as the guide states it or a probe finds it
+    assert guides.local_family(MyEncoderGuide(), Batch(x, torch.arange(10), 10)).name == "diagonal"
+    assert guides.local_family(encoder).name == guides.local_family(table).name == "diagonal"
 
 
 def test_semi_amortized_refinement_improves_the_encoders_elbo(lingauss):
