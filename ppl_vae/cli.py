@@ -47,6 +47,9 @@ HELP = {
                   "gap-epochs (gaps.jsonl, gaps.png)",
     "gap_epochs": "epochs at which --track-gaps scores (and the last)",
     "gap_rows": "training and test rows of the gap curves", "gap_particles": "K of log p(x) in the gap curves",
+    "local_family": "family of q*, the per-datapoint fit that L[q*] and both gaps use: own (the "
+                    "guide's own family, its local_family; diagonal for the built-in Normal "
+                    "guides), diagonal, full (a per-row Cholesky factor) or lowrank[:R]",
     "local_lr": "meanfield: learning rate of the per-datapoint table",
     "inner_steps": "meanfield: local-only steps per minibatch before each joint step",
     "local_init": "meanfield: start rows at the data's principal-component scores (pca) or at N(0, I)",
@@ -204,6 +207,9 @@ def build_parser() -> Parser:
                    help="log p(x) proposal: auto (q* for meanfield, encoder for amortized), guide, local")
     e.add_argument("--local", action=argparse.BooleanOptionalAction, default=None,
                    help="also fit q* for L[q*] and the gaps (default: only for meanfield)")
+    e.add_argument("--local-family", default=None,
+                   help="family of q*: own, diagonal, full or lowrank[:R] (default: the run's "
+                        "--local-family, own)")
     e.add_argument("--rows", type=int, default=None,
                    help="score the first N rows of --split only (default: the run's "
                         "--test-size; all rows when it has none)")

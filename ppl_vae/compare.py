@@ -25,7 +25,7 @@ import torch
 from . import budget_curves, distributed, guides as guide_lib, logs, memory, plots, report
 from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
 from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
-                     resolve_device)
+                     local_family_of, resolve_device)
 from .data import Batch
 from .errors import UserError, setting
 from .evaluation import evaluate_trained
@@ -339,12 +339,15 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
         distributed.barrier(world)  # the whole table, as rank 0 checkpointed it
         trained = load_trained(folder, device=run_config.device, given=run_config)
     log(f"== evaluating the {who}")
+    local_options = dict(local_options or {})
+    if local_family_of(run_config) is not None:  # q* in another family than the guide's
+        local_options["family"] = local_family_of(run_config)
     scores, figs = evaluate_trained(trained, num_particles, progress=progress,
                                     local_options=local_options)
     if not world.main:
         return None
     summary = finish(trained, folder, log=log, test=scores.elbo)
-    local = local_budget(trained, local_rows, **(local_options or {}))
+    local = local_budget(trained, local_rows, **local_options)
     per_datapoint = bool(guide_lib.local_parameters(trained.guide))
     run = GuideRun(run_config.guide, seed, folder.relative_to(out).as_posix(), scores, summary,
                    Compute(cost, summary.steps, summary.epochs, summary.train_seconds),

@@ -23,6 +23,7 @@ import dataclasses
 import importlib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, Literal, Optional, Tuple, Union
@@ -295,6 +296,8 @@ ObjectiveName = Literal[OBJECTIVES.names()]
 BINARIZE = ("dynamic", "static", "none")  # data.Binarize's modes (its home: no torch here)
 COMPILE_MODES = ("auto", "on", "off")  # compiled.choose's modes (its home: no torch here)
 LOCAL_INIT = ("pca", "prior")
+# q*'s family (``families.resolve`` builds it; "own": the guide's ``local_family``)
+LOCAL_FAMILY = re.compile(r"own|diagonal|full|lowrank(:[1-9][0-9]*)?")
 ON_DIVERGENCE = ("stop", "lower_lr")
 MAX_LATENT, MAX_WIDTH = 4096, 65536  # beyond these a run only fails in the allocator
 MAX_STEPS = 1000  # inner and refinement steps per minibatch: a step stays interruptible
@@ -305,7 +308,8 @@ SEED_LIMIT = 2 ** 32 - 1  # torch's CPU generator keeps 32 bits of a seed: 2**32
 # settings a resumed run may change (each change is recorded in config.json's resumes); every
 # other setting defines the run and a resume must keep it (run.RESUME_FIXED)
 RESUMABLE = frozenset({"epochs", "lr", "local_lr", "max_seconds", "max_steps", "test_size",
-                       "on_divergence", "compile", "device", "gap_epochs", "tensorboard"})
+                       "on_divergence", "compile", "device", "gap_epochs", "tensorboard",
+                       "local_family"})
 
 
 @dataclass(frozen=True)
@@ -351,6 +355,7 @@ class Config:
     gap_epochs: Tuple[int, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000)
     gap_rows: int = 1000  # rows of each of the training and test subsets of the gap curves
     gap_particles: int = 500  # K of log p(x) in the gap curves
+    local_family: str = "own"  # q*'s family: the guide's own, diagonal, full, lowrank[:R]
     tensorboard: bool = False  # also write TensorBoard events into <out>/tensorboard
     seed: int = 0
     device: str = "auto"
@@ -366,6 +371,10 @@ class Config:
         if self.tensorboard:
             from .tracking import require_tensorboard
             require_tensorboard()
+        if not LOCAL_FAMILY.fullmatch(str(self.local_family)):
+            raise UserError(f"{setting('local_family')} must be own (the guide's own family), "
+                            f"diagonal, full or lowrank[:R] (R a positive rank), got "
+                            f"{self.local_family!r}")
         for name, choices in (("binarize", BINARIZE), ("local_init", LOCAL_INIT),
                               ("on_divergence", ON_DIVERGENCE)):
             if getattr(self, name) not in choices:
@@ -556,3 +565,8 @@ def build_objective(config: Config):
 def lr_factor(config: Config):
     """``epoch -> learning-rate factor`` of ``config.lr_schedule``, or None for a constant rate."""
     return LR_SCHEDULES.build(config)
+
+
+def local_family_of(config: "Config"):
+    """q*'s family as ``guides.local_inference`` takes it: None asks the guide (``own``)."""
+    return None if config.local_family == "own" else config.local_family

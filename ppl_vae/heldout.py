@@ -110,6 +110,9 @@ class RowsOf(torch.nn.Module):
     def family(self):
         return guides.family(self._inner[0])
 
+    def local_family(self):
+        return guides.local_family(self._inner[0])
+
 
 class GapTracker(Callback):
     """Scores L[q], L[q*], log p(x) and both gaps on fixed training and test rows at chosen
@@ -118,13 +121,15 @@ class GapTracker(Callback):
 
     def __init__(self, model, guide, x_train: torch.Tensor, num_train: int,
                  x_test: torch.Tensor, epochs: Sequence[int], last: int, num_particles: int,
-                 path: Callable[[], Path], local_steps: int = 500):
+                 path: Callable[[], Path], local_steps: int = 500,
+                 local_family: Optional[str] = None):
         self.model, self.guide = model, guide
         self.x_train, self.x_test = x_train, x_test
         self.rows = torch.arange(len(x_train), device=x_train.device)
         self.num_train = num_train
         self.epochs, self.last = set(epochs), last
         self.num_particles, self.path, self.local_steps = num_particles, path, local_steps
+        self.local_family = local_family  # q*'s family (None: the guide's own)
         self.seconds = 0.0
 
     def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
@@ -141,7 +146,8 @@ class GapTracker(Callback):
                                      self.x_train), ("test", self.guide, self.x_test)):
                 scores = evaluate_model(self.model, guide, x, self.num_particles, local=True,
                                         seed=EVAL_SEED, progress=False, split=split,
-                                        local_options={"max_steps": self.local_steps})
+                                        local_options={"max_steps": self.local_steps},
+                                        local_family=self.local_family)
                 lines.append({"epoch": metrics.epoch, **scores.to_json()})
         self.seconds += time.perf_counter() - start
         for line in lines:

@@ -313,3 +313,28 @@ def test_the_gaps_of_diagonal_and_full_q_stars_with_many_particles():
     # nats at K = 2000), so its gap is below the closed form's
     assert gaps["diagonal"].mean == pytest.approx(1.403, abs=3 * gaps["diagonal"].stderr + 0.05)
     assert abs(gaps["full"].mean) < 3 * gaps["full"].stderr + 0.01
+
+
+def test_local_family_is_a_setting_that_reaches_the_comparison(tmp_path, cached_mnist):
+    """--local-family full scores a diagonal guide's q* in the full family (named in the
+    results, with no amortization gap: q* is not the guide's family); a bad name is one line."""
+    import json
+
+    from ppl_vae import cli
+    from ppl_vae.config import Config
+    from ppl_vae.errors import UserError
+    with pytest.raises(UserError, match="must be own .* diagonal, full or lowrank"):
+        Config(local_family="banana").validate()
+    Config(local_family="lowrank:3").validate()
+    args = ["compare", "--guides", "amortized", "--train-size", "300", "--valid-size", "20",
+            "--test-size", "30", "--epochs", "1", "--hidden", "16", "--latent-dim", "3",
+            "--batch-size", "100", "--compile", "off", "--local-rows", "10",
+            "--num-particles-eval", "5", "--no-progress"]
+    assert cli.main(args + ["--out", str(tmp_path / "own")]) == 0
+    assert cli.main(args + ["--local-family", "full", "--out", str(tmp_path / "full")]) == 0
+    own = json.loads((tmp_path / "own" / "results.json").read_text())["amortized"]
+    full = json.loads((tmp_path / "full" / "results.json").read_text())["amortized"]
+    assert own["per_seed"]["0"]["local_family"] == "diagonal"
+    assert own["amortization_gap"] is not None
+    assert full["per_seed"]["0"]["local_family"] == "full" and full["amortization_gap"] is None
+    assert full["test_elbo_local"] != own["test_elbo_local"]
