@@ -14,6 +14,7 @@ import time
 import pytest
 
 from ppl_vae import cli, compare as compare_mod, data, heldout
+from records import quiet, without_times
 from ppl_vae.compare import PLAN, RECORD, compare
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
@@ -24,19 +25,6 @@ TINY = Config(train_size=300, valid_size=20, test_size=40, epochs=2, hidden=(16,
 GUIDES = ("amortized", "meanfield")
 SEEDS = (0, 1)
 QUICK_FIT = {"max_steps": 30}
-TIMES = ("seconds", "per_second", "peak_rss", "date", "wall", "command")
-
-
-def quiet(_message):
-    pass
-
-
-def without_times(doc):
-    if isinstance(doc, dict):
-        return {k: without_times(v) for k, v in doc.items() if not any(t in k for t in TIMES)}
-    if isinstance(doc, list):
-        return [without_times(v) for v in doc]
-    return doc
 
 
 def run(out, **kw):

@@ -10,7 +10,9 @@ import statistics
 
 import pytest
 
+import records
 from ppl_vae import cli, data
+from records import quiet
 from ppl_vae.compare import compare, parse_seeds
 from ppl_vae.results import Comparison, GuideRun
 from ppl_vae.compute import Budget, Compute, StepCost
@@ -24,19 +26,10 @@ TINY = Config(train_size=300, valid_size=20, test_size=40, epochs=1, hidden=(16,
               latent_dim=3, batch_size=100, device="cpu")
 GUIDES = ("amortized", "meanfield")
 QUICK_FIT = {"max_steps": 30}
-TIMES = ("seconds", "per_second", "peak_rss", "date", "wall", "command", "folder")
-
-
-def quiet(_message):
-    pass
 
 
 def without_times(doc):
-    if isinstance(doc, dict):
-        return {k: without_times(v) for k, v in doc.items() if not any(t in k for t in TIMES)}
-    if isinstance(doc, list):
-        return [without_times(v) for v in doc]
-    return doc
+    return records.without_times(doc, also=("folder",))
 
 
 @pytest.fixture(scope="module")
