@@ -15,10 +15,12 @@ import numpy as np
 from . import distributed, guides, logs, plots
 from .errors import UserError, setting
 from .evaluate import Scores, evaluate_model, figure_arrays
-from .heldout import EVAL_SEED, eval_pixels, read_gaps
-from .rundir import (EVALUATION, MARKER, lock, read_json, refuse_writer, unlock,
-                     write_json)
+from .heldout import EVAL_SEED, eval_pixels
+from .rundir import (EVALUATION, MARKER, check_files, check_gaps, check_kind, expect,
+                     is_regular, lock, read_mapping, recover, refuse_writer, replace_folder,
+                     resolve_link, stage_copy, unlock, whole, write_json)
 from .run import load_trained
+from .train import Interrupted
 from .tracking import open_tracker
 
 
@@ -46,19 +48,20 @@ def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local:
     return Evaluated(scores, figs)
 
 
+class EvaluationInterrupted(Interrupted, KeyboardInterrupt):
+    """Ctrl-C during ``evaluate``: a ``KeyboardInterrupt`` (what a caller catches), and an
+    ``Interrupted`` whose message and ``kept`` say what the evaluation left (the CLI prints
+    them in one line and exits with 130)."""
+
+    def __init__(self, run_dir: Path, kept: str):
+        Exception.__init__(self, f"evaluation of {run_dir} interrupted")
+        self.position = None
+        self.kept = kept
+
+
 def _check_gaps(run_dir: Path) -> None:
     """Refuse, before any work, a gaps.jsonl whose lines the gap figure could not read."""
-    path = run_dir / "gaps.jsonl"
-    if not path.is_file():
-        return
-    try:
-        rows = read_gaps(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}); delete it to evaluate "
-                        f"without the gap curves") from None
-    if not all(isinstance(r, dict) and {"epoch", "split"} <= set(r) for r in rows):
-        raise UserError(f"{path} is damaged (lines without epoch and split); delete it to "
-                        f"evaluate without the gap curves")
+    check_gaps(run_dir / "gaps.jsonl")
 
 
 def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
@@ -69,13 +72,17 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     """Evaluate the run in ``run_dir``; writes eval.json, arrays.npz and four PNG figures
     (``split="valid"``: ``eval_valid.json`` under ``valid_*`` names, beside the test's).
 
-    Only a folder ppl_vae wrote (its marker) is written into, and only while no other process
-    writes it (its lock; a run still training is refused: evaluate a copy). The new files are
-    made aside and replace the previous evaluation once complete. An unfinished run (killed,
-    or interrupted during its final scoring) is evaluated at its newest checkpoint with a
-    warning (``eval.json`` says which epoch). A finished run whose newest checkpoint is
-    unreadable is refused rather than scored at an older epoch than its summary. Code that
-    the checkpoint names is imported only with ``trust_code`` or when ``given`` names it.
+    Only a folder ppl_vae wrote (its marker) holding a run (not a comparison) is written
+    into, and only while no other process writes it: its lock is taken before the
+    checkpoint is read and held to the last file (a run still training is refused: evaluate
+    a copy; a process that holds the lock itself, ``train --evaluate``, goes on). The new
+    files are made in a copy of the folder and replace the previous evaluation as one set
+    (``rundir.stage_copy``). Files of the folder that are no regular files, or hold fields
+    of the wrong kind, are refused in one line. An unfinished run (killed, or interrupted
+    during its final scoring) is evaluated at its newest checkpoint with a warning
+    (``eval.json`` says which epoch). A finished run whose newest checkpoint is unreadable
+    is refused rather than scored at an older epoch than its summary. Code that the
+    checkpoint names is imported only with ``trust_code`` or when ``given`` names it.
     """
     if proposal not in ("auto", "guide", "local"):
         raise UserError(f"unknown proposal {proposal!r}; choose one of auto, guide, local")
@@ -87,8 +94,36 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run folder; pass the out folder of a "
                         f"`ppl-vae train` run")
+    if run_dir.is_dir() and not distributed.launched():  # a killed swap is undone first
+        recover(resolve_link(run_dir))
+    check_files(run_dir)
+    check_kind(run_dir, "run", advice=f"evaluate a run folder (a guide's folder inside a "
+                                      f"comparison's, such as {run_dir / 'amortized'})")
     _check_gaps(run_dir)
     refuse_writer(run_dir)
+    main = distributed.current().main
+    locked = main and (run_dir / MARKER).exists()
+    if locked:  # one writer, from before the checkpoint is read to the last file
+        lock(run_dir, "evaluate")
+    try:
+        return _evaluate_locked(run_dir, num_particles, split, proposal, local, test_size,
+                                device, progress, log, warn, trust_code, given)
+    except KeyboardInterrupt:
+        kept = ("the previous evaluation is kept as it was" if (run_dir / "eval.json").exists()
+                else "no evaluation was written")
+        raise EvaluationInterrupted(run_dir, kept) from None
+    except OSError as e:  # a full disk, a folder that cannot be written
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        raise UserError(f"could not evaluate {run_dir} ({e.strerror or e}{where}); the "
+                        f"previous evaluation is kept as it was: free space (or make the "
+                        f"folder writable) and evaluate again") from None
+    finally:
+        if locked:
+            unlock(run_dir)
+
+
+def _evaluate_locked(run_dir: Path, num_particles, split, proposal, local, test_size, device,
+                     progress, log, warn, trust_code, given) -> dict:
     finished = (run_dir / "summary.json").exists()
     trained = load_trained(run_dir, device, test_size, fallback=not finished, warn=warn,
                            trust_code=trust_code, given=given)
@@ -100,9 +135,12 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
         warn(f"warning: {run_dir} has not finished training; evaluating its checkpoint after "
              f"epoch {len(trained.history)}")
     if finished:
-        summary = read_json(run_dir / "summary.json", "train the run again")
-        if summary.get("epochs") != len(trained.history):
-            raise UserError(f"{run_dir}: summary.json is for epoch {summary.get('epochs')} but "
+        path = run_dir / "summary.json"
+        summary = read_mapping(path, "finish the run again with `ppl-vae train --resume`")
+        epochs = expect(path, "epochs", summary.get("epochs"), whole(summary.get("epochs")),
+                        "the run's number of epochs (a whole number)")
+        if epochs != len(trained.history):
+            raise UserError(f"{run_dir}: summary.json is for epoch {epochs} but "
                             f"the readable checkpoint is after epoch {len(trained.history)}")
     fitted = guides.local_parameters(trained.guide)
     if local is None:
@@ -113,15 +151,8 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     if proposal == "guide" and fitted:
         raise UserError(f"the {trained.config.guide} guide has no parameters for held-out "
                         f"rows; use {setting('proposal')} local")
-    main = distributed.current().main
-    if main:  # one writer: a train or evaluate started now is refused
-        lock(run_dir, "evaluate")
-    try:
-        s, results, figs = _evaluate_into(run_dir, trained, num_particles, proposal, local,
-                                          split, progress, finished)
-    finally:
-        if main:
-            unlock(run_dir)
+    s, results, figs = _evaluate_into(run_dir, trained, num_particles, proposal, local,
+                                      split, progress, finished)
     if results is None:  # another torchrun process: rank 0 writes the files
         return {}
     log(f"log p(x) {s.log_px.mean:.2f} ± {s.log_px.stderr:.2f} (K={num_particles}, "
@@ -132,10 +163,28 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     return results
 
 
+# what a test evaluation writes (eval_valid.json, another split's, stays); gaps.png is drawn
+# again from gaps.jsonl
+SET = tuple(n for n in EVALUATION if n != "eval_valid.json") + ("gaps.png",)
+
+
+def _write_set(folder: Path, trained, arrays, results) -> list:
+    """The evaluation's files, written into ``folder``: arrays.npz, the figures, eval.json."""
+    np.savez_compressed(folder / "arrays.npz", **arrays)
+    history = [m._asdict() for m in trained.history]
+    made = plots.run_figures(folder, folder / "arrays.npz", arrays["labels"],
+                             trained.config.guide, history)
+    write_json(folder / "eval.json", results)
+    return [p.name for p in made]
+
+
 def _evaluate_into(run_dir: Path, trained, num_particles, proposal, local, split, progress,
                    finished):
-    """Evaluate and write the files aside (``.evaluating-<pid>``); the previous evaluation is
-    replaced only once the new one is complete (each file by a rename, eval.json last)."""
+    """Evaluate and write the files into a copy of the run folder made of hard links
+    (``rundir.stage_copy``), which then takes the run folder's place in one step: the
+    previous evaluation is replaced as one set, and only once the new one is complete.
+    Where the file system has no hard links, the files are written aside and renamed into
+    place one by one, eval.json last."""
     scores, arrays = evaluate_trained(trained, num_particles, proposal=proposal, local=local,
                                       split=split, progress=progress)
     if scores is None:
@@ -147,29 +196,43 @@ def _evaluate_into(run_dir: Path, trained, num_particles, proposal, local, split
     if split != "test":  # another split's numbers, under its own names, beside the test's
         write_json(run_dir / f"eval_{split}.json", results)
         return scores, results, []
-    aside = run_dir / f".evaluating-{os.getpid()}"
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir()
-    try:
-        if (run_dir / "gaps.jsonl").exists():  # the figure of the run's gap curves
-            shutil.copy2(run_dir / "gaps.jsonl", aside / "gaps.jsonl")
-        np.savez_compressed(aside / "arrays.npz", **arrays)
-        history = [m._asdict() for m in trained.history]
-        made = plots.run_figures(aside, aside / "arrays.npz", arrays["labels"],
-                                 trained.config.guide, history)
-        write_json(aside / "eval.json", results)
-        names = [p.name for p in made] + ["arrays.npz", "eval.json"]
-        for name in EVALUATION:  # files of the previous evaluation that this one lacks
-            if name not in names and not name.startswith("eval_"):  # (other splits stay)
-                (run_dir / name).unlink(missing_ok=True)
-        for name in names:
-            os.replace(aside / name, run_dir / name)
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
-    figs = [run_dir / p.name for p in made]
+    target = resolve_link(run_dir)
+    staged = stage_copy(target, skip=SET)
+    if staged is not None:
+        try:
+            made = _write_set(staged, trained, arrays, results)
+            if "gaps.png" not in made and is_regular(target / "gaps.png"):
+                os.link(target / "gaps.png", staged / "gaps.png")  # the training's, kept
+            replace_folder(staged, target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    else:
+        made = _replace_one_by_one(run_dir, trained, arrays, results)
+    figs = [run_dir / name for name in made]
     tracker = open_tracker(run_dir, trained.config.tensorboard)
     if tracker is not None:  # the figures and numbers as TensorBoard sees them
         tracker.figures(figs, step=len(trained.history))
         tracker.scalars(results, step=len(trained.history), prefix=f"eval_{split}/")
         tracker.close()
     return scores, results, figs
+
+
+def _replace_one_by_one(run_dir: Path, trained, arrays, results) -> list:
+    """Where hard links are missing: the files written aside (``.evaluating-<pid>``), then
+    renamed into place one by one, eval.json last."""
+    aside = run_dir / f".evaluating-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    try:
+        if is_regular(run_dir / "gaps.jsonl"):  # the figure of the run's gap curves
+            shutil.copy2(run_dir / "gaps.jsonl", aside / "gaps.jsonl")
+        made = _write_set(aside, trained, arrays, results)
+        names = [n for n in made if n != "eval.json"] + ["arrays.npz", "eval.json"]
+        for name in SET:  # files of the previous evaluation that this one lacks
+            if name not in names and name != "gaps.png":
+                (run_dir / name).unlink(missing_ok=True)
+        for name in names:
+            os.replace(aside / name, run_dir / name)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return made

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,8 +33,8 @@ from .heldout import (GapTracker, Validator, eval_pixels, held_out_elbo, read_ga
                       train_pixels)
 from .objectives import unguided_sites
 from .optim import make_optimizers
-from .rundir import (RunDir, check_out, drop_stale_evaluation, recover, write_config,
-                     write_json)
+from .rundir import (RunDir, check_gaps, check_out, is_regular, read_mapping, recover,
+                     resolve_link, set_aside_stale_evaluation, write_config, write_json)
 from .rng import seeded
 from .tracking import open_tracker
 from .train import (DivergenceError, EpochMetrics, Interrupted, LRSchedule, Position, StepBudget, fit,
@@ -58,6 +59,9 @@ class Trained(NamedTuple):
     device: torch.device
     checkpoint: Optional[str] = None  # the checkpoint file it was loaded from
     gap_seconds: Optional[float] = None  # time spent on the gap curves
+    # the run folder it was trained into, still locked: ``finish`` (or ``release``)
+    # releases it, so no other process writes the folder before the run's last file
+    folder: Optional[RunDir] = None
 
 
 @dataclass
@@ -143,7 +147,7 @@ def resumed_config(out, given: dict, trust_code: bool = False) -> Resumed:
     resumed.
     """
     own = Config().replace(**given)
-    out = check_out(out)
+    out = resolve_link(check_out(out))
     if not distributed.launched():  # under torchrun rank 0's RunDir does it, alone
         recover(out)
     said = []  # a fallback to checkpoint.prev.pt, said once the load has succeeded
@@ -179,14 +183,42 @@ def check_compatible(saved: Config, config: Config) -> dict:
 def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
               resume: bool = False, progress: bool = True,
               log: Callable[[str], None] = logs.info, trust_code: bool = False,
-              state: Optional[dict] = None) -> Optional["Summary"]:
+              state: Optional[dict] = None,
+              then: Optional[Callable[[], object]] = None) -> Optional["Summary"]:
     """Train per ``config``, write the run's files into ``out`` and return its ``Summary``
     (under torchrun: rank 0 scores and writes it; the other processes return None).
     ``trust_code``: a resumed checkpoint may name code (``module:Class``) that ``config``
     does not (see ``config.require_consent``). ``state``: the checkpoint a resume continues,
-    already read (``resumed_config``); None reads it."""
+    already read (``resumed_config``); None reads it. ``then`` is called (on every process)
+    once summary.json is written, while the folder's lock is still held: ``train
+    --evaluate`` evaluates there, so no other process writes the folder in between."""
     trained = fit_run(config, out, overwrite, resume, progress, log, trust_code, state)
-    return finish(trained, out, log) if distributed.current().main else None
+    try:
+        summary = (finish(trained, out, log, release=False) if distributed.current().main
+                   else None)
+        if then is not None:
+            then()
+    finally:
+        release(trained)
+    return summary
+
+
+def release(trained: "Trained") -> None:
+    """Release the lock that ``fit_run`` kept on the run's folder (``finish`` does it unless
+    told not to); nothing when there is none or it was released."""
+    if trained is not None and trained.folder is not None:
+        trained.folder.close()
+
+
+@contextlib.contextmanager
+def holding(trained: "Trained"):
+    """``with holding(fit_run(...)) as trained:`` keeps the run's folder locked for what
+    follows (its scoring, ``finish(..., release=False)``, files of the caller's own) and
+    releases it at the end, whatever happens."""
+    try:
+        yield trained
+    finally:
+        release(trained)
 
 
 def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
@@ -198,7 +230,9 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
     Everything that can be refused is refused before anything is written: the settings, the
     folder, the data, the pieces and, for ``resume``, the checkpoint. Under torchrun every
     process trains its shard (``distributed``); rank 0 writes the files, and a refusal on any
-    process stops all of them before the first step.
+    process stops all of them before the first step. The returned ``Trained`` keeps the
+    run's folder locked (``Trained.folder``) for the files that follow: ``finish`` releases
+    it (or ``release``, or ``holding``), so the lock is held from the first file to the last.
     """
     world = distributed.current()
     setup, error = None, None
@@ -266,6 +300,8 @@ def _setup(config: Config, out, overwrite: bool, resume: bool, world: distribute
         require_consent(saved, final / state["file"], given=config, trust_code=trust_code)
         saved.replace(device=config.device).validate()  # its device need not exist here
         distributed.check_world_size(int(state.get("world_size", 1)), world, final)
+        if world.main:
+            check_gaps(final / "gaps.jsonl")  # the gap figure reads it at the end
         changed = check_compatible(saved, config)
         history = [EpochMetrics(**m) for m in state["history"]]
         if state.get("position") is None and len(history) >= config.epochs:
@@ -309,7 +345,7 @@ ROLES = {  # what each kind of piece must be, for the message that refuses a use
     "prior": "an nn.Module: prior() -> a Distribution over z with event shape [latent_dim]",
     "objective": "a callable objective(model, guide, batch) -> a scalar loss",
     "net": "an nn.Module built by from_config(config, shape=, role=)",
-    "activation": "an nn.Module class such as torch.nn.ReLU",
+    "activation": "an nn.Module class named as module:Class, such as torch.nn:ReLU",
     "lr_schedule": "a function epoch -> learning-rate factor (a number)",
 }
 
@@ -375,10 +411,25 @@ def _train(setup: _Setup, config: Config, world: distributed.World, progress, lo
     (_, device, folder, splits, train_split, shards, binarize, model, guide, optimizers,
      validator, objective, history, position, resumes) = setup
     n = len(splits.train)
+    setup_resumed = bool(history) or position is not None
+    # config.json describes the checkpoint beside it: a new run's is written now, a resumed
+    # run's is made now (a full disk shows before anything changes) and put in place once
+    # the first checkpoint of the resumed run is saved
+    pending: list = [None]
     if folder is not None:
-        write_config(folder.file("config.json"), config.to_dict(), str(device), resumes,
-                     splits.describe(), world_size=world.size)
-        _write_metrics(folder.file("metrics.jsonl"), history)
+        try:
+            pending[0] = write_config(folder.file("config.json"), config.to_dict(),
+                                      str(device), resumes, splits.describe(),
+                                      world_size=world.size, place=not setup_resumed)
+            _write_metrics(folder.file("metrics.jsonl"), history)
+        except OSError as e:
+            folder.close()
+            raise UserError(f"could not write {e.filename or 'config.json'} in "
+                            f"{folder.final} ({e.strerror or e}); the disk may be full: free "
+                            f"space and run the command again (nothing else was changed)"
+                            ) from None
+        if not setup_resumed:
+            pending[0] = None
     tracker_tb = None  # opened at the first epoch's end, in the folder as committed
 
     def save(done: list, position: Optional[Position] = None) -> None:
@@ -400,9 +451,18 @@ def _train(setup: _Setup, config: Config, world: distributed.World, progress, lo
             state["binarize_rng_ranks"] = [b for _, b in ranks]
         checkpoint.save(state, folder.path)
         if setup_resumed and len(done) == len(history) + 1:
-            folder.clear_results()  # the old summary and evaluation no longer hold
+            # the old summary no longer holds; what an evaluation wrote is kept aside
+            folder.set_aside_results(len(history), log)
         if len(done) > len(history):  # a finished epoch replaces an old run, an interrupted
             folder.commit()          # first epoch does not
+        if pending[0] is not None:  # the resumed run's config.json, now that its
+            try:                    # checkpoint is there
+                os.replace(pending[0], folder.file("config.json"))
+            except OSError as e:
+                raise UserError(f"could not put config.json in place in {folder.path} "
+                                f"({e.strerror or e}); the checkpoint holds the settings: "
+                                f"continue with {setting('resume')}") from None
+            pending[0] = None
 
     def on_epoch(metrics: EpochMetrics) -> None:
         # the checkpoint first: every epoch metrics.jsonl shows is saved (a kill in between
@@ -418,7 +478,6 @@ def _train(setup: _Setup, config: Config, world: distributed.World, progress, lo
         if tracker_tb is not None:
             tracker_tb.epoch(metrics)
 
-    setup_resumed = bool(history) or position is not None
     done = list(history)
     callbacks = _schedules(config, optimizers)
     tracker = None
@@ -428,30 +487,38 @@ def _train(setup: _Setup, config: Config, world: distributed.World, progress, lo
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        history = fit(model, guide, objective, train_split, optimizers, config.epochs,
-                      config.batch_size, binarize, seed=config.seed, beta=config.beta,
-                      warmup_epochs=config.warmup_epochs, max_seconds=config.max_seconds,
-                      validate=validator if world.main else None, on_epoch=on_epoch,
-                      progress=progress if world.main else False, history=history,
-                      position=position, on_divergence=config.on_divergence,
-                      callbacks=callbacks, log=log, shards=shards, rank=world.rank,
-                      ctrl_c=world.size == 1)
-    except Interrupted as e:
-        if folder is not None and folder.staged:  # no epoch yet: close() drops the attempt
+        try:
+            history = fit(model, guide, objective, train_split, optimizers, config.epochs,
+                          config.batch_size, binarize, seed=config.seed, beta=config.beta,
+                          warmup_epochs=config.warmup_epochs, max_seconds=config.max_seconds,
+                          validate=validator if world.main else None, on_epoch=on_epoch,
+                          progress=progress if world.main else False, history=history,
+                          position=position, on_divergence=config.on_divergence,
+                          callbacks=callbacks, log=log, shards=shards, rank=world.rank,
+                          ctrl_c=world.size == 1)
+        except Interrupted as e:
+            if folder is not None and folder.staged:  # no epoch yet: close() drops it
+                e.kept = _what_is_kept(folder, done, history)
+            else:
+                save(done, e.position)
+            raise
+        except DivergenceError as e:
             e.kept = _what_is_kept(folder, done, history)
-        else:
-            save(done, e.position)
-        raise
-    except DivergenceError as e:
-        e.kept = _what_is_kept(folder, done, history)
-        raise
-    finally:
-        if tracker_tb is not None:
-            tracker_tb.close()
-        if folder is not None:
+            raise
+        finally:
+            if tracker_tb is not None:
+                tracker_tb.close()
+            if pending[0] is not None:  # a resume that saved no checkpoint: config.json
+                pending[0].unlink(missing_ok=True)  # stays as its checkpoint
+                pending[0] = None
+    except BaseException:
+        if folder is not None:  # the lock goes, an uncommitted attempt with it
             folder.close()
+        raise
+    # the folder stays locked until ``finish`` has written the run's last file
     return Trained(config, model, guide, splits, history, device,
-                   gap_seconds=tracker.seconds if tracker is not None else None)
+                   gap_seconds=tracker.seconds if tracker is not None else None,
+                   folder=folder)
 
 
 def _epochs(n: int) -> str:
@@ -473,7 +540,7 @@ def _restore_networks(state, model, guide) -> None:
     try:
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise UserError(f"the checkpoint does not fit this run's model and guide "
                         f"({type(e).__name__}); start a new run") from None
 
@@ -486,7 +553,7 @@ def _restore_optimizers(state, optimizers, validator, config, world, num_data) -
         for opt, opt_state in zip(optimizers.all(), opt_states):
             opt.load_state_dict(opt_state)
         validator.load_state_dict(state.get("valid_guide"))
-    except (RuntimeError, KeyError, ValueError, IndexError) as e:
+    except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
         raise UserError(f"the checkpoint does not fit this run's model and guide "
                         f"({type(e).__name__}); start a new run") from None
     for opt, lr in zip(optimizers.all(), (config.lr, config.local_lr)
@@ -502,14 +569,18 @@ def _previous_resumes(state: dict, out: Path, log) -> list:
     it kept one) config.json's; a damaged config.json is said, not silently dropped."""
     if isinstance(state.get("resumes"), list):
         return list(state["resumes"])
+    path = out / "config.json"
+    if not path.exists():
+        return []
     try:
-        return list(json.loads((out / "config.json").read_text()).get("resumes", []))
-    except FileNotFoundError:
+        resumes = read_mapping(path, "").get("resumes", [])
+    except UserError as e:
+        resumes = e
+    if not (isinstance(resumes, list) and all(isinstance(r, dict) for r in resumes)):
+        log(f"warning: {path} is unreadable or damaged; the record of earlier resumes in it "
+            f"is lost and a new config.json is written")
         return []
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        log(f"warning: {out / 'config.json'} is unreadable ({type(e).__name__}); the record "
-            f"of earlier resumes in it is lost and a new config.json is written")
-        return []
+    return list(resumes)
 
 
 def _schedules(config: Config, optimizers) -> list:
@@ -529,9 +600,10 @@ def _gap_tracker(config: Config, model, guide, splits: data.Splits, n: int,
 
 
 def _write_metrics(path: Path, history) -> None:
-    with open(path, "w") as f:
-        for m in history:
-            f.write(json.dumps(m._asdict()) + "\n")
+    """metrics.jsonl from the checkpoint's history, put in place whole (what was there, even
+    a named pipe, is replaced, never opened)."""
+    from .rundir import write_text
+    write_text(path, "".join(json.dumps(m._asdict()) + "\n" for m in history))
 
 
 def memory_summary(trained: Trained) -> dict:
@@ -546,11 +618,24 @@ def memory_summary(trained: Trained) -> dict:
 
 
 def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = logs.info,
-           test: Optional[Estimate] = None) -> Summary:
+           test: Optional[Estimate] = None, release: bool = True) -> Summary:
     """Score the trained model's own guide on the test set and write ``summary.json``.
 
-    ``test`` passes a test ELBO already computed (by ``evaluate_model``) instead.
+    ``test`` passes a test ELBO already computed (by ``evaluate_model``) instead. The run's
+    folder, locked since ``fit_run``, is released at the end (also on an error) unless
+    ``release`` is False (then ``release(trained)`` does it, after the caller's own files).
     """
+    try:
+        return _finish(trained, out, log, test)
+    finally:
+        if release:
+            _release(trained)
+
+
+_release = release
+
+
+def _finish(trained: Trained, out: Optional[Path], log, test: Optional[Estimate]) -> Summary:
     x_test = eval_pixels(trained.config, trained.splits.test)
     start, eval_seconds = time.perf_counter(), None
     if test is None:
@@ -575,15 +660,20 @@ def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = l
         f"{summary.seconds_per_epoch:.1f} s/epoch)")
     _warn_if_absurd(summary, trained.config.lr, log)
     if out is not None:
-        if drop_stale_evaluation(Path(out), len(history)):
-            log(f"removed an evaluation of an earlier epoch from {out}; run `ppl-vae "
-                f"evaluate {out}` again")
-        write_json(Path(out) / "summary.json", summary.to_json())
-        if (Path(out) / "gaps.jsonl").exists():  # the gap curves' figure, as --help promises
+        folder = trained.folder.path if trained.folder is not None else Path(out)
+        # an evaluation of an earlier epoch (an evaluate while the run was cut short) is
+        # kept aside, in evaluated-epoch<N>, not left beside a summary it does not describe
+        set_aside_stale_evaluation(folder, len(history), log)
+        write_json(folder / "summary.json", summary.to_json())
+        gaps = folder / "gaps.jsonl"
+        if is_regular(gaps):  # the gap curves' figure, as --help promises
             from . import plots
-            plots.gap_curves({trained.config.guide: read_gaps(Path(out) / "gaps.jsonl")},
-                             Path(out) / "gaps.png")
-        tracker = open_tracker(out, trained.config.tensorboard)
+            try:
+                check_gaps(gaps)
+                plots.gap_curves({trained.config.guide: read_gaps(gaps)}, folder / "gaps.png")
+            except (UserError, ValueError, KeyError, TypeError) as e:
+                log(f"warning: no gaps.png: {e}")
+        tracker = open_tracker(folder, trained.config.tensorboard)
         if tracker is not None:
             tracker.hparams(trained.config.to_dict(), {
                 "test_elbo": summary.test_elbo, "final_valid_elbo": summary.final_valid_elbo,

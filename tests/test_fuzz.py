@@ -180,10 +180,10 @@ def test_fuzz_evaluate(tiny_run, tmp_path, cached_mnist, capsys):
     (tmp_path / "empty").mkdir()
     folders = [str(tiny_run), str(tmp_path / "missing"), str(tmp_path / "file"),
                str(tmp_path / "empty"), ""]
-    options = {"--num-particles": ["2", "0", "-3", "abc", "inf", ""],
+    options = {"--num-particles-eval": ["2", "0", "-3", "abc", "inf", ""],
                "--split": ["test", "valid", "train", ""],
                "--proposal": ["auto", "guide", "local", "prior"],
-               "--test-size": ["5", "0", "-1", "x", "all"],
+               "--rows": ["5", "0", "-1", "x", "all"],
                "--device": ["cpu", "tpu", "", "cuda:99"],
                "--local": [None], "--no-local": [None]}
     tried = trained = 0
@@ -194,10 +194,10 @@ def test_fuzz_evaluate(tiny_run, tmp_path, cached_mnist, capsys):
             value = rng.choice(options[flag])
             argv += [flag] if value is None else [flag, value]
         if argv[1] == str(tiny_run):  # keep a real evaluation small
-            if "--num-particles" not in argv:
-                argv += ["--num-particles", "2"]
-            if "--test-size" not in argv:
-                argv += ["--test-size", "5"]
+            if "--num-particles-eval" not in argv:
+                argv += ["--num-particles-eval", "2"]
+            if "--rows" not in argv:
+                argv += ["--rows", "5"]
             if "--local" in argv and trained >= 3:
                 argv.remove("--local")
         code = run_case(argv, capsys)
@@ -245,3 +245,197 @@ def test_a_module_attribute_that_is_not_a_builder(argv, tmp_path, cached_mnist, 
                    "--valid-size", "10", "--test-size", "10", "--epochs", "1", "--hidden", "8",
                    "--latent-dim", "2"]
     assert run_case(argv, capsys) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# issue 32.4: hostile run folders. A checkpoint's fields and the run folder's files hold
+# anything; every command that reads them ends in 0 or one error line, and never hangs
+# ---------------------------------------------------------------------------------------
+import os
+import shutil
+import signal
+import sys
+
+HOSTILE_VALUES = [None, [], ["x:G"], {}, {"foo": 1}, "", "abc", "7", "x:G", "Amortized",
+                  -1, 0, 7, 10 ** 20, -(10 ** 20), 1.5, float("nan"), float("inf"), True,
+                  [1, 2], {"epoch": "1"}]
+
+
+def isolated(argv, seconds: int = 90):
+    """``cli.main(argv)`` in a forked process: (exit code, stdout, stderr); the code is None
+    when it was still running after ``seconds`` (a hang: a named pipe opened for reading
+    blocks in C code, where no signal handler of this process could end it)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path, err_path = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        pid = os.fork()
+        if pid == 0:  # the child: run the command, report its exit code
+            code = 99
+            try:
+                import torch
+                torch.set_num_threads(1)  # the parent's thread pool is not the child's
+                with open(out_path, "w") as out, open(err_path, "w") as err:
+                    sys.stdout, sys.stderr = out, err
+                    try:
+                        code = cli.main(argv)
+                    except SystemExit as e:
+                        code = e.code
+                    except BaseException:  # noqa: BLE001 - a traceback: shown, code 98
+                        import traceback
+                        traceback.print_exc(file=err)
+                        code = 98
+                    out.flush(), err.flush()
+            finally:
+                os._exit(code if isinstance(code, int) else 97)
+        end = time.monotonic() + seconds
+        status = None
+        while time.monotonic() < end:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            status = None
+        with open(out_path) as f:
+            out = f.read()
+        with open(err_path) as f:
+            err = f.read()
+    return (None if status is None else os.waitstatus_to_exitcode(status)), out, err
+
+
+def run_isolated(argv, seconds: int = 90):
+    """``isolated``, checked as ``check`` does: exit 0, or 2 with one error line; no hang."""
+    code, out, err = isolated(argv, seconds)
+    assert code is not None, f"argv: {argv}\nstill running after {seconds} s (a hang)\n{err[-2000:]}"
+    check(argv, code, out, err)
+    return code, err
+
+
+def _fresh(tiny_run, tmp_path, name):
+    folder = tmp_path / name
+    shutil.copytree(tiny_run, folder)
+    return folder
+
+
+def _set_field(folder, path, value):
+    """``path`` (a key, or (key, subkey)) of both checkpoints set to ``value``."""
+    import torch
+    for file in ("checkpoint.pt", "checkpoint.prev.pt"):
+        if not (folder / file).exists():
+            continue
+        state = torch.load(folder / file, weights_only=True)
+        target = state
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        torch.save(state, folder / file)
+
+
+def _replace(folder, name, how):
+    """The run folder's file ``name`` replaced by something hostile."""
+    path = folder / name
+    if path.exists() or path.is_symlink():
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if how == "fifo":
+        os.mkfifo(path)
+    elif how == "folder":
+        path.mkdir()
+    elif how == "devzero":
+        path.symlink_to("/dev/zero")
+    elif how == "dangling":
+        path.symlink_to(folder / "nowhere")
+    elif how == "list":
+        path.write_text("[1, 2]")
+    elif how == "garbage":
+        path.write_bytes(b"\x00\xff{not json")
+    elif how == "empty":
+        path.write_text("")
+    elif how == "hugepid":
+        path.write_text(f"{10 ** 20}\ntrain\n")
+    elif how == "wrongtypes":
+        path.write_text(json.dumps({"epochs": "2", "test_elbo": [1], "resumes": "x",
+                                    "config": 3, "rows": None}))
+
+
+def _command(folder, command):
+    if command == "evaluate":
+        return ["evaluate", str(folder), "--num-particles-eval", "2", "--rows", "5"]
+    return ["train", *sum(([("--" + k.replace("_", "-")), *v.split()] for k, v in TINY.items()),
+                          []), "--out", str(folder), "--resume", "--epochs", "3"]
+
+
+def _untouched_unless_accepted(folder, before, code):
+    if code == 2:  # a refusal writes nothing
+        now = {p.name: p.read_bytes() for p in folder.iterdir()
+               if p.is_file() and not p.is_symlink() and p.stat().st_size < 10 ** 7}
+        assert {k: v for k, v in now.items() if k in before} == \
+            {k: v for k, v in before.items() if k in now}
+
+
+SPECIFIC = [  # the cases of the issue, each refused in one line naming the file or field
+    ("checkpoint.pt", "fifo", None), ("summary.json", "fifo", None),
+    ("summary.json", "list", None), (".running", "hugepid", None),
+    ("config", ("config", "guide"), ["x:G"]), ("config", ("config", "seed"), "7"),
+    ("config", ("position",), {"foo": 1}), ("config", ("world_size",), "abc"),
+]
+CASES = [pytest.param(*case, command, id=f"{case[0]}-"
+                      f"{case[1] if isinstance(case[1], str) else case[1][-1]}-{command}")
+         for case in SPECIFIC for command in ("evaluate", "resume")
+         # a resume does not read the summary it replaces
+         if not (case[:2] == ("summary.json", "list") and command == "resume")]
+
+
+@pytest.mark.parametrize("name, how, value, command", CASES)
+def test_a_hostile_run_folder_is_one_line(tiny_run, tmp_path, cached_mnist, capsys, name, how,
+                                          value, command):
+    folder = _fresh(tiny_run, tmp_path, "hostile")
+    if name == "config":
+        _set_field(folder, how, value)
+        said = how[-1]
+    else:
+        _replace(folder, name, how)
+        said = name
+    if (folder / "checkpoint.pt").is_file():
+        before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    else:
+        before = {}
+    argv = _command(folder, command)
+    code, err = run_isolated(argv, 90)
+    assert code == 2, argv
+    assert said in err, err  # the one line names the file or field at fault
+    _untouched_unless_accepted(folder, before, code)
+
+
+FILES = ["checkpoint.pt", "checkpoint.prev.pt", "summary.json", "config.json", "metrics.jsonl",
+         "eval.json", "gaps.jsonl", ".running", ".ppl_vae", "checkpoint.pt.tmp",
+         "config.json.tmp"]
+HOW = ["fifo", "folder", "devzero", "dangling", "list", "garbage", "empty", "hugepid",
+       "wrongtypes"]
+FIELDS = [("config", "guide"), ("config", "seed"), ("config", "latent_dim"), ("config", "hidden"),
+          ("config", "compile"), ("config", "lr"), ("config", "train_size"),
+          ("config", "dataset"), ("config", "gap_epochs"), ("position",), ("world_size",),
+          ("history",), ("resumes",), ("rng",), ("binarize_rng",), ("optimizers",),
+          ("valid_guide",), ("rng_ranks",), ("model",)]
+
+
+def test_fuzz_hostile_run_folders(tiny_run, tmp_path, cached_mnist, capsys):
+    """Seeded: a file of the run folder replaced (a named pipe, a folder, a link to
+    /dev/zero, JSON of the wrong shape, ...) or a checkpoint field set to a value of the
+    wrong kind, then evaluate or resume; 0 or one error line, within the deadline."""
+    rng = random.Random(32)
+    refused = accepted = 0
+    for i in range(36):
+        folder = _fresh(tiny_run, tmp_path, f"h{i}")
+        if rng.random() < 0.5:
+            _replace(folder, rng.choice(FILES), rng.choice(HOW))
+        else:
+            _set_field(folder, rng.choice(FIELDS), rng.choice(HOSTILE_VALUES))
+        argv = _command(folder, rng.choice(["evaluate", "resume"]))
+        code, _ = run_isolated(argv, 90)
+        refused += code == 2
+        accepted += code == 0
+    with capsys.disabled():
+        print(f"\nfuzz hostile folders: {refused} refused, {accepted} accepted")
+    assert refused > 0

@@ -59,7 +59,7 @@ def shared2(finished_run, tmp_path, monkeypatch):
 def test_a_received_folder_does_not_import_its_code(shared2, capsys, command):
     folder, marker = shared2
     if command == "evaluate":
-        code, out, err = call(capsys, "evaluate", "shared2", "--num-particles", "2")
+        code, out, err = call(capsys, "evaluate", "shared2", "--num-particles-eval", "2")
     else:
         code, out, err = train_cli(capsys, "shared2", "--epochs", "3", "--resume")
     assert_one_error_line(code, err, out)
@@ -70,7 +70,7 @@ def test_a_received_folder_does_not_import_its_code(shared2, capsys, command):
 
 def test_trust_code_imports_it(shared2, capsys):
     folder, marker = shared2
-    code, out, err = call(capsys, "evaluate", "shared2", "--num-particles", "2",
+    code, out, err = call(capsys, "evaluate", "shared2", "--num-particles-eval", "2",
                           "--trust-code")
     assert code == 0, err
     assert marker.exists() and (folder / "eval.json").exists()
@@ -98,7 +98,7 @@ def test_siblings_are_refused_before_import(finished_run, capsys, field, name, t
     _plant(finished_run, field, name)
     module = name.partition(":")[0]
     was_imported = module in sys.modules
-    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles", "2")
+    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2")
     assert_one_error_line(code, err, out)
     assert name in err and "--trust-code" in err
     assert (module in sys.modules) == was_imported
@@ -247,7 +247,7 @@ def test_a_failing_evaluation_keeps_the_previous_one(evaluated, capsys, monkeypa
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device", "latent.png")
     monkeypatch.setattr(plots, "run_figures", fail)
-    code, out, err = call(capsys, "evaluate", evaluated, "--num-particles", "3")
+    code, out, err = call(capsys, "evaluate", evaluated, "--num-particles-eval", "3")
     assert code == 2 and "No space left" in err
     assert files(evaluated) == before
     assert not [p for p in evaluated.iterdir() if p.name.startswith(".evaluating")]
@@ -257,7 +257,7 @@ def test_evaluate_writes_only_into_a_folder_ppl_vae_wrote(evaluated, capsys):
     (evaluated / rundir.MARKER).unlink()
     (evaluated / "samples.png").write_bytes(b"the user's own picture")
     before = files(evaluated)
-    code, out, err = call(capsys, "evaluate", evaluated, "--num-particles", "2")
+    code, out, err = call(capsys, "evaluate", evaluated, "--num-particles-eval", "2")
     assert_one_error_line(code, err, out)
     assert rundir.MARKER in err
     assert files(evaluated) == before
@@ -438,7 +438,7 @@ def test_a_path_the_console_cannot_encode_is_printed_escaped(finished_run):
     finished_run.rename(odd)
     code = "import sys; from ppl_vae.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.run([sys.executable, "-c", code, "evaluate", os.fsencode(odd),
-                           "--num-particles", "2", "--test-size", "10", "--no-progress"],
+                           "--num-particles-eval", "2", "--rows", "10", "--no-progress"],
                           capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii:strict"})
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
     assert b"UnicodeEncodeError" not in proc.stderr and (odd / "eval.json").exists()
@@ -492,7 +492,7 @@ def pieces(tmp_path, monkeypatch):
 def test_an_autoguide_trains_evaluates_and_resumes(pieces, capsys, cached_mnist):
     out = pieces / "auto"
     assert train_cli(capsys, out, "--guide", "mypieces:Auto")[0] == 0
-    code, _, err = call(capsys, "evaluate", out, "--num-particles", "2", "--test-size", "10",
+    code, _, err = call(capsys, "evaluate", out, "--num-particles-eval", "2", "--rows", "10",
                         "--trust-code")
     assert code == 0, err
     code, _, err = train_cli(capsys, out, "--guide", "mypieces:Auto", "--epochs", "2",

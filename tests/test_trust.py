@@ -432,8 +432,8 @@ def trained_copy(tmp_path_factory, capsys, out, epochs: int, evaluate: bool = Fa
         template = tmp_path_factory.mktemp("trained") / "run"
         assert train_cli(capsys, template, "--epochs", str(epochs))[0] == 0
         if evaluate:
-            assert call(capsys, "evaluate", template, "--num-particles", "2",
-                        "--test-size", "10")[0] == 0
+            assert call(capsys, "evaluate", template, "--num-particles-eval", "2",
+                        "--rows", "10")[0] == 0
         _TRAINED[key] = template
     shutil.copytree(_TRAINED[key], out)
     return out
@@ -460,7 +460,7 @@ def test_a_malicious_checkpoint_does_not_run_code(finished_run, tmp_path, capsys
     torch.load(tmp_path / "probe.pt", weights_only=False)
     assert probe.exists()
     if command == "evaluate":
-        code, out, err = call(capsys, "evaluate", finished_run, "--num-particles", "2")
+        code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2")
     else:
         code, out, err = train_cli(capsys, finished_run, "--epochs", "3", "--resume")
     assert_one_error_line(code, err, out)
@@ -607,14 +607,14 @@ def test_evaluate_refuses_a_run_that_is_still_being_written(finished_run, capsys
     """One writer per folder: a live lock (training or evaluating) is refused in one line and
     nothing is written; a lock whose process is gone is stale and taken over."""
     (finished_run / ".running").write_text(f"{os.getppid()}\ntrain\n")
-    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles", "2",
-                          "--test-size", "10")
+    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2",
+                          "--rows", "10")
     assert_one_error_line(code, err, out)
     assert f"pid {os.getppid()}" in err and "train" in err
     assert not (finished_run / "eval.json").exists()
     (finished_run / ".running").write_text("999999999")
-    assert call(capsys, "evaluate", finished_run, "--num-particles", "2",
-                "--test-size", "10")[0] == 0
+    assert call(capsys, "evaluate", finished_run, "--num-particles-eval", "2",
+                "--rows", "10")[0] == 0
     assert json.loads((finished_run / "eval.json").read_text())["finished"] is True
     assert not (finished_run / ".running").exists()  # released when done
 
@@ -624,7 +624,7 @@ def test_evaluate_refuses_a_finished_run_whose_newest_checkpoint_is_corrupt(fini
     blob = (finished_run / checkpoint.NAME).read_bytes()
     (finished_run / checkpoint.NAME).write_bytes(blob[: len(blob) // 2])
     assert (finished_run / checkpoint.PREVIOUS).exists()  # epoch 1 would be readable
-    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles", "2")
+    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2")
     assert_one_error_line(code, err, out)
     assert "corrupt" in err
     assert not (finished_run / "eval.json").exists()
@@ -692,7 +692,7 @@ def test_a_damaged_checkpoint_is_one_line(finished_run, capsys, change, command)
     _rewrite_checkpoint(finished_run, change)
     before = files(finished_run)
     if command == "evaluate":
-        code, out, err = call(capsys, "evaluate", finished_run, "--num-particles", "2")
+        code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2")
     else:
         code, out, err = train_cli(capsys, finished_run, "--resume", "--epochs", "3")
     assert_one_error_line(code, err, out)
@@ -708,8 +708,8 @@ def test_evaluate_does_not_need_metrics_jsonl(finished_run, capsys, damage):
         path.unlink()
     else:
         path.write_bytes(b"\x00\xff{not json\n")
-    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles", "2",
-                          "--test-size", "10")
+    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2",
+                          "--rows", "10")
     assert code == 0, err
     assert (finished_run / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((finished_run / "eval.json").read_text())["epochs"] == 2
@@ -729,7 +729,7 @@ def test_evaluate_a_damaged_gaps_jsonl(tmp_path, cached_mnist, capsys):
     assert train_cli(capsys, out, "--track-gaps", "--gap-epochs", "1")[0] == 0
     path = out / "gaps.jsonl"
     path.write_bytes(path.read_bytes()[:-20])
-    code, stdout, err = call(capsys, "evaluate", out, "--num-particles", "2", "--test-size", "10")
+    code, stdout, err = call(capsys, "evaluate", out, "--num-particles-eval", "2", "--rows", "10")
     assert "Traceback" not in err
     assert code == 0 or (code == 2 and err.count("\n") == 1), err
 
@@ -744,8 +744,8 @@ def test_evaluate_a_file_says_it_is_a_file(tmp_path, capsys):
 
 def test_evaluate_bad_summary_json(finished_run, capsys):
     (finished_run / "summary.json").write_text("{truncated")
-    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles", "2",
-                          "--test-size", "10")
+    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2",
+                          "--rows", "10")
     assert "Traceback" not in err
     assert code == 2 and error_segments(err) and err.count("\n") == 1, err
 
@@ -790,9 +790,10 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu_bitwise(tmp_path, cached_mnist, gui
     assert config_json(moved)["resumes"][0]["changed"]["device"] == [device, "cpu"]
 
 
-def test_a_finished_run_drops_an_evaluation_of_an_earlier_epoch(tmp_path, cached_mnist):
+def test_a_finished_run_keeps_aside_an_evaluation_of_an_earlier_epoch(tmp_path, cached_mnist):
     """evaluate during training wrote eval.json at epoch 1; the run ends at epoch 2: the stale
-    evaluation goes, the summary stays alone."""
+    evaluation moves to evaluated-epoch1/ (issue 32.A: it was deleted), the summary stays
+    alone beside the run."""
     out = tmp_path / "run"
     trained = run.fit_run(TINY_CONFIG.replace(epochs=2), out, progress=False, log=lambda m: None)
     (out / "eval.json").write_text(json.dumps({"epochs": 1}))
@@ -800,7 +801,10 @@ def test_a_finished_run_drops_an_evaluation_of_an_earlier_epoch(tmp_path, cached
     messages = []
     run.finish(trained, out, log=messages.append)
     assert not (out / "eval.json").exists() and not (out / "latent.png").exists()
-    assert any("earlier epoch" in m for m in messages) and (out / "summary.json").exists()
+    assert (out / "evaluated-epoch1" / "latent.png").read_bytes() == b"old"
+    assert json.loads((out / "evaluated-epoch1" / "eval.json").read_text()) == {"epochs": 1}
+    assert sum("evaluated-epoch1" in m for m in messages) == 1
+    assert (out / "summary.json").exists()
     (out / "eval.json").write_text(json.dumps({"epochs": 2}))  # a current one stays
     run.finish(trained, out, log=messages.append)
     assert (out / "eval.json").exists()

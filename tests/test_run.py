@@ -1,0 +1,186 @@
+"""Issue 32: the training pipeline's hold on its folder (B), config.json after a full disk
+(E) and the messages it gives (G).
+
+Each test here failed on the code before the fix it names.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from ppl_vae import checkpoint, evaluation, plots, run, rundir
+from ppl_vae.errors import UserError
+from test_trust import (TINY, TINY_CONFIG, assert_one_error_line, call,  # noqa: F401
+                        config_json, files, finished_run, summary, train_cli, trained_copy)
+
+
+def _refused_elsewhere(out) -> bool:
+    """Whether another process is refused the folder now: as ``train --overwrite`` and
+    ``evaluate`` would be (a forked child tries both)."""
+    pid = os.fork()
+    if pid == 0:
+        refused = 0
+        try:
+            rundir.RunDir(out, overwrite=True)
+        except UserError as e:
+            refused += "being written" in str(e)
+        try:
+            rundir.lock(out, "evaluate")
+        except UserError as e:
+            refused += "being written" in str(e)
+        os._exit(0 if refused == 2 else 1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# B. the lock is held from the first write to the last
+# ---------------------------------------------------------------------------------------
+def test_the_lock_is_held_through_the_final_scoring(tmp_path, capsys, cached_mnist,
+                                                    monkeypatch):
+    """While the test set is scored (after the last epoch, before summary.json), another
+    ``train --overwrite`` or ``evaluate`` is refused; the lock goes when the run is done."""
+    out = tmp_path / "run"
+    seen = []
+    scoring = run.held_out_elbo
+
+    def watched(*args, **kwargs):
+        seen.append(_refused_elsewhere(out))
+        return scoring(*args, **kwargs)
+    monkeypatch.setattr(run, "held_out_elbo", watched)
+    code, _, err = train_cli(capsys, out, "--compile", "off")
+    assert code == 0, err
+    assert seen == [True]
+    assert not (out / rundir.LOCK).exists() and not _refused_elsewhere(out)
+
+
+def test_fit_run_holds_the_lock_until_finish(tmp_path, cached_mnist):
+    """What ``compare`` does: fit_run, its own scoring, then finish (which releases)."""
+    out = tmp_path / "run"
+    config = TINY_CONFIG.replace(compile="off")
+    trained = run.fit_run(config, out, progress=False, log=lambda _m: None)
+    assert _refused_elsewhere(out)
+    run.finish(trained, out, log=lambda _m: None)
+    assert (out / "summary.json").exists()
+    assert not (out / rundir.LOCK).exists() and not _refused_elsewhere(out)
+
+
+def test_train_run_holds_the_lock_through_what_follows(tmp_path, cached_mnist):
+    """``train --evaluate``: the evaluation runs under the training's lock (``then``)."""
+    out = tmp_path / "run"
+    config = TINY_CONFIG.replace(compile="off")
+    seen = []
+
+    def then():
+        seen.append(_refused_elsewhere(out))
+        evaluation.evaluate_run(out, 2, test_size=5, progress=False, log=lambda _m: None,
+                                given=config)
+        seen.append(_refused_elsewhere(out))  # evaluate's own release keeps the outer hold
+    run.train_run(config, out, progress=False, log=lambda _m: None, then=then)
+    assert seen == [True, True]
+    assert (out / "eval.json").exists() and not (out / rundir.LOCK).exists()
+
+
+# ---------------------------------------------------------------------------------------
+# E. a full disk during --resume leaves config.json as consistent as the checkpoint
+# ---------------------------------------------------------------------------------------
+def _full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_during_resume_leaves_config_json_as_it_was(finished_run, capsys,
+                                                               monkeypatch):
+    before = files(finished_run)
+    monkeypatch.setattr(checkpoint.torch, "save", _full)
+    code, out, err = train_cli(capsys, finished_run, "--resume", "--epochs", "3",
+                               "--lr", "0.002")
+    assert_one_error_line(code, err, out)
+    assert "--resume" in err  # the previous checkpoint is there to continue from
+    after = files(finished_run)
+    assert after["config.json"] == before["config.json"]
+    assert "resumes" not in config_json(finished_run)
+    assert after == before  # checkpoint, summary, metrics: all as they were
+    monkeypatch.undo()
+    code, _, err = train_cli(capsys, finished_run, "--resume", "--epochs", "3", "--lr", "0.002")
+    assert code == 0, err
+    doc = config_json(finished_run)
+    assert doc["config"]["epochs"] == 3 and doc["resumes"][0]["after_epoch"] == 2
+    assert summary(finished_run)["epochs"] == 3
+
+
+def test_config_json_follows_the_checkpoint_it_describes(finished_run, capsys, monkeypatch):
+    """On a resume config.json is put in place only once the checkpoint of the resumed run is
+    written: a kill in between leaves the old config.json beside the old checkpoint."""
+    order = []
+    save, replace = checkpoint.save, os.replace
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (order.append("checkpoint"),
+                                                               save(*a, **k))[1])
+
+    def replacing(src, dst, *a, **k):
+        if os.path.basename(dst) == "config.json":
+            order.append("config")
+        return replace(src, dst, *a, **k)
+    monkeypatch.setattr(os, "replace", replacing)
+    assert train_cli(capsys, finished_run, "--resume", "--epochs", "3")[0] == 0
+    assert order[:2] == ["checkpoint", "config"], order
+
+
+# ---------------------------------------------------------------------------------------
+# G. messages
+# ---------------------------------------------------------------------------------------
+def test_the_activation_role_gives_the_syntax_it_accepts(tmp_path, capsys, cached_mnist):
+    code, out, err = train_cli(capsys, tmp_path / "o", "--activation", "builtins:object")
+    assert_one_error_line(code, err, out)
+    assert "torch.nn.ReLU" not in err and "torch.nn:ReLU" in err
+
+
+def test_an_unknown_name_in_a_checkpoint_is_not_called_code(finished_run, capsys):
+    for name in (checkpoint.NAME, checkpoint.PREVIOUS):
+        state = torch.load(finished_run / name, weights_only=True)
+        state["config"]["guide"] = "Amortized"
+        torch.save(state, finished_run / name)
+    for argv in (["evaluate", finished_run, "--num-particles-eval", "2"],
+                 ["train", *TINY, "--out", finished_run, "--resume", "--epochs", "3"]):
+        code, out, err = call(capsys, *argv)
+        assert_one_error_line(code, err, out)
+        assert "code" not in err and "import" not in err, err
+        assert "'Amortized'" in err and "guide" in err and "amortized" in err, err
+
+
+def test_a_full_disk_in_a_new_run_does_not_offer_a_resume(tmp_path, capsys, cached_mnist,
+                                                          monkeypatch):
+    monkeypatch.setattr(checkpoint.torch, "save", _full)
+    out = tmp_path / "new"
+    code, stdout, err = train_cli(capsys, out)
+    assert_one_error_line(code, err, stdout)
+    assert "disk" in err and "--resume" not in err and "previous checkpoint" not in err
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_full_disk_in_evaluate_names_no_out(finished_run, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "latent.png")
+    monkeypatch.setattr(plots, "run_figures", full)
+    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2",
+                          "--rows", "5")
+    assert_one_error_line(code, err, out)
+    assert "No space left" in err and "--out" not in err
+    assert not (finished_run / "eval.json").exists()
+
+
+def test_ctrl_c_in_evaluate_speaks_of_the_evaluation(finished_run, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(plots, "run_figures", interrupt)
+    code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2",
+                          "--rows", "5")
+    assert code == 130
+    assert "epochs keep their checkpoints" not in err and "evaluat" in err, err
+    assert err.count("\n") == 1
+    assert not (finished_run / "eval.json").exists()
+    assert not (finished_run / rundir.LOCK).exists()
