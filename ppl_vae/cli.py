@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -358,13 +359,15 @@ def _command(args) -> int:
         if args.num_particles_eval <= 0:
             raise UserError("--num-particles-eval must be positive")
         check_particles(args.num_particles_eval, "num_particles_eval")
+        then = None
+        if args.evaluate:  # under the training's lock: no other writer between the two
+            from .evaluation import evaluate_run
+            then = functools.partial(evaluate_run, args.out, args.num_particles_eval,
+                                     progress=args.progress or "lines",
+                                     trust_code=args.trust_code, given=config)
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume,
                   progress=args.progress or "lines", trust_code=args.trust_code,
-                  state=resumed.state if resumed else None)
-        if args.evaluate:
-            from .evaluation import evaluate_run
-            evaluate_run(args.out, args.num_particles_eval, progress=args.progress or "lines",
-                         trust_code=args.trust_code, given=config)
+                  state=resumed.state if resumed else None, then=then)
         return 0
     if args.command == "evaluate":
         from .evaluation import evaluate_run
@@ -380,6 +383,7 @@ def _command(args) -> int:
             raise UserError(f"--rows must be a positive number of rows, got {rows}")
         evaluate_run(args.run_dir, k, split=args.split, proposal=args.proposal,
                      local=args.local, test_size=rows, device=args.device,
+                     local_family=args.local_family,
                      progress=args.progress or "lines", trust_code=args.trust_code)
         return 0
     if args.command == "compare":

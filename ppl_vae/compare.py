@@ -22,7 +22,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import budget_curves, distributed, guides as guide_lib, logs, memory, plots, report
+from . import (budget_curves, distributed, guides as guide_lib, logs, memory, plots, report,
+               rundir)
 from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
 from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
                      local_family_of, resolve_device)
@@ -30,9 +31,8 @@ from .data import Batch
 from .errors import UserError, setting
 from .evaluation import evaluate_trained
 from .heldout import read_gaps
-from .rundir import (CHECKPOINTS, MARKER, RunDir, check_out, refuse_foreign, versions,
-                     write_json)
-from .run import finish, fit_run, load_splits, load_trained
+from .rundir import CHECKPOINTS, RunDir, versions, write_json
+from .run import finish, fit_run, holding, load_splits, load_trained
 from .results import SCHEDULE, Comparison, GuideRun
 
 DEFAULT_GUIDES = ("amortized", "semiamortized", "meanfield")
@@ -82,7 +82,7 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
            plan: Optional[dict] = None):
     """Refuse, before any training, what the comparison cannot do; returns (out, splits,
     {guide: (its config under the budget, its step cost)})."""
-    out = check_out(out)
+    out = rundir.claim(out, "comparison")  # not a run's folder, nor inside one
     config.validate()
     if overwrite and resume:
         raise UserError(f"{setting('resume')} continues the comparison in the folder and "
@@ -100,7 +100,6 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
             raise UserError(f"{setting('num_particles_eval')} must be positive, got "
                             f"{plan['num_particles']}")
         check_particles(plan["num_particles"], "num_particles_eval")
-    refuse_foreign(out)
     if resume:
         check_resume(out, plan)
     elif (out / "results.json").exists() and not overwrite:
@@ -279,8 +278,7 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         error = e
     distributed.refuse_unless_all(error, world)
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MARKER).touch()
+        rundir.mark(out, "comparison")
         if not resume:  # an overwrite's old results go first; the plan makes it resumable
             for name in ("results.json", "report.md"):
                 (out / name).unlink(missing_ok=True)
@@ -322,39 +320,53 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
     run_config, cost = plan
     run_config = run_config.replace(seed=seed)
     if several and world.main:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        (folder.parent / MARKER).touch()
-    started = resume and any((folder / n).exists() for n in CHECKPOINTS[:2])
+        rundir.mark(folder.parent, "comparison")
     memory.reset_peak()  # the peak RSS of this run, not of the runs before it in this process
-    if started and (folder / "summary.json").exists():  # trained and summarised, not recorded
-        log(f"== the {who} was trained: scoring it again")
-        trained = load_trained(folder, device=run_config.device, given=run_config)
-    else:
-        log(f"== {'continuing' if started else 'training'} the {who} ({cost.passes:g} network "
-            f"passes, {cost.flops_per_step:,} FLOPs per step" + (f", {report.plural(run_config.max_steps, 'step')}"
-                                  if run_config.max_steps else "") + ")")
-        trained = fit_run(run_config, folder, overwrite=overwrite and not started,
-                          resume=started, progress=progress, log=log)
-    if world.size > 1:  # every process evaluates its share of the test rows with
-        distributed.barrier(world)  # the whole table, as rank 0 checkpointed it
-        trained = load_trained(folder, device=run_config.device, given=run_config)
-    log(f"== evaluating the {who}")
-    local_options = dict(local_options or {})
-    if local_family_of(run_config) is not None:  # q* in another family than the guide's
-        local_options["family"] = local_family_of(run_config)
-    scores, figs = evaluate_trained(trained, num_particles, progress=progress,
-                                    local_options=local_options)
-    if not world.main:
-        return None
-    summary = finish(trained, folder, log=log, test=scores.elbo)
-    local = local_budget(trained, local_rows, **local_options)
-    per_datapoint = bool(guide_lib.local_parameters(trained.guide))
-    run = GuideRun(run_config.guide, seed, folder.relative_to(out).as_posix(), scores, summary,
-                   Compute(cost, summary.steps, summary.epochs, summary.train_seconds),
-                   _family(trained), per_datapoint, local)
-    _write_record(folder, run, figs)
+    trained = _trained(run_config, cost, folder, who, overwrite, resume, progress, log)
+    with holding(trained):  # one writer from the first checkpoint to the record
+        if world.size > 1:  # every process evaluates its share of the test rows with
+            distributed.barrier(world)  # the whole table, as rank 0 checkpointed it
+            trained = load_trained(folder, device=run_config.device,
+                                   given=run_config)._replace(folder=trained.folder)
+        log(f"== evaluating the {who}")
+        local_options = dict(local_options or {})
+        if local_family_of(run_config) is not None:  # q* in another family than the guide's
+            local_options["family"] = local_family_of(run_config)
+        scores, figs = evaluate_trained(trained, num_particles, progress=progress,
+                                        local_options=local_options)
+        if not world.main:
+            return None
+        summary = finish(trained, folder, log=log, test=scores.elbo, release=False)
+        local = local_budget(trained, local_rows, **local_options)
+        per_datapoint = bool(guide_lib.local_parameters(trained.guide))
+        run = GuideRun(run_config.guide, seed, folder.relative_to(out).as_posix(), scores,
+                       summary, Compute(cost, summary.steps, summary.epochs,
+                                        summary.train_seconds),
+                       _family(trained), per_datapoint, local)
+        _write_record(folder, run, figs)
     log(report.line(who, run))
     return run
+
+
+def _trained(run_config: Config, cost, folder: Path, who: str, overwrite: bool, resume: bool,
+             progress, log):
+    """The guide's run, its folder locked: trained, continued from its checkpoint, or (a
+    run trained and summarised whose record a kill prevented) loaded to be scored again."""
+    started = resume and any((folder / n).exists() for n in CHECKPOINTS[:2])
+    if started and (folder / "summary.json").exists():
+        log(f"== the {who} was trained: scoring it again")
+        held = RunDir(folder, resume=True, resumable=False).create()  # its lock, kept
+        try:
+            return load_trained(folder, device=run_config.device,
+                                given=run_config)._replace(folder=held)
+        except BaseException:
+            held.close()
+            raise
+    steps = f", {report.plural(run_config.max_steps, 'step')}" if run_config.max_steps else ""
+    log(f"== {'continuing' if started else 'training'} the {who} ({cost.passes:g} network "
+        f"passes, {cost.flops_per_step:,} FLOPs per step{steps})")
+    return fit_run(run_config, folder, overwrite=overwrite and not started, resume=started,
+                   progress=progress, log=log)
 
 
 def over_budget(out: Path, doc: Comparison) -> Optional[budget_curves.Curves]:

@@ -45,8 +45,9 @@ def _lib(module: str):
 class Registry:
     """Names -> builders ``(config, **context) -> piece`` of one kind."""
 
-    def __init__(self, kind: str, field: str):
+    def __init__(self, kind: str, field: str, of_classes: bool = False):
         self.kind, self.field = kind, field
+        self.of_classes = of_classes  # its pieces are classes (activations), not instances
         self._builders: Dict[str, Callable] = {}
 
     def register(self, name: str, builder: Callable,
@@ -81,6 +82,8 @@ class Registry:
                 raise UserError(f"{name!r} for {setting(self.field)} is not a class; name a "
                                 f"{self.kind} class as module:Class (a function is registered "
                                 f"from Python with {self.kind.upper()}S.register)")
+            if self.of_classes:  # the class itself is the piece: the network makes each one
+                return lambda config, **context: obj
             return _as_builder(obj)
         raise UserError(f"unknown {self.kind} {name!r} for {setting(self.field)}; choose one "
                         f"of {', '.join(self._builders)} or name your own as module:attribute")
@@ -185,7 +188,7 @@ def _activation(name: str) -> Callable:
     return build
 
 
-ACTIVATIONS = Registry("activation", "activation")
+ACTIVATIONS = Registry("activation", "activation", of_classes=True)
 for _name, _class in (("relu", "ReLU"), ("elu", "ELU"), ("tanh", "Tanh"), ("softplus", "Softplus")):
     ACTIVATIONS.register(_name, _activation(_class))
 

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import distributed, guides, logs, plots
+from .config import local_family_of
 from .errors import UserError, setting
 from .evaluate import Scores, evaluate_model, figure_arrays
 from .heldout import EVAL_SEED, eval_pixels
@@ -35,6 +36,9 @@ def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local:
     """``evaluate_model`` on a trained run's held-out split (its first ``test_size`` rows,
     under the fixed evaluation binarization), with the figures' arrays."""
     held_out = trained.splits.get(split).head(trained.config.test_size)
+    family = local_family_of(trained.config)  # q*'s family: the run's --local-family
+    if family is not None:
+        local_options = {"family": family, **(local_options or {})}
     x = eval_pixels(trained.config, held_out)
     scores = evaluate_model(trained.model, trained.guide, x, num_particles, local=local,
                             proposal=proposal, seed=EVAL_SEED, progress=progress,
@@ -68,7 +72,8 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
                  proposal: str = "auto", local: Optional[bool] = None,
                  test_size: Optional[int] = None, device: Optional[str] = None,
                  progress: bool = True, log=logs.info, warn=logs.warning,
-                 trust_code: bool = False, given=None) -> dict:
+                 trust_code: bool = False, given=None,
+                 local_family: Optional[str] = None) -> dict:
     """Evaluate the run in ``run_dir``; writes eval.json, arrays.npz and four PNG figures
     (``split="valid"``: ``eval_valid.json`` under ``valid_*`` names, beside the test's).
 
@@ -83,6 +88,7 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     (``eval.json`` says which epoch). A finished run whose newest checkpoint is unreadable
     is refused rather than scored at an older epoch than its summary. Code that the
     checkpoint names is imported only with ``trust_code`` or when ``given`` names it.
+    ``local_family``: q*'s family (``Config.local_family``; None: the run's own setting).
     """
     if proposal not in ("auto", "guide", "local"):
         raise UserError(f"unknown proposal {proposal!r}; choose one of auto, guide, local")
@@ -107,7 +113,7 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
         lock(run_dir, "evaluate")
     try:
         return _evaluate_locked(run_dir, num_particles, split, proposal, local, test_size,
-                                device, progress, log, warn, trust_code, given)
+                                device, progress, log, warn, trust_code, given, local_family)
     except KeyboardInterrupt:
         kept = ("the previous evaluation is kept as it was" if (run_dir / "eval.json").exists()
                 else "no evaluation was written")
@@ -123,10 +129,13 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
 
 
 def _evaluate_locked(run_dir: Path, num_particles, split, proposal, local, test_size, device,
-                     progress, log, warn, trust_code, given) -> dict:
+                     progress, log, warn, trust_code, given, local_family=None) -> dict:
     finished = (run_dir / "summary.json").exists()
     trained = load_trained(run_dir, device, test_size, fallback=not finished, warn=warn,
                            trust_code=trust_code, given=given)
+    if local_family is not None:  # q* in another family than the run's setting
+        trained = trained._replace(config=trained.config.replace(
+            local_family=local_family).validate())
     if not (run_dir / MARKER).exists():
         raise UserError(f"{run_dir} lacks the {MARKER} marker of a folder that ppl_vae wrote, so "
                         f"evaluate will not write its files there; evaluate a ppl_vae run folder "
@@ -173,7 +182,8 @@ def _write_set(folder: Path, trained, arrays, results) -> list:
     np.savez_compressed(folder / "arrays.npz", **arrays)
     history = [m._asdict() for m in trained.history]
     made = plots.run_figures(folder, folder / "arrays.npz", arrays["labels"],
-                             trained.config.guide, history)
+                             trained.config.guide, history, split=results["split"],
+                             per_datapoint=bool(guides.local_parameters(trained.guide)))
     write_json(folder / "eval.json", results)
     return [p.name for p in made]
 

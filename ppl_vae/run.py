@@ -24,8 +24,8 @@ import torch
 
 from . import checkpoint, data, distributed, guides, logs, memory
 from .config import (OBJECTIVES, RESUMABLE, Config, build_guide, build_model,
-                     build_objective, code_names, guide_settings, lr_factor, require_consent,
-                     resolve_device)
+                     build_objective, code_names, guide_settings, local_family_of, lr_factor,
+                     require_consent, resolve_device)
 from .errors import UserError, setting
 from .compiled import compiled_run
 from .evaluate import Estimate
@@ -37,8 +37,8 @@ from .rundir import (RunDir, check_gaps, check_out, is_regular, read_mapping, re
                      resolve_link, set_aside_stale_evaluation, write_config, write_json)
 from .rng import seeded
 from .tracking import open_tracker
-from .train import (DivergenceError, EpochMetrics, Interrupted, LRSchedule, Position, StepBudget, fit,
-                    kl_warmup)
+from .train import (DivergenceError, EpochMetrics, Interrupted, LRSchedule, Position, StepBudget,
+                    fit)
 
 # settings a resumed run must share with its checkpoint: every setting but the few that may
 # change (config.RESUMABLE), which are recorded in config.json's resumes
@@ -181,7 +181,7 @@ def check_compatible(saved: Config, config: Config) -> dict:
 
 
 def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
-              resume: bool = False, progress: bool = True,
+              resume: bool = False, progress=None,
               log: Callable[[str], None] = logs.info, trust_code: bool = False,
               state: Optional[dict] = None,
               then: Optional[Callable[[], object]] = None) -> Optional["Summary"]:
@@ -189,7 +189,8 @@ def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = Fals
     (under torchrun: rank 0 scores and writes it; the other processes return None).
     ``trust_code``: a resumed checkpoint may name code (``module:Class``) that ``config``
     does not (see ``config.require_consent``). ``state``: the checkpoint a resume continues,
-    already read (``resumed_config``); None reads it. ``then`` is called (on every process)
+    already read (``resumed_config``); None reads it. ``progress``: ``train.fit``'s (None: a bar
+    where stderr is a terminal). ``then`` is called (on every process)
     once summary.json is written, while the folder's lock is still held: ``train
     --evaluate`` evaluates there, so no other process writes the folder in between."""
     trained = fit_run(config, out, overwrite, resume, progress, log, trust_code, state)
@@ -222,7 +223,7 @@ def holding(trained: "Trained"):
 
 
 def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
-            resume: bool = False, progress: bool = True,
+            resume: bool = False, progress=None,
             log: Callable[[str], None] = logs.info, trust_code: bool = False,
             state: Optional[dict] = None) -> Trained:
     """Train per ``config`` (writing config, metrics and checkpoints when ``out`` is given).
@@ -363,7 +364,7 @@ def pieces_of(config: Config):
         if not names:
             raise
         what = "; ".join(f"{setting(f)} {n} must be {ROLES[f]}" for f, n in names.items())
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = (str(e).strip().splitlines() or [""])[0]  # whole, not cut mid-word
         raise UserError(f"your own piece failed on a probe batch of 2 training rows "
                         f"({type(e).__name__}: {first}); {what}") from None
 
@@ -596,7 +597,8 @@ def _gap_tracker(config: Config, model, guide, splits: data.Splits, n: int,
     x_train = train_pixels(config, splits.train, config.gap_rows)
     x_test = eval_pixels(config, splits.test, config.gap_rows)
     return GapTracker(model, guide, x_train, n, x_test, config.gap_epochs, config.epochs,
-                      config.gap_particles, lambda: folder.file("gaps.jsonl"))
+                      config.gap_particles, lambda: folder.file("gaps.jsonl"),
+                      local_family=local_family_of(config))
 
 
 def _write_metrics(path: Path, history) -> None:

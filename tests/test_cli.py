@@ -169,8 +169,8 @@ def test_device_cuda_without_cuda(tmp_path, capsys):
 
 
 def test_evaluate_bad_options(amortized_run, capsys):
-    for extra in (["--num-particles", "0"], ["--split", "train"], ["--proposal", "prior"],
-                  ["--test-size", "0"]):
+    for extra in (["--num-particles-eval", "0"], ["--split", "train"], ["--proposal", "prior"],
+                  ["--rows", "0"], ["--local-family", "banana"]):
         assert cli.main(["evaluate", str(amortized_run), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and err.count("\n") == 1, extra
@@ -180,7 +180,7 @@ def test_evaluate_bad_options(amortized_run, capsys):
 def test_evaluate_writes_eval_json_and_figures(tmp_path, amortized_run, cached_mnist):
     run = tmp_path / "run"
     shutil.copytree(amortized_run, run)
-    assert cli.main(["evaluate", str(run), "--num-particles", "50", "--test-size", "100"]) == 0
+    assert cli.main(["evaluate", str(run), "--num-particles-eval", "50", "--rows", "100"]) == 0
     ev = json.loads((run / "eval.json").read_text())
     for key in ("test_elbo", "test_log_px", "test_log_px_stderr", "num_particles", "rate",
                 "distortion", "active_units", "seconds"):

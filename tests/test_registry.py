@@ -76,3 +76,22 @@ def test_the_library_speaks_through_logging(tmp_path, cached_mnist, caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "ppl_vae"]
     assert any(m.startswith("epoch   1") for m in messages)
     assert any(m.startswith("test ELBO") for m in messages)
+
+
+def test_an_activation_named_as_module_class_is_used_as_a_class(tmp_path, cached_mnist):
+    """--activation torch.nn:ELU: the network makes its own ELU layers from the class (it was
+    built as an instance and refused by the probe)."""
+    import json
+
+    import torch
+
+    from ppl_vae import cli
+    from ppl_vae.run import load_trained
+    out = tmp_path / "elu"
+    assert cli.main(["train", "--activation", "torch.nn:ELU", "--train-size", "300",
+                     "--valid-size", "20", "--test-size", "40", "--epochs", "1", "--hidden",
+                     "16", "--latent-dim", "3", "--batch-size", "100", "--compile", "off",
+                     "--no-progress", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["activation"] == "torch.nn:ELU"
+    model = load_trained(out, trust_code=True).model
+    assert any(isinstance(m, torch.nn.ELU) for m in model.decoder.modules())
