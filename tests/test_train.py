@@ -342,9 +342,10 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cached_mnist,
 
 
 def test_resume_refuses_a_different_architecture(tmp_path, cached_mnist):
-    run.train_run(TINY.replace(epochs=1), tmp_path, progress=False, log=_quiet)
+    out = tmp_path / "run"
+    run.train_run(TINY.replace(epochs=1), out, progress=False, log=_quiet)
     with pytest.raises(UserError, match="latent_dim"):
-        run.train_run(TINY.replace(latent_dim=4), tmp_path, resume=True, progress=False, log=_quiet)
+        run.train_run(TINY.replace(latent_dim=4), out, resume=True, progress=False, log=_quiet)
     with pytest.raises(UserError, match="--resume"):
         run.train_run(TINY, tmp_path / "empty", resume=True, progress=False, log=_quiet)
 

@@ -301,6 +301,7 @@ EFFECTS = {
                    [1], _gap_epochs),
     "gap_rows": (GAPS, ["--gap-rows", "7"], 7, _gaps("num_rows", 7)),
     "gap_particles": (GAPS, ["--gap-particles", "3"], 3, _gaps("num_particles", 3)),
+    "local_family": (GAPS, ["--local-family", "full"], "full", _gaps("local_family", "full")),
     "seed": ([], ["--seed", "4"], 4, _differs),
     "device": ([], ["--device", "auto"], "auto", _device),
     "valid_fraction": ([], ["--valid-fraction", "0.5"], 0.5, _data_entry),
@@ -311,7 +312,7 @@ EFFECTS = {
 # compile: a torch.compile; the per-datapoint guide: a test-time fit of q* (~10 s a run here)
 # and the gap curves: a 500-step local fit per split and gap epoch
 SLOW_EFFECTS = {"compile", "local_lr", "inner_steps", "local_init", "gap_epochs", "gap_rows",
-                "gap_particles"}
+                "gap_particles", "local_family"}
 _BASES = {}  # base options -> the run, shared by the cases that start from the same base
 
 
