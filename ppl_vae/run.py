@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import statistics
 import os
 import resource
 import time
@@ -85,6 +86,11 @@ class Summary:
     memory: dict = field(default_factory=dict)
     gap_tracking_seconds: Optional[float] = None
     compiled: bool = False  # the step ran compiled (compiled.choose; a failed compile warns)
+    # the first epoch holds a compile and warm-up; the steady state is the later epochs'
+    # median (None for a run of one epoch)
+    first_epoch_seconds: Optional[float] = None
+    steady_seconds_per_epoch: Optional[float] = None
+    steady_steps_per_second: Optional[float] = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -98,7 +104,9 @@ class Summary:
              "seconds_per_epoch": self.seconds_per_epoch,
              "steps_per_second": self.steps_per_second,
              "gap_tracking_seconds": self.gap_tracking_seconds, "compiled": self.compiled,
-             **self.memory}
+             "first_epoch_seconds": self.first_epoch_seconds,
+             "steady_seconds_per_epoch": self.steady_seconds_per_epoch,
+             "steady_steps_per_second": self.steady_steps_per_second, **self.memory}
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -619,6 +627,20 @@ def memory_summary(trained: Trained) -> dict:
     return out
 
 
+def steady_state(history) -> dict:
+    """The first epoch's seconds (a compile and warm-up are in it) apart from the steady
+    state: the median seconds of the later epochs, and their steps per second."""
+    if not history:
+        return {}
+    out = {"first_epoch_seconds": history[0].seconds}
+    later = [m for m in history[1:] if m.seconds > 0]
+    if later:
+        seconds = statistics.median(m.seconds for m in later)
+        steps = (history[-1].steps - history[0].steps) / len(later)
+        out.update(steady_seconds_per_epoch=seconds, steady_steps_per_second=steps / seconds)
+    return out
+
+
 def finish(trained: Trained, out: Optional[Path], log: Callable[[str], None] = logs.info,
            test: Optional[Estimate] = None, release: bool = True) -> Summary:
     """Score the trained model's own guide on the test set and write ``summary.json``.
@@ -657,7 +679,8 @@ def _finish(trained: Trained, out: Optional[Path], log, test: Optional[Estimate]
         guide=trained.config.guide, dataset=trained.config.dataset,
         binarize=trained.config.binarize, memory=memory_summary(trained),
         gap_tracking_seconds=trained.gap_seconds, compiled=compiled_run(
-            trained.config, trained.guide, len(trained.splits.train)))
+            trained.config, trained.guide, len(trained.splits.train)),
+        **steady_state(history))
     log(f"test ELBO {test.mean:.2f} +- {test.stderr:.2f} nats ({_epochs(len(history))}, "
         f"{summary.seconds_per_epoch:.1f} s/epoch)")
     _warn_if_absurd(summary, trained.config.lr, log)

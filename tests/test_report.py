@@ -22,7 +22,9 @@ SUMMARY = Summary(test_elbo=-100.0, test_elbo_stderr=0.1, test_rows=200, epochs=
                   seconds_per_epoch=1.0, train_seconds=2.0, steps_per_second=20.0,
                   eval_seconds=None, final_train_elbo=-101.0, final_valid_elbo=-100.5,
                   guide="g", dataset="mnist", binarize="dynamic",
-                  memory={"param_mb": 1.0, "peak_rss_mb": 100.0}, gap_tracking_seconds=3.0)
+                  memory={"param_mb": 1.0, "peak_rss_mb": 100.0}, gap_tracking_seconds=3.0,
+                  first_epoch_seconds=1.2, steady_seconds_per_epoch=0.8,
+                  steady_steps_per_second=25.0)
 
 
 def _scores(log_px=-97.0, amortization_gap=1.0, views=(), num_particles=1000):

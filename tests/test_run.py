@@ -184,3 +184,18 @@ def test_ctrl_c_in_evaluate_speaks_of_the_evaluation(finished_run, capsys, monke
     assert err.count("\n") == 1
     assert not (finished_run / "eval.json").exists()
     assert not (finished_run / rundir.LOCK).exists()
+
+
+def test_the_first_epoch_is_reported_apart_from_the_steady_state():
+    """A compile in the first epoch does not inflate the steady-state rate: the summary gives
+    the first epoch's seconds and the later epochs' median apart."""
+    from ppl_vae.run import steady_state
+    from ppl_vae.train import EpochMetrics
+    history = [EpochMetrics(1, -100.0, -99.0, 9.9, 9.9, 100, 1.0),
+               EpochMetrics(2, -99.0, -98.0, 1.6, 11.5, 200, 1.0),
+               EpochMetrics(3, -98.0, -97.0, 1.8, 13.3, 300, 1.0),
+               EpochMetrics(4, -97.0, -96.0, 1.5, 14.8, 400, 1.0)]
+    s = steady_state(history)
+    assert s["first_epoch_seconds"] == 9.9 and s["steady_seconds_per_epoch"] == 1.6
+    assert s["steady_steps_per_second"] == pytest.approx(100 / 1.6)
+    assert steady_state(history[:1]) == {"first_epoch_seconds": 9.9} and steady_state([]) == {}
