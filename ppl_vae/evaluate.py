@@ -254,6 +254,20 @@ class Scores:
                    local_family=local_family)
 
 
+def why_no_amortization_gap(per_datapoint: bool, guide_family: Optional[str],
+                            q_family: Optional[str]) -> str:
+    """Why a guide scored with q* has no amortization gap, in words (what ``eval.json``'s
+    ``amortization_gap_why`` and the report say)."""
+    if per_datapoint:
+        return "a per-datapoint table: its q on held-out rows is a local fit, q* itself"
+    if q_family is None:
+        return "q* was not fitted (--local)"
+    return (f"q* was fitted in the {q_family} family and the guide's q is "
+            f"{'in ' + guide_family if guide_family else 'in no family q* can take'}: the gap "
+            f"compares q with the best member of its own family (--local-family names q*'s; "
+            f"a guide says its own with local_family())")
+
+
 def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
                    local: bool = True, proposal: str = "auto", seed: int = 0,
                    local_options: Optional[dict] = None, progress: bool = True,

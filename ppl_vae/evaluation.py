@@ -15,7 +15,7 @@ import numpy as np
 from . import distributed, guides, logs, plots
 from .config import local_family_of
 from .errors import UserError, setting
-from .evaluate import Scores, evaluate_model, figure_arrays
+from .evaluate import Scores, evaluate_model, figure_arrays, why_no_amortization_gap
 from .heldout import EVAL_SEED, eval_pixels
 from .rundir import (EVALUATION, MARKER, check_files, check_gaps, check_kind, expect,
                      is_regular, lock, read_mapping, recover, refuse_writer, replace_folder,
@@ -203,6 +203,11 @@ def _evaluate_into(run_dir: Path, trained, num_particles, proposal, local, split
                "dataset": trained.config.dataset, "binarize": trained.config.binarize,
                "epochs": len(trained.history), "finished": finished,
                "checkpoint": trained.checkpoint, "device": str(trained.device)}
+    if scores.amortization_gap is None:  # said, not left a bare null
+        own = guides.local_family(trained.guide)
+        results["amortization_gap_why"] = why_no_amortization_gap(
+            bool(guides.local_parameters(trained.guide)), own.name if own else None,
+            scores.local_family)
     if split != "test":  # another split's numbers, under its own names, beside the test's
         write_json(run_dir / f"eval_{split}.json", results)
         return scores, results, []

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 import numpy as np
 
 from . import plots
-from .evaluate import Scores
+from .evaluate import Scores, why_no_amortization_gap
 from .seeds import MIN_SEEDS
 
 if TYPE_CHECKING:
@@ -141,8 +141,8 @@ def _settings_text(comparison: "Comparison") -> str:
 
 
 def gap_notes(comparison: "Comparison") -> str:
-    """Why a guide's amortization gap is n/a, and what its approximation gap is when its
-    family is not q*'s diagonal Normal."""
+    """Why a guide's amortization gap is n/a, and what its approximation gap is when its q is
+    not in q*'s family (``Scores.local_family``)."""
     notes = []
     for g in comparison.guides:
         runs = comparison.runs_of(g)
@@ -150,33 +150,22 @@ def gap_notes(comparison: "Comparison") -> str:
             continue
         r = runs[0]
         table, fam, scores = r.per_datapoint, r.family, r.scores
-        diagonal = fam == "diagonal normal"
+        q_family = scores.local_family or "diagonal"
+        own = scores.amortization_gap is not None or table  # q* in the guide's own family
         called = f" ({fam})" if fam else ""
         if scores.amortization_gap is None and scores.approximation_gap is not None:
-            if table:
-                notes.append(f"The {g} guide's amortization gap is n/a: it is a per-datapoint "
-                             f"table, fitted to each test row already (its held-out q is "
-                             f"itself a local fit, so L[q*] - L[q] is not an amortization "
-                             f"gap).")
-            elif not diagonal:
-                notes.append(f"The {g} guide's amortization gap is n/a: its family{called} "
-                             f"is not q*'s diagonal Normal family, so L[q*] - L[q] would "
-                             f"compare two families, not a guide with the best member of its "
-                             f"own family.")
-        if not table and not diagonal and scores.approximation_gap is not None:
+            notes.append(f"The {g} guide's amortization gap is n/a: "
+                         f"{why_no_amortization_gap(table, fam, q_family)}.")
+        if not own and scores.approximation_gap is not None:
             notes.append(f"The {g} guide's approximation gap is log p(x) - L[q*] with a "
-                         f"diagonal Normal q*: the diagonal family's approximation gap, not "
+                         f"{q_family} q*: the {q_family} family's approximation gap, not "
                          f"that of the {g} guide's own family{called}.")
     return "\n" + "".join(f"- {n}\n" for n in notes) if notes else ""
 
 
 def _why_na(r: "GuideRun") -> str:
-    if r.per_datapoint:
-        return "n/a (a per-datapoint table, fitted locally already)"
-    if r.family != "diagonal normal":
-        return (f"n/a (family {r.family or 'unstated'}, not q*'s diagonal Normal; the "
-                f"approx gap is the diagonal family's)")
-    return "n/a"
+    q_family = r.scores.local_family or ("diagonal" if r.scores.elbo_local else None)
+    return f"n/a ({why_no_amortization_gap(r.per_datapoint, r.family, q_family)})"
 
 
 def line(who: str, r: "GuideRun") -> str:

@@ -100,7 +100,9 @@ class Interrupted(Exception):
     abandoned with nothing applied; ``position`` is where to resume."""
 
     def __init__(self, position: Position):
-        super().__init__(f"interrupted at epoch {position.epoch + 1}, step {position.step}")
+        where = (f"after epoch {position.epoch}" if position.step == 0 and position.epoch
+                 else f"at epoch {position.epoch + 1}, step {position.step}")
+        super().__init__(f"interrupted {where}")  # a whole epoch is not called the next one
         self.position = position
         self.kept: Optional[str] = None  # what was kept, when not the checkpoint to resume
 

@@ -338,3 +338,25 @@ def test_local_family_is_a_setting_that_reaches_the_comparison(tmp_path, cached_
     assert own["amortization_gap"] is not None
     assert full["per_seed"]["0"]["local_family"] == "full" and full["amortization_gap"] is None
     assert full["test_elbo_local"] != own["test_elbo_local"]
+
+
+def test_evaluate_says_why_a_guide_has_no_amortization_gap(tmp_path, cached_mnist):
+    """eval.json of a guide scored with q* in another family gives the reason beside the
+    null (compare's report says the same words)."""
+    import json
+
+    from ppl_vae import cli
+    out = tmp_path / "run"
+    assert cli.main(["train", "--train-size", "300", "--valid-size", "20", "--test-size", "30",
+                     "--epochs", "1", "--hidden", "16", "--latent-dim", "3", "--batch-size",
+                     "100", "--compile", "off", "--no-progress", "--out", str(out)]) == 0
+    assert cli.main(["evaluate", str(out), "--num-particles-eval", "5", "--local",
+                     "--local-family", "full", "--no-progress"]) == 0
+    doc = json.loads((out / "eval.json").read_text())
+    assert doc["amortization_gap"] is None and doc["local_family"] == "full"
+    assert "q* was fitted in the full family and the guide's q is in diagonal" in \
+        doc["amortization_gap_why"]
+    assert cli.main(["evaluate", str(out), "--num-particles-eval", "5", "--local",
+                     "--no-progress"]) == 0
+    doc = json.loads((out / "eval.json").read_text())
+    assert doc["amortization_gap"] is not None and "amortization_gap_why" not in doc

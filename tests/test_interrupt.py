@@ -96,7 +96,7 @@ def _assert_clean_interrupt(proc, tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("interrupted at epoch"), err
+    assert len(lines) == 1 and lines[0].startswith(("interrupted at epoch", "interrupted after epoch")), err
 
 
 def test_ctrl_c_during_a_step_of_many_inner_updates(tmp_path):
@@ -286,3 +286,11 @@ def test_ctrl_c_in_the_last_epochs_scoring_is_not_lost():
     with pytest.raises(train.Interrupted) as e:
         _fit(cut, objectives.ELBO(), callbacks=[ScoreLast()])
     assert (e.value.position.epoch, e.value.position.step) == (2, 0)
+
+
+def test_an_interruption_between_epochs_names_the_epoch_that_finished():
+    """Ctrl-C once the last of 3 epochs is done (scoring) is "after epoch 3", not "at epoch 4"."""
+    from ppl_vae.train import Interrupted, Position
+    assert str(Interrupted(Position(3, 0, 0.0, 0.0, 1.0, 30, 0))) == "interrupted after epoch 3"
+    assert str(Interrupted(Position(0, 0, 0.0, 0.0, 0.0, 0, 0))) == "interrupted at epoch 1, step 0"
+    assert str(Interrupted(Position(1, 7, 0.0, 0.0, 1.0, 17, 7))) == "interrupted at epoch 2, step 7"

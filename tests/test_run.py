@@ -199,3 +199,22 @@ def test_the_first_epoch_is_reported_apart_from_the_steady_state():
     assert s["first_epoch_seconds"] == 9.9 and s["steady_seconds_per_epoch"] == 1.6
     assert s["steady_steps_per_second"] == pytest.approx(100 / 1.6)
     assert steady_state(history[:1]) == {"first_epoch_seconds": 9.9} and steady_state([]) == {}
+
+
+def test_a_pieces_failure_is_said_whole_not_cut_mid_word(tmp_path, cached_mnist, monkeypatch,
+                                                         capsys):
+    """A user's piece that fails on the probe batch: its whole first line is in the message
+    (it was cut at 160 characters, mid-word)."""
+    from ppl_vae import cli
+    end = "and this is the end of a long message that names the cause"
+    (tmp_path / "longfail.py").write_text(
+        "class Fails:\n"
+        "    def __call__(self, model, guide, batch):\n"
+        f"        raise RuntimeError('x' * 200 + ' {end}')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = cli.main(["train", "--objective", "longfail:Fails", "--train-size", "300",
+                     "--valid-size", "20", "--test-size", "30", "--epochs", "1",
+                     "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and end in err and err.count("\n") == 1, err
