@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -118,8 +119,11 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
             folder = run_folder(out, guide, seed, len(seeds) > 1)
             if resume and (folder / RECORD).exists():
                 continue
-            started = resume and any((folder / n).exists() for n in CHECKPOINTS[:2])
-            RunDir(folder, overwrite and not started, resume=started, resumable=False)
+            found = resume and _started(folder)
+            started = found and _same_run(_saved_config(folder), config.replace(
+                guide=guide, seed=seed))
+            RunDir(folder, (overwrite or found) and not started, resume=started,
+                   resumable=False)
     splits = load_splits(config, torch.device("cpu"))  # bad data: refused before any folder
     per_epoch = steps_per_epoch(config, splits)
     plans = {}
@@ -210,31 +214,65 @@ def check_resume(out: Path, plan: dict) -> None:
                         f"{setting('overwrite')} to start it again")
 
 
-def _write_record(folder: Path, run: GuideRun, arrays: Optional[dict]) -> None:
+def _started(folder: Path) -> bool:
+    """Whether a guide's run folder holds a checkpoint to continue."""
+    return any((folder / n).exists() for n in CHECKPOINTS[:2])
+
+
+def _saved_config(folder: Path) -> Optional[dict]:
+    try:
+        path = folder / "config.json"
+        return json.loads(path.read_text()).get("config") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _same_run(saved, run_config: Config) -> bool:
+    """Whether a run's saved settings (a record's, a config.json's) are ``run_config``'s, but
+    for what a resume may change: a run of another comparison is never taken as this one's."""
+    if not isinstance(saved, dict):
+        return False
+    return all(saved.get(k) == v for k, v in run_config.to_dict().items()
+               if k not in PLAN_MAY_CHANGE)
+
+
+def _write_record(folder: Path, run: GuideRun, arrays: Optional[dict],
+                  run_config: Config) -> None:
     """A scored guide run's record (and its figures' arrays) in its folder, the record last:
-    a run with a record is finished and a resume takes it as it is."""
+    a run with a record is finished and a resume takes it as it is (if its settings are the
+    comparison's)."""
     if arrays is not None:
         tmp = folder / (FIGURE_ARRAYS + ".tmp.npz")
         np.savez_compressed(tmp, **arrays)
         tmp.replace(folder / FIGURE_ARRAYS)
-    write_json(folder / RECORD, run.to_record())
+    write_json(folder / RECORD, {**run.to_record(), "config": run_config.to_dict()})
 
 
-def _read_record(folder: Path, guide: str, seed: int, cost) -> Optional[GuideRun]:
-    """The record ``_write_record`` left (None: the run is not finished, or its record is
-    unreadable, and is trained or scored again)."""
+def _read_record(folder: Path, run_config: Config, cost) -> Optional[GuideRun]:
+    """The record ``_write_record`` left of the run ``run_config`` describes (None: the run is
+    not finished, its record is unreadable or not a regular file, or it is another
+    comparison's run, and it is trained or scored again)."""
+    path = folder / RECORD
     try:
-        run = GuideRun.from_record(json.loads((folder / RECORD).read_text()), cost)
-    except (OSError, ValueError, KeyError, TypeError):
+        if not path.is_file():  # a named pipe is no record (and would block a read)
+            return None
+        doc = json.loads(path.read_text())
+        if not _same_run(doc.get("config"), run_config):
+            return None
+        run = GuideRun.from_record(doc, cost)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return run if (run.guide, run.seed) == (guide, seed) else None
+    return run if (run.guide, run.seed) == (run_config.guide, run_config.seed) else None
 
 
 def _read_arrays(folder: Path) -> Optional[dict]:
+    path = folder / FIGURE_ARRAYS
     try:
-        with np.load(folder / FIGURE_ARRAYS, allow_pickle=False) as f:
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError):
+    except (OSError, ValueError, zipfile.BadZipFile):
         return None
 
 
@@ -266,7 +304,6 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     settings are ``--quick``'s first look, and the report says it is no verdict.
     """
     seeds = tuple(seeds) if seeds is not None else (config.seed,)
-    several = len(seeds) > 1
     world = distributed.current()
     budget = budget.resolve(config)  # an epochs budget records its epochs
     plan = plan_of(config, guides, seeds, budget, num_particles, local_rows, local_options)
@@ -279,6 +316,23 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     distributed.refuse_unless_all(error, world)
     if world.main:
         rundir.mark(out, "comparison")
+        rundir.lock(out, "compare")  # one comparison writes the folder, to its results
+    try:
+        return _run_comparison(config, out, num_particles, overwrite, progress, log, guides,
+                               seeds, budget, local_rows, local_options, resume, quick,
+                               splits, plans, plan)
+    finally:
+        if world.main:
+            rundir.unlock(out)
+
+
+def _run_comparison(config, out, num_particles, overwrite, progress, log, guides, seeds,
+                    budget, local_rows, local_options, resume, quick, splits, plans,
+                    plan) -> dict:
+    """``compare``'s work once its folder is checked, marked and locked."""
+    world = distributed.current()
+    several = len(seeds) > 1
+    if world.main:
         if not resume:  # an overwrite's old results go first; the plan makes it resumable
             for name in ("results.json", "report.md"):
                 (out / name).unlink(missing_ok=True)
@@ -293,7 +347,8 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
         for guide in guides:
             folder = run_folder(out, guide, seed, several)
             who = f"{guide} guide, seed {seed}" if several else f"{guide} guide"
-            run = _read_record(folder, guide, seed, plans[guide][1]) if resume else None
+            run = (_read_record(folder, plans[guide][0].replace(seed=seed), plans[guide][1])
+                   if resume else None)
             if run is not None:
                 log(f"== the {who} is finished: kept as it is")
             else:
@@ -343,7 +398,7 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
                        summary, Compute(cost, summary.steps, summary.epochs,
                                         summary.train_seconds),
                        _family(trained), per_datapoint, local)
-        _write_record(folder, run, figs)
+        _write_record(folder, run, figs, run_config)
     log(report.line(who, run))
     return run
 
@@ -352,7 +407,9 @@ def _trained(run_config: Config, cost, folder: Path, who: str, overwrite: bool, 
              progress, log):
     """The guide's run, its folder locked: trained, continued from its checkpoint, or (a
     run trained and summarised whose record a kill prevented) loaded to be scored again."""
-    started = resume and any((folder / n).exists() for n in CHECKPOINTS[:2])
+    found = resume and _started(folder)
+    started = found and _same_run(_saved_config(folder), run_config)
+    overwrite = overwrite or (found and not started)  # another comparison's run: replaced
     if started and (folder / "summary.json").exists():
         log(f"== the {who} was trained: scoring it again")
         held = RunDir(folder, resume=True, resumable=False).create()  # its lock, kept

@@ -25,7 +25,9 @@ RECORD_KEYS = {"data", "command", "versions", "device", "world_size", "resumes",
                "seed_schedule", "guide_settings", "differences", "ran", "local_options"}
 # a comparison's record names some options as the Python API does
 RECORD_NAMES = {"num_particles": "num_particles_eval"}
-NOT_SETTINGS = {"help", "config", "run_dir"}  # options a file cannot set
+# options a file cannot set: consent to run code, and consent to replace or continue what
+# is on disk, are given on the command line by whoever runs it, never by a file
+NOT_SETTINGS = {"help", "config", "run_dir", "trust_code", "overwrite", "resume"}
 
 
 def read(path) -> dict:

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -119,10 +118,11 @@ class Comparison:
 
     def to_json(self) -> dict:
         """One layout for one seed or many: every guide's entry holds the means over seeds of
-        its numbers at the top (a ``*_stderr`` there is the Monte Carlo standard error of that
-        mean, sqrt(sum of the seeds' squared errors) / seeds, not an average of errors), the
-        spread of each over seeds (``over_seeds``; its ``sd`` is None for one seed) and every
-        seed's own record (``per_seed``, keyed by the seed)."""
+        its numbers at the top, the spread of each over seeds (``over_seeds``; its ``sd`` is
+        None for one seed) and every seed's own record (``per_seed``, keyed by the seed).
+        A seed's standard errors (over the test rows) are in its record only: every seed
+        scores the same rows, so their errors are correlated and no combination of them is
+        the error of the mean over seeds; the sd over seeds is."""
         doc = {"date": self.date, "config": self.config, "versions": self.versions,
                "device": self.device, "guides": self.guides, "data": self.data,
                "command": self.command, "seeds": self.seeds, "seed_schedule": SCHEDULE,
@@ -136,11 +136,8 @@ class Comparison:
             spreads = {k: self.spread(guide, k) for k in keys}
             entry = {k: s.mean for k, s in spreads.items()
                      if s is not None and not k.endswith("_stderr")}
-            for k, s in spreads.items():
-                if s is not None and k.endswith("_stderr"):
-                    entry[k] = math.sqrt(sum(v * v for v in s.values)) / len(s.values)
             entry.update({k: None for r in runs for k, v in r.scores.to_json().items()
-                          if v is None and k not in entry})  # n/a (e.g. a table's amortization gap)
+                          if v is None and k not in entry and not k.endswith("_stderr")})  # n/a (e.g. a table's amortization gap)
             entry["over_seeds"] = {k: s.to_json() for k, s in spreads.items() if s is not None}
             if runs:
                 entry.update(family=runs[0].family, per_datapoint=runs[0].per_datapoint,

@@ -136,6 +136,16 @@ def test_an_overwrite_removes_the_old_results_first(tmp_path, mnist, monkeypatch
             run(out, overwrite=True)
     assert not (out / "results.json").exists() and not (out / "report.md").exists()
     assert without_times(run(out, resume=True)) == without_times(baseline)
+    # an overwrite with other settings, cut short: its resume keeps none of the old runs
+    shorter = TINY.replace(epochs=1, gap_epochs=(1,))
+    with monkeypatch.context() as mp:
+        _interrupt_at(mp, "evaluate_trained", 1)
+        with pytest.raises(KeyboardInterrupt):
+            compare(shorter, out, num_particles=5, progress=False, log=quiet, guides=GUIDES,
+                    seeds=SEEDS, local_rows=20, local_options=QUICK_FIT, overwrite=True)
+    doc = compare(shorter, out, num_particles=5, progress=False, log=quiet, guides=GUIDES,
+                  seeds=SEEDS, local_rows=20, local_options=QUICK_FIT, resume=True)
+    assert all(r["epochs"] == 1 for g in GUIDES for r in doc["ran"][g].values())
 
 
 SMALL = ["--guides", "amortized,meanfield", "--seeds", "2", "--train-size", "300",

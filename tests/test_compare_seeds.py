@@ -187,19 +187,20 @@ def test_the_same_seed_gives_the_same_numbers_again(runs):
     mine, theirs = one[guide]["per_seed"]["1"], both[guide]["per_seed"]["1"]
     assert without_times(mine) == without_times({**theirs, "folder": guide})
     assert one[guide]["test_log_px"] == theirs["test_log_px"] == mine["test_log_px"]
-    assert one[guide]["test_log_px_stderr"] == pytest.approx(mine["test_log_px_stderr"])
+    assert "test_log_px_stderr" not in one[guide]  # a seed's error is in its own record
     assert one[guide]["over_seeds"]["test_log_px"]["sd"] is None
     assert one["ran"] == {guide: {"1": {"epochs": 1, "steps": 3}}}
 
 
-def test_standard_errors_over_seeds_are_combined_not_averaged(runs):
-    """The mean over seeds of an estimate has the Monte Carlo standard error of a mean of
-    independent estimates, sqrt(sum se^2) / n, not the mean of the errors."""
+def test_standard_errors_over_seeds_are_not_averaged(runs):
+    """Every seed scores the same test rows, so their standard errors are correlated: the
+    mean over seeds carries none (the sd over seeds is its spread); each seed's own error
+    stays in its record; and each guide's epochs and steps are recorded as they ran."""
     _, both, _ = runs
     for guide in GUIDES:
-        se = [both[guide]["per_seed"][s]["test_log_px_stderr"] for s in ("0", "1")]
-        assert both[guide]["test_log_px_stderr"] == pytest.approx(
-            math.sqrt(se[0] ** 2 + se[1] ** 2) / 2)
+        assert not [k for k in both[guide] if k.endswith("_stderr")]
+        assert both[guide]["per_seed"]["0"]["test_log_px_stderr"] > 0
+        assert both[guide]["over_seeds"]["test_log_px"]["sd"] is not None
         assert both["ran"][guide] == {"0": {"epochs": 1, "steps": 3},
                                       "1": {"epochs": 1, "steps": 3}}
 

@@ -67,6 +67,8 @@ def test_a_comparisons_record_gives_back_its_plan(tmp_path):
     ("hidden = 400\n", "hidden must be a list such as [400], got 400"),
     ('dreg = "yes"\n', "dreg must be true or false, got 'yes'"),
     ("epochs = = 3\n", "is not valid TOML"),
+    ("trust_code = true\n", "unknown key 'trust_code' for train"),  # consent is not a file's
+    ("overwrite = true\n", "unknown key 'overwrite' for train"),
 ])
 def test_a_bad_file_is_one_line_with_exit_2(tmp_path, capsys, text, message):
     path = write(tmp_path, "bad.toml", text)
