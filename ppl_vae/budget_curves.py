@@ -25,6 +25,7 @@ from .seeds import Difference, Spread, paired
 QUANTITIES = ("log_px", "elbo", "elbo_local", "approximation_gap", "amortization_gap")
 NAMES = {"log_px": "log p(x)", "elbo": "L[q]", "elbo_local": "L[q*]",
          "approximation_gap": "approximation gap", "amortization_gap": "amortization gap"}
+CROSSED = ("log_px", "elbo", "approximation_gap")  # the rankings whose crossings are found
 HIGHER_IS_BETTER = {"log_px": True, "elbo": True, "elbo_local": True,
                     "approximation_gap": False, "amortization_gap": False}
 
@@ -140,7 +141,7 @@ def collect(runs: Dict[str, Dict[int, Tuple[List[dict], List[dict], float, Optio
                     if va and vb and set(va) & set(vb):
                         curves.differences.append((epoch, paired(q, a, b, va, vb)))
             for unit in ("epochs", "passes", "flops"):
-                for q in ("log_px", "elbo"):
+                for q in CROSSED:
                     curves.crossings.extend(crossings(points[a], points[b], a, b, q, unit))
     return curves
 

@@ -232,7 +232,8 @@ def _same_run(saved, run_config: Config) -> bool:
     for what a resume may change: a run of another comparison is never taken as this one's."""
     if not isinstance(saved, dict):
         return False
-    return all(saved.get(k) == v for k, v in run_config.to_dict().items()
+    defaults = Config().to_dict()  # a setting newer than the run: its default held
+    return all(saved.get(k, defaults[k]) == v for k, v in run_config.to_dict().items()
                if k not in PLAN_MAY_CHANGE)
 
 
@@ -257,7 +258,8 @@ def _read_record(folder: Path, run_config: Config, cost) -> Optional[GuideRun]:
         if not path.is_file():  # a named pipe is no record (and would block a read)
             return None
         doc = json.loads(path.read_text())
-        if not _same_run(doc.get("config"), run_config):
+        saved = doc.get("config") or _saved_config(folder)  # a record before it held them
+        if not _same_run(saved, run_config):
             return None
         run = GuideRun.from_record(doc, cost)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

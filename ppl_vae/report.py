@@ -432,8 +432,8 @@ def over_budget(curves) -> str:
             f"each epoch.\n\n{head}{body}\n"
             + ("Rankings that cross (means over seeds; in compute, each guide's curve "
                "interpolated in log compute): " + "; ".join(crossed) + ".\n" if crossed else
-               "No ranking of log p(x) or L[q] crosses within the tracked budget, in epochs "
-               "or in compute.\n"))
+               "No ranking of log p(x), L[q] or the approximation gap crosses within the "
+               "tracked budget, in epochs or in compute.\n"))
 
 
 def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None) -> str:

@@ -277,3 +277,30 @@ def test_a_plan_saved_by_an_older_version_still_matches():
     assert _plan_differs(old, plan) is None
     old["config"]["device"] = "cuda"  # a resume may move to another device
     assert _plan_differs(old, plan) is None
+
+
+def test_a_record_without_its_settings_is_read_by_its_runs_config(tmp_path):
+    """A record written before records held their settings is taken when the run folder's
+    config.json is this comparison's run (a setting newer than the run at its default), and
+    refused when it is another's."""
+    from ppl_vae.compare import RECORD, _read_record
+    from ppl_vae.compute import StepCost
+    from ppl_vae.evaluate import Estimate, Scores
+    from ppl_vae.results import GuideRun
+    from ppl_vae.run import Summary
+    from ppl_vae.compute import Compute
+    cost = StepCost({"decoder": 1.0}, {"decoder": 1.0})
+    summary = Summary(-90.0, 0.5, 40, 2, 6, 1.0, 2.0, 3.0, None, -91.0, -92.0, "amortized",
+                      "mnist", "dynamic")
+    scores = Scores(split="test", rows=40, num_particles=5, proposal="guide",
+                    elbo=Estimate(-95.0, 1.0), log_px=Estimate(-90.0, 0.9), rate=3.0,
+                    distortion=92.0, active_units=3, seconds=1.0, log_px_seconds=0.5)
+    run = GuideRun("amortized", 0, "amortized/seed0", scores, summary,
+                   Compute(cost, 6, 2, 2.0), "diagonal normal", False, None)
+    mine = TINY.replace(guide="amortized", seed=0)
+    saved = mine.to_dict()
+    del saved["local_family"]  # the run predates the setting
+    (tmp_path / "config.json").write_text(json.dumps({"config": saved}))
+    (tmp_path / RECORD).write_text(json.dumps(run.to_record()))  # no "config" in it
+    assert _read_record(tmp_path, mine, cost).to_json() == run.to_json()
+    assert _read_record(tmp_path, mine.replace(epochs=3), cost) is None  # another's run
