@@ -27,7 +27,7 @@ from . import checkpoint, data, distributed, guides, logs, memory
 from .config import (OBJECTIVES, RESUMABLE, Config, build_guide, build_model,
                      build_objective, code_names, guide_settings, local_family_of, lr_factor,
                      require_consent, resolve_device)
-from .errors import UserError, setting
+from .errors import UserError, for_cli, setting
 from .compiled import compiled_run
 from .evaluate import Estimate
 from .heldout import (GapTracker, Validator, eval_pixels, held_out_elbo, read_gaps,
@@ -683,7 +683,7 @@ def _finish(trained: Trained, out: Optional[Path], log, test: Optional[Estimate]
         **steady_state(history))
     log(f"test ELBO {test.mean:.2f} +- {test.stderr:.2f} nats ({_epochs(len(history))}, "
         f"{summary.seconds_per_epoch:.1f} s/epoch)")
-    _warn_if_absurd(summary, trained.config.lr, log)
+    _warn_if_absurd(summary, trained, x_test, log)
     if out is not None:
         folder = trained.folder.path if trained.folder is not None else Path(out)
         # an evaluation of an earlier epoch (an evaluate while the run was cut short) is
@@ -707,11 +707,24 @@ def _finish(trained: Trained, out: Optional[Path], log, test: Optional[Estimate]
     return summary
 
 
-def _warn_if_absurd(summary: Summary, lr: float, log) -> None:
-    """A finite but absurd ELBO (a rate far too high) deserves a word, not silence."""
-    if not math.isfinite(summary.test_elbo) or summary.test_elbo < -1e5:
-        log(f"warning: the test ELBO {summary.test_elbo:.3g} is absurd: training went astray; "
-            f"try a smaller learning rate (--lr; it was {lr:g})")
+def _warn_if_absurd(summary: Summary, trained: "Trained", x: torch.Tensor, log) -> None:
+    """A finite but absurd ELBO (a rate far too high) deserves a word, not silence; the
+    setting named is the one the guide finds at fault (a refinement's step size), else the
+    learning rate."""
+    if math.isfinite(summary.test_elbo) and summary.test_elbo >= -1e5:
+        return
+    rows = x[:256]
+    try:
+        cause = guides.divergence_cause(trained.guide, trained.model,
+                                        data.Batch(rows, torch.arange(len(rows),
+                                                                      device=rows.device),
+                                                   len(rows)))
+    except Exception:  # noqa: BLE001 - a guide that cannot tell: the learning rate
+        cause = None
+    name, why = cause if cause is not None else ("lr", "training went astray")
+    value = getattr(trained.config, name, None)
+    log(f"warning: the test ELBO {summary.test_elbo:.3g} is absurd: {for_cli(why)}; try a smaller "
+        f"--{name.replace('_', '-')}" + (f" (it was {value:g})" if value is not None else ""))
 
 
 def load_trained(run_dir: Path, device: Optional[str] = None, test_size: Optional[int] = None,

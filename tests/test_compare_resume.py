@@ -304,3 +304,13 @@ def test_a_record_without_its_settings_is_read_by_its_runs_config(tmp_path):
     (tmp_path / RECORD).write_text(json.dumps(run.to_record()))  # no "config" in it
     assert _read_record(tmp_path, mine, cost).to_json() == run.to_json()
     assert _read_record(tmp_path, mine.replace(epochs=3), cost) is None  # another's run
+
+
+def test_compare_bounds_k_as_train_and_evaluate_do(tmp_path, capsys):
+    """--num-particles-eval 10,000,000 is refused in one line before anything is written
+    (it skipped the 10^6 bound that train and evaluate enforce)."""
+    code = cli.main(["compare", "--num-particles-eval", "10000000", "--out",
+                     str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and "beyond 1,000,000" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c").exists()

@@ -218,3 +218,18 @@ def test_a_pieces_failure_is_said_whole_not_cut_mid_word(tmp_path, cached_mnist,
                      "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and end in err and err.count("\n") == 1, err
+
+
+def test_an_absurd_elbo_from_the_refinement_names_refine_lr(tmp_path, cached_mnist, capsys):
+    """A semi-amortized run whose refinement step is far too large ends with an absurd but
+    finite ELBO: the warning names --refine-lr, not --lr."""
+    from ppl_vae import cli
+    assert cli.main(["train", "--guide", "semiamortized", "--refine-lr", "1000",
+                     "--train-size", "300", "--valid-size", "20", "--test-size", "40",
+                     "--epochs", "1", "--hidden", "16", "--latent-dim", "3", "--batch-size",
+                     "100", "--compile", "off", "--no-progress",
+                     "--out", str(tmp_path / "r")]) == 0
+    said = capsys.readouterr()
+    err = " ".join((said.out + said.err).split())
+    assert "is absurd" in err and "try a smaller --refine-lr (it was 1000)" in err, err
+    assert "--refine-lr 1000" in err and "refine_lr" not in err
