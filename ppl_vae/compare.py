@@ -27,10 +27,10 @@ from . import (budget_curves, distributed, guides as guide_lib, logs, memory, pl
                rundir)
 from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
 from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
-                     local_family_of, resolve_device)
+                     resolve_device)
 from .data import Batch
 from .errors import UserError, setting
-from .evaluation import evaluate_trained
+from .evaluation import evaluate_trained, local_fit_options
 from .heldout import read_gaps
 from .rundir import CHECKPOINTS, RunDir, versions, write_json
 from .run import finish, fit_run, holding, load_splits, load_trained
@@ -386,9 +386,7 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
             trained = load_trained(folder, device=run_config.device,
                                    given=run_config)._replace(folder=trained.folder)
         log(f"== evaluating the {who}")
-        local_options = dict(local_options or {})
-        if local_family_of(run_config) is not None:  # q* in another family than the guide's
-            local_options["family"] = local_family_of(run_config)
+        local_options = local_fit_options(run_config, local_options)  # q*'s family too
         scores, figs = evaluate_trained(trained, num_particles, progress=progress,
                                         local_options=local_options)
         if not world.main:

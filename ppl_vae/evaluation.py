@@ -30,15 +30,24 @@ class Evaluated(NamedTuple):
     arrays: Optional[dict]  # what the figures show (``figure_arrays``), with the labels
 
 
+def local_fit_options(config, local_options: Optional[dict] = None) -> dict:
+    """The options of every local fit of a run's scoring (q* on held-out rows, a table's
+    local budget): the caller's, with q*'s family from the run's ``--local-family`` (the one
+    place it is read for scoring; ``own`` adds nothing: the guide says its family)."""
+    options = dict(local_options or {})
+    family = local_family_of(config)
+    if family is not None:
+        options.setdefault("family", family)
+    return options
+
+
 def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local: bool = True,
                      split: str = "test", progress: bool = True,
                      local_options: Optional[dict] = None) -> Evaluated:
     """``evaluate_model`` on a trained run's held-out split (its first ``test_size`` rows,
     under the fixed evaluation binarization), with the figures' arrays."""
     held_out = trained.splits.get(split).head(trained.config.test_size)
-    family = local_family_of(trained.config)  # q*'s family: the run's --local-family
-    if family is not None:
-        local_options = {"family": family, **(local_options or {})}
+    local_options = local_fit_options(trained.config, local_options)
     x = eval_pixels(trained.config, held_out)
     scores = evaluate_model(trained.model, trained.guide, x, num_particles, local=local,
                             proposal=proposal, seed=EVAL_SEED, progress=progress,

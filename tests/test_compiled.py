@@ -583,7 +583,7 @@ def test_compiled_per_datapoint_steps_under_a_gradient_sync_follow_the_eager_one
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_a_compile_on_a_cpu_prints_no_cuda_runtime_note(monkeypatch, capfd, tmp_path):
+def test_a_compile_on_a_cpu_prints_no_cuda_runtime_note(monkeypatch, capfd, tmp_path, request):
     """Inductor's C++ build imports ``torch.utils.cpp_extension``, which on a machine with a
     CUDA toolkit (CUDA_HOME) but no usable GPU logs "No CUDA runtime is found" at every
     compile; a CPU compile shows no such note, and the objective still compiles."""
@@ -599,7 +599,11 @@ def test_a_compile_on_a_cpu_prints_no_cuda_runtime_note(monkeypatch, capfd, tmp_
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a build, not a cache hit
+    # a build, not a cache hit; config.patch, not monkeypatch: monkeypatch's undo deletes the
+    # setting from torch's config module, and every later compile in the process fails
+    no_cache = inductor_config.patch(fx_graph_cache=False)
+    no_cache.__enter__()
+    request.addfinalizer(lambda: no_cache.__exit__(None, None, None))
     torch.manual_seed(SEED)
     d = 11  # a shape of this test's own
     model = VAEModel(nets.Decoder(2, [5], d), Bernoulli(), StandardNormal(2))
@@ -619,3 +623,10 @@ def test_a_compile_on_a_cpu_prints_no_cuda_runtime_note(monkeypatch, capfd, tmp_
     # only that note is dropped: the logger's other warnings still pass
     assert logging.getLogger("torch.utils.cpp_extension").filter(
         logging.makeLogRecord({"msg": "something else", "levelno": logging.WARNING}))
+
+
+def test_compiling_still_works_after_the_cuda_note_test():
+    """The note test leaves torch's Inductor config whole (a monkeypatch of it deleted
+    fx_graph_cache, and every later compile in the worker failed)."""
+    import torch._inductor.config as inductor_config
+    assert isinstance(inductor_config.fx_graph_cache, bool)
