@@ -203,7 +203,8 @@ def _na_reasons(comparison: "Comparison") -> Dict[str, str]:
 
 def curve_unit(comparison: "Comparison") -> str:
     """What the ELBO curves are drawn against: the budget's own unit (epochs, or network
-    passes under a budget of evaluations, where guides take different numbers of steps)."""
+    passes under a budget of evaluations, where guides take different numbers of steps; a
+    FLOPs budget is drawn against passes too, which plots.curves can draw)."""
     return "epoch" if comparison.budget.unit == "epochs" else "passes"
 
 
