@@ -244,9 +244,7 @@ def _panel(ax, curves: Curves, unit: str, q: str, formatter) -> None:
                 va="bottom")
     for cr in curves.crossings:
         if cr.quantity == q and cr.unit == unit:
-            ax.axvspan(cr.low, cr.high, color="0.5", alpha=0.15, lw=0)
-            ax.annotate(f"{cr.a} and {cr.b} cross", (cr.high, 0.02), fontsize=7, ha="right",
-                        xycoords=("data", "axes fraction"))
+            ax.axvspan(cr.low, cr.high, color="0.5", alpha=0.15, lw=0)  # the title says it
     ax.set_xscale("log")
     from matplotlib.ticker import EngFormatter, FixedLocator, NullFormatter
     if unit == "epochs":  # ticks at the tracked epochs, written as plain numbers
@@ -257,8 +255,12 @@ def _panel(ax, curves: Curves, unit: str, q: str, formatter) -> None:
     else:  # 40M, 1.5G: engineering prefixes, on minor ticks too
         eng = EngFormatter(sep="")
         ax.xaxis.set_major_formatter(eng)
-        ax.xaxis.set_minor_formatter(eng)
-        ax.tick_params(axis="x", which="minor", labelsize=7)
+        xs = [p.budget(unit) for pts in curves.points.values() for p in pts if p.budget(unit)]
+        if xs and max(xs) / min(xs) < 10:  # under a decade: label the minor ticks too
+            ax.xaxis.set_minor_formatter(eng)
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+        else:
+            ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(UNIT_LABELS[unit])
     ax.set_ylabel(f"{NAMES[q]} (nats)")
     ax.set_title(f"{curves.split} {NAMES[q]}", fontsize=10)
