@@ -50,7 +50,8 @@ HELP = {
     "gap_rows": "training and test rows of the gap curves", "gap_particles": "K of log p(x) in the gap curves",
     "local_family": "family of q*, the per-datapoint fit that L[q*] and both gaps use: own (the "
                     "guide's own family, its local_family; diagonal for the built-in Normal "
-                    "guides), diagonal, full (a per-row Cholesky factor) or lowrank[:R]",
+                    "guides, a per-datapoint flow for iaf), diagonal, full (a per-row Cholesky "
+                    "factor), lowrank[:R] or flow[:T[xH]] (T IAF steps, H hidden units, per row)",
     "local_lr": "meanfield: learning rate of the per-datapoint table",
     "inner_steps": "meanfield: local-only steps per minibatch before each joint step",
     "local_init": "meanfield: start rows at the data's principal-component scores (pca) or at N(0, I)",

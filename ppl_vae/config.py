@@ -300,7 +300,8 @@ BINARIZE = ("dynamic", "static", "none")  # data.Binarize's modes (its home: no 
 COMPILE_MODES = ("auto", "on", "off")  # compiled.choose's modes (its home: no torch here)
 LOCAL_INIT = ("pca", "prior")
 # q*'s family (``families.resolve`` builds it; "own": the guide's ``local_family``)
-LOCAL_FAMILY = re.compile(r"own|diagonal|full|lowrank(:[1-9][0-9]*)?")
+LOCAL_FAMILY = re.compile(r"own|diagonal|full|lowrank(:[1-9][0-9]*)?"
+                          r"|flow(:[1-9][0-9]*(x[1-9][0-9]*)?)?")
 ON_DIVERGENCE = ("stop", "lower_lr")
 MAX_LATENT, MAX_WIDTH = 4096, 65536  # beyond these a run only fails in the allocator
 MAX_STEPS = 1000  # inner and refinement steps per minibatch: a step stays interruptible
@@ -358,7 +359,7 @@ class Config:
     gap_epochs: Tuple[int, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000)
     gap_rows: int = 1000  # rows of each of the training and test subsets of the gap curves
     gap_particles: int = 500  # K of log p(x) in the gap curves
-    local_family: str = "own"  # q*'s family: the guide's own, diagonal, full, lowrank[:R]
+    local_family: str = "own"  # q*'s family: own, diagonal, full, lowrank[:R], flow[:T[xH]]
     tensorboard: bool = False  # also write TensorBoard events into <out>/tensorboard
     seed: int = 0
     device: str = "auto"
@@ -376,7 +377,8 @@ class Config:
             require_tensorboard()
         if not LOCAL_FAMILY.fullmatch(str(self.local_family)):
             raise UserError(f"{setting('local_family')} must be own (the guide's own family), "
-                            f"diagonal, full or lowrank[:R] (R a positive rank), got "
+                            f"diagonal, full, lowrank[:R] (R a positive rank) or flow[:T[xH]] "
+                            f"(T flows of H hidden units), got "
                             f"{self.local_family!r}")
         for name, choices in (("binarize", BINARIZE), ("local_init", LOCAL_INIT),
                               ("on_divergence", ON_DIVERGENCE)):

@@ -279,7 +279,7 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
       ``held_out`` (an encoder as it is; a per-datapoint guide fitted to the rows from
       N(0, I), which is how such a model is used; a semi-amortized guide after refinement).
     - ``elbo_local`` = L[q*]: q* fitted per datapoint by ``local_inference`` in
-      ``local_family`` (``families.resolve``: diagonal, full, lowrank:R, or a family object;
+      ``local_family`` (``families.resolve``: diagonal, full, lowrank:R, flow, or a family object;
       None: the guide's own, ``guides.local_family``, diagonal where it states none),
       warm-started from the guide (or the own guide itself when that already is such a fit
       in that family). ``Scores.local_family`` records which.
@@ -287,7 +287,7 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
       ``proposal``: ``"guide"`` (the own guide), ``"local"`` (q*), or ``"auto"`` (q* when fitted).
     - ``approximation_gap`` = log p(x) - L[q*] (of q*'s family); ``amortization_gap`` =
       L[q*] - L[q] when the guide's stated per-datapoint family (``guides.local_family``) is
-      q*'s (None otherwise, e.g. for a flow, or a diagonal guide scored with a full q*), with
+      q*'s (None otherwise, e.g. a flow guide or a diagonal one scored with a full q*), with
       standard errors of the paired differences. Each of ``guides.views(guide)`` (a
       semi-amortized guide's bare encoder) adds a ``View`` with its ELBO and amortization gap.
     - ``rate``/``distortion`` of the own guide; ``active_units`` and ``means`` (the

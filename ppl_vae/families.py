@@ -7,22 +7,30 @@ A family says how one row of a per-datapoint table [N, width] is a distribution 
 - ``title``: its name in words (``guides.family``; the diagonal one's is "diagonal normal");
 - ``width(latent_dim)``: parameters per row;
 - ``init(loc, scale)``: rows [B, width] whose distribution has mean ``loc`` and marginal
-  standard deviations ``scale`` (a warm start from any guide's ``loc_scale``);
+  standard deviations ``scale`` (a warm start from any guide's ``loc_scale``; a flow family
+  of a guide's own flows reads them as its base Normal's, which the IAF guide's are);
 - ``dist(rows)``: the distribution over z per row (batch [B], event [L]);
 - ``loc_scale(rows)``: its mean and marginal standard deviations.
 
 Built-ins: ``Diagonal`` (N(m, diag s^2), the rows [m, softplus^-1 s] of ``LocalNormal``),
 ``Full`` (N(m, L L^T), L lower triangular with a positive diagonal: rows [m, softplus^-1
 diag L, the strictly lower entries row by row]) and ``LowRank`` (N(m, W W^T + diag d^2), W
-[L, R]: rows [m, softplus^-1 d, W row by row]). ``resolve`` turns a name (``"lowrank:3"``;
-``"lowrank"`` is rank ``LowRank.DEFAULT_RANK``) or a family object into a family.
+[L, R]: rows [m, softplus^-1 d, W row by row]) and ``Flow`` (a Normal through inverse
+autoregressive flows whose networks have their own weights per row: Cremer et al.'s
+per-datapoint flow; ``Flow.like`` is the IAF guide's own). ``resolve`` turns a name
+(``"lowrank:3"``; ``"lowrank"`` is rank ``LowRank.DEFAULT_RANK``; ``"flow"``, ``"flow:T"``,
+``"flow:TxH"``) or a family object into a family.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, Tuple, Union, runtime_checkable
+import math
+import re
+from typing import NamedTuple, Optional, Protocol, Tuple, Union, runtime_checkable
 
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
+from torch.distributions import constraints
 
 from .errors import UserError
 from .nets import from_scale, to_scale
@@ -153,8 +161,183 @@ class LowRank:
         return dist.LowRankMultivariateNormal(loc, factor, d.pow(2))
 
 
+class _Made(NamedTuple):
+    """One flow's autoregressive network as plain tensors: masks and start weights
+    (``pyro.nn.AutoRegressiveNN`` with one hidden layer of ReLUs, outputs [mean, logit])."""
+    mask1: torch.Tensor  # [H, L]
+    mask2: torch.Tensor  # [2L, H]
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+    @classmethod
+    def of(cls, transform) -> "_Made":
+        """The network of a Pyro ``AffineAutoregressive(stable=True)`` transform; a
+        UserError for any other (more hidden layers, skip connections, the unstable form)."""
+        arn = getattr(transform, "arn", None)
+        layers = getattr(arn, "layers", ())
+        if not (getattr(transform, "stable", False) and len(layers) == 2
+                and getattr(arn, "skip_layer", None) is None
+                and getattr(transform, "sigmoid_bias", None) == Flow.SIGMOID_BIAS
+                and isinstance(getattr(arn, "f", None), torch.nn.ReLU)
+                and getattr(arn, "output_multiplier", None) == 2):
+            raise UserError(f"{type(transform).__name__} is not a flow the per-datapoint flow "
+                            f"family holds (a stable affine autoregressive transform with one "
+                            f"hidden layer of ReLUs, sigmoid bias {Flow.SIGMOID_BIAS})")
+        first, last = layers
+        return cls(*(t.detach().clone() for t in (first.mask, last.mask, first.weight,
+                                                   first.bias, last.weight, last.bias)))
+
+
+class _RowIAF(torch.distributions.Transform):
+    """A stable affine autoregressive transform (Pyro's ``AffineAutoregressive(stable=True)``:
+    y = s x + (1 - s) mean, s = sigmoid(logit + 2)) whose network has its own weights for
+    each of B rows: w1 [B, H, L], b1 [B, H], w2 [B, 2L, H], b2 [B, 2L], masks shared.
+    Inputs [..., B, L]. Its inverse is the cached one (values it drew), as for a sample."""
+
+    domain = codomain = constraints.real_vector
+    bijective, sign = True, +1
+
+    def __init__(self, w1, b1, w2, b2):
+        super().__init__(cache_size=1)
+        self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
+        self._log_scale = None
+
+    def _net(self, x):
+        h = torch.relu(torch.einsum("...bl,bhl->...bh", x, self.w1) + self.b1)
+        out = torch.einsum("...bh,boh->...bo", h, self.w2) + self.b2
+        mean, logit = out.chunk(2, dim=-1)
+        return mean, logit + Flow.SIGMOID_BIAS
+
+    def _call(self, x):
+        mean, logit = self._net(x)
+        scale = torch.sigmoid(logit)
+        self._log_scale = F.logsigmoid(logit)
+        return scale * x + (1 - scale) * mean
+
+    def _inverse(self, y):
+        raise NotImplementedError("a per-datapoint flow inverts only the values it drew")
+
+    def log_abs_det_jacobian(self, x, y):
+        x_old, y_old = self._cached_x_y
+        if x is not x_old or y is not y_old or self._log_scale is None:
+            self(x)
+        return self._log_scale.sum(-1)
+
+
+class Flow:
+    """q(z) = the law of f_T o ... o f_1 (eps), eps ~ N(m, diag s^2), each f_t a stable
+    affine autoregressive transform (Kingma et al. 2016, Pyro's ``AffineAutoregressive``)
+    whose network (one hidden layer of H ReLUs, H = 2L by default) has its own weights for
+    each datapoint: Cremer et al.'s per-datapoint flow. Rows [m (L), softplus^-1 s (L), then
+    per flow its network's w1 (H x L), b1 (H), w2 (2L x H), b2 (2L)].
+
+    ``Flow.like(transforms)`` is the family of a guide's own flows (``AmortizedIAF``): their
+    masks, and their weights as every row's start, so ``init(loc, scale)`` with the guide's
+    base Normal is exactly the guide's q for that row and q* starts at q. ``Flow(T, H)`` (by
+    name: ``flow``, ``flow:T``, ``flow:TxH``) has masks of a seeded order and starts with
+    the output weights at zero (each f_t scales by sigmoid(2)), the base scaled to match:
+    ``init(loc, scale)`` is then exactly N(loc, diag scale^2). ``loc_scale`` is a Monte
+    Carlo estimate (``MOMENT_DRAWS`` draws of a fixed stream)."""
+
+    DEFAULT_FLOWS = 2
+    SIGMOID_BIAS = 2.0  # Pyro's AffineAutoregressive(stable=True) default
+    MOMENT_DRAWS = 256
+    SEED = 0  # the order of the masks of a family made by name
+
+    def __init__(self, num_flows: int = DEFAULT_FLOWS, hidden: int = 0, template=None):
+        if not (isinstance(num_flows, int) and num_flows >= 1):
+            raise UserError(f"a flow family needs at least one flow, got {num_flows!r}")
+        self.num_flows, self.hidden = num_flows, hidden
+        self._template = tuple(template) if template is not None else None
+        self.name = "flow" + (f":{num_flows}" if num_flows != self.DEFAULT_FLOWS or hidden else "") \
+            + (f"x{hidden}" if hidden else "")
+        self.title = f"per-datapoint IAF ({num_flows} flow{'s' if num_flows > 1 else ''})"
+        self._made = {}  # latent size -> the flows' networks (a family made by name)
+
+    @classmethod
+    def like(cls, transforms) -> "Flow":
+        """The per-datapoint family of these flows (Pyro stable affine autoregressive
+        transforms): their masks, their weights as the start."""
+        made = [_Made.of(t) for t in transforms]
+        L = made[0].mask1.shape[1]
+        H = made[0].mask1.shape[0]
+        return cls(len(made), 0 if H == 2 * L else H, template=made)
+
+    def hidden_of(self, L: int) -> int:
+        return self.hidden or 2 * L
+
+    def width(self, latent_dim: int) -> int:
+        L, H = latent_dim, self.hidden_of(latent_dim)
+        return 2 * L + self.num_flows * (H * L + H + 2 * L * H + 2 * L)
+
+    def networks(self, L: int):
+        """The flows' networks for latent size L: the template's, or seeded ones."""
+        if self._template is not None:
+            return self._template
+        if L not in self._made:
+            from pyro.distributions.transforms import affine_autoregressive
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.SEED)
+                self._made[L] = tuple(
+                    _Made.of(affine_autoregressive(L, [self.hidden_of(L)], stable=True))
+                    for _ in range(self.num_flows))
+        return self._made[L]
+
+    def init(self, loc, scale):
+        L, B = loc.shape[-1], loc.shape[:-1]
+        parts = []
+        if self._template is None:  # zero outputs: each flow scales by sigmoid(2)
+            shrink = torch.sigmoid(torch.tensor(self.SIGMOID_BIAS)).item() ** self.num_flows
+            loc, scale = loc / shrink, scale / shrink
+        for made in self.networks(L):
+            w2, b2 = made.w2, made.b2
+            if self._template is None:
+                w2, b2 = torch.zeros_like(w2), torch.zeros_like(b2)
+            for t in (made.w1, made.b1, w2, b2):
+                parts.append(t.to(loc).flatten().expand(*B, t.numel()))
+        return torch.cat([loc, from_scale(scale), *parts], dim=-1)
+
+    def _latent(self, rows) -> int:
+        return _latent(rows, self.width)
+
+    def parts(self, rows):
+        """(base loc, base scale, [(w1, b1, w2, b2) per flow]) of rows [B, width]."""
+        L = self._latent(rows)
+        H = self.hidden_of(L)
+        shapes = ((H, L), (H,), (2 * L, H), (2 * L,))
+        made = self.networks(L)
+        # one split, not a slice per tensor: a slice's backward fills a whole row-sized
+        # gradient each, 4 T + 2 of them a step
+        loc, raw, *flat = rows.split([L, L] + [math.prod(s) for s in shapes] * len(made), -1)
+        flows = []
+        for t, net in enumerate(made):
+            w1, b1, w2, b2 = (f.reshape(*rows.shape[:-1], *s)
+                              for f, s in zip(flat[4 * t:4 * t + 4], shapes))
+            flows.append((w1 * net.mask1.to(rows), b1, w2 * net.mask2.to(rows), b2))
+        return loc, to_scale(raw), flows
+
+    def dist(self, rows):
+        loc, scale, flows = self.parts(rows)
+        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1),
+                                            [_RowIAF(*f) for f in flows])
+
+    @torch.no_grad()
+    def loc_scale(self, rows):
+        q = self.dist(rows.detach())
+        g = torch.Generator(device=rows.device).manual_seed(self.SEED)
+        loc, scale, _ = self.parts(rows.detach())
+        eps = torch.randn((self.MOMENT_DRAWS, *loc.shape), generator=g, device=rows.device,
+                          dtype=rows.dtype)
+        z = loc + scale * eps
+        for t in q.transforms:
+            z = t(z)
+        return z.mean(0), z.std(0).clamp_min(1e-5)
+
+
 DIAGONAL, FULL = Diagonal(), Full()
-NAMES = ("diagonal", "full", "lowrank")  # what ``resolve`` takes by name (lowrank[:R])
+NAMES = ("diagonal", "full", "lowrank", "flow")  # what ``resolve`` takes by name (lowrank[:R], flow[:T[xH]])
 
 Spec = Union[str, LocalFamily]
 
@@ -178,8 +361,15 @@ def resolve(family: Spec) -> LocalFamily:
             raise UserError(f"unknown per-datapoint family {family!r}: the rank of lowrank:R "
                             f"is a whole number")
         return LowRank(int(rank)) if rank else LowRank()
+    if name == "flow" or name.startswith("flow:"):
+        match = re.fullmatch(r"flow(?::([1-9][0-9]*)(?:x([1-9][0-9]*))?)?", name)
+        if match is None:
+            raise UserError(f"unknown per-datapoint family {family!r}: flow, flow:T (T flows) "
+                            f"or flow:TxH (H hidden units)")
+        flows, hidden = match.groups()
+        return Flow(int(flows) if flows else Flow.DEFAULT_FLOWS, int(hidden or 0))
     raise UserError(f"unknown per-datapoint family {family!r}; one of diagonal, full, lowrank "
-                    f"(lowrank:R for rank R)")
+                    f"(lowrank:R for rank R), flow (flow:T, flow:TxH)")
 
 
 def of_distribution(fn) -> Optional[LocalFamily]:
@@ -245,5 +435,5 @@ def same(a: Optional[LocalFamily], b: Optional[LocalFamily]) -> bool:
     return a is not None and b is not None and a.name == b.name
 
 
-__all__ = ["LocalFamily", "Diagonal", "Full", "LowRank", "DIAGONAL", "FULL", "NAMES",
+__all__ = ["LocalFamily", "Diagonal", "Full", "LowRank", "Flow", "DIAGONAL", "FULL", "NAMES",
            "resolve", "of_distribution", "of_title", "same"]

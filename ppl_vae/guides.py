@@ -141,8 +141,9 @@ class AmortizedIAF(Encoded):
     numerically stable variant), so q is no longer mean-field; log q(z | x) follows by the
     change of variables, exactly, for sampled z. ``loc_scale`` gives the base Normal's
     parameters (an approximation of q's mean for warm starts and the 2-D view). It states no
-    per-datapoint family (``local_family()`` is None: no family of ``families.py`` holds it),
-    so q* is a diagonal Normal and no amortization gap is reported for it.
+    per-datapoint family is a flow of the same shape with its own weights per datapoint
+    (``local_family()``: ``families.Flow.like(self.flows)``, started at these flows), as
+    Cremer et al. fit q* for their flow guide.
     """
 
     def __init__(self, encoder: nn.Module, num_flows: int = 2, hidden: int = 0):
@@ -155,6 +156,13 @@ class AmortizedIAF(Encoded):
     def distribution(self, x: torch.Tensor):
         loc, scale = self.encoder(x)
         return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), list(self.flows))
+
+    @property
+    def family(self) -> str:
+        return f"normal through {len(self.flows)} inverse autoregressive flows"
+
+    def local_family(self):
+        return fam_lib.Flow.like(self.flows)
 
     def forward(self, batch: Batch) -> None:
         register("encoder", self.encoder)
@@ -472,20 +480,24 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
 
 def _q_family(family, init, x: torch.Tensor) -> fam_lib.LocalFamily:
     """q*'s family: the one asked for, else ``init``'s (probed on two rows, on a forked
-    random stream), else the diagonal one."""
-    if family is not None:
-        return fam_lib.resolve(family)
+    random stream), else the diagonal one. A family asked for by the name of ``init``'s own
+    is ``init``'s own (a flow guide's: its flows' masks and weights, not a fresh order)."""
+    asked = fam_lib.resolve(family) if family is not None else None
     if init is None:
-        return fam_lib.DIAGONAL
+        return asked or fam_lib.DIAGONAL
     m = min(2, len(x))
     probe = Batch(x[:m], torch.arange(m, device=x.device), len(x)) if m else None
     with _fork(x.device):
         try:
             found = local_family(init, probe)
         except UserError:
+            if asked is not None:
+                return asked
             raise  # a family it names that is none of ours
         except Exception:  # noqa: BLE001 - a probe that fails states nothing
             found = None
+    if asked is not None:
+        return found if fam_lib.same(found, asked) else asked
     return found or fam_lib.DIAGONAL
 
 
@@ -502,8 +514,9 @@ def _fit_rows(model, chunk: PerDatapoint, batch: Batch, objective, lr, max_steps
     for step in range(1, max_steps + 1):
         if fit is not None:
             loss, state = fit.step(state, batch)
-        else:
-            with torch.enable_grad():
+        else:  # the batch is the whole chunk in order: its rows are the table itself (no
+            # gather, and no row-sized scatter of the gradient back)
+            with torch.enable_grad(), chunk.given_rows([chunk.params]):
                 loss = -objective.per_datapoint(model, chunk, batch).sum()
                 (grad,) = torch.autograd.grad(loss, [chunk.params])
             chunk.params.grad = grad

@@ -556,8 +556,8 @@ def gap_curves_figure(gaps: Dict[str, List[dict]],
         drawn_names = {n for part in drawn for n, _ in part}
         missing = [n for n in names if n not in drawn_names]
         if missing and kind == "amortization_gap":
-            notes.append(f"No amortization gap in the records of {', '.join(missing)} (n/a for "
-                         f"a family other than q*'s diagonal Normal): not drawn.")
+            notes.append(f"No amortization gap in the records of {', '.join(missing)} (n/a where "
+                         f"q* was fitted in another family than the guide's q): not drawn.")
     if not grid:
         fig.text(0.5, 0.5, "no gaps in the records", ha="center", va="center")
     for ax in fig.axes:

@@ -294,20 +294,20 @@ def test_one_epoch_is_one_epoch_not_one_epochs():
 
 
 def test_the_report_says_why_an_amortization_gap_is_na():
-    text = _report(["amortized", "meanfield", "iaf"], results={
+    text = _report(["amortized", "meanfield", "userflow"], results={
         "amortized": {"family": "diagonal normal", "per_datapoint": False,
                       "amortization_gap": 1.0},
         "meanfield": {"family": "diagonal normal", "per_datapoint": True,
                       "amortization_gap": None},
-        "iaf": {"family": None, "per_datapoint": False, "amortization_gap": None}})
+        "userflow": {"family": None, "per_datapoint": False, "amortization_gap": None}})
     assert "The meanfield guide's amortization gap is n/a: a per-datapoint table" in text
-    assert ("The iaf guide's amortization gap is n/a: q* was fitted in the diagonal family "
+    assert ("The userflow guide's amortization gap is n/a: q* was fitted in the diagonal family "
             "and the guide's q is in no family q* can take") in text
-    assert ("The iaf guide's approximation gap is log p(x) - L[q*] with a diagonal q*: "
+    assert ("The userflow guide's approximation gap is log p(x) - L[q*] with a diagonal q*: "
             "the diagonal family's approximation gap") in text
     assert "The amortized guide's" not in text and "The meanfield guide's approximation" not in text
     from ppl_vae import report
-    said = report.line("iaf", _run("iaf", 0, -97.0, family=None))
+    said = report.line("userflow", _run("userflow", 0, -97.0, family=None))
     assert "amort gap n/a (q* was fitted in the diagonal family" in said
     assert "n/a (a per-datapoint table" in report.line("mf", _run("mf", 0, -97.0,
                                                                   per_datapoint=True))
