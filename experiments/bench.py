@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam as PyroAdam
 
-from ppl_vae import data, guides, nets, objectives, optim, priors, train
+from ppl_vae import data, guides, nets, objectives, optim, priors, step, train
 from ppl_vae.compiled import Compiled
 from ppl_vae.evaluate import log_px
 from ppl_vae.likelihoods import Bernoulli
@@ -193,7 +193,7 @@ def guide_cases(device, b, x, idx, n, compile_default=True):
             objective = Compiled(objectives.ELBO()) if kind == "default" else objectives.ELBO()
             cases[(guide_name, kind)] = (
                 lambda m=model, g=guide, o=opts, obj=objective:
-                train.step_on_device(m, g, obj, batch, o))
+                step.step_on_device(m, g, obj, batch, o))
             if kind == "default":
                 t = time.perf_counter()
                 for _ in range(2):  # the first call traces and compiles
@@ -303,14 +303,14 @@ def bench_device(device, batch_sizes, repeats, steps, local_sizes, epoch, logpx_
             "hand-written, torch.compile": lambda: hand_step(chand, chand_opt, x, chand_loss),
             "plain Pyro (tutorial)": lambda: svi.step(x),
             # the step the training loop takes: guarded, the verdict kept on the device
-            "ppl_vae amortized": lambda: train.step_on_device(model, guide, objective, batch,
+            "ppl_vae amortized": lambda: step.step_on_device(model, guide, objective, batch,
                                                               opts),
             "ppl_vae amortized, compiled": (
-                lambda: train.step_on_device(cmodel, cguide, compiled, batch, copts)),
+                lambda: step.step_on_device(cmodel, cguide, compiled, batch, copts)),
             "compiled, guard read every step": (  # the guard as it was: a host sync per step
-                lambda: train.step(cmodel, cguide, compiled, batch, copts)),
+                lambda: step.step(cmodel, cguide, compiled, batch, copts)),
             "compiled, no divergence guard": (  # what the guard costs (the references have none)
-                lambda: train.step(cmodel, cguide, compiled, batch, copts, guard=False)),
+                lambda: step.step(cmodel, cguide, compiled, batch, copts, guard=False)),
         }
         compile_s = {}
         for name in ("hand-written, torch.compile", "ppl_vae amortized, compiled"):
@@ -325,7 +325,7 @@ def bench_device(device, batch_sizes, repeats, steps, local_sizes, epoch, logpx_
             bidx = torch.randint(n, (b,), generator=g).to(device)
             cases[f"ppl_vae per-datapoint N={n:,}"] = (
                 lambda m=m, gd=gd, o=o, bidx=bidx, n=n:
-                train.step_on_device(m, gd, objective, data.Batch(x, bidx, n), o))
+                step.step_on_device(m, gd, objective, data.Batch(x, bidx, n), o))
         times = {k: [] for k in cases}
         for fn in cases.values():  # warm-up
             for _ in range(5):

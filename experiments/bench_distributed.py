@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae import data, distributed, guides, train
+from ppl_vae import callbacks, data, distributed, guides, train
 from ppl_vae.config import Config, build_guide, build_model, build_objective
 from ppl_vae.optim import make_optimizers
 
 
-class StopAfter(train.Callback):
+class StopAfter(callbacks.Callback):
     def __init__(self, steps: int):
         self.steps = steps
 

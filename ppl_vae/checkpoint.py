@@ -146,7 +146,7 @@ def _holds(name: str, value, should: str) -> str:
 def _shape_problem(state: dict) -> Optional[str]:
     """What is wrong with the plain-data entries of a checkpoint, if anything: each field
     named with what it holds and what it should hold."""
-    from .train import EpochMetrics, Position
+    from .loopstate import EpochMetrics, Position
 
     if not isinstance(state["config"], dict):
         return f"its config is a {type(state['config']).__name__}, not a mapping"

@@ -24,7 +24,7 @@ as one graph that returns the loss, the gradients and a found-non-finite flag. A
 there is then no autograd at all (no autograd graph, no ``CompiledFunction`` wrappers, no
 gradient accumulation), and the divergence guard's check of every gradient is fused into the
 kernels that produce them: on a 2-core CPU that step is faster than a hand-written eager
-PyTorch step (experiments/README.md, section 5). ``train.step_on_device`` asks an
+PyTorch step (experiments/README.md, section 5). ``step.step_on_device`` asks an
 objective for it and falls back to ``loss.backward()`` where it answers None.
 
 Every built-in guide compiles this way. A per-datapoint table (``PerDatapoint``) cannot be an
@@ -255,7 +255,7 @@ class Compiled:
         except Exception as e:  # noqa: BLE001 - whatever failed, eager still works
             entry[1] = None
             return self._eager_after(e, model, guide, batch, kwargs)
-        except BaseException:  # Ctrl-C while compiling (train.abandonable): compile again
+        except BaseException:  # Ctrl-C while compiling (step.abandonable): compile again
             self._graphs.pop(key, None)  # next time rather than run eagerly for good
             raise
         entry[2] = True
@@ -319,7 +319,7 @@ class Compiled:
             if entry.ran:
                 raise
             return self._no_graph(e, entry, model, guide, batch, names)
-        except BaseException:  # Ctrl-C while compiling (train.abandonable): compile again
+        except BaseException:  # Ctrl-C while compiling (step.abandonable): compile again
             if not entry.ran:  # next time rather than differentiate eagerly for good
                 self._graphs.pop(key, None)
             raise

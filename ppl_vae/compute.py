@@ -250,9 +250,9 @@ def _flop_counter(names: Dict[int, str]):
 
 
 def count_step(model, guide, objective, batch: data.Batch, optimizers) -> StepCost:
-    """The passes and FLOPs of one real optimizer step (``train.step``) of these pieces on
+    """The passes and FLOPs of one real optimizer step (``step.step``) of these pieces on
     ``batch``."""
-    from .train import step
+    from .step import step
 
     nets = networks(model, guide)
     names: Dict[int, str] = {}

@@ -21,7 +21,7 @@ from .rundir import (EVALUATION, MARKER, check_files, check_gaps, check_kind, ex
                      is_regular, lock, read_mapping, recover, refuse_writer, replace_folder,
                      resolve_link, stage_copy, unlock, whole, write_json)
 from .run import load_trained
-from .train import Interrupted
+from .loopstate import Interrupted
 from .tracking import open_tracker
 
 

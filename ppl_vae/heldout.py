@@ -12,7 +12,9 @@ import torch
 
 from . import data, guides
 from .evaluate import elbo_parts, evaluate_model
-from .train import Callback, EpochMetrics, Loop, abandonable
+from .callbacks import Callback
+from .loopstate import EpochMetrics, Loop
+from .step import abandonable
 
 EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
 
@@ -117,7 +119,7 @@ class RowsOf(torch.nn.Module):
 class GapTracker(Callback):
     """Scores L[q], L[q*], log p(x) and both gaps on fixed training and test rows at chosen
     epochs (and the last), appending one JSON line per epoch and split to ``path``. Ctrl-C
-    abandons a scoring that runs on (``train.abandonable``): that epoch then has no line."""
+    abandons a scoring that runs on (``step.abandonable``): that epoch then has no line."""
 
     def __init__(self, model, guide, x_train: torch.Tensor, num_train: int,
                  x_test: torch.Tensor, epochs: Sequence[int], last: int, num_particles: int,

@@ -38,8 +38,10 @@ from .rundir import (RunDir, check_gaps, check_out, is_regular, read_mapping, re
                      resolve_link, set_aside_stale_evaluation, write_config, write_json)
 from .rng import seeded
 from .tracking import open_tracker
-from .train import (DivergenceError, EpochMetrics, Interrupted, LRSchedule, Position, StepBudget,
-                    fit)
+from .callbacks import LRSchedule, StepBudget
+from .loopstate import EpochMetrics, Interrupted, Position
+from .step import DivergenceError
+from .train import fit
 
 # settings a resumed run must share with its checkpoint: every setting but the few that may
 # change (config.RESUMABLE), which are recorded in config.json's resumes

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist_setup import (BATCH, EVAL, N, SEED, STEPS, build, config, eval_rows,  # noqa: E402
                         noise, split)
 
-from ppl_vae import data, distributed, guides, train  # noqa: E402
+from ppl_vae import callbacks, data, distributed, guides, train  # noqa: E402
 from ppl_vae.config import build_objective  # noqa: E402
 from ppl_vae.evaluate import evaluate_model  # noqa: E402
 from ppl_vae.optim import make_optimizers  # noqa: E402
@@ -37,7 +37,7 @@ def count_collectives(log: list) -> None:
         setattr(dist, name, wrapped)
 
 
-class Record(train.Callback):
+class Record(callbacks.Callback):
     def __init__(self):
         self.losses = []
 

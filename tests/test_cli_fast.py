@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from ppl_vae import cli, compiled, config, data, distributed, guides, objectives, train
+from ppl_vae import cli, compiled, config, data, distributed, guides, loopstate, objectives, step
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -94,8 +94,8 @@ def test_pieces_named_in_the_registries_import_on_demand():
 
 @pytest.mark.parametrize("error, code, message", [
     (distributed.RefusedElsewhere("elsewhere"), 2, ""),
-    (train.DivergenceError("epoch 3"), 1, "error: training diverged at epoch 3"),
-    (train.Interrupted(train.Position(0, 5, 0.0, 0.0, 0.0, 5, 5)), 130,
+    (step.DivergenceError("epoch 3"), 1, "error: training diverged at epoch 3"),
+    (loopstate.Interrupted(loopstate.Position(0, 5, 0.0, 0.0, 0.0, 5, 5)), 130,
      "interrupted at epoch 1, step 5"),
 ])
 def test_main_maps_the_errors_of_modules_imported_later(monkeypatch, capsys, error, code,

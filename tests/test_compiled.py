@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SEED, TableWithoutRows, tiny_binary_data
-from ppl_vae import guides, nets, objectives, optim, train
+from ppl_vae import guides, nets, objectives, optim, step
 from ppl_vae.compiled import Compiled
 from ppl_vae.config import Config
 from ppl_vae.data import Batch
@@ -75,7 +75,7 @@ def test_compiled_training_steps_follow_the_eager_ones():
         opts = optim.make_optimizers(model, guide, 1e-2)
         objective = make(objectives.ELBO())
         pyro.set_rng_seed(SEED + 4)
-        losses = [train.step(model, guide, objective, batch, opts).item() for _ in range(10)]
+        losses = [step.step(model, guide, objective, batch, opts).item() for _ in range(10)]
         results.append((losses, [p.detach().clone() for p in model.parameters()]))
     (eager_losses, eager_params), (losses, params) = results
     assert losses == pytest.approx(eager_losses, rel=1e-4)
@@ -157,7 +157,7 @@ def test_compile_auto_compiles_a_long_runs_full_batches_only(monkeypatch, caplog
     assert auto.value_and_grad(model, guide, short, params) is None
     table = guides.LocalNormal(N, L)  # the step's eager fallback, through the same objective
     opts = optim.make_optimizers(model, table, 1e-2, 0.05, inner_steps=1)
-    assert torch.isfinite(train.step(model, table, auto, short, opts))
+    assert torch.isfinite(step.step(model, table, auto, short, opts))
     assert len(auto._graphs) == 1
 
 
@@ -171,7 +171,7 @@ def test_compile_auto_chooses_at_the_first_step_and_says_so(caplog):
         opts = optim.make_optimizers(model, guide, 1e-2)
         pyro.set_rng_seed(SEED + 7)
         with caplog.at_level("INFO", logger="ppl_vae"):
-            results.append([train.step(model, guide, objective, batch, opts).item()
+            results.append([step.step(model, guide, objective, batch, opts).item()
                             for _ in range(3)])
     assert results[0] == results[1] and objective.chosen is False and not objective._graphs
     lines = [r.getMessage() for r in caplog.records if "compile auto" in r.getMessage()]
@@ -286,19 +286,19 @@ def test_a_guarded_compiled_step_applies_nothing_from_a_non_finite_batch():
     model, guide, batch = _setup()
     opts = optim.make_optimizers(model, guide, 1e-2)
     compiled = Compiled(objectives.ELBO())
-    train.step_on_device(model, guide, compiled, batch, opts)  # Adam's state exists
+    step.step_on_device(model, guide, compiled, batch, opts)  # Adam's state exists
     before = [p.detach().clone() for p in _params(model, guide)]
     state = {k: v.clone() for p in _params(model, guide) for k, v in opts.global_.state[p].items()}
     x = batch.x.clone()
     x[0, 0] = float("nan")
-    loss, bad = train.step_on_device(model, guide, compiled, Batch(x, batch.idx, N), opts)
+    loss, bad = step.step_on_device(model, guide, compiled, Batch(x, batch.idx, N), opts)
     assert bad.item() == 1.0 and not torch.isfinite(loss)
     for a, b in zip(_params(model, guide), before):
         assert torch.equal(a, b)
     after = {k: v for p in _params(model, guide) for k, v in opts.global_.state[p].items()}
     assert all(torch.equal(state[k], after[k]) for k in state)
-    with pytest.raises(train.DivergenceError):
-        train.step(model, guide, compiled, Batch(x, batch.idx, N), opts)
+    with pytest.raises(step.DivergenceError):
+        step.step(model, guide, compiled, Batch(x, batch.idx, N), opts)
 
 
 class _WithUnused(VAEModel):
@@ -322,7 +322,7 @@ def test_a_parameter_the_loss_does_not_use_gets_no_gradient_as_in_eager():
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in guide.named_parameters()]
     assert [n for n, g in zip(names, grads) if g is None] == ["unused"]
     opts = optim.make_optimizers(model, guide, 1e-2)
-    train.step(model, guide, compiled, batch, opts)
+    step.step(model, guide, compiled, batch, opts)
     assert torch.equal(model.unused.detach(), torch.ones(3))
     assert model.unused not in opts.global_.state
 
@@ -358,7 +358,7 @@ def test_a_failing_compiler_in_the_step_warns_once_and_trains_eagerly():
         pyro.set_rng_seed(SEED + 6)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            losses = [train.step(model, guide, objective, batch, opts).item() for _ in range(3)]
+            losses = [step.step(model, guide, objective, batch, opts).item() for _ in range(3)]
         results.append((losses, [str(w.message) for w in caught if w.category is RuntimeWarning]))
     (eager, none), (fallen_back, warned) = results
     assert fallen_back == eager and none == []
@@ -414,7 +414,7 @@ def test_compiled_per_datapoint_steps_follow_the_eager_ones():
         start = guide.params.detach().clone()
         objective = make(objectives.ELBO())
         pyro.set_rng_seed(SEED + 31)
-        losses = [train.step(model, guide, objective, Batch(x[ROWS + i], ROWS + i, N),
+        losses = [step.step(model, guide, objective, Batch(x[ROWS + i], ROWS + i, N),
                              opts).item() for i in range(3)]
         drawn = torch.zeros(N, dtype=torch.bool)
         drawn[torch.cat([ROWS + i for i in range(3)])] = True
@@ -440,7 +440,7 @@ def test_a_guarded_compiled_per_datapoint_step_applies_nothing_from_a_non_finite
     as they were; the host-read step raises and leaves them as they were too."""
     model, guide, opts, x = _local_setup(inner_steps=2)
     compiled = Compiled(objectives.ELBO())
-    train.step_on_device(model, guide, compiled, Batch(x[ROWS], ROWS, N), opts)  # states exist
+    step.step_on_device(model, guide, compiled, Batch(x[ROWS], ROWS, N), opts)  # states exist
 
     def snapshot():
         tensors = [guide.params, *model.parameters()]
@@ -451,11 +451,11 @@ def test_a_guarded_compiled_per_datapoint_step_applies_nothing_from_a_non_finite
     before = snapshot()
     bad_x = x[ROWS].clone()
     bad_x[2, 0] = float("nan")
-    loss, bad = train.step_on_device(model, guide, compiled, Batch(bad_x, ROWS, N), opts)
+    loss, bad = step.step_on_device(model, guide, compiled, Batch(bad_x, ROWS, N), opts)
     assert bad.item() == 1.0 and not torch.isfinite(loss)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(), before))
-    with pytest.raises(train.DivergenceError):
-        train.step(model, guide, compiled, Batch(bad_x, ROWS, N), opts)
+    with pytest.raises(step.DivergenceError):
+        step.step(model, guide, compiled, Batch(bad_x, ROWS, N), opts)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(), before))
 
 
@@ -484,11 +484,11 @@ def test_compiled_semi_amortized_step_equals_the_eager_one(stop_gradient):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     opts = optim.make_optimizers(model, guide, 1e-2)
     assert [id(p) for p in opts.networks()] == [id(p) for p in params]  # the same graph
-    train.step_on_device(model, guide, compiled, batch, opts)
+    step.step_on_device(model, guide, compiled, batch, opts)
     before = [p.detach().clone() for p in params]
     x = batch.x.clone()
     x[0, 0] = float("nan")
-    loss, bad = train.step_on_device(model, guide, compiled, Batch(x, batch.idx, N), opts)
+    loss, bad = step.step_on_device(model, guide, compiled, Batch(x, batch.idx, N), opts)
     assert bad.item() == 1.0
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, params))
 
@@ -572,7 +572,7 @@ def test_compiled_per_datapoint_steps_under_a_gradient_sync_follow_the_eager_one
         opts = opts._replace(sync=_TwinSync())
         objective = make(objectives.ELBO())
         pyro.set_rng_seed(SEED + 60)
-        losses = [train.step(model, guide, objective, Batch(x[ROWS], ROWS, N), opts).item()
+        losses = [step.step(model, guide, objective, Batch(x[ROWS], ROWS, N), opts).item()
                   for _ in range(2)]
         results.append((losses, guide.params.detach().clone(),
                         [p.detach().clone() for p in model.parameters()]))

@@ -31,7 +31,7 @@ def splits(cached_mnist):
 
 
 # (settings, forward passes, backward passes), counted by hand from guides.py and
-# train.step_on_device; a pass is one network over one minibatch, K particles count K.
+# step.step_on_device; a pass is one network over one minibatch, K particles count K.
 K = 5
 HAND = {
     # the encoder once, the decoder once (one particle); one backward through both

@@ -15,7 +15,7 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
 from conftest import SEED, TableWithoutRows, tiny_binary_data
-from ppl_vae import data, guides, likelihoods, nets, objectives, optim, priors, train
+from ppl_vae import data, guides, likelihoods, nets, objectives, optim, priors, step, train
 from ppl_vae.data import Batch
 from ppl_vae.errors import UserError
 from ppl_vae.evaluate import Scores, elbo_parts, evaluate_model
@@ -258,7 +258,7 @@ def test_a_diverging_refinement_is_named_in_the_divergence(tmp_path, capsys, cac
     x = tiny_binary_data(96, 12)
     split = data.Split(x, torch.zeros(96, dtype=torch.long))
     opts = optim.make_optimizers(model, guide, lr=1e-3)
-    with pytest.raises(train.DivergenceError) as e:
+    with pytest.raises(step.DivergenceError) as e:
         train.fit(model, guide, objectives.ELBO(), split, opts, epochs=1, batch_size=32,
                   binarize=data.Binarize("none"), progress=False, log=lambda _m: None)
     assert e.value.setting == "refine_lr" and "refine_lr (--refine-lr)" in str(e.value)

@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from conftest import tiny_binary_data
-from ppl_vae import checkpoint, data, guides, likelihoods, nets, objectives, optim, priors, train
+from ppl_vae import (callbacks, checkpoint, data, guides, likelihoods, loopstate, nets, objectives, optim,
+                     priors, train)
 from ppl_vae.model import VAEModel
 
-EXIT_WITHIN = 10.0  # seconds from SIGINT to exit: the grace (train.GRACE_SECONDS) and the exit
+EXIT_WITHIN = 10.0  # seconds from SIGINT to exit: the grace (step.GRACE_SECONDS) and the exit
 REACH_WITHIN = 60.0  # seconds for the run to reach its long phase on a busy machine
 SMALL = ["--train-size", "1000", "--valid-size", "50", "--test-size", "50", "--epochs", "1",
          "--device", "cpu", "--seed", "0"]
@@ -219,14 +220,14 @@ def test_a_step_past_the_grace_is_abandoned_and_the_run_resumes_bit_for_bit():
     slow = _SlowAt(11)
     before = []
 
-    class Watch(train.Callback):
+    class Watch(callbacks.Callback):
         def after_step(self, loop):
             if loop.epoch == 0 and loop.step == 3:  # step 3 done: what step 4 must leave
                 before.append(_tensors(cut))
             return False
 
     start = time.monotonic()
-    with pytest.raises(train.Interrupted) as e:
+    with pytest.raises(loopstate.Interrupted) as e:
         _fit(cut, slow, callbacks=[Watch()])
     assert time.monotonic() - start < slow.seconds / 2  # abandoned, not waited for
     assert (e.value.position.epoch, e.value.position.step) == (1, 0)
@@ -244,7 +245,7 @@ def test_ctrl_c_in_a_short_step_still_finishes_it():
     """A step that ends within the grace is finished, as before: ``Interrupted`` names the
     step after it."""
     cut = _setup()
-    with pytest.raises(train.Interrupted) as e:
+    with pytest.raises(loopstate.Interrupted) as e:
         _fit(cut, _SlowAt(11, seconds=0.0))
     assert (e.value.position.epoch, e.value.position.step) == (1, 1)
 
@@ -264,7 +265,7 @@ def test_ctrl_c_in_a_long_validation_stops_at_the_end_of_the_epochs_steps():
         return -1.0
 
     start = time.monotonic()
-    with pytest.raises(train.Interrupted) as e:
+    with pytest.raises(loopstate.Interrupted) as e:
         _fit(cut, objectives.ELBO(), validate=validate)
     assert time.monotonic() - start < 6.0
     assert (e.value.position.epoch, e.value.position.step) == (0, 3)  # 3 steps an epoch
@@ -277,20 +278,20 @@ def test_ctrl_c_in_the_last_epochs_scoring_is_not_lost():
     the run (before, the flag died with the loop and the final evaluation went on)."""
     cut = _setup()
 
-    class ScoreLast(train.Callback):
+    class ScoreLast(callbacks.Callback):
         def on_metrics(self, loop, metrics):
             if metrics.epoch == 2:
                 os.kill(os.getpid(), signal.SIGINT)
             return False
 
-    with pytest.raises(train.Interrupted) as e:
+    with pytest.raises(loopstate.Interrupted) as e:
         _fit(cut, objectives.ELBO(), callbacks=[ScoreLast()])
     assert (e.value.position.epoch, e.value.position.step) == (2, 0)
 
 
 def test_an_interruption_between_epochs_names_the_epoch_that_finished():
     """Ctrl-C once the last of 3 epochs is done (scoring) is "after epoch 3", not "at epoch 4"."""
-    from ppl_vae.train import Interrupted, Position
+    from ppl_vae.loopstate import Interrupted, Position
     assert str(Interrupted(Position(3, 0, 0.0, 0.0, 1.0, 30, 0))) == "interrupted after epoch 3"
     assert str(Interrupted(Position(0, 0, 0.0, 0.0, 0.0, 0, 0))) == "interrupted at epoch 1, step 0"
     assert str(Interrupted(Position(1, 7, 0.0, 0.0, 1.0, 17, 7))) == "interrupted at epoch 2, step 7"

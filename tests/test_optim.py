@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppl_vae import guides, likelihoods, nets, objectives, optim, priors, train
+from ppl_vae import guides, likelihoods, nets, objectives, optim, priors, step
 from ppl_vae.data import Batch
 from ppl_vae.errors import UserError
 from ppl_vae.model import VAEModel
@@ -128,7 +128,7 @@ def test_train_step_updates_only_the_batch_rows(inner_steps):
     before_table = guide.params.detach().clone()
     before_model = [p.detach().clone() for p in model.parameters()]
     idx = torch.tensor([3, 17, 8, 31, 0])
-    loss = train.step(model, guide, objectives.ELBO(), Batch(x[idx], idx, len(x)), opts)
+    loss = step.step(model, guide, objectives.ELBO(), Batch(x[idx], idx, len(x)), opts)
     assert torch.isfinite(loss)
     after = guide.params.detach()
     others = torch.ones(len(x), dtype=torch.bool)
@@ -146,7 +146,7 @@ def test_inner_steps_only_move_the_table():
     model, guide, x = _local_setup()
     opts = optim.make_optimizers(model, guide, lr=1e-2, local_lr=0.05, inner_steps=4)
     idx = torch.arange(10)
-    train.step(model, guide, objectives.ELBO(), Batch(x[idx], idx, len(x)), opts)
+    step.step(model, guide, objectives.ELBO(), Batch(x[idx], idx, len(x)), opts)
     for p in model.parameters():
         assert int(opts.global_.state[p]["step"]) == 1
 
@@ -160,7 +160,7 @@ def test_rowadam_training_lowers_the_loss_of_the_batch_rows():
     with torch.no_grad():
         first = float(elbo(model, guide, batch))
     for _ in range(60):
-        train.step(model, guide, objectives.ELBO(), batch, opts)
+        step.step(model, guide, objectives.ELBO(), batch, opts)
     with torch.no_grad():
         last = float(elbo(model, guide, batch))
     assert last < first - 0.1 * abs(first)

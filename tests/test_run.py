@@ -190,7 +190,7 @@ def test_the_first_epoch_is_reported_apart_from_the_steady_state():
     """A compile in the first epoch does not inflate the steady-state rate: the summary gives
     the first epoch's seconds and the later epochs' median apart."""
     from ppl_vae.run import steady_state
-    from ppl_vae.train import EpochMetrics
+    from ppl_vae.loopstate import EpochMetrics
     history = [EpochMetrics(1, -100.0, -99.0, 9.9, 9.9, 100, 1.0),
                EpochMetrics(2, -99.0, -98.0, 1.6, 11.5, 200, 1.0),
                EpochMetrics(3, -98.0, -97.0, 1.8, 13.3, 300, 1.0),

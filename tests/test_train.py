@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from ppl_vae import checkpoint, data, guides, likelihoods, nets, objectives, optim, priors, run, train
+from ppl_vae import (callbacks, checkpoint, data, guides, likelihoods, loopstate, nets, objectives, optim,
+                     priors, run, step, train)
 from ppl_vae.config import Config
 from ppl_vae.data import Batch
 from ppl_vae.errors import UserError
@@ -125,11 +126,11 @@ def test_fit_callbacks_come_in_the_order_they_must_run():
     checkpoint, the time budget last; what is not asked for is left out."""
     pieces = train._fit_callbacks(3, validate=lambda: 0.0, on_epoch=print, progress=False,
                                   max_seconds=5.0, ctrl_c=True, log=_quiet)
-    assert [type(p) for p in pieces] == [train.Validate, train.ProgressBar, train.OnEpoch,
-                                         train.StopOnCtrlC, train.TimeBudget]
+    assert [type(p) for p in pieces] == [callbacks.Validate, callbacks.ProgressBar, callbacks.OnEpoch,
+                                         callbacks.StopOnCtrlC, callbacks.TimeBudget]
     pieces = train._fit_callbacks(3, validate=None, on_epoch=None, progress=False,
                                   max_seconds=None, ctrl_c=False, log=_quiet)
-    assert [type(p) for p in pieces] == [train.ProgressBar]
+    assert [type(p) for p in pieces] == [callbacks.ProgressBar]
 
 
 def test_beta_schedule_only_when_beta_or_warmup_is_set():
@@ -156,9 +157,9 @@ def test_the_progress_bar_reads_only_public_attributes_of_the_loop():
                 raise AttributeError(f"private attribute {name} of the loop")
             return getattr(self._state, name)
 
-    position = train.Position(1, 2, 0.0, 0.0, 0.0, 5, 2)
-    state = train.Loop(96, 3, position=position)
-    bar = train.ProgressBar(2, enabled=False, log=_quiet)
+    position = loopstate.Position(1, 2, 0.0, 0.0, 0.0, 5, 2)
+    state = loopstate.Loop(96, 3, position=position)
+    bar = callbacks.ProgressBar(2, enabled=False, log=_quiet)
     bar.on_start(Public(state))
     assert bar.bar.n == 3 + 2  # a resumed run's bar starts at epoch 1, step 2
     state.begin(1, "cpu")
@@ -213,10 +214,10 @@ def test_divergence_raises_and_leaves_parameters_unchanged(objective, local, inn
               binarize=data.Binarize("none"), progress=False)
     before = _snapshot(model, guide, opts)
     idx = torch.arange(10)
-    with pytest.raises(train.DivergenceError):
-        train.step(model, guide, objective, Batch(split.x[idx], idx, len(split)), opts)
+    with pytest.raises(step.DivergenceError):
+        step.step(model, guide, objective, Batch(split.x[idx], idx, len(split)), opts)
     _assert_unchanged(before, _snapshot(model, guide, opts))
-    with pytest.raises(train.DivergenceError, match="epoch 2, step 1"):
+    with pytest.raises(step.DivergenceError, match="epoch 2, step 1"):
         train.fit(model, guide, objective, split, opts, epochs=2, batch_size=32,
                   binarize=data.Binarize("none"), start_epoch=1, progress=False)
     _assert_unchanged(before, _snapshot(model, guide, opts))
@@ -228,8 +229,8 @@ def test_divergence_in_an_inner_step_leaves_the_table_unchanged():
     opts = optim.make_optimizers(model, guide, lr=0.01, local_lr=0.05, inner_steps=3)
     before = _snapshot(model, guide, opts)
     idx = torch.arange(10)
-    with pytest.raises(train.DivergenceError):
-        train.step(model, guide, NaNLoss(), Batch(split.x[idx], idx, len(split)), opts)
+    with pytest.raises(step.DivergenceError):
+        step.step(model, guide, NaNLoss(), Batch(split.x[idx], idx, len(split)), opts)
     assert torch.isfinite(guide.params).all()
     _assert_unchanged(before, _snapshot(model, guide, opts))
 
@@ -255,7 +256,7 @@ def test_on_divergence_lower_lr_skips_the_batch_and_halves_the_rates():
     assert opts.global_.param_groups[0]["lr"] == pytest.approx(0.01 / 4)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # at most 10 halvings, then it stops
-    with pytest.raises(train.DivergenceError):
+    with pytest.raises(step.DivergenceError):
         train.fit(model, guide, NaNLoss(), split, opts, epochs=5, batch_size=8,
                   binarize=data.Binarize("none"), on_divergence="lower_lr", progress=False,
                   log=messages.append)
@@ -265,11 +266,11 @@ def test_check_finite_reads_sparse_gradients():
     model, guide, split, opts = _fit_setup(True)
     guide.params.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.full((1, 4), math.inf),
                                                 guide.params.shape, check_invariants=True)
-    assert not train.check_finite(torch.tensor(1.0), opts)
+    assert not step.check_finite(torch.tensor(1.0), opts)
     guide.params.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.ones(1, 4),
                                                 guide.params.shape, check_invariants=True)
-    assert train.check_finite(torch.tensor(1.0), opts)
-    assert not train.check_finite(torch.tensor(math.nan), opts)
+    assert step.check_finite(torch.tensor(1.0), opts)
+    assert not step.check_finite(torch.tensor(math.nan), opts)
 
 
 class _RecordingSync:
@@ -293,7 +294,7 @@ def test_a_step_under_a_sync_all_reduces_the_flag_with_the_gradients(guard):
     sync = _RecordingSync()
     before = [p.detach().clone() for p in model.parameters()]
     idx = torch.arange(10)
-    loss, bad = train.step_on_device(model, guide, objectives.ELBO(),
+    loss, bad = step.step_on_device(model, guide, objectives.ELBO(),
                                      Batch(split.x[idx], idx, len(split)),
                                      opts._replace(sync=sync), guard=guard)
     assert torch.isfinite(loss) and len(sync.flags) == 1 and float(sync.flags[0]) == 0.0
@@ -434,7 +435,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_bitwise_equal(tmp_path, cached_mnist, m
     run.fit_run(config, straight, progress=False, log=_quiet)
     build = run.build_objective
     monkeypatch.setattr(run, "build_objective", lambda c: _InterruptAt(build(c), at=6))
-    with pytest.raises(train.Interrupted) as e:
+    with pytest.raises(loopstate.Interrupted) as e:
         run.fit_run(config, cut, progress=False, log=_quiet)
     assert (e.value.position.epoch, e.value.position.step) == (1, 2)  # 4 steps per epoch
     state = checkpoint.load(cut)
@@ -479,7 +480,7 @@ def test_train_elbo_averages_the_applied_steps_only():
 
 def test_a_divergence_names_the_learning_rate_unless_the_guide_names_its_own_setting():
     model, guide, split, opts = _fit_setup(False)
-    with pytest.raises(train.DivergenceError) as e:
+    with pytest.raises(step.DivergenceError) as e:
         train.fit(model, guide, NaNLoss(), split, opts, epochs=1, batch_size=32,
                   binarize=data.Binarize("none"), progress=False, log=_quiet)
     assert e.value.setting == "lr" and e.value.cause is None
@@ -518,7 +519,7 @@ def test_a_nan_that_a_distribution_refuses_is_a_divergence(local):
     model, guide, split, opts = _fit_setup(local)
     before = _snapshot(model, guide, opts)
     # a table's step: an inner update (call 1) moves the rows, the joint pass (call 2) fails
-    with pytest.raises(train.DivergenceError, match="epoch 1, step 1: NaN reached parameter "
+    with pytest.raises(step.DivergenceError, match="epoch 1, step 1: NaN reached parameter "
                                                     "logits of a Bernoulli"):
         train.fit(model, guide, _NaNDecoder(2 if local else 1), split, opts, epochs=1,
                   batch_size=32,
@@ -547,7 +548,7 @@ def test_fit_shows_progress_by_default_on_a_terminal_only(monkeypatch, tty):
     out, err = _Stream(tty), _Stream(tty)
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stderr", err)
-    assert train.progress_default() is tty
+    assert callbacks.progress_default() is tty
     model, guide, split, opts = _fit_setup(False)
     logged = []
     train.fit(model, guide, objectives.ELBO(), split, opts, epochs=2, batch_size=32,
