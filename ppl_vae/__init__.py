@@ -1,7 +1,7 @@
 """ppl_vae: variational autoencoders as Pyro programs; amortized, semi-amortized and
 mean-field (per-datapoint) inference compared.
 
-Modules: ``data``, ``nets``, ``likelihoods``, ``priors``, ``model``, ``guides`` (and the guide
+Modules: ``data``, ``batching``, ``nets``, ``likelihoods``, ``priors``, ``model``, ``guides`` (and the guide
 protocol), ``objectives``, ``compiled``, ``optim``, ``train``, ``evaluate``, ``heldout``,
 ``config``, ``rundir``, ``run``, ``compare``, ``report``, ``plots``, ``tracking``,
 ``checkpoint``, ``logs``, ``errors``, ``rng``, ``cli``. Nothing happens at import time.

@@ -28,7 +28,7 @@ from . import (budget_curves, distributed, guides as guide_lib, logs, memory, pl
 from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
 from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
                      resolve_device)
-from .data import Batch
+from .batching import Batch
 from .errors import UserError, setting
 from .evaluation import evaluate_trained, local_fit_options
 from .heldout import read_gaps

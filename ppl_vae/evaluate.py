@@ -19,7 +19,7 @@ import torch
 
 from . import families, guides
 from .compiled import Compiled
-from .data import Batch, batches_of
+from .batching import Batch, batches_of
 from .objectives import log_weights
 from .rng import own_rng
 

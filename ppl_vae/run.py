@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import checkpoint, data, distributed, guides, logs, memory
+from . import batching, checkpoint, data, distributed, guides, logs, memory
 from .config import (OBJECTIVES, RESUMABLE, Config, build_guide, build_model,
                      build_objective, code_names, guide_settings, local_family_of, lr_factor,
                      require_consent, resolve_device)
@@ -264,7 +264,7 @@ class _Setup(NamedTuple):
     folder: Optional[RunDir]
     splits: data.Splits
     train_split: data.Split
-    shards: data.Shards
+    shards: batching.Shards
     binarize: data.Binarize
     model: torch.nn.Module
     guide: torch.nn.Module
@@ -286,7 +286,7 @@ def _setup(config: Config, out, overwrite: bool, resume: bool, world: distribute
     splits = load_splits(config, device)
     dim, n = splits.train.x.shape[1], len(splits.train)
     memory.check(config, dim, n, device)
-    shards = data.Shards(n, world.size, config.batch_size)
+    shards = batching.Shards(n, world.size, config.batch_size)
     binarize = data.Binarize(config.binarize, torch.Generator().manual_seed(
         distributed.rank_seed(config.seed + 3, world)))
     train_split = binarize.prepare(splits.train, config.seed)
@@ -388,7 +388,7 @@ def probe(config: Config, model, guide, train: data.Split) -> None:
     if not isinstance(first, (int, float)):
         raise TypeError(f"the schedule gave {type(first).__name__} for epoch 0, not a number")
     x = train.x[:2]
-    batch = data.Batch(x if config.binarize == "none" else torch.bernoulli(x),
+    batch = batching.Batch(x if config.binarize == "none" else torch.bernoulli(x),
                        torch.arange(len(x), device=x.device), len(train))
     with seeded(config.seed + 5, x.device):  # the objective as written, never compiled
         missing = unguided_sites(model, guide, batch)
@@ -716,7 +716,7 @@ def _warn_if_absurd(summary: Summary, trained: "Trained", x: torch.Tensor, log) 
     rows = x[:256]
     try:
         cause = guides.divergence_cause(trained.guide, trained.model,
-                                        data.Batch(rows, torch.arange(len(rows),
+                                        batching.Batch(rows, torch.arange(len(rows),
                                                                       device=rows.device),
                                                    len(rows)))
     except Exception:  # noqa: BLE001 - a guide that cannot tell: the learning rate

@@ -6,7 +6,7 @@ Steps never wait on the host: whether each was applied is counted on the device
 that diverged (and was not applied) stops the run or lowers the learning rates.
 
 ``fit(model, guide, objective, data, optimizers, ...)`` builds the defaults (the batches,
-``data.Shards``; the beta schedule; the ``Loop`` state) and the usual callbacks from keyword
+``batching.Shards``; the beta schedule; the ``Loop`` state) and the usual callbacks from keyword
 arguments and calls ``loop``. One step (``step_on_device``) is ``zero_grad();
 loss.backward(); step()`` on the loss the guide trains on (``guides.training_loss``, by
 default ``objective(model, guide, batch)``), with its other paths as named pieces around it:
@@ -32,7 +32,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 
 from . import errors, guides, logs
-from .data import Batch, Binarize, Shards, Split
+from .batching import Batch, Shards
+from .data import Binarize, Split
 from .errors import UserError, setting
 from .objectives import takes_beta
 from .optim import Optimizers, restore_rows, save_rows
@@ -571,7 +572,7 @@ def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: 
     The steps never wait on the host: whether a step was applied is counted on the device
     and read every ``read_every`` steps and at the end of the epoch, where a non-finite step
     (never applied) stops the run or lowers the rates (``on_divergence``). Under torchrun,
-    ``shards`` and ``rank`` say which rows this process draws (``data.Shards``); ``binarize``
+    ``shards`` and ``rank`` say which rows this process draws (``batching.Shards``); ``binarize``
     is then this process's noise.
     """
     noise = {rank: binarize}
@@ -1025,7 +1026,7 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     ``ctrl_c``; a torchrun process leaves Ctrl-C to torchrun); a step, validation or gap
     scoring still running ``GRACE_SECONDS`` after Ctrl-C is abandoned with nothing applied
     (``StopOnCtrlC``). ``shards`` and ``rank``: the
-    rows this process draws under torchrun (``data.Shards``; by default all rows in batches
+    rows this process draws under torchrun (``batching.Shards``; by default all rows in batches
     of ``batch_size``); ``read_every``: steps between host reads of the divergence guard
     (``loop``).
     """

@@ -164,7 +164,7 @@ def test_the_authors_warmup_weights_only_log_q(monkeypatch):
     exceeds our KL-weighted bound by (1 - beta) E_q[log p(z)], and equals it at beta = 1."""
     import pyro
     from ppl_vae import guides, nets, objectives
-    from ppl_vae.data import Batch
+    from ppl_vae.batching import Batch
     from ppl_vae.likelihoods import Bernoulli
     from ppl_vae.model import VAEModel
     from ppl_vae.priors import StandardNormal

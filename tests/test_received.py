@@ -305,7 +305,7 @@ def test_pyro_objectives_values_match_ours():
     TraceGraph_ELBO's value is -ELBO on the same draws."""
     import pyro
     from ppl_vae import config as c
-    from ppl_vae.data import Batch
+    from ppl_vae.batching import Batch
     x = torch.bernoulli(torch.rand(6, 12, generator=torch.Generator().manual_seed(0)))
     cfg = Config(latent_dim=3, hidden=(8,), num_particles=4)
     model = c.build_model(cfg, 12)

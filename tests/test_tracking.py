@@ -103,7 +103,7 @@ def test_render_model_draws_our_model(tmp_path):
 
     import pyro
     from ppl_vae.config import Config, build_model
-    from ppl_vae.data import Batch
+    from ppl_vae.batching import Batch
 
     model = build_model(Config(latent_dim=3, hidden=(8,)), 784)
     batch = Batch(torch.zeros(5, 784), torch.arange(5), 100)

@@ -12,7 +12,7 @@ import torch
 
 from ppl_vae import checkpoint, data, guides, likelihoods, nets, objectives, optim, priors, run, train
 from ppl_vae.config import Config
-from ppl_vae.data import Batch
+from ppl_vae.batching import Batch
 from ppl_vae.errors import UserError
 from ppl_vae.model import VAEModel
 
