@@ -34,8 +34,9 @@ from .heldout import (GapTracker, Validator, eval_pixels, held_out_elbo, read_ga
                       train_pixels)
 from .objectives import unguided_sites
 from .optim import make_optimizers
-from .rundir import (RunDir, check_gaps, check_out, is_regular, read_mapping, recover,
-                     resolve_link, set_aside_stale_evaluation, write_config, write_json)
+from .rundir import RunDir, check_out, recover, resolve_link
+from .runfiles import (check_gaps, is_regular, read_mapping, set_aside_stale_evaluation,
+                       write_config, write_json)
 from .rng import seeded
 from .tracking import open_tracker
 from .train import (DivergenceError, EpochMetrics, Interrupted, LRSchedule, Position, StepBudget,
@@ -612,7 +613,7 @@ def _gap_tracker(config: Config, model, guide, splits: data.Splits, n: int,
 def _write_metrics(path: Path, history) -> None:
     """metrics.jsonl from the checkpoint's history, put in place whole (what was there, even
     a named pipe, is replaced, never opened)."""
-    from .rundir import write_text
+    from .runfiles import write_text
     write_text(path, "".join(json.dumps(m._asdict()) + "\n" for m in history))
 
 
