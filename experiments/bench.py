@@ -438,9 +438,9 @@ def table(name, result) -> str:
 def eval_model(run_dir, device):
     """A trained run's model, amortized guide and fixed-binarization test rows; without a
     run, untrained networks (log p(x)'s time does not depend on the weights, q*'s does)."""
-    from ppl_vae import heldout, run
+    from ppl_vae import heldout, run_setup
     if run_dir:
-        tr = run.load_trained(Path(run_dir), device=device.type, warn=lambda *a, **k: None)
+        tr = run_setup.load_trained(Path(run_dir), device=device.type, warn=lambda *a, **k: None)
         return tr.model, tr.guide, heldout.eval_pixels(tr.config, tr.splits.test)
     model, guide, _ = ours(1, device)
     x = data.static_binarize(data.load("mnist").test, 1234).x.to(device)

@@ -26,7 +26,7 @@ from ppl_vae.evaluate import elbo_parts
 from ppl_vae.guides import local_inference
 from ppl_vae.guides import LocalNormal
 from ppl_vae.objectives import AnalyticKLELBO
-from ppl_vae.run import load_trained
+from ppl_vae.run_setup import load_trained
 from ppl_vae.heldout import EVAL_SEED, eval_pixels
 
 

@@ -34,7 +34,8 @@ from .evaluation import evaluate_trained, local_fit_options
 from .heldout import read_gaps
 from .rundir import RunDir
 from .runfiles import CHECKPOINTS, versions, write_json
-from .run import finish, fit_run, holding, load_splits, load_trained
+from .run import finish, fit_run, holding
+from .run_setup import load_splits, load_trained
 from .results import SCHEDULE, Comparison, GuideRun
 
 DEFAULT_GUIDES = ("amortized", "semiamortized", "meanfield")

@@ -21,7 +21,7 @@ from .rundir import check_kind, recover, replace_folder, resolve_link, stage_cop
 from .runfiles import (EVALUATION, MARKER, check_files, check_gaps, expect, is_regular,
                        read_mapping, whole, write_json)
 from .writelock import lock, refuse_writer, unlock
-from .run import load_trained
+from .run_setup import load_trained
 from .train import Interrupted
 from .tracking import open_tracker
 

@@ -250,7 +250,7 @@ def test_two_nodes_train_what_one_node_with_two_processes_trains(tmp_path):
 def test_settings_a_torchrun_run_cannot_honour_are_refused(setting, flag):
     from ppl_vae.config import Config
     from ppl_vae.errors import UserError
-    from ppl_vae.run import _check_distributed
+    from ppl_vae.run_setup import _check_distributed
     _check_distributed(Config())  # the defaults are fine
     with pytest.raises(UserError) as e:
         _check_distributed(Config(**setting))

@@ -130,8 +130,8 @@ def _sigint_on_call(monkeypatch, calls: int):
     """The training objective sends this process SIGINT on its ``calls``-th call."""
     import signal
 
-    from ppl_vae import run
-    build = run.build_objective
+    from ppl_vae import run_setup
+    build = run_setup.build_objective
     count = [0]
 
     def patched(config):
@@ -143,7 +143,7 @@ def _sigint_on_call(monkeypatch, calls: int):
                 signal.raise_signal(signal.SIGINT)
             return objective(*args, **kwargs)
         return interrupting
-    monkeypatch.setattr(run, "build_objective", patched)
+    monkeypatch.setattr(run_setup, "build_objective", patched)
 
 
 def test_ctrl_c_in_the_first_epoch_of_overwrite_keeps_the_old_run(finished_run, capsys,
