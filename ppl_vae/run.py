@@ -8,7 +8,8 @@ command line, and every resume's changed settings), ``metrics.jsonl`` (one objec
 folders may be written is ``rundir``'s business; scoring during training (validation, gap
 curves) is ``heldout``'s, and a trained run's evaluation ``evaluation``'s.
 
-Layering: above ``run_setup``; below the commands (``cli``, ``evaluation``, ``compare``).
+Layering: above ``run_setup``; below ``cli`` and ``compare``, which train through it, and
+``results`` (a ``Summary`` in the comparison's records).
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = Fals
     (under torchrun: rank 0 scores and writes it; the other processes return None).
     ``trust_code``: a resumed checkpoint may name code (``module:Class``) that ``config``
     does not (see ``config.require_consent``). ``state``: the checkpoint a resume continues,
-    already read (``resumed_config``); None reads it. ``progress``: ``train.fit``'s (None: a bar
-    where stderr is a terminal). ``then`` is called (on every process)
+    already read (``run_setup.resumed_config``); None reads it. ``progress``: ``train.fit``'s
+    (None: a bar where stderr is a terminal). ``then`` is called (on every process)
     once summary.json is written, while the folder's lock is still held: ``train
     --evaluate`` evaluates there, so no other process writes the folder in between."""
     trained = fit_run(config, out, overwrite, resume, progress, log, trust_code, state)

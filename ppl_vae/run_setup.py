@@ -8,9 +8,10 @@ guide, optimizers and validator, and a resumed run's history, position and state
 ones given); ``load_trained`` loads a trained run back from its newest checkpoint
 (``Trained``), as ``evaluate`` and ``compare`` score it.
 
-Layering: below ``run`` (the training pipeline: the loop, checkpoints, ``summary.json``),
-above the pieces it assembles (``config``, ``data``, ``batching``, ``guides``, ``optim``,
-``heldout``, ``train``) and the run folder (``rundir``, ``runfiles``, ``checkpoint``).
+Layering: below ``run`` (the training pipeline: the loop, checkpoints, ``summary.json``)
+and the commands that load a trained run (``evaluation``, ``compare``); above the pieces it
+assembles (``config``, ``data``, ``batching``, ``guides``, ``optim``, ``heldout``, ``train``)
+and the run folder (``rundir``, ``runfiles``, ``checkpoint``).
 """
 from __future__ import annotations
 
