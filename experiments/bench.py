@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam as PyroAdam
 
-from ppl_vae import data, guides, nets, objectives, optim, priors, step, train
+from ppl_vae import batching, data, guides, nets, objectives, optim, priors, step, train
 from ppl_vae.compiled import Compiled
 from ppl_vae.evaluate import log_px
 from ppl_vae.likelihoods import Bernoulli
@@ -187,7 +187,7 @@ def guide_cases(device, b, x, idx, n, compile_default=True):
             hand = HandSemi().to(device)
             opt = torch.optim.Adam(hand.parameters(), 1e-3, fused=True)
             cases[(guide_name, "hand")] = lambda hand=hand, opt=opt: hand_step(hand, opt, x)
-        batch = data.Batch(x, idx, n)
+        batch = batching.Batch(x, idx, n)
         for kind in ("eager", "default") if compile_default else ("eager",):
             model, guide, opts = built(guide_name, n, device)
             objective = Compiled(objectives.ELBO()) if kind == "default" else objectives.ELBO()
@@ -292,7 +292,7 @@ def bench_device(device, batch_sizes, repeats, steps, local_sizes, epoch, logpx_
         svi = SVI(tut.model, tut.guide, PyroAdam({"lr": 1e-3}), Trace_ELBO())
         model, guide, opts = ours(len(train_x), device)
         objective = objectives.ELBO()
-        batch = data.Batch(x, idx, len(train_x))
+        batch = batching.Batch(x, idx, len(train_x))
         cmodel, cguide, copts = ours(len(train_x), device)
         compiled = Compiled(objectives.ELBO())
         chand = HandVAE().to(device)
@@ -325,7 +325,7 @@ def bench_device(device, batch_sizes, repeats, steps, local_sizes, epoch, logpx_
             bidx = torch.randint(n, (b,), generator=g).to(device)
             cases[f"ppl_vae per-datapoint N={n:,}"] = (
                 lambda m=m, gd=gd, o=o, bidx=bidx, n=n:
-                step.step_on_device(m, gd, objective, data.Batch(x, bidx, n), o))
+                step.step_on_device(m, gd, objective, batching.Batch(x, bidx, n), o))
         times = {k: [] for k in cases}
         for fn in cases.values():  # warm-up
             for _ in range(5):
@@ -438,9 +438,9 @@ def table(name, result) -> str:
 def eval_model(run_dir, device):
     """A trained run's model, amortized guide and fixed-binarization test rows; without a
     run, untrained networks (log p(x)'s time does not depend on the weights, q*'s does)."""
-    from ppl_vae import heldout, run
+    from ppl_vae import heldout, run_setup
     if run_dir:
-        tr = run.load_trained(Path(run_dir), device=device.type, warn=lambda *a, **k: None)
+        tr = run_setup.load_trained(Path(run_dir), device=device.type, warn=lambda *a, **k: None)
         return tr.model, tr.guide, heldout.eval_pixels(tr.config, tr.splits.test)
     model, guide, _ = ours(1, device)
     x = data.static_binarize(data.load("mnist").test, 1234).x.to(device)

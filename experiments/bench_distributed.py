@@ -1,6 +1,6 @@
 """Benchmark: data-parallel training with 1 and 2 processes (torchrun, Gloo on the CPU).
 
-Samples per second of the training loop (``train.fit`` with ``data.Shards``, the divergence
+Samples per second of the training loop (``train.fit`` with ``batching.Shards``, the divergence
 guard on, read every 100 steps) at the same per-process batch, for the amortized guide and
 the per-datapoint (mean-field) guide, on MNIST's 50,000 training rows; each process has one
 thread. The rounds are interleaved (1, 2, 1, 2, ... processes) and the medians reported, with
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae import callbacks, data, distributed, guides, train
+from ppl_vae import batching, callbacks, data, distributed, guides, train
 from ppl_vae.config import Config, build_guide, build_model, build_objective
 from ppl_vae.optim import make_optimizers
 
@@ -53,7 +53,7 @@ def worker(guide_name: str, batch: int, steps: int, warmup: int, rows: int, out:
     opts = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps)
     if world.size > 1:
         opts = opts._replace(sync=distributed.GradSync(world))
-    shards = data.Shards(n, world.size, batch)
+    shards = batching.Shards(n, world.size, batch)
     binarize = data.Binarize("dynamic", torch.Generator().manual_seed(
         distributed.rank_seed(3, world)))
     torch.manual_seed(distributed.rank_seed(2, world))

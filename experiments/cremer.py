@@ -38,7 +38,8 @@ from ppl_vae import checkpoint, objectives, plots
 from ppl_vae.config import Config
 from ppl_vae.evaluate import evaluate_model
 from ppl_vae.heldout import EVAL_SEED, scored_rows
-from ppl_vae.run import fit_run, load_trained
+from ppl_vae.run import fit_run
+from ppl_vae.run_setup import load_trained
 
 PROTOCOL = Config(hidden=(200, 200), activation="elu", latent_dim=50, batch_size=100,
                   adam_eps=1e-4, lr=1e-3, lr_schedule="burda", epochs=3280, warmup_epochs=400,

@@ -34,7 +34,8 @@ from _table import SMOKE, markdown
 from ppl_vae import guides
 from ppl_vae.evaluate import Estimate, elbo_parts, log_px
 from ppl_vae.heldout import EVAL_SEED, scored_rows
-from ppl_vae.run import fit_run, load_trained
+from ppl_vae.run import fit_run
+from ppl_vae.run_setup import load_trained
 
 COLUMNS = ["variant", "L[q]", "L[q*]", "log p(x)", "approximation_gap", "amortization_gap",
            "q*_steps", "seconds"]

@@ -20,13 +20,13 @@ import torch
 
 from _table import SMOKE
 from ppl_vae import guides
-from ppl_vae.data import Batch
-from ppl_vae.data import batches_of
+from ppl_vae.batching import Batch
+from ppl_vae.batching import batches_of
 from ppl_vae.evaluate import elbo_parts
 from ppl_vae.guides import local_inference
 from ppl_vae.guides import LocalNormal
 from ppl_vae.objectives import AnalyticKLELBO
-from ppl_vae.run import load_trained
+from ppl_vae.run_setup import load_trained
 from ppl_vae.heldout import EVAL_SEED, eval_pixels
 
 

@@ -26,7 +26,8 @@ from ppl_vae.config import Config, build_guide, build_model, build_objective, re
 from ppl_vae.evaluate import Estimate
 from ppl_vae.optim import Optimizers
 from ppl_vae.heldout import eval_pixels, held_out_elbo
-from ppl_vae.run import finish, fit_run, load_splits
+from ppl_vae.run import finish, fit_run
+from ppl_vae.run_setup import load_splits
 from ppl_vae.train import fit
 
 

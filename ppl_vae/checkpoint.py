@@ -21,7 +21,7 @@ import torch
 
 from . import logs
 from .errors import UserError, setting
-from .rundir import describe, whole
+from .runfiles import describe, describe_mode, whole
 
 NAME, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 
@@ -110,8 +110,7 @@ def _read(path: Path, required=(), mmap: bool = False) -> dict:
     except OSError as e:
         raise UserError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        from .rundir import _what
-        raise UserError(f"checkpoint {path} is {_what(mode)}, not a file; it was not read: "
+        raise UserError(f"checkpoint {path} is {describe_mode(mode)}, not a file; it was not read: "
                         f"move it away or delete it")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

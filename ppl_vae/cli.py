@@ -353,7 +353,8 @@ def _main(argv) -> int:
 
 def _command(args) -> int:
     if args.command == "train":
-        from .run import resumed_config, train_run
+        from .run import train_run
+        from .run_setup import resumed_config
         resumed = (resumed_config(args.out, _given(args.argv, "train"), args.trust_code)
                    if args.resume else None)  # the run's settings, its checkpoint read once
         config = resumed.config if resumed else _config(args)

@@ -24,16 +24,18 @@ import numpy as np
 import torch
 
 from . import (budget_curves, distributed, guides as guide_lib, logs, memory, plots, report,
-               rundir)
+               rundir, writelock)
+from .batching import Batch
 from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
 from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
                      resolve_device)
-from .data import Batch
 from .errors import UserError, setting
 from .evaluation import evaluate_trained, local_fit_options
 from .heldout import read_gaps
-from .rundir import CHECKPOINTS, RunDir, versions, write_json
-from .run import finish, fit_run, holding, load_splits, load_trained
+from .rundir import RunDir
+from .runfiles import CHECKPOINTS, versions, write_json
+from .run import finish, fit_run, holding
+from .run_setup import load_splits, load_trained
 from .results import SCHEDULE, Comparison, GuideRun
 
 DEFAULT_GUIDES = ("amortized", "semiamortized", "meanfield")
@@ -318,14 +320,14 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     distributed.refuse_unless_all(error, world)
     if world.main:
         rundir.mark(out, "comparison")
-        rundir.lock(out, "compare")  # one comparison writes the folder, to its results
+        writelock.lock(out, "compare")  # one comparison writes the folder, to its results
     try:
         return _run_comparison(config, out, num_particles, overwrite, progress, log, guides,
                                seeds, budget, local_rows, local_options, resume, quick,
                                splits, plans, plan)
     finally:
         if world.main:
-            rundir.unlock(out)
+            writelock.unlock(out)
 
 
 def _run_comparison(config, out, num_particles, overwrite, progress, log, guides, seeds,

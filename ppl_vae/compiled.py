@@ -66,7 +66,7 @@ import pyro
 import torch
 import torch.nn as nn
 
-from .data import Batch
+from .batching import Batch
 from .errors import UserError
 
 

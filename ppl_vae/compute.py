@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import data, guides
+from . import batching, data, guides
 from .config import GUIDES, OBJECTIVES, Config, build_model
 from .errors import UserError, setting
 from .rng import seeded
@@ -249,7 +249,7 @@ def _flop_counter(names: Dict[int, str]):
     return Counter()
 
 
-def count_step(model, guide, objective, batch: data.Batch, optimizers) -> StepCost:
+def count_step(model, guide, objective, batch: batching.Batch, optimizers) -> StepCost:
     """The passes and FLOPs of one real optimizer step (``step.step``) of these pieces on
     ``batch``."""
     from .step import step
@@ -297,7 +297,7 @@ def step_cost(config: Config, splits: data.Splits) -> StepCost:
         model = build_model(config, x.shape[1], shape)
         guide = GUIDES.build(config, data_dim=x.shape[1], num_data=n, x=None, model=model,
                              shape=shape, rank=0, world_size=1)
-        batch = data.Batch(x, torch.arange(n), n)
+        batch = batching.Batch(x, torch.arange(n), n)
         optimizers = make_optimizers(model, guide, config.lr, config.local_lr,
                                      config.inner_steps, batch=batch, eps=config.adam_eps)
         return count_step(model, guide, OBJECTIVES.build(config), batch, optimizers)
@@ -462,5 +462,5 @@ def local_budget(trained, rows: int, **options) -> Optional[LocalBudget]:
 
 
 def steps_per_epoch(config: Config, splits: data.Splits) -> int:
-    return data.Shards(len(splits.train), 1, config.batch_size).steps
+    return batching.Shards(len(splits.train), 1, config.batch_size).steps
 

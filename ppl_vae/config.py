@@ -310,7 +310,7 @@ SEED_LIMIT = 2 ** 32 - 1  # torch's CPU generator keeps 32 bits of a seed: 2**32
 
 
 # settings a resumed run may change (each change is recorded in config.json's resumes); every
-# other setting defines the run and a resume must keep it (run.RESUME_FIXED)
+# other setting defines the run and a resume must keep it (run_setup.RESUME_FIXED)
 RESUMABLE = frozenset({"epochs", "lr", "local_lr", "max_seconds", "max_steps", "test_size",
                        "on_divergence", "compile", "device", "gap_epochs", "tensorboard",
                        "local_family"})

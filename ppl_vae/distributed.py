@@ -8,7 +8,7 @@ nothing.
 
 What each process does (``run.fit_run`` wires it up):
 
-- **data**: rank r owns training rows i with i mod W = r (``data.Shards``) and draws its
+- **data**: rank r owns training rows i with i mod W = r (``batching.Shards``) and draws its
   minibatches from its own rows, with its own binarization noise; the global minibatch of a
   step is the union of the ranks' batches;
 - **networks** are replicated; after each backward pass ``GradSync`` sums their gradients
@@ -37,7 +37,7 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .data import shard_rows
+from .batching import shard_rows
 from .errors import UserError
 
 

@@ -18,8 +18,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import families, guides
+from .batching import Batch, batches_of
 from .compiled import Compiled
-from .data import Batch, batches_of
 from .objectives import log_weights
 from .rng import own_rng
 

@@ -17,10 +17,11 @@ from .config import local_family_of
 from .errors import UserError, setting
 from .evaluate import Scores, evaluate_model, figure_arrays, why_no_amortization_gap
 from .heldout import EVAL_SEED, eval_pixels
-from .rundir import (EVALUATION, MARKER, check_files, check_gaps, check_kind, expect,
-                     is_regular, lock, read_mapping, recover, refuse_writer, replace_folder,
-                     resolve_link, stage_copy, unlock, whole, write_json)
-from .run import load_trained
+from .rundir import check_kind, recover, replace_folder, resolve_link, stage_copy
+from .runfiles import (EVALUATION, MARKER, check_files, check_gaps, expect, is_regular,
+                       read_mapping, whole, write_json)
+from .writelock import lock, refuse_writer, unlock
+from .run_setup import load_trained
 from .loopstate import Interrupted
 from .tracking import open_tracker
 

@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import families as fam_lib
-from .data import Batch, shard_rows
+from .batching import Batch, shard_rows
 from .errors import UserError, setting
 from .model import data_plate, register
 from .nets import from_scale, softplus_inv, to_scale
@@ -204,7 +204,7 @@ class PerDatapoint(Guide):
 
     def shard(self, rank: int, world_size: int) -> "PerDatapoint":
         """Keep only the rows of process ``rank``: dataset rows i with i mod W = rank, in
-        order (``data.Shards`` gives that process exactly these rows). The table becomes
+        order (``batching.Shards`` gives that process exactly these rows). The table becomes
         [ceil((N - rank) / W), width]; ``num_data`` stays N, the size of the data plate.
         A table built as that shard already is returned as it is."""
         if (rank, world_size) == (self.rank, self.world_size):
@@ -437,7 +437,7 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
     compiler is present; ``False`` is the plain eager loop. A compile that fails warns and
     runs the plain loop.
     """
-    from .data import batches_of
+    from .batching import batches_of
     from .objectives import AnalyticKLELBO
     from .rng import seeded
 

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import data, guides
+from . import batching, data, guides
 from .evaluate import elbo_parts, evaluate_model
 from .callbacks import Callback
 from .loopstate import EpochMetrics, Loop
@@ -94,10 +94,10 @@ class RowsOf(torch.nn.Module):
         super().__init__()
         self._inner, self.rows, self.num_data = [guide], rows, num_data
 
-    def _batch(self, batch: data.Batch) -> data.Batch:
-        return data.Batch(batch.x, self.rows[batch.idx], self.num_data)
+    def _batch(self, batch: batching.Batch) -> batching.Batch:
+        return batching.Batch(batch.x, self.rows[batch.idx], self.num_data)
 
-    def forward(self, batch: data.Batch) -> None:
+    def forward(self, batch: batching.Batch) -> None:
         from pyro import poutine
         with poutine.block(hide=["data"]):  # its plate indexes the dataset, not the subset
             return self._inner[0](self._batch(batch))
@@ -105,7 +105,7 @@ class RowsOf(torch.nn.Module):
     def held_out(self, model, x, warm=None, **options) -> guides.HeldOut:
         return guides.HeldOut(self)  # these rows are the guide's own
 
-    def loc_scale(self, batch: data.Batch):
+    def loc_scale(self, batch: batching.Batch):
         return guides.loc_scale(self._inner[0], self._batch(batch))
 
     @property

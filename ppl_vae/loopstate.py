@@ -13,7 +13,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .data import Batch
+from .batching import Batch
 
 
 class EpochMetrics(NamedTuple):

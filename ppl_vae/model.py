@@ -18,7 +18,7 @@ import torch.nn as nn
 from pyro import poutine
 from pyro.infer import Predictive
 
-from .data import Batch
+from .batching import Batch
 from .likelihoods import Likelihood
 
 

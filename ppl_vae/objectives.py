@@ -35,7 +35,7 @@ from pyro.distributions.kl import kl_divergence
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from .data import Batch
+from .batching import Batch
 from .errors import UserError, setting
 
 Objective = Callable[..., torch.Tensor]  # (model, guide, batch[, beta=]) -> loss, see above

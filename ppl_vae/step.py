@@ -22,7 +22,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 
 from . import errors, guides
-from .data import Batch
+from .batching import Batch
 from .errors import setting
 from .optim import Optimizers, restore_rows, save_rows
 

@@ -7,7 +7,7 @@ Steps never wait on the host: whether each was applied is counted on the device
 that diverged (and was not applied) stops the run or lowers the learning rates.
 
 ``fit(model, guide, objective, data, optimizers, ...)`` builds the defaults (the batches,
-``data.Shards``; the beta schedule; the ``Loop`` state) and the usual callbacks from keyword
+``batching.Shards``; the beta schedule; the ``Loop`` state) and the usual callbacks from keyword
 arguments and calls ``loop``. One step, its divergence guard and its inner local-only steps
 are ``step.py``.
 
@@ -23,9 +23,10 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from . import errors, guides, logs
+from .batching import Batch, Shards
 from .callbacks import (Callback, OnEpoch, Progress, ProgressBar, StopOnCtrlC, TimeBudget,
                         Validate, resolve_progress)
-from .data import Batch, Binarize, Shards, Split
+from .data import Binarize, Split
 from .errors import UserError
 from .loopstate import EpochMetrics, Interrupted, Loop, Position
 from .objectives import takes_beta
@@ -89,7 +90,7 @@ def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: 
     The steps never wait on the host: whether a step was applied is counted on the device
     and read every ``read_every`` steps and at the end of the epoch, where a non-finite step
     (never applied) stops the run or lowers the rates (``on_divergence``). Under torchrun,
-    ``shards`` and ``rank`` say which rows this process draws (``data.Shards``); ``binarize``
+    ``shards`` and ``rank`` say which rows this process draws (``batching.Shards``); ``binarize``
     is then this process's noise.
     """
     noise = {rank: binarize}
@@ -256,7 +257,7 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     ``ctrl_c``; a torchrun process leaves Ctrl-C to torchrun); a step, validation or gap
     scoring still running ``GRACE_SECONDS`` after Ctrl-C is abandoned with nothing applied
     (``StopOnCtrlC``). ``shards`` and ``rank``: the
-    rows this process draws under torchrun (``data.Shards``; by default all rows in batches
+    rows this process draws under torchrun (``batching.Shards``; by default all rows in batches
     of ``batch_size``); ``read_every``: steps between host reads of the divergence guard
     (``loop``).
     """

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ppl_vae import data
-from ppl_vae.data import Batch
+from ppl_vae.batching import Batch
 from ppl_vae.guides import LocalNormal
 from ppl_vae.likelihoods import Likelihood
 from ppl_vae.model import VAEModel

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist_setup import (BATCH, EVAL, N, SEED, STEPS, build, config, eval_rows,  # noqa: E402
                         noise, split)
 
-from ppl_vae import callbacks, data, distributed, guides, train  # noqa: E402
+from ppl_vae import batching, callbacks, data, distributed, guides, train  # noqa: E402
 from ppl_vae.config import build_objective  # noqa: E402
 from ppl_vae.evaluate import evaluate_model  # noqa: E402
 from ppl_vae.optim import make_optimizers  # noqa: E402
@@ -62,7 +62,7 @@ def main(out: Path) -> None:
         calls.clear()
         train.fit(model, guide, build_objective(c), split(), opts, 1, BATCH, noise(world.rank),
                   seed=SEED, progress=False, ctrl_c=False, callbacks=[record],
-                  shards=data.Shards(N, world.size, BATCH), rank=world.rank, read_every=7)
+                  shards=batching.Shards(N, world.size, BATCH), rank=world.rank, read_every=7)
         trained_calls = list(calls)
         # evaluation: the held-out rows' units shared out over the processes
         scores = evaluate_model(model, guide, eval_rows(), **EVAL)

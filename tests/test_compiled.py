@@ -10,9 +10,9 @@ import torch
 
 from conftest import SEED, TableWithoutRows, tiny_binary_data
 from ppl_vae import guides, nets, objectives, optim, step
+from ppl_vae.batching import Batch
 from ppl_vae.compiled import Compiled
 from ppl_vae.config import Config
-from ppl_vae.data import Batch
 from ppl_vae.errors import UserError
 from ppl_vae.likelihoods import Bernoulli
 from ppl_vae.model import VAEModel

@@ -14,7 +14,8 @@ from ppl_vae.compute import (MAX_BUDGET_STEPS, Budget, Compute, StepCost, local_
                              step_cost, steps_per_epoch)
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
-from ppl_vae.run import fit_run, load_splits
+from ppl_vae.run import fit_run
+from ppl_vae.run_setup import load_splits
 
 TINY = Config(train_size=500, valid_size=100, test_size=100, epochs=1, hidden=(32,),
               latent_dim=4, device="cpu")

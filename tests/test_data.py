@@ -1,4 +1,5 @@
-"""ppl_vae.data: the IDX reader, the shipped MNIST, splits, binarization, minibatches."""
+"""ppl_vae.data (the IDX reader, the shipped MNIST, splits, binarization) and
+ppl_vae.batching (minibatches, shards)."""
 from __future__ import annotations
 
 import gzip
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_vae import data
+from ppl_vae import batching, data
 from ppl_vae.errors import UserError
 
 RAW = data.PACKAGE_DATA / "MNIST" / "raw"
@@ -164,9 +165,9 @@ def _split(n=103, d=5, seed=0):
 @pytest.mark.parametrize("n,batch_size", [(103, 10), (100, 10), (7, 7), (5, 8)])
 def test_minibatches_cover_split_exactly_once(n, batch_size):
     split = _split(n)
-    batches = list(data.minibatches(split, batch_size, data.Binarize("none"),
+    batches = list(batching.minibatches(split, batch_size, data.Binarize("none"),
                                     torch.Generator().manual_seed(1)))
-    assert len(batches) == data.num_batches(n, batch_size) == math.ceil(n / batch_size)
+    assert len(batches) == batching.num_batches(n, batch_size) == math.ceil(n / batch_size)
     idx = torch.cat([b.idx for b in batches])
     assert sorted(idx.tolist()) == list(range(n))
     for b in batches:
@@ -178,9 +179,9 @@ def test_minibatches_cover_split_exactly_once(n, batch_size):
 
 def test_minibatches_drop_last():
     split = _split(103)
-    batches = list(data.minibatches(split, 10, data.Binarize("none"),
+    batches = list(batching.minibatches(split, 10, data.Binarize("none"),
                                     torch.Generator().manual_seed(0), drop_last=True))
-    assert len(batches) == data.num_batches(103, 10, drop_last=True) == 10
+    assert len(batches) == batching.num_batches(103, 10, drop_last=True) == 10
     idx = torch.cat([b.idx for b in batches])
     assert len(set(idx.tolist())) == 100
 
@@ -190,7 +191,7 @@ def test_minibatch_order_is_seeded():
 
     def order(seed, shuffle=True):
         g = torch.Generator().manual_seed(seed)
-        return torch.cat([b.idx for b in data.minibatches(split, 8, data.Binarize("none"), g,
+        return torch.cat([b.idx for b in batching.minibatches(split, 8, data.Binarize("none"), g,
                                                           shuffle=shuffle)])
 
     assert torch.equal(order(3), order(3))
@@ -263,7 +264,7 @@ def test_dynamic_minibatches_on_real_pixels(mnist):
     """Averaged over many draws, a dynamically binarized batch recovers the grayscale image."""
     split = data.Split(mnist.train.x[:20], mnist.train.y[:20])
     binarize = data.Binarize("dynamic", torch.Generator().manual_seed(0))
-    draws = torch.stack([next(iter(data.minibatches(split, 20, binarize, shuffle=False))).x
+    draws = torch.stack([next(iter(batching.minibatches(split, 20, binarize, shuffle=False))).x
                          for _ in range(400)])
     p = split.x
     se = (p * (1 - p) / 400).sqrt()
@@ -280,10 +281,10 @@ def test_read_idx_truncated_header_is_a_user_error(tmp_path):
 def test_shards_of_one_process_are_minibatches_and_shards_partition_the_rows():
     x = torch.rand(103, 4)
     split = data.Split(x, torch.zeros(103, dtype=torch.long))
-    one = data.Shards(103, 1, 10).batches(split, [data.Binarize("none")], 5, [0])
-    plain = data.minibatches(split, 10, data.Binarize("none"), torch.Generator().manual_seed(5))
+    one = batching.Shards(103, 1, 10).batches(split, [data.Binarize("none")], 5, [0])
+    plain = batching.minibatches(split, 10, data.Binarize("none"), torch.Generator().manual_seed(5))
     assert [b.idx.tolist() for b in one] == [b.idx.tolist() for b in plain]
-    shards = data.Shards(103, 2, 10)  # 52 + 51 rows: 6 steps, the last one short
+    shards = batching.Shards(103, 2, 10)  # 52 + 51 rows: 6 steps, the last one short
     assert shards.steps == 6
     per_rank = [[b.idx for b in shards.batches(split, [data.Binarize("none")] * 2, 7, [r])]
                 for r in range(2)]
@@ -295,7 +296,7 @@ def test_shards_of_one_process_are_minibatches_and_shards_partition_the_rows():
     assert [u.tolist() for u in union] == [torch.cat([a, b]).tolist()
                                           for a, b in zip(*per_rank)]
     with pytest.raises(UserError, match="fewer than its batch"):
-        data.Shards(30, 2, 16)
+        batching.Shards(30, 2, 16)
 
 
 def test_training_rows_are_scored_on_the_pixels_the_model_trained_on():

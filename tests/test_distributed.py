@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist_setup import (BATCH, EVAL, N, SEED, STEPS, WORLD, build, config, eval_rows,  # noqa: E402
                         noise, split)
 
-from ppl_vae import checkpoint, cli, data, guides  # noqa: E402
+from ppl_vae import batching, checkpoint, cli, guides  # noqa: E402
 from ppl_vae.config import build_objective  # noqa: E402
 from ppl_vae.evaluate import evaluate_model  # noqa: E402
 from ppl_vae.optim import make_optimizers  # noqa: E402
@@ -56,7 +56,7 @@ def one_process(name: str):
     for r in range(WORLD):
         torch.manual_seed(SEED + 2 + 7919 * r)
         rngs.append(torch.get_rng_state())
-    shards = data.Shards(N, WORLD, BATCH)
+    shards = batching.Shards(N, WORLD, BATCH)
     noises = [noise(r) for r in range(WORLD)]
     streams = [shards.batches(split(), noises, SEED * 100_003, [r]) for r in range(WORLD)]
     tables = opts.tables()
@@ -250,7 +250,7 @@ def test_two_nodes_train_what_one_node_with_two_processes_trains(tmp_path):
 def test_settings_a_torchrun_run_cannot_honour_are_refused(setting, flag):
     from ppl_vae.config import Config
     from ppl_vae.errors import UserError
-    from ppl_vae.run import _check_distributed
+    from ppl_vae.run_setup import _check_distributed
     _check_distributed(Config())  # the defaults are fine
     with pytest.raises(UserError) as e:
         _check_distributed(Config(**setting))
@@ -268,7 +268,7 @@ def test_a_shard_is_built_with_its_rows_only(n, latent):
     for rank in range(2):
         torch.manual_seed(3)
         part = guides.LocalNormal(n, latent, rank=rank, world_size=2)
-        rows = data.shard_rows(n, 2, rank)
+        rows = batching.shard_rows(n, 2, rank)
         assert part.params.shape == (len(rows), 2 * latent)
         part.init_pca(x)
         torch.testing.assert_close(part.params, whole.params[rows], rtol=1e-5, atol=1e-5)
@@ -290,7 +290,7 @@ def test_a_resumed_process_maps_the_checkpoint_and_copies_only_its_rows(tmp_path
     assert torch.equal(read["guide"]["params"], mapped["guide"]["params"])
     part = guides.LocalNormal(n, latent, rank=1, world_size=2)
     part.load_state_dict(mapped["guide"])
-    assert torch.equal(part.params, whole.params[data.shard_rows(n, 2, 1)])
+    assert torch.equal(part.params, whole.params[batching.shard_rows(n, 2, 1)])
     assert part.params.untyped_storage().data_ptr() != \
         mapped["guide"]["params"].untyped_storage().data_ptr()
     mapped["guide"]["params"].add_(1.0)  # the run's own updates stay in its memory

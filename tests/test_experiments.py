@@ -140,7 +140,7 @@ def test_cremer_binarize_static_trains_and_scores_on_one_draw(monkeypatch, tmp_p
     import json
     from ppl_vae import data
     from ppl_vae.heldout import eval_pixels, train_pixels
-    from ppl_vae.run import load_trained
+    from ppl_vae.run_setup import load_trained
     out = tmp_path / "out"
     run_script("cremer.py", ["--smoke", "--guides", "amortized", "--binarize", "static",
                              "--warmup-epochs", "0", "--warmup-term", "entropy",
@@ -164,7 +164,7 @@ def test_the_authors_warmup_weights_only_log_q(monkeypatch):
     exceeds our KL-weighted bound by (1 - beta) E_q[log p(z)], and equals it at beta = 1."""
     import pyro
     from ppl_vae import guides, nets, objectives
-    from ppl_vae.data import Batch
+    from ppl_vae.batching import Batch
     from ppl_vae.likelihoods import Bernoulli
     from ppl_vae.model import VAEModel
     from ppl_vae.priors import StandardNormal

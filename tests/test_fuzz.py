@@ -5,6 +5,7 @@ line; never a traceback. Sizes stay tiny unless the case is about a size option.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
 import time

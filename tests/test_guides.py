@@ -16,7 +16,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
 from conftest import SEED, TableWithoutRows, tiny_binary_data
 from ppl_vae import data, guides, likelihoods, nets, objectives, optim, priors, step, train
-from ppl_vae.data import Batch
+from ppl_vae.batching import Batch
 from ppl_vae.errors import UserError
 from ppl_vae.evaluate import Scores, elbo_parts, evaluate_model
 from ppl_vae.model import VAEModel, data_plate

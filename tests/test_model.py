@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pyro import poutine
 
 from ppl_vae import guides, likelihoods, nets, priors
-from ppl_vae.data import Batch
+from ppl_vae.batching import Batch
 from ppl_vae.errors import UserError
 from ppl_vae.model import VAEModel
 
@@ -288,7 +288,7 @@ def test_pyro_predictive_gives_posterior_predictive_draws_not_the_data():
     from pyro.infer import Predictive
 
     from ppl_vae import guides, likelihoods, nets, priors
-    from ppl_vae.data import Batch
+    from ppl_vae.batching import Batch
     from ppl_vae.model import VAEModel, posterior_predictive
 
     pyro.set_rng_seed(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ppl_vae import guides, likelihoods, nets, objectives, priors
-from ppl_vae.data import Batch
+from ppl_vae.batching import Batch
 from ppl_vae.model import VAEModel, data_plate
 
 from conftest import SEED, full_batch, local_guide, make_linear_gaussian, tiny_binary_data

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ppl_vae import guides, likelihoods, nets, objectives, optim, priors, step
-from ppl_vae.data import Batch
+from ppl_vae.batching import Batch
 from ppl_vae.errors import UserError
 from ppl_vae.model import VAEModel
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from ppl_vae import checkpoint, rundir
+from ppl_vae import checkpoint, rundir, runfiles
 from ppl_vae.config import Config, require_consent
 from ppl_vae.errors import UserError
 from test_trust import (TINY, _quiet, assert_one_error_line, call, config_json,  # noqa: F401
@@ -130,8 +130,8 @@ def _sigint_on_call(monkeypatch, calls: int):
     """The training objective sends this process SIGINT on its ``calls``-th call."""
     import signal
 
-    from ppl_vae import run
-    build = run.build_objective
+    from ppl_vae import run_setup
+    build = run_setup.build_objective
     count = [0]
 
     def patched(config):
@@ -143,7 +143,7 @@ def _sigint_on_call(monkeypatch, calls: int):
                 signal.raise_signal(signal.SIGINT)
             return objective(*args, **kwargs)
         return interrupting
-    monkeypatch.setattr(run, "build_objective", patched)
+    monkeypatch.setattr(run_setup, "build_objective", patched)
 
 
 def test_ctrl_c_in_the_first_epoch_of_overwrite_keeps_the_old_run(finished_run, capsys,
@@ -182,7 +182,7 @@ def test_a_kill_between_the_renames_of_a_swap_is_undone(tmp_path):
     out = tmp_path / "run"
     parked = tmp_path / ".run.old-999999999"  # a process that is gone
     parked.mkdir()
-    (parked / rundir.MARKER).touch()
+    (parked / runfiles.MARKER).touch()
     (parked / "summary.json").write_text("{}")
     rundir.recover(out)
     assert (out / "summary.json").exists() and not parked.exists()
@@ -201,7 +201,7 @@ def test_exchange_swaps_two_folders(tmp_path):
 # 4. one writer per folder
 # ---------------------------------------------------------------------------------------
 def _live_lock(folder, command="train"):
-    (folder / rundir.LOCK).write_text(f"{os.getppid()}\n{command}\n")  # a live process
+    (folder / runfiles.LOCK).write_text(f"{os.getppid()}\n{command}\n")  # a live process
 
 
 @pytest.mark.parametrize("extra", [["--overwrite"], ["--resume", "--epochs", "3"], []])
@@ -226,10 +226,10 @@ def test_two_new_runs_into_one_folder(tmp_path, capsys, cached_mnist):
 
 
 def test_a_stale_lock_is_taken_over(finished_run, capsys):
-    (finished_run / rundir.LOCK).write_text("999999999\ntrain\n")
+    (finished_run / runfiles.LOCK).write_text("999999999\ntrain\n")
     code, _, err = train_cli(capsys, finished_run, "--resume", "--epochs", "3")
     assert code == 0, err
-    assert not (finished_run / rundir.LOCK).exists()
+    assert not (finished_run / runfiles.LOCK).exists()
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,12 +254,12 @@ def test_a_failing_evaluation_keeps_the_previous_one(evaluated, capsys, monkeypa
 
 
 def test_evaluate_writes_only_into_a_folder_ppl_vae_wrote(evaluated, capsys):
-    (evaluated / rundir.MARKER).unlink()
+    (evaluated / runfiles.MARKER).unlink()
     (evaluated / "samples.png").write_bytes(b"the user's own picture")
     before = files(evaluated)
     code, out, err = call(capsys, "evaluate", evaluated, "--num-particles-eval", "2")
     assert_one_error_line(code, err, out)
-    assert rundir.MARKER in err
+    assert runfiles.MARKER in err
     assert files(evaluated) == before
 
 
@@ -305,7 +305,7 @@ def test_pyro_objectives_values_match_ours():
     TraceGraph_ELBO's value is -ELBO on the same draws."""
     import pyro
     from ppl_vae import config as c
-    from ppl_vae.data import Batch
+    from ppl_vae.batching import Batch
     x = torch.bernoulli(torch.rand(6, 12, generator=torch.Generator().manual_seed(0)))
     cfg = Config(latent_dim=3, hidden=(8,), num_particles=4)
     model = c.build_model(cfg, 12)

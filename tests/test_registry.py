@@ -86,7 +86,7 @@ def test_an_activation_named_as_module_class_is_used_as_a_class(tmp_path, cached
     import torch
 
     from ppl_vae import cli
-    from ppl_vae.run import load_trained
+    from ppl_vae.run_setup import load_trained
     out = tmp_path / "elu"
     assert cli.main(["train", "--activation", "torch.nn:ELU", "--train-size", "300",
                      "--valid-size", "20", "--test-size", "40", "--epochs", "1", "--hidden",

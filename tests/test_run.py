@@ -13,7 +13,7 @@ import signal
 import pytest
 import torch
 
-from ppl_vae import checkpoint, evaluation, plots, run, rundir
+from ppl_vae import checkpoint, evaluation, plots, run, rundir, runfiles, writelock
 from ppl_vae.errors import UserError
 from test_trust import (TINY, TINY_CONFIG, assert_one_error_line, call,  # noqa: F401
                         config_json, files, finished_run, summary, train_cli, trained_copy)
@@ -30,7 +30,7 @@ def _refused_elsewhere(out) -> bool:
         except UserError as e:
             refused += "being written" in str(e)
         try:
-            rundir.lock(out, "evaluate")
+            writelock.lock(out, "evaluate")
         except UserError as e:
             refused += "being written" in str(e)
         os._exit(0 if refused == 2 else 1)
@@ -56,7 +56,7 @@ def test_the_lock_is_held_through_the_final_scoring(tmp_path, capsys, cached_mni
     code, _, err = train_cli(capsys, out, "--compile", "off")
     assert code == 0, err
     assert seen == [True]
-    assert not (out / rundir.LOCK).exists() and not _refused_elsewhere(out)
+    assert not (out / runfiles.LOCK).exists() and not _refused_elsewhere(out)
 
 
 def test_fit_run_holds_the_lock_until_finish(tmp_path, cached_mnist):
@@ -67,7 +67,7 @@ def test_fit_run_holds_the_lock_until_finish(tmp_path, cached_mnist):
     assert _refused_elsewhere(out)
     run.finish(trained, out, log=lambda _m: None)
     assert (out / "summary.json").exists()
-    assert not (out / rundir.LOCK).exists() and not _refused_elsewhere(out)
+    assert not (out / runfiles.LOCK).exists() and not _refused_elsewhere(out)
 
 
 def test_train_run_holds_the_lock_through_what_follows(tmp_path, cached_mnist):
@@ -83,7 +83,7 @@ def test_train_run_holds_the_lock_through_what_follows(tmp_path, cached_mnist):
         seen.append(_refused_elsewhere(out))  # evaluate's own release keeps the outer hold
     run.train_run(config, out, progress=False, log=lambda _m: None, then=then)
     assert seen == [True, True]
-    assert (out / "eval.json").exists() and not (out / rundir.LOCK).exists()
+    assert (out / "eval.json").exists() and not (out / runfiles.LOCK).exists()
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_ctrl_c_in_evaluate_speaks_of_the_evaluation(finished_run, capsys, monke
     assert "epochs keep their checkpoints" not in err and "evaluat" in err, err
     assert err.count("\n") == 1
     assert not (finished_run / "eval.json").exists()
-    assert not (finished_run / rundir.LOCK).exists()
+    assert not (finished_run / runfiles.LOCK).exists()
 
 
 def test_the_first_epoch_is_reported_apart_from_the_steady_state():

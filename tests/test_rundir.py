@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from ppl_vae import rundir
+from ppl_vae import rundir, runfiles, writelock
 from ppl_vae.errors import UserError
 from test_trust import (FIGURES, TINY, assert_one_error_line, call, config_json,  # noqa: F401
                         files, finished_run, summary, train_cli, trained_copy)
@@ -87,11 +87,11 @@ def test_a_stale_evaluation_is_kept_in_a_subfolder(evaluated, capsys):
 def test_setting_aside_never_overwrites_an_earlier_set(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / rundir.MARKER).write_text("run")
+    (folder / runfiles.MARKER).write_text("run")
     for text in ("first", "second"):
         (folder / "eval.json").write_text(json.dumps({"epochs": 2, "text": text}))
         (folder / "latent.png").write_text(text)
-        assert rundir.set_aside_evaluation(folder, 5, log=lambda _m: None) is not None
+        assert runfiles.set_aside_evaluation(folder, 5, log=lambda _m: None) is not None
     kept = sorted(p.name for p in folder.iterdir() if p.is_dir())
     assert kept == ["evaluated-epoch2", "evaluated-epoch2-2"]
     assert (folder / "evaluated-epoch2" / "latent.png").read_text() == "first"
@@ -104,14 +104,14 @@ def test_setting_aside_never_overwrites_an_earlier_set(tmp_path):
 def _comparison(folder, how):
     folder.mkdir()
     if how == "marked":
-        (folder / rundir.MARKER).write_text("comparison")
+        (folder / runfiles.MARKER).write_text("comparison")
         return folder
-    (folder / rundir.MARKER).write_text("")  # a marker of before the kinds: judged by content
+    (folder / runfiles.MARKER).write_text("")  # a marker of before the kinds: judged by content
     if how == "results":
         (folder / "results.json").write_text("{}")
     else:  # a guide's run folder inside
         (folder / "amortized").mkdir()
-        (folder / "amortized" / rundir.MARKER).write_text("")
+        (folder / "amortized" / runfiles.MARKER).write_text("")
         (folder / "amortized" / "config.json").write_text("{}")
     return folder
 
@@ -128,7 +128,7 @@ def test_a_comparison_folder_is_refused_by_train_and_evaluate(tmp_path, capsys, 
         code, out, err = call(capsys, "evaluate", folder, "--num-particles-eval", "2")
     assert_one_error_line(code, err, out)
     assert "comparison" in err
-    assert tree(folder) == before and not (folder / rundir.LOCK).exists()
+    assert tree(folder) == before and not (folder / runfiles.LOCK).exists()
 
 
 def test_compare_refuses_an_evaluated_run_folder(evaluated, capsys, cached_mnist):
@@ -143,7 +143,7 @@ def test_compare_refuses_an_evaluated_run_folder(evaluated, capsys, cached_mnist
 def test_the_marker_records_the_kind(tmp_path, capsys, cached_mnist):
     out = tmp_path / "run"
     assert train_cli(capsys, out)[0] == 0
-    assert (out / rundir.MARKER).read_text().strip() == "run"
+    assert (out / runfiles.MARKER).read_text().strip() == "run"
     assert rundir.kind_of(out) == "run"
     cmp = tmp_path / "cmp"
     assert rundir.claim(cmp, "comparison") == cmp and not cmp.exists()  # checks, writes nothing
@@ -157,7 +157,7 @@ def test_the_marker_records_the_kind(tmp_path, capsys, cached_mnist):
         rundir.claim(out / "sub", "comparison")
     old = tmp_path / "old"  # an old, empty marker: judged by what the folder holds
     old.mkdir()
-    (old / rundir.MARKER).write_text("")
+    (old / runfiles.MARKER).write_text("")
     assert rundir.kind_of(old) is None
     (old / "checkpoint.pt").write_text("x")
     assert rundir.kind_of(old) == "run"
@@ -229,7 +229,7 @@ def _hammer(folder, seconds, violations, takeovers, seed):
             pid = os.fork()
             if pid == 0:  # dies holding the lock, if it got it
                 try:
-                    rundir.lock(folder, "dying")
+                    writelock.lock(folder, "dying")
                 except UserError:
                     os._exit(1)
                 os._exit(0)
@@ -238,7 +238,7 @@ def _hammer(folder, seconds, violations, takeovers, seed):
                 takeovers.value += os.waitstatus_to_exitcode(status) == 0
             continue
         try:
-            rundir.lock(folder, "hammer")
+            writelock.lock(folder, "hammer")
         except UserError:
             continue
         try:
@@ -250,7 +250,7 @@ def _hammer(folder, seconds, violations, takeovers, seed):
             time.sleep(0.0005)
             os.close(fd)
             os.unlink(inside)
-        rundir.unlock(folder)
+        writelock.unlock(folder)
 
 
 def test_the_lock_admits_one_holder_among_processes(tmp_path):
@@ -266,17 +266,17 @@ def test_the_lock_admits_one_holder_among_processes(tmp_path):
         assert p.exitcode == 0
     assert takeovers.value > 0  # dead locks were taken over meanwhile
     assert violations.value == 0
-    leftovers = [n for n in os.listdir(folder) if n not in (rundir.LOCK,)]
+    leftovers = [n for n in os.listdir(folder) if n not in (runfiles.LOCK,)]
     assert leftovers == []  # no temporary file of the lock is left
 
 
 def test_the_lock_is_reentrant_within_a_process(tmp_path):
-    rundir.lock(tmp_path, "train")
-    rundir.lock(tmp_path, "evaluate")  # a train --evaluate: one process, one lock
-    rundir.unlock(tmp_path)
-    assert (tmp_path / rundir.LOCK).exists()  # the outer holder still holds it
-    rundir.unlock(tmp_path)
-    assert not (tmp_path / rundir.LOCK).exists()
+    writelock.lock(tmp_path, "train")
+    writelock.lock(tmp_path, "evaluate")  # a train --evaluate: one process, one lock
+    writelock.unlock(tmp_path)
+    assert (tmp_path / runfiles.LOCK).exists()  # the outer holder still holds it
+    writelock.unlock(tmp_path)
+    assert not (tmp_path / runfiles.LOCK).exists()
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ppl_vae import config as c
-from ppl_vae import data, objectives, optim, run, train
+from ppl_vae import data, objectives, optim, run_setup, train
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
 from test_trust import TINY, call, config_json, metrics, summary, train_cli  # noqa: F401
@@ -55,7 +55,7 @@ def test_the_weight_fit_is_given_is_the_weight_every_objective_gets():
 def test_resumable_settings_are_settings():
     names = {f.name for f in dataclasses.fields(Config)}
     assert c.RESUMABLE <= names
-    assert set(run.RESUME_FIXED) | c.RESUMABLE == names
+    assert set(run_setup.RESUME_FIXED) | c.RESUMABLE == names
 
 
 # ---------------------------------------------------------------------------------------

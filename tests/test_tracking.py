@@ -91,7 +91,7 @@ def test_config_json_records_command_and_git_state(tmp_path, cached_mnist, monke
     assert cli.main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
     record = json.loads((out / "config.json").read_text())
     assert record["command"] == ["ppl-vae", "train", "--epochs", "1"]
-    from ppl_vae.rundir import git_dirty
+    from ppl_vae.runfiles import git_dirty
     assert record["versions"]["git_dirty"] == git_dirty()
     assert record["data"]["train"] == 300 and record["data"]["shape"] == [1, 28, 28]
 
@@ -103,7 +103,7 @@ def test_render_model_draws_our_model(tmp_path):
 
     import pyro
     from ppl_vae.config import Config, build_model
-    from ppl_vae.data import Batch
+    from ppl_vae.batching import Batch
 
     model = build_model(Config(latent_dim=3, hidden=(8,)), 784)
     batch = Batch(torch.zeros(5, 784), torch.arange(5), 100)

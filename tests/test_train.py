@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from ppl_vae import (callbacks, checkpoint, data, guides, likelihoods, loopstate, nets, objectives, optim,
-                     priors, run, step, train)
+from ppl_vae import (callbacks, checkpoint, data, guides, likelihoods, loopstate, nets, objectives,
+                     optim, priors, run, run_setup, step, train)
+from ppl_vae.batching import Batch
 from ppl_vae.config import Config
-from ppl_vae.data import Batch
 from ppl_vae.errors import UserError
 from ppl_vae.model import VAEModel
 
@@ -433,14 +433,14 @@ def test_ctrl_c_mid_epoch_then_resume_is_bitwise_equal(tmp_path, cached_mnist, m
     config = TINY.replace(guide=guide, epochs=3, inner_steps=0)
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     run.fit_run(config, straight, progress=False, log=_quiet)
-    build = run.build_objective
-    monkeypatch.setattr(run, "build_objective", lambda c: _InterruptAt(build(c), at=6))
+    build = run_setup.build_objective
+    monkeypatch.setattr(run_setup, "build_objective", lambda c: _InterruptAt(build(c), at=6))
     with pytest.raises(loopstate.Interrupted) as e:
         run.fit_run(config, cut, progress=False, log=_quiet)
     assert (e.value.position.epoch, e.value.position.step) == (1, 2)  # 4 steps per epoch
     state = checkpoint.load(cut)
     assert state["position"]["step"] == 2 and len(state["history"]) == 1
-    monkeypatch.setattr(run, "build_objective", build)
+    monkeypatch.setattr(run_setup, "build_objective", build)
     messages = []
     run.fit_run(config, cut, resume=True, progress=False, log=messages.append)
     assert any("step 2 of epoch 2" in m for m in messages)

@@ -19,7 +19,7 @@ import pytest
 import numpy as np
 import torch
 
-from ppl_vae import checkpoint, cli, data, run, train
+from ppl_vae import checkpoint, cli, data, run, run_setup, train
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
 
@@ -324,8 +324,8 @@ def _run(tmp_path, capsys, monkeypatch, name, options):
     options = list(options)
     if "NAN" in options:
         options.remove("NAN")
-        build = run.build_objective
-        monkeypatch.setattr(run, "build_objective", lambda c: NaNSometimes(build(c)))
+        build = run_setup.build_objective
+        monkeypatch.setattr(run_setup, "build_objective", lambda c: NaNSometimes(build(c)))
     out = Ran(tmp_path / name)
     out.code, out.out, out.err = train_cli(capsys, out, *options)
     assert "Traceback" not in out.err
@@ -492,7 +492,7 @@ def test_overwrite_that_crashes_before_its_first_checkpoint_keeps_the_old_run(
 def test_overwrite_crash_in_the_first_step_keeps_the_old_run(finished_run, monkeypatch,
                                                              capsys):
     before = files(finished_run)
-    build = run.build_objective
+    build = run_setup.build_objective
 
     class Boom:
         beta = 1.0
@@ -500,11 +500,11 @@ def test_overwrite_crash_in_the_first_step_keeps_the_old_run(finished_run, monke
         def __call__(self, *args, **kwargs):
             raise UserError("stop in the first step")
 
-    monkeypatch.setattr(run, "build_objective", lambda c: Boom())
+    monkeypatch.setattr(run_setup, "build_objective", lambda c: Boom())
     code, out, err = train_cli(capsys, finished_run, "--overwrite", "--epochs", "3")
     assert code == 2 and error_segments(err) == ["error: stop in the first step"]
     assert files(finished_run) == before
-    monkeypatch.setattr(run, "build_objective", build)
+    monkeypatch.setattr(run_setup, "build_objective", build)
 
 
 FOREIGN = {"config.json": b'{"mine": 1}', "metrics.jsonl": b"my metrics\n",

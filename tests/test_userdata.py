@@ -14,7 +14,8 @@ import torch
 from ppl_vae import cli, data
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
-from ppl_vae.run import fit_run, load_splits
+from ppl_vae.run import fit_run
+from ppl_vae.run_setup import load_splits
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
