@@ -26,12 +26,13 @@ import torch
 from . import (budget_curves, distributed, guides as guide_lib, logs, memory, plots, report,
                rundir)
 from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
-from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
-                     resolve_device)
+from .config import SEED_LIMIT, Config, check_particles, guide_settings
 from .data import Batch
+from .distributed import resolve_device
 from .errors import UserError, setting
 from .evaluation import evaluate_trained, local_fit_options
 from .heldout import read_gaps
+from .registry import GUIDES
 from .rundir import CHECKPOINTS, RunDir, versions, write_json
 from .run import finish, fit_run, holding, load_splits, load_trained
 from .results import SCHEDULE, Comparison, GuideRun

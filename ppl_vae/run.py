@@ -24,9 +24,9 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import checkpoint, data, distributed, guides, logs, memory
-from .config import (OBJECTIVES, RESUMABLE, Config, build_guide, build_model,
-                     build_objective, code_names, guide_settings, local_family_of, lr_factor,
-                     require_consent, resolve_device)
+from .build import build_guide, build_model, build_objective, lr_factor
+from .config import RESUMABLE, Config, guide_settings, local_family_of
+from .distributed import resolve_device
 from .errors import UserError, for_cli, setting
 from .compiled import compiled_run
 from .evaluate import Estimate
@@ -34,6 +34,7 @@ from .heldout import (GapTracker, Validator, eval_pixels, held_out_elbo, read_ga
                       train_pixels)
 from .objectives import unguided_sites
 from .optim import make_optimizers
+from .registry import OBJECTIVES, code_names, require_consent
 from .rundir import (RunDir, check_gaps, check_out, is_regular, read_mapping, recover,
                      resolve_link, set_aside_stale_evaluation, write_config, write_json)
 from .rng import seeded
@@ -196,7 +197,7 @@ def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = Fals
     """Train per ``config``, write the run's files into ``out`` and return its ``Summary``
     (under torchrun: rank 0 scores and writes it; the other processes return None).
     ``trust_code``: a resumed checkpoint may name code (``module:Class``) that ``config``
-    does not (see ``config.require_consent``). ``state``: the checkpoint a resume continues,
+    does not (see ``registry.require_consent``). ``state``: the checkpoint a resume continues,
     already read (``resumed_config``); None reads it. ``progress``: ``train.fit``'s (None: a bar
     where stderr is a terminal). ``then`` is called (on every process)
     once summary.json is written, while the folder's lock is still held: ``train
@@ -733,7 +734,7 @@ def load_trained(run_dir: Path, device: Optional[str] = None, test_size: Optiona
     """The model and guide of the newest checkpoint in ``run_dir``, with its data splits.
 
     Code the checkpoint names (``module:Class``) is imported only with ``trust_code`` or when
-    ``given`` (the caller's own settings) names the same (``config.require_consent``)."""
+    ``given`` (the caller's own settings) names the same (``registry.require_consent``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; pass the out folder of a "

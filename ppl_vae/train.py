@@ -33,8 +33,8 @@ import torch
 
 from . import errors, guides, logs
 from .data import Batch, Binarize, Shards, Split
+from .config import takes_beta
 from .errors import UserError, setting
-from .objectives import takes_beta
 from .optim import Optimizers, restore_rows, save_rows
 
 # (epoch [0-based], step within the epoch) -> beta, the KL weight of that step

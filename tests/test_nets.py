@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ppl_vae import nets, objectives
-from ppl_vae.config import Config, build_guide, build_model
+from ppl_vae.build import build_guide, build_model
+from ppl_vae.config import Config
 from ppl_vae.data import Batch
 from ppl_vae.run import fit_run
 

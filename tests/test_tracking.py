@@ -102,7 +102,8 @@ def test_render_model_draws_our_model(tmp_path):
     import shutil
 
     import pyro
-    from ppl_vae.config import Config, build_model
+    from ppl_vae.build import build_model
+    from ppl_vae.config import Config
     from ppl_vae.data import Batch
 
     model = build_model(Config(latent_dim=3, hidden=(8,)), 784)
