@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ppl_vae import batching, callbacks, data, distributed, guides, train
-from ppl_vae.config import Config, build_guide, build_model, build_objective
+from ppl_vae.build import build_guide, build_model, build_objective
+from ppl_vae.config import Config
 from ppl_vae.optim import make_optimizers
 
 

@@ -22,7 +22,9 @@ import torch
 
 from _table import SMOKE, write
 from ppl_vae import data
-from ppl_vae.config import Config, build_guide, build_model, build_objective, resolve_device
+from ppl_vae.build import build_guide, build_model, build_objective
+from ppl_vae.config import Config
+from ppl_vae.distributed import resolve_device
 from ppl_vae.evaluate import Estimate
 from ppl_vae.optim import Optimizers
 from ppl_vae.heldout import eval_pixels, held_out_elbo

@@ -239,7 +239,8 @@ def config_problem(config: dict) -> Optional[str]:
     """What is wrong with a checkpoint's config (a mapping of settings), if anything: a
     field this version does not know, a value of the wrong kind, or a name that is neither
     a built-in name nor ``module:Class`` (an unknown name is not code to import)."""
-    from .config import REGISTRIES, Config
+    from .config import Config
+    from .registry import REGISTRIES
 
     fields = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(str(k)[:40] for k in config if k not in fields)

@@ -18,6 +18,7 @@ from typing import List, Optional
 from . import logs
 from .config import Config, check_particles
 from .errors import UserError
+from .registry import REGISTRIES
 
 HELP = {
     "dataset": "mnist, fashion_mnist, kmnist, a folder of IDX files, a .npz/.npy file of images, "
@@ -119,7 +120,7 @@ def _choices(name: str):
     from . import config as c
     tables = {"binarize": c.BINARIZE, "local_init": c.LOCAL_INIT, "on_divergence": c.ON_DIVERGENCE,
               "compile": c.COMPILE_MODES}
-    for registry in c.REGISTRIES:
+    for registry in REGISTRIES:
         tables[registry.field] = registry.names() + ("module:attr",)
     return tables.get(name)
 

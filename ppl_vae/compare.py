@@ -27,11 +27,12 @@ from . import (budget_curves, distributed, guides as guide_lib, logs, memory, pl
                rundir, writelock)
 from .batching import Batch
 from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
-from .config import (GUIDES, SEED_LIMIT, Config, check_particles, guide_settings,
-                     resolve_device)
+from .config import SEED_LIMIT, Config, check_particles, guide_settings
+from .distributed import resolve_device
 from .errors import UserError, setting
 from .evaluation import evaluate_trained, local_fit_options
 from .heldout import read_gaps
+from .registry import GUIDES
 from .rundir import RunDir
 from .runfiles import CHECKPOINTS, versions, write_json
 from .run import finish, fit_run, holding

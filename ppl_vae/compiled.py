@@ -159,7 +159,7 @@ def choose(mode: str, guide, steps: int, max_seconds: Optional[float] = None) ->
 
 def compiled_run(config, guide, num_data: int) -> bool:
     """Whether a run of ``config`` (a ``Config``) on ``num_data`` training rows compiles its
-    step: ``choose`` as ``config.build_objective`` applies it (a compile that then fails
+    step: ``choose`` as ``build.build_objective`` applies it (a compile that then fails
     warns and trains eagerly)."""
     steps = run_steps(config.epochs, num_data, config.batch_size,
                       getattr(config, "max_steps", None))

@@ -42,8 +42,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import batching, data, guides
-from .config import GUIDES, OBJECTIVES, Config, build_model
+from .build import build_model
+from .config import Config
 from .errors import UserError, setting
+from .registry import GUIDES, OBJECTIVES
 from .rng import seeded
 
 ENCODER, DECODER = "encoder", "decoder"  # the names of the networks counted

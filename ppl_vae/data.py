@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from .config import BINARIZE
+from .config import BINARIZE, BUILTIN_DATASETS, check_name
 from .errors import UserError, setting
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "_data"
@@ -32,7 +32,6 @@ MNIST_FILES = {
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-BUILTIN = ("mnist", "fashion_mnist", "kmnist")
 TORCHVISION_FOLDERS = {"fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
@@ -393,15 +392,6 @@ def load_torchvision(class_name: str, root: Path) -> RawData:
                 tuple(str(c) for c in classes) if classes is not None else None)
 
 
-def check_name(name: str) -> None:
-    """Refuse a ``--dataset`` that is no built-in name, ``torchvision:<Class>`` or existing path."""
-    if name in BUILTIN or (name.startswith("torchvision:") and len(name) > len("torchvision:")):
-        return
-    if not Path(name).exists():
-        raise UserError(f"unknown dataset {name!r}: not one of {', '.join(BUILTIN)}, not "
-                        f"torchvision:<Class>, and no file or folder of that name exists")
-
-
 def read(name: str = "mnist", data_dir: Optional[Path] = None) -> RawData:
     """The named data set as read from disk (see ``load``)."""
     check_name(name)
@@ -474,7 +464,7 @@ def load(name: str = "mnist", data_dir: Optional[Path] = None,
     a user's rows are permuted with a fixed seed before splitting (``split``).
     """
     raw = read(name, data_dir)
-    return split(raw, valid_fraction, test_fraction, shuffle=name not in BUILTIN)
+    return split(raw, valid_fraction, test_fraction, shuffle=name not in BUILTIN_DATASETS)
 
 
 def static_binarize(split: Split, seed: int) -> Split:

@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 
 from .batching import shard_rows
-from .errors import UserError
+from .config import named_device
+from .errors import UserError, setting
 
 
 class RefusedElsewhere(UserError):
@@ -72,6 +73,21 @@ def current() -> World:
     return SINGLE
 
 
+def resolve_device(name: str, world: Optional[World] = None) -> torch.device:
+    """The device a setting names, decided here only: ``auto`` is CUDA when available, else
+    the CPU (``config.named_device``); under torchrun (``world``, the ``World`` of a launched
+    process) each process takes its own GPU, ``cuda:LOCAL_RANK``, unless the setting is
+    ``cpu``."""
+    if world is not None and (world.size > 1 or launched()):
+        if name != "cpu" and torch.cuda.is_available():
+            return torch.device("cuda", world.local_rank)
+        if name.startswith("cuda"):
+            raise UserError(f"device {name!r} ({setting('device')}) under torchrun, but CUDA "
+                            f"is not available; use {setting('device')} cpu (Gloo)")
+        return torch.device("cpu")
+    return named_device(name)
+
+
 def init(device: str = "auto", timeout_s: float = 1800.0) -> World:
     """Join torchrun's process group when launched by it; the one-process world otherwise.
 
@@ -83,7 +99,6 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> World:
     if dist.is_initialized():
         return current()
     check_environment()
-    from .config import resolve_device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     own = resolve_device(device, World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                                        local_rank))

@@ -13,7 +13,8 @@ An objective is a callable ``(model, guide, batch) -> loss``: a scalar to minimi
 the whole dataset (N / B times the batch sum), like Pyro's ``Trace_ELBO().differentiable_loss``.
 One whose ``weights_kl`` is True (our ELBOs) also takes ``beta=`` (a number or a 0-d tensor),
 the KL weight of that step: ``train.fit`` hands it every step when a run sets ``beta`` or a
-warm-up, and refuses both for an objective without it (``takes_beta``; IWAE, Pyro's ELBOs).
+warm-up, and refuses both for an objective without it (``config.takes_beta``; IWAE, Pyro's
+ELBOs).
 An objective may also answer ``value_and_grad(model, guide, batch, params, scale, check)``
 with the loss, its gradients and a non-finite flag computed its own way (``Compiled`` does, as
 one graph); the training step asks for it and otherwise calls ``loss.backward()``.
@@ -339,14 +340,3 @@ def pyro_objective(piece):
     """``piece`` as an objective: Pyro's ELBO instances are wrapped, others pass."""
     from pyro.infer.elbo import ELBO as PyroELBO
     return PyroObjective(piece) if isinstance(piece, PyroELBO) else piece
-
-
-def takes_beta(objective) -> bool:
-    """Whether an objective (a class, an instance or a bound method) takes ``beta=``, a KL
-    weight: it says so in ``weights_kl``; Pyro's ELBO classes do not; another callable is
-    given it."""
-    from pyro.infer.elbo import ELBO as PyroELBO
-    owner = getattr(objective, "__self__", objective)
-    if isinstance(owner, PyroELBO) or (isinstance(owner, type) and issubclass(owner, PyroELBO)):
-        return False
-    return getattr(objective, "weights_kl", True)

@@ -596,7 +596,7 @@ def per_datapoint_guide(name: str) -> Optional[bool]:
     """Whether a built-in guide name is a per-datapoint table (its class keeps one row per
     training row); None for a name this cannot tell without importing a user's code."""
     try:
-        from .config import GUIDES
+        from .registry import GUIDES
         if name not in GUIDES:
             return None
         from .guides import PerDatapoint

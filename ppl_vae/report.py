@@ -121,7 +121,7 @@ def guide_settings(comparison: "Comparison") -> Dict[str, tuple]:
             out[g] = tuple(recorded[g])
             continue
         try:
-            from .config import GUIDES
+            from .registry import GUIDES
             out[g] = tuple(getattr(getattr(GUIDES.resolve(g), "piece", None), "settings", ())
                            if g in GUIDES else ())
         except Exception:  # noqa: BLE001 - a guide that cannot be looked up says nothing

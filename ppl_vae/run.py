@@ -27,7 +27,8 @@ from typing import Callable, Optional
 import torch
 
 from . import batching, checkpoint, data, distributed, guides, logs
-from .config import Config, local_family_of, lr_factor
+from .build import lr_factor
+from .config import Config, local_family_of
 from .errors import UserError, for_cli, setting
 from .compiled import compiled_run
 from .evaluate import Estimate
@@ -95,7 +96,7 @@ def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = Fals
     """Train per ``config``, write the run's files into ``out`` and return its ``Summary``
     (under torchrun: rank 0 scores and writes it; the other processes return None).
     ``trust_code``: a resumed checkpoint may name code (``module:Class``) that ``config``
-    does not (see ``config.require_consent``). ``state``: the checkpoint a resume continues,
+    does not (see ``registry.require_consent``). ``state``: the checkpoint a resume continues,
     already read (``run_setup.resumed_config``); None reads it. ``progress``: ``train.fit``'s
     (None: a bar where stderr is a terminal). ``then`` is called (on every process)
     once summary.json is written, while the folder's lock is still held: ``train

@@ -23,9 +23,10 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import batching, checkpoint, data, distributed, guides, logs, memory
-from .config import (OBJECTIVES, RESUMABLE, Config, build_guide, build_model,
-                     build_objective, code_names, guide_settings, lr_factor,
-                     require_consent, resolve_device)
+from .build import build_guide, build_model, build_objective, lr_factor
+from .config import RESUMABLE, Config, guide_settings
+from .distributed import resolve_device
+from .registry import OBJECTIVES, code_names, require_consent
 from .errors import UserError, setting
 from .heldout import Validator, eval_pixels
 from .objectives import unguided_sites
@@ -356,7 +357,7 @@ def load_trained(run_dir: Path, device: Optional[str] = None, test_size: Optiona
     """The model and guide of the newest checkpoint in ``run_dir``, with its data splits.
 
     Code the checkpoint names (``module:Class``) is imported only with ``trust_code`` or when
-    ``given`` (the caller's own settings) names the same (``config.require_consent``)."""
+    ``given`` (the caller's own settings) names the same (``registry.require_consent``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; pass the out folder of a "

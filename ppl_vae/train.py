@@ -26,10 +26,10 @@ from . import errors, guides, logs
 from .batching import Batch, Shards
 from .callbacks import (Callback, OnEpoch, Progress, ProgressBar, StopOnCtrlC, TimeBudget,
                         Validate, resolve_progress)
+from .config import takes_beta
 from .data import Binarize, Split
 from .errors import UserError
 from .loopstate import EpochMetrics, Interrupted, Loop, Position
-from .objectives import takes_beta
 from .optim import Optimizers
 from .step import Abandoned, DivergenceError, listening, step_on_device
 

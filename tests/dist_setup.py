@@ -2,7 +2,8 @@
 import torch
 
 from ppl_vae import data
-from ppl_vae.config import Config, build_guide, build_model
+from ppl_vae.build import build_guide, build_model
+from ppl_vae.config import Config
 
 N, D, SEED, STEPS, WORLD, BATCH = 3200, 20, 0, 20, 2, 64  # BATCH: per process
 

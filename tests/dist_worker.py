@@ -16,7 +16,7 @@ from dist_setup import (BATCH, EVAL, N, SEED, STEPS, build, config, eval_rows,  
                         noise, split)
 
 from ppl_vae import batching, callbacks, data, distributed, guides, train  # noqa: E402
-from ppl_vae.config import build_objective  # noqa: E402
+from ppl_vae.build import build_objective  # noqa: E402
 from ppl_vae.evaluate import evaluate_model  # noqa: E402
 from ppl_vae.optim import make_optimizers  # noqa: E402
 

@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from ppl_vae import cli, compiled, config, data, distributed, guides, loopstate, objectives, step
+from ppl_vae import (cli, compiled, config, data, distributed, guides, loopstate, objectives,
+                     registry, step)
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -85,11 +86,11 @@ def test_the_choices_that_config_holds_match_the_modules_that_use_them():
 
 
 def test_pieces_named_in_the_registries_import_on_demand():
-    assert config.GUIDES.resolve("amortized").piece is guides.AmortizedNormal
-    assert config.GUIDES.resolve("meanfield").piece is guides.LocalNormal
-    assert config.OBJECTIVES.resolve("iwae").piece is objectives.IWAE
-    assert config.OBJECTIVES.resolve("Trace_ELBO").piece is objectives.PyroObjective
-    assert getattr(config.LIKELIHOODS.resolve("bernoulli"), "piece", None) is None
+    assert registry.GUIDES.resolve("amortized").piece is guides.AmortizedNormal
+    assert registry.GUIDES.resolve("meanfield").piece is guides.LocalNormal
+    assert registry.OBJECTIVES.resolve("iwae").piece is objectives.IWAE
+    assert registry.OBJECTIVES.resolve("Trace_ELBO").piece is objectives.PyroObjective
+    assert getattr(registry.LIKELIHOODS.resolve("bernoulli"), "piece", None) is None
 
 
 @pytest.mark.parametrize("error, code, message", [

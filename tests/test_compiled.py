@@ -115,7 +115,7 @@ def test_compile_takes_auto_on_or_off_and_old_configs_still_load():
 
 
 def test_build_objective_compiles_as_the_mode_says():
-    from ppl_vae.config import build_objective
+    from ppl_vae.build import build_objective
     assert isinstance(build_objective(Config(compile="off")), objectives.ELBO)
     on = build_objective(Config(compile="on"))
     assert isinstance(on, Compiled) and on.chosen is True

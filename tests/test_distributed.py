@@ -19,7 +19,7 @@ from dist_setup import (BATCH, EVAL, N, SEED, STEPS, WORLD, build, config, eval_
                         noise, split)
 
 from ppl_vae import batching, checkpoint, cli, guides  # noqa: E402
-from ppl_vae.config import build_objective  # noqa: E402
+from ppl_vae.build import build_objective  # noqa: E402
 from ppl_vae.evaluate import evaluate_model  # noqa: E402
 from ppl_vae.optim import make_optimizers  # noqa: E402
 

@@ -8,7 +8,8 @@ import torch
 
 from ppl_vae import nets, objectives
 from ppl_vae.batching import Batch
-from ppl_vae.config import Config, build_guide, build_model
+from ppl_vae.build import build_guide, build_model
+from ppl_vae.config import Config
 from ppl_vae.run import fit_run
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 20, 28), (3, 17, 33), (1, 5, 9)]

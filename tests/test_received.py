@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from ppl_vae import checkpoint, rundir, runfiles
-from ppl_vae.config import Config, require_consent
+from ppl_vae.config import Config
+from ppl_vae.registry import require_consent
 from ppl_vae.errors import UserError
+from ppl_vae.registry import require_consent
 from test_trust import (TINY, _quiet, assert_one_error_line, call, config_json,  # noqa: F401
                         files, finished_run, summary, train_cli, trained_copy)
 
@@ -304,12 +306,12 @@ def test_pyro_objectives_values_match_ours():
     """Per batch: Trace_ELBO equals elbo, TraceMeanField_ELBO equals analytic_kl, and
     TraceGraph_ELBO's value is -ELBO on the same draws."""
     import pyro
-    from ppl_vae import config as c
     from ppl_vae.batching import Batch
+    from ppl_vae.build import build_guide, build_model, build_objective
     x = torch.bernoulli(torch.rand(6, 12, generator=torch.Generator().manual_seed(0)))
     cfg = Config(latent_dim=3, hidden=(8,), num_particles=4)
-    model = c.build_model(cfg, 12)
-    guide = c.build_guide(cfg, 12, 6)
+    model = build_model(cfg, 12)
+    guide = build_guide(cfg, 12, 6)
     batch = Batch(x, torch.arange(6), 30)
     pairs = [("elbo", "Trace_ELBO"), ("analytic_kl", "TraceMeanField_ELBO"),
              ("elbo", "TraceGraph_ELBO")]
@@ -317,7 +319,7 @@ def test_pyro_objectives_values_match_ours():
         values = []
         for name in (ours, theirs):
             pyro.set_rng_seed(1)
-            values.append(float(c.build_objective(cfg.replace(objective=name))(model, guide, batch).detach()))
+            values.append(float(build_objective(cfg.replace(objective=name))(model, guide, batch).detach()))
         assert values[1] == pytest.approx(values[0], rel=1e-5), (ours, theirs)
 
 

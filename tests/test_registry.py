@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from ppl_vae import cli, config
+from ppl_vae import cli, config, registry
 from ppl_vae.errors import UserError
 
 TINY = ["--train-size", "200", "--valid-size", "20", "--test-size", "20", "--hidden", "16",
@@ -50,16 +50,16 @@ def test_a_users_likelihood_trains_resumes_and_evaluates_from_the_cli(tmp_path, 
 
 def test_registering_from_python_is_validated_like_the_builtins():
     from ppl_vae import likelihoods
-    assert "bernoulli" in config.LIKELIHOODS and "semiamortized" in config.GUIDES
+    assert "bernoulli" in registry.LIKELIHOODS and "semiamortized" in registry.GUIDES
     with pytest.raises(UserError, match="unknown likelihood 'mine'"):
         config.Config(likelihood="mine").validate()
-    config.LIKELIHOODS.register("mine", likelihoods.Bernoulli)
+    registry.LIKELIHOODS.register("mine", likelihoods.Bernoulli)
     try:
         config.Config(likelihood="mine").validate()
-        assert isinstance(config.LIKELIHOODS.build(config.Config(likelihood="mine"), data_dim=4),
+        assert isinstance(registry.LIKELIHOODS.build(config.Config(likelihood="mine"), data_dim=4),
                           likelihoods.Bernoulli)
     finally:
-        config.LIKELIHOODS._builders.pop("mine")
+        registry.LIKELIHOODS._builders.pop("mine")
     with pytest.raises(UserError, match="cannot import"):
         config.Config(likelihood="no_such_module:Thing").validate()
 

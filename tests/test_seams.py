@@ -10,6 +10,7 @@ import torch
 
 from ppl_vae import config as c
 from ppl_vae import data, objectives, optim, run_setup, train
+from ppl_vae.build import build_guide, build_model
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
 from test_trust import TINY, call, config_json, metrics, summary, train_cli  # noqa: F401
@@ -20,8 +21,8 @@ SMALL = Config(latent_dim=3, hidden=(8,), batch_size=16)
 def _pieces(config=SMALL, n=64, d=12):
     g = torch.Generator().manual_seed(0)
     x = torch.bernoulli(torch.rand(n, d, generator=g), generator=g)
-    model = c.build_model(config, d)
-    guide = c.build_guide(config, d, n)
+    model = build_model(config, d)
+    guide = build_guide(config, d, n)
     split = data.Split(x, torch.full((n,), -1))
     return model, guide, split, optim.make_optimizers(model, guide, 1e-3)
 

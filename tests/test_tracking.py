@@ -102,8 +102,9 @@ def test_render_model_draws_our_model(tmp_path):
     import shutil
 
     import pyro
-    from ppl_vae.config import Config, build_model
     from ppl_vae.batching import Batch
+    from ppl_vae.build import build_model
+    from ppl_vae.config import Config
 
     model = build_model(Config(latent_dim=3, hidden=(8,)), 784)
     batch = Batch(torch.zeros(5, 784), torch.arange(5), 100)
