@@ -1,8 +1,9 @@
 """ppl_vae: variational autoencoders as Pyro programs; amortized, semi-amortized and
 mean-field (per-datapoint) inference compared.
 
-Modules: ``data``, ``nets``, ``likelihoods``, ``priors``, ``model``, ``guides`` (and the guide
-protocol), ``objectives``, ``compiled``, ``optim``, ``train``, ``evaluate``, ``heldout``,
+Modules: ``data``, ``nets``, ``likelihoods``, ``priors``, ``model``, ``protocol`` (the guide
+protocol), ``guides``, ``local_fit`` (q* for held-out rows), ``objectives``, ``compiled``,
+``optim``, ``train``, ``evaluate``, ``heldout``,
 ``config``, ``rundir``, ``run``, ``compare``, ``report``, ``plots``, ``tracking``,
 ``checkpoint``, ``logs``, ``errors``, ``rng``, ``cli``. Nothing happens at import time.
 """

@@ -544,7 +544,7 @@ def build_guide(config: Config, data_dim: int, num_data: int, x=None, model=None
     scores of the (grayscale) training rows ``x``; without ``x`` it starts at N(0, I).
     A semi-amortized guide refines against ``model``. Under torchrun a builder that takes
     ``rank`` and ``world_size`` allocates only that process's rows of a per-datapoint table
-    (any other guide is cut down afterwards by ``guides.shard``).
+    (any other guide is cut down afterwards by ``protocol.shard``).
     """
     import torch
 
@@ -573,5 +573,5 @@ def lr_factor(config: Config):
 
 
 def local_family_of(config: "Config"):
-    """q*'s family as ``guides.local_inference`` takes it: None asks the guide (``own``)."""
+    """q*'s family as ``local_fit.local_inference`` takes it: None asks the guide (``own``)."""
     return None if config.local_family == "own" else config.local_family

@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import checkpoint, data, distributed, guides, logs, memory
+from . import checkpoint, data, distributed, logs, memory, protocol
 from .config import (OBJECTIVES, RESUMABLE, Config, build_guide, build_model,
                      build_objective, code_names, guide_settings, local_family_of, lr_factor,
                      require_consent, resolve_device)
@@ -328,7 +328,7 @@ def _setup(config: Config, out, overwrite: bool, resume: bool, world: distribute
             resumes.append({"after_epoch": len(history), "changed": changed})
         log(f"resuming {final} after epoch {len(history)}"
             + (f", step {position.step} of epoch {position.epoch + 1}" if position else ""))
-    guide = guides.shard(guide, world.rank, world.size)
+    guide = protocol.shard(guide, world.rank, world.size)
     optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps,
                                  eps=config.adam_eps)
     if world.size > 1:
@@ -395,7 +395,7 @@ def probe(config: Config, model, guide, train: data.Split) -> None:
         if missing:
             raise TypeError(f"the guide samples no site {', '.join(map(repr, missing))} of "
                             f"the model")
-        loss = guides.training_loss(guide, OBJECTIVES.build(config), model, batch)
+        loss = protocol.training_loss(guide, OBJECTIVES.build(config), model, batch)
     if not (torch.is_tensor(loss) and loss.dim() == 0):
         raise TypeError(f"the objective gave {type(loss).__name__} "
                         f"{tuple(getattr(loss, 'shape', ()))}, not a scalar tensor")
@@ -715,7 +715,7 @@ def _warn_if_absurd(summary: Summary, trained: "Trained", x: torch.Tensor, log) 
         return
     rows = x[:256]
     try:
-        cause = guides.divergence_cause(trained.guide, trained.model,
+        cause = protocol.divergence_cause(trained.guide, trained.model,
                                         data.Batch(rows, torch.arange(len(rows),
                                                                       device=rows.device),
                                                    len(rows)))

@@ -8,7 +8,7 @@ that diverged (and was not applied) stops the run or lowers the learning rates.
 ``fit(model, guide, objective, data, optimizers, ...)`` builds the defaults (the batches,
 ``data.Shards``; the beta schedule; the ``Loop`` state) and the usual callbacks from keyword
 arguments and calls ``loop``. One step (``step_on_device``) is ``zero_grad();
-loss.backward(); step()`` on the loss the guide trains on (``guides.training_loss``, by
+loss.backward(); step()`` on the loss the guide trains on (``protocol.training_loss``, by
 default ``objective(model, guide, batch)``), with its other paths as named pieces around it:
 a guide with per-datapoint tables first takes ``inner_steps`` updates of its batch rows alone
 (stochastic variational inference in the style of Hoffman et al. 2013); a compiled objective
@@ -31,7 +31,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import errors, guides, logs
+from . import errors, logs, protocol
 from .data import Batch, Binarize, Shards, Split
 from .errors import UserError, setting
 from .objectives import takes_beta
@@ -226,7 +226,7 @@ class _StepContext(NamedTuple):
     def of(cls, model, guide, objective, batch: Batch, optimizers: Optimizers, guard: bool,
            defer: bool, kwargs: dict) -> "_StepContext":
         tables = optimizers.tables()
-        rows = guides.table_index(guide, batch.idx) if tables else None
+        rows = protocol.table_index(guide, batch.idx) if tables else None
         return cls(model, guide, objective, batch, optimizers, kwargs, guard,
                    defer and optimizers.skips_on_device(), tables, rows,
                    _graph(objective, guide, tables))
@@ -241,8 +241,8 @@ class _StepContext(NamedTuple):
         return torch.zeros((), device=self.batch.x.device)
 
     def loss(self) -> torch.Tensor:
-        """The training loss, for autograd (``guides.training_loss``)."""
-        return guides.training_loss(self.guide, self.objective, self.model, self.batch,
+        """The training loss, for autograd (``protocol.training_loss``)."""
+        return protocol.training_loss(self.guide, self.objective, self.model, self.batch,
                                     **self.kwargs)
 
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
@@ -381,7 +381,7 @@ def _graph(objective, guide, tables: Sequence[torch.Tensor]):
     """The objective's ``value_and_grad`` (a compiled step), when it has one and the tables
     the optimizers update are the guide's own (the rows the graph differentiates)."""
     value_and_grad = getattr(objective, "value_and_grad", None)
-    if value_and_grad is None or [id(t) for t in guides.local_parameters(guide)] != \
+    if value_and_grad is None or [id(t) for t in protocol.local_parameters(guide)] != \
             [id(t) for t in tables]:
         return None
     return value_and_grad
@@ -678,12 +678,12 @@ def _check(state: Loop, optimizers, on_divergence: str, log, guide=None, model=N
 
 
 def _cause(guide, model, batch: Optional[Batch]) -> Optional[Tuple[str, str]]:
-    """The guide's diagnosis of a divergence on ``batch`` (``guides.divergence_cause``):
+    """The guide's diagnosis of a divergence on ``batch`` (``protocol.divergence_cause``):
     (setting, why in words), or None: the learning rate. A diagnosis that fails is none."""
     if guide is None or batch is None:
         return None
     try:
-        return guides.divergence_cause(guide, model, batch)
+        return protocol.divergence_cause(guide, model, batch)
     except Exception:  # noqa: BLE001 - the divergence is reported either way
         return None
 
