@@ -466,7 +466,7 @@ def bench_eval(device, run_dir, q_rows, repeats, logpx_k, logpx_rows, logpx_repe
     issue 23) and compiled step (the default), ``repeats`` rounds each, with L[q*] of both;
     then log p(x) with K = ``logpx_k`` on ``logpx_rows`` rows, plain and default chunks."""
     from ppl_vae.evaluate import elbo_parts, Estimate
-    from ppl_vae.guides import local_inference
+    from ppl_vae.local_fit import local_inference
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     model, guide, x_all = eval_model(run_dir, device)
     x = x_all[:q_rows]

@@ -21,7 +21,7 @@ paper's auxiliary flow) and, beside them, a model trained with the mean-field pe
 guide, which the paper does not have. Each guide's run folder checkpoints every epoch, so
 ``--resume`` continues an interrupted protocol exactly.
 
-q* is fitted in each guide's own per-datapoint family (``guides.local_family``): a diagonal
+q* is fitted in each guide's own per-datapoint family (``protocol.local_family``): a diagonal
 Gaussian for the factorized guide and the mean-field model, and for the flow a per-datapoint
 flow of the same shape (``families.Flow``: its own network weights for every row, started
 at the amortized flow's), as the paper fits a local flow; the table's rows name the family.

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from _table import SMOKE, markdown
-from ppl_vae import guides
+from ppl_vae import local_fit
 from ppl_vae.evaluate import Estimate, elbo_parts, log_px
 from ppl_vae.heldout import EVAL_SEED, scored_rows
 from ppl_vae.run import fit_run
@@ -52,14 +52,14 @@ def shown(row: dict) -> dict:
 def controls(model, guide, x: torch.Tensor, num_particles: int, max_steps: int,
              progress: bool = False) -> list:
     """The table's rows: ``ours`` and one row per changed choice (see the module docstring)."""
-    own = guides.held_out(guide, model, x, seed=EVAL_SEED).guide  # the guide as it answers
+    own = local_fit.held_out(guide, model, x, seed=EVAL_SEED).guide  # the guide as it answers
 
     def elbo(q, k=10):  # per-row ELBO from k samples; k = 10 as `evaluate` (same batches)
         return elbo_parts(model, q, x, num_particles=k, seed=EVAL_SEED,
                           batch_size=max(1, min(1000, 10_000 // k))).elbo
 
     def fit(init, steps, **rule):
-        return guides.local_inference(model, x, init=init, max_steps=steps, seed=EVAL_SEED,
+        return local_fit.local_inference(model, x, init=init, max_steps=steps, seed=EVAL_SEED,
                                       **rule)
 
     estimates = {}  # (proposal, K) -> per-row log p(x): a row that only changes the ELBOs reuses it

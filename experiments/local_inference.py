@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from _table import SMOKE
-from ppl_vae import guides
+from ppl_vae import local_fit
 from ppl_vae.batching import Batch
 from ppl_vae.batching import batches_of
 from ppl_vae.evaluate import elbo_parts
-from ppl_vae.guides import local_inference
+from ppl_vae.local_fit import local_inference
 from ppl_vae.guides import LocalNormal
 from ppl_vae.objectives import AnalyticKLELBO
 from ppl_vae.run_setup import load_trained
@@ -70,7 +70,7 @@ def main(argv=None):
     trained = load_trained(args.run_dir, test_size=args.test_size)
     x = eval_pixels(trained.config, trained.splits.test)
     # the guide's own start for new rows: an encoder's output, or N(0, I) rows for a table
-    init = guides.held_out(trained.guide, trained.model, x, max_steps=0).guide
+    init = local_fit.held_out(trained.guide, trained.model, x, max_steps=0).guide
     model = trained.model
     t = time.perf_counter()
     rule = local_inference(model, x, init=init, seed=EVAL_SEED)

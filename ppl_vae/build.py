@@ -38,7 +38,7 @@ def build_guide(config: Config, data_dim: int, num_data: int, x=None, model=None
     scores of the (grayscale) training rows ``x``; without ``x`` it starts at N(0, I).
     A semi-amortized guide refines against ``model``. Under torchrun a builder that takes
     ``rank`` and ``world_size`` allocates only that process's rows of a per-datapoint table
-    (any other guide is cut down afterwards by ``guides.shard``).
+    (any other guide is cut down afterwards by ``protocol.shard``).
     """
     torch.manual_seed(config.seed + 1)
     guide = GUIDES.build(config, data_dim=data_dim, num_data=num_data, x=x, model=model,

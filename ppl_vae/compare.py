@@ -23,8 +23,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import (budget_curves, distributed, guides as guide_lib, logs, memory, plots, report,
-               rundir, writelock)
+from . import (budget_curves, distributed, logs, memory, plots, protocol, report, rundir,
+               writelock)
 from .batching import Batch
 from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
 from .config import SEED_LIMIT, Config, check_particles, guide_settings
@@ -137,7 +137,7 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
 
 
 def _family(trained) -> Optional[str]:
-    """The trained guide's variational family (``guides.family``): what the report needs to
+    """The trained guide's variational family (``protocol.family``): what the report needs to
     say why an amortization gap is n/a."""
     x = trained.splits.test.x[:2] if hasattr(trained.splits.test, "x") else None
     probe = None
@@ -145,7 +145,7 @@ def _family(trained) -> Optional[str]:
         x = x.to(trained.device).float()
         probe = Batch(x, torch.arange(len(x), device=x.device), len(x))
     try:
-        fam = guide_lib.family(trained.guide, probe)
+        fam = protocol.family(trained.guide, probe)
     except Exception:  # noqa: BLE001 - a guide whose probe fails has no family to report
         fam = None
     return fam
@@ -298,7 +298,7 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     one seed each guide's run is ``out/<guide>``, with several ``out/<guide>/seed<S>``.
     ``budget``: equal epochs (``config.epochs``) or equal network passes (``compute``).
     ``local_rows`` training rows of a per-datapoint table are refitted to show its local
-    budget; ``local_options`` go to every local fit (``guides.local_inference``: q* on the
+    budget; ``local_options`` go to every local fit (``local_fit.local_inference``: q* on the
     test rows and that refit), e.g. a smaller ``max_steps`` for a toy run.
     A finished comparison is replaced only with ``overwrite`` (which first removes its
     results, so a comparison cut short is never beside results that no longer hold).
@@ -396,7 +396,7 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
             return None
         summary = finish(trained, folder, log=log, test=scores.elbo, release=False)
         local = local_budget(trained, local_rows, **local_options)
-        per_datapoint = bool(guide_lib.local_parameters(trained.guide))
+        per_datapoint = bool(protocol.local_parameters(trained.guide))
         run = GuideRun(run_config.guide, seed, folder.relative_to(out).as_posix(), scores,
                        summary, Compute(cost, summary.steps, summary.epochs,
                                         summary.train_seconds),

@@ -68,6 +68,8 @@ import torch.nn as nn
 
 from .batching import Batch
 from .errors import UserError
+from .protocol import (compilable, given_rows, local_parameters, table_index,
+                       training_loss)
 
 
 class _NoCudaRuntimeNote(logging.Filter):
@@ -129,7 +131,7 @@ def run_steps(epochs: int, num_data: int, batch_size: int,
 
 def choose(mode: str, guide, steps: int, max_seconds: Optional[float] = None) -> Choice:
     """The one rule for ``compile``: ``on`` compiles, ``off`` does not, and ``auto``
-    compiles when the guide can be compiled (``guides.compilable``), a C++ compiler is
+    compiles when the guide can be compiled (``protocol.compilable``), a C++ compiler is
     present (``has_compiler``) and the run is long enough to repay a compile of seconds to a
     minute per batch shape: at least ``PAYS_FROM_STEPS`` optimizer steps, and with a time
     budget (``max_seconds``), at least ``PAYS_FROM_SECONDS`` of it. The compiled step saves
@@ -137,7 +139,6 @@ def choose(mode: str, guide, steps: int, max_seconds: Optional[float] = None) ->
     the compile for every built-in guide at batch 128 (the default ``compare``: 3,910 steps
     a guide). ``auto`` compiles the run's full batches only: the short last batch of an
     epoch (one step of an epoch's N / B) runs eagerly rather than pay a second compile."""
-    from .guides import compilable
     if mode == "off":
         return Choice(False, "compile off: the step runs eagerly")
     if mode == "on":
@@ -168,15 +169,14 @@ def compiled_run(config, guide, num_data: int) -> bool:
 
 def check_compilable(guide) -> None:
     """Refuse, with the fix, a guide whose step cannot be traced once and replayed (it says
-    so, or it has per-datapoint tables it cannot hand over as rows: ``guides.compilable``)."""
-    from .guides import compilable
+    so, or it has per-datapoint tables it cannot hand over as rows: ``protocol.compilable``)."""
     if not compilable(guide):
         raise UserError(f"setting compile on: the {type(guide).__name__} guide cannot be "
                         f"compiled (it says so, or its per-datapoint tables cannot be handed "
                         f"to the graph as rows: give it given_rows); use compile auto or off")
 
 
-class _Program(nn.Module):
+class Program(nn.Module):
     """Model and guide under one module, so one ``functional_call`` swaps in all their tensors."""
 
     def __init__(self, fn, model: nn.Module, guide: nn.Module, num_data: int, names):
@@ -226,7 +226,6 @@ class Compiled:
         key = self._key(model, guide, batch, names)
         entry = self._graphs.get(key)
         if entry is None:
-            from .guides import compilable, local_parameters
             if torch.is_grad_enabled() and (not compilable(guide) or local_parameters(guide)):
                 # autograd through a compiled loss: a table's gradient would be dense, and a
                 # guide that says it cannot be compiled means it; the step compiles them
@@ -236,7 +235,7 @@ class Compiled:
                 return self.objective(model, guide, batch, **kwargs)
             with _own_rng(batch.x.device), torch.no_grad():
                 self.objective(model, guide, batch, **kwargs)  # eager once: Pyro checks every site
-            program = _Program(self.objective, model, guide, batch.num_data, names)
+            program = Program(self.objective, model, guide, batch.num_data, names)
             entry = self._graphs[key] = [program, None, False]
             try:  # a program that branches on a tensor's value cannot be traced
                 entry[1] = self._compile(program, batch, values)
@@ -271,12 +270,12 @@ class Compiled:
         """A training step's forward and backward pass as one compiled graph.
 
         Returns a ``Step``: the step's loss (the guide's training loss,
-        ``guides.training_loss``; detached, unscaled), a 0-dim flag that is 1.0 when the loss
+        ``protocol.training_loss``; detached, unscaled), a 0-dim flag that is 1.0 when the loss
         or a gradient has a non-finite entry (0.0 without ``check``), the gradients of
         ``scale * loss`` with respect to ``params``, in their order, None for a parameter the
         loss does not use (as ``loss.backward()`` would leave its ``.grad``), and for a guide
         with per-datapoint tables the gradients of its batch rows (``rows``: one [B, width]
-        tensor per table, the rows ``guides.table_index(guide, batch.idx)``; the graph
+        tensor per table, the rows ``protocol.table_index(guide, batch.idx)``; the graph
         gathers them and the guide reads them through ``given_rows``). ``params`` may be
         empty: the local-only steps of a per-datapoint guide differentiate the rows alone.
         Nothing is written to ``.grad``; the caller decides. Returns None where it cannot: a
@@ -284,7 +283,6 @@ class Compiled:
         guide's tensors, more than ``max_graphs`` shapes, or a program that cannot be
         traced or compiled (warned once); the caller then differentiates ``self(...)``.
         """
-        from .guides import compilable
         if self.chosen is None:
             self._choose(guide, batch)
         if not self._compiles(batch) or not torch.is_grad_enabled() or not compilable(guide):
@@ -358,7 +356,6 @@ class Compiled:
                       check: bool):
         from torch.func import functional_call
         from torch.fx.experimental.proxy_tensor import make_fx
-        from .guides import given_rows, table_index
         program, wrt, tables = entry.program, entry.wrt, entry.tables
         guide = program.guide
 
@@ -394,7 +391,7 @@ class Compiled:
         _warn(error, "running it eagerly", stacklevel=4)
         return self.objective(model, guide, batch, **kwargs)
 
-    def _compile(self, program: _Program, batch: Batch, values):
+    def _compile(self, program: Program, batch: Batch, values):
         from torch.func import functional_call
         from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -422,12 +419,11 @@ class _GradGraph:
     per-datapoint tables whose batch rows it differentiates, the graph."""
 
     def __init__(self, objective, model, guide, batch: Batch, names, params):
-        from .guides import local_parameters, training_loss
 
         def loss(model, guide, batch, **kwargs):
             return training_loss(guide, objective, model, batch, **kwargs)
 
-        self.program = _Program(loss, model, guide, batch.num_data, names)
+        self.program = Program(loss, model, guide, batch.num_data, names)
         by_id = {id(t): n for n, t in self.program.tensors().items()}
         tables = local_parameters(guide)
         self.wrt = ([by_id[id(p)] for p in params]

@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import batching, data, guides
+from . import batching, data, local_fit, protocol
 from .build import build_model
 from .config import Config
 from .errors import UserError, setting
@@ -428,7 +428,7 @@ class LocalBudget:
     """How far the first ``rows`` training rows of a per-datapoint table were from a local
     optimum when training ended: their ELBO as stored, after a fresh local fit with the
     decoder frozen (warm-started from the stored rows, the stopping rule of
-    ``guides.local_inference``), and the gap between the two (paired over rows)."""
+    ``local_fit.local_inference``), and the gap between the two (paired over rows)."""
 
     rows: int
     stored: float
@@ -446,15 +446,15 @@ class LocalBudget:
 def local_budget(trained, rows: int, **options) -> Optional[LocalBudget]:
     """``LocalBudget`` of a trained guide with per-datapoint tables; None for a guide
     without (an encoder answers for its rows; there is no table to fall short). ``options``
-    go to ``guides.local_inference``."""
+    go to ``local_fit.local_inference``."""
     from .evaluate import Estimate, elbo_parts
     from .heldout import EVAL_SEED, scored_rows
 
-    if not guides.local_parameters(trained.guide):
+    if not protocol.local_parameters(trained.guide):
         return None
     stored_guide, x = scored_rows(trained, "train", rows)
     stored = elbo_parts(trained.model, stored_guide, x, num_particles=10, seed=EVAL_SEED).elbo
-    fit = guides.local_inference(trained.model, x, init=stored_guide, seed=EVAL_SEED, **options)
+    fit = local_fit.local_inference(trained.model, x, init=stored_guide, seed=EVAL_SEED, **options)
     fitted = elbo_parts(trained.model, fit.guide, x, num_particles=10, seed=EVAL_SEED).elbo
     gap = Estimate.of(fitted - stored)
     steps = trained.history[-1].steps if trained.history else 0

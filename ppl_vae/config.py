@@ -282,5 +282,5 @@ def guide_settings(config: Config) -> Tuple[str, ...]:
 
 
 def local_family_of(config: "Config"):
-    """q*'s family as ``guides.local_inference`` takes it: None asks the guide (``own``)."""
+    """q*'s family as ``local_fit.local_inference`` takes it: None asks the guide (``own``)."""
     return None if config.local_family == "own" else config.local_family

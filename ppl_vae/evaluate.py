@@ -17,7 +17,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import families, guides
+from . import families, local_fit, protocol
 from .batching import Batch, batches_of
 from .compiled import Compiled
 from .objectives import log_weights
@@ -104,8 +104,9 @@ def elbo_parts(model, guide, x: torch.Tensor, num_particles: int = 1, seed: int 
 
 @torch.no_grad()
 def posterior_means(guide, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """E_q[z | x] for every row [N, L]: what the guide offers as its loc (``guides.loc_scale``)."""
-    return torch.cat([guides.loc_scale(guide, b)[0] for b in batches_of(x, batch_size)])
+    """E_q[z | x] for every row [N, L]: what the guide offers as its loc
+    (``protocol.loc_scale``)."""
+    return torch.cat([protocol.loc_scale(guide, b)[0] for b in batches_of(x, batch_size)])
 
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> int:
@@ -280,15 +281,15 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
       N(0, I), which is how such a model is used; a semi-amortized guide after refinement).
     - ``elbo_local`` = L[q*]: q* fitted per datapoint by ``local_inference`` in
       ``local_family`` (``families.resolve``: diagonal, full, lowrank:R, flow, or a family object;
-      None: the guide's own, ``guides.local_family``, diagonal where it states none),
+      None: the guide's own, ``protocol.local_family``, diagonal where it states none),
       warm-started from the guide (or the own guide itself when that already is such a fit
       in that family). ``Scores.local_family`` records which.
     - ``log_px``: importance-sampled log p(x) with ``num_particles`` samples from
       ``proposal``: ``"guide"`` (the own guide), ``"local"`` (q*), or ``"auto"`` (q* when fitted).
     - ``approximation_gap`` = log p(x) - L[q*] (of q*'s family); ``amortization_gap`` =
-      L[q*] - L[q] when the guide's stated per-datapoint family (``guides.local_family``) is
+      L[q*] - L[q] when the guide's stated per-datapoint family (``protocol.local_family``) is
       q*'s (None otherwise, e.g. a flow guide or a diagonal one scored with a full q*), with
-      standard errors of the paired differences. Each of ``guides.views(guide)`` (a
+      standard errors of the paired differences. Each of ``protocol.views(guide)`` (a
       semi-amortized guide's bare encoder) adds a ``View`` with its ELBO and amortization gap.
     - ``rate``/``distortion`` of the own guide; ``active_units`` and ``means`` (the
       posterior means, for the figures) of its posterior.
@@ -358,19 +359,19 @@ def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: boo
     semi-amortized guide's refinement in ``posterior_means``) neither takes the draws of the
     training run around it (gap curves, validation) nor depends on them."""
     with _bar(0, "held-out fit (steps)", progress) as bar:
-        held = guides.held_out(guide, model, x, seed=seed, progress=bar.update, **local_options)
+        held = local_fit.held_out(guide, model, x, seed=seed, progress=bar.update, **local_options)
     own = held.guide
     # the own guide is already a local fit (a table's held-out rows): q* itself, when it is
     # in the family asked for
     q_star = own if own is not guide and (
-        local_family is None or families.same(guides.local_family(own), local_family)) else None
+        local_family is None or families.same(protocol.local_family(own), local_family)) else None
     if q_star is None and local:
         with _bar(0, "local inference (steps)", progress) as bar:
-            held = guides.local_inference(model, x, init=own, seed=seed, progress=bar.update,
+            held = local_fit.local_inference(model, x, init=own, seed=seed, progress=bar.update,
                                           family=local_family, **local_options)
         q_star = held.guide
     out = {"fitted": q_star is not None, "steps": held.steps, "seconds": held.seconds}
-    fitted_family = guides.local_family(q_star) if q_star is not None else None
+    fitted_family = protocol.local_family(q_star) if q_star is not None else None
     out["local_family"] = fitted_family.name if fitted_family is not None else None
     parts = elbo_parts(model, own, x, num_particles=10, seed=seed)
     out.update(elbo=parts.elbo, rate=parts.rate, distortion=parts.distortion)
@@ -389,12 +390,12 @@ def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: boo
         out["local_elbo"] = parts.elbo if own is q_star else elbo_parts(
             model, q_star, x, num_particles=10, seed=seed).elbo
         out["comparable"] = (own is not q_star
-                             and families.same(guides.local_family(own, probe), fitted_family))
+                             and families.same(protocol.local_family(own, probe), fitted_family))
     out["views"] = {}
-    for name, view in guides.views(own).items():
+    for name, view in protocol.views(own).items():
         out[f"view_{name}"] = elbo_parts(model, view, x, num_particles=10, seed=seed).elbo
         out["views"][name] = (q_star is not None
-                              and families.same(guides.local_family(view, probe), fitted_family))
+                              and families.same(protocol.local_family(view, probe), fitted_family))
     out["means"] = posterior_means(own, x)
     return out
 

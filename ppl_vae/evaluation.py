@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import distributed, guides, logs, plots
+from . import distributed, logs, plots, protocol
 from .config import local_family_of
 from .errors import UserError, setting
 from .evaluate import Scores, evaluate_model, figure_arrays, why_no_amortization_gap
@@ -161,7 +161,7 @@ def _evaluate_locked(run_dir: Path, num_particles, split, proposal, local, test_
         if epochs != len(trained.history):
             raise UserError(f"{run_dir}: summary.json is for epoch {epochs} but "
                             f"the readable checkpoint is after epoch {len(trained.history)}")
-    fitted = guides.local_parameters(trained.guide)
+    fitted = protocol.local_parameters(trained.guide)
     if local is None:
         local = bool(fitted) or proposal == "local"
     if proposal == "local" and not local:
@@ -193,7 +193,7 @@ def _write_set(folder: Path, trained, arrays, results) -> list:
     history = [m._asdict() for m in trained.history]
     made = plots.run_figures(folder, folder / "arrays.npz", arrays["labels"],
                              trained.config.guide, history, split=results["split"],
-                             per_datapoint=bool(guides.local_parameters(trained.guide)))
+                             per_datapoint=bool(protocol.local_parameters(trained.guide)))
     write_json(folder / "eval.json", results)
     return [p.name for p in made]
 
@@ -214,9 +214,9 @@ def _evaluate_into(run_dir: Path, trained, num_particles, proposal, local, split
                "epochs": len(trained.history), "finished": finished,
                "checkpoint": trained.checkpoint, "device": str(trained.device)}
     if scores.amortization_gap is None:  # said, not left a bare null
-        own = guides.local_family(trained.guide)
+        own = protocol.local_family(trained.guide)
         results["amortization_gap_why"] = why_no_amortization_gap(
-            bool(guides.local_parameters(trained.guide)), own.name if own else None,
+            bool(protocol.local_parameters(trained.guide)), own.name if own else None,
             scores.local_family)
     if split != "test":  # another split's numbers, under its own names, beside the test's
         write_json(run_dir / f"eval_{split}.json", results)

@@ -1,10 +1,11 @@
-"""Per-datapoint variational families: the family q*(z_n) is fitted in (``guides.local_inference``).
+"""Per-datapoint variational families: the family q*(z_n) is fitted in
+(``local_fit.local_inference``).
 
 A family says how one row of a per-datapoint table [N, width] is a distribution over z:
 
 - ``name``: its canonical name (``diagonal``, ``full``, ``lowrank:R``), what ``Scores``
   records as q*'s family and what a guide's ``local_family()`` is compared with;
-- ``title``: its name in words (``guides.family``; the diagonal one's is "diagonal normal");
+- ``title``: its name in words (``protocol.family``; the diagonal one's is "diagonal normal");
 - ``width(latent_dim)``: parameters per row;
 - ``init(loc, scale)``: rows [B, width] whose distribution has mean ``loc`` and marginal
   standard deviations ``scale`` (a warm start from any guide's ``loc_scale``; a flow family

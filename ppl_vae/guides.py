@@ -1,48 +1,24 @@
-"""Guides q(z | x) and the protocol the pipeline asks them.
+"""The built-in guides q(z | x): the protocol's defaults (``Guide``) and the guide families.
 
-A guide is a Pyro program with the model's signature ``(batch: Batch) -> None`` that samples
-the site ``"z"`` inside the model's subsampled ``"data"`` plate. Beyond that, the pipeline
-asks a guide, never its kind:
-
-- ``local_parameters()``: per-datapoint tables that an optimizer updates row by row
-  (``RowAdam``); an encoder has none.
-- ``given_rows(rows)`` (a guide with tables): a context in which the batch's table rows are
-  read from the tensors ``rows`` instead of the tables, so a compiled step differentiates
-  those dense [B, width] rows rather than a table whose gradient is sparse.
-- ``held_out(model, x, warm=None, **options) -> HeldOut``: a guide over new rows ``x``
-  (an encoder answers itself; a table fits fresh rows with the decoder frozen; a
-  semi-amortized guide refines its encoder's output by itself).
-- ``loc_scale(batch)``: the Normal it offers as a warm start and for the 2-D view.
-- ``family``: the variational family it searches, in words ("diagonal normal").
-- ``local_family()``: the per-datapoint family (``families.py``: ``diagonal``, ``full``,
-  ``lowrank:R``, or a family object) its q belongs to for each datapoint: q* is fitted in it
-  (``local_inference``), and the amortization gap L[q*] - L[q] is reported when q*'s family
-  is this one. Default: ``diagonal`` for a diagonal-Normal guide, None (unstated: q* is
-  diagonal and no amortization gap) otherwise, e.g. the IAF guide.
-- ``views()``: other guides worth scoring beside it (a semi-amortized guide's bare encoder).
-- ``compilable``: whether its step may be traced once and replayed (``compiled.py``); a
-  guide with tables must also answer ``given_rows``.
-- ``training_loss(objective, model, batch, **kw)`` (optional): the loss a step minimizes
-  when it is not just ``objective(model, guide, batch)`` (a stopped-gradient refinement).
-- ``divergence_cause(model, batch)`` (optional): the setting of its own that made training
-  diverge, with why in words (a refinement step too large: ``refine_lr``), or None.
-
-``Guide`` gives the defaults of an amortized guide. Guides that do not derive from it (a
-hand-written function, Pyro's autoguides) are asked through the module-level functions of
-the same names, which probe what the object cannot say (``reads_rows``).
+What the pipeline asks a guide, and the functions through which it asks guides that do not
+derive from ``Guide``, are ``protocol.py``; fitting q* to new rows is ``local_fit.py``.
 
 Built-ins: ``AmortizedNormal`` (encoder), ``AmortizedIAF`` (encoder + flows) and
 ``SemiAmortizedNormal`` (encoder + gradient refinement, Kim et al. 2018), on the base
 ``Encoded`` that owns the encoder; ``LocalNormal`` (per-datapoint table, no encoder; base
 ``PerDatapoint`` owns the table) and ``LocalTable`` (a table in any per-datapoint family of
 ``families.py``). Scales come from ``nets.to_scale`` everywhere.
+
+Layering: above ``protocol.py`` (``HeldOut``, ``local_family``), ``families``, ``nets`` and
+``model``; below ``local_fit.py``, whose q* are this module's tables. A table's
+``held_out`` gets the fitter as an argument (``fitter``), so this module never imports
+``local_fit``.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pyro
 import pyro.distributions as dist
@@ -55,16 +31,8 @@ from .batching import Batch, shard_rows
 from .errors import UserError, setting
 from .model import data_plate, register
 from .nets import from_scale, softplus_inv, to_scale
-
-Progress = Optional[Callable[[int], None]]  # called with the number of steps done
-
-
-class HeldOut(NamedTuple):
-    """A guide for held-out rows, and what fitting it cost (zero for an encoder)."""
-
-    guide: object
-    steps: int = 0
-    seconds: float = 0.0
+from .protocol import HeldOut, local_family
+from .rng import forked
 
 
 class Guide(nn.Module):
@@ -180,7 +148,7 @@ class PerDatapoint(Guide):
     Owns the table ``params`` [N, width], its reads by ``batch.idx`` (sparse gradients with
     ``sparse=True``, so ``RowAdam`` touches B rows, not N), the check that the data plate is
     the whole dataset, and the held-out answer: new rows get a fresh fit with the decoder
-    frozen (``local_inference``). Subclasses say what a row means.
+    frozen (``local_fit.local_inference``). Subclasses say what a row means.
     """
 
     settings = ("local_lr", "inner_steps", "local_init")
@@ -252,9 +220,11 @@ class PerDatapoint(Guide):
                 f"{batch.num_data}; declare the plate with the full dataset size and the "
                 f"batch's dataset indices as subsample (Batch(x, idx, num_data={self.num_data}))")
 
-    def held_out(self, model, x: torch.Tensor, warm=None, **options) -> HeldOut:
+    def held_out(self, model, x: torch.Tensor, warm=None, *, fitter, **options) -> HeldOut:
+        """Fresh rows fitted by ``fitter`` (``local_fit.local_inference``, which
+        ``local_fit.held_out`` hands over) in this table's family, warm-started at ``warm``."""
         options.setdefault("family", local_family(self) or fam_lib.DIAGONAL)
-        fit = local_inference(model, x, init=warm, **options)
+        fit = fitter(model, x, init=warm, **options)
         return HeldOut(fit.guide, fit.steps, fit.seconds)
 
 
@@ -336,9 +306,9 @@ class LocalTable(PerDatapoint):
     """q(z_n) in a per-datapoint ``family`` (``families.py``) with free parameters for each
     of N datapoints, no encoder: the table's row n is the family's parameters of q(z_n).
 
-    What ``local_inference`` fits for a family other than the diagonal one (whose table is
-    ``LocalNormal``); also a guide to train, as ``LocalNormal`` is (its held-out rows are
-    fitted afresh in its own family). Rows start at N(0, I).
+    What ``local_fit.local_inference`` fits for a family other than the diagonal one (whose
+    table is ``LocalNormal``); also a guide to train, as ``LocalNormal`` is (its held-out
+    rows are fitted afresh in its own family). Rows start at N(0, I).
     """
 
     def __init__(self, num_data: int, latent_dim: int, family: fam_lib.Spec = "full",
@@ -389,284 +359,6 @@ def _column_std(centred: torch.Tensor, v: torch.Tensor, noise=None,
     n = len(centred)
     mean = sum(scores(i).sum(0) for i in range(0, n, chunk)) / n
     return (sum(((scores(i) - mean) ** 2).sum(0) for i in range(0, n, chunk)) / (n - 1)).sqrt()
-
-
-class LocalFit(NamedTuple):
-    """A per-datapoint q* fitted to held-out rows with the decoder frozen: a ``LocalNormal``
-    (the diagonal family) or a ``LocalTable`` (any other); its family is
-    ``local_family(fit.guide)``."""
-
-    guide: PerDatapoint
-    steps: int  # optimizer steps, summed over chunks
-    seconds: float
-
-
-COMPILE_LOCAL_ROWS = 1000  # rows per chunk from which local_inference compiles its step (auto):
-# the compile (seconds to a minute, once per process and shape) pays from about here on a CPU
-
-
-def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objective=None,
-                    max_steps: int = 3000, window: int = 30, tol: float = 0.01,
-                    decays: int = 6, chunk_size: int = 5000, seed: int = 0,
-                    progress: Progress = None, compile: Optional[bool] = None,
-                    family: Optional[fam_lib.Spec] = None) -> LocalFit:
-    """Fit q*(z_n) in a per-datapoint ``family`` for every row of ``x`` by maximizing its ELBO.
-
-    ``family`` (``families.resolve``: ``diagonal``, N(m_n, diag s_n^2); ``full``;
-    ``lowrank:R``; or a family object); None asks ``init`` (``local_family(init)``) and
-    falls back to ``diagonal`` where it states none (or there is no ``init``). The diagonal
-    family's q* is a ``LocalNormal`` fitted exactly as before families existed (the same
-    draws and steps); any other is a ``LocalTable``, started from ``init``'s (loc, scale)
-    (``families.LocalFamily.init``) and always fitted eagerly (``compile`` is ignored).
-
-    Adam on the table's rows from ``init`` (any guide with ``loc_scale(batch)`` over these rows:
-    an amortized guide, or an earlier fit to warm-start; ``None`` starts at N(0, I)), with the
-    decoder frozen.
-    The objective defaults to the ELBO with the KL in closed form (one sample for the
-    reconstruction term): its gradient has less variance than the all-Monte-Carlo ELBO's,
-    and it falls back to Monte Carlo where no closed form exists.
-    Stopping rule: every ``window`` steps compare the mean per-datapoint loss with the previous
-    window's; when it improved by less than ``tol`` nats, halve the learning rate; stop after
-    the ``decays``-th halving or at ``max_steps``. experiments/local_inference.py checks it
-    against a fit four times longer (numbers in experiments/README.md).
-
-    ``compile`` runs each step (the loss, the rows' gradients and Adam's update) as one
-    compiled graph (``_CompiledFit``): the same draws, the same fit up to float rounding,
-    without Pyro's and autograd's per-step overhead and with the elementwise work fused.
-    ``None`` (auto) compiles chunks of at least ``COMPILE_LOCAL_ROWS`` rows where a C++
-    compiler is present; ``False`` is the plain eager loop. A compile that fails warns and
-    runs the plain loop.
-    """
-    from .batching import batches_of
-    from .objectives import AnalyticKLELBO
-    from .rng import seeded
-
-    start_time = time.perf_counter()
-    n, device = len(x), x.device
-    q_family = _q_family(family, init, x)
-    diagonal = q_family.name == fam_lib.DIAGONAL.name
-
-    def table(rows: int) -> PerDatapoint:
-        if diagonal:
-            return LocalNormal(rows, model.latent_dim, sparse=False).to(device)
-        return LocalTable(rows, model.latent_dim, q_family, sparse=False).to(device)
-
-    guide = table(n)
-    if not diagonal:
-        compile = False
-    if compile is None:
-        from .compiled import has_compiler
-        compile = min(n, chunk_size) >= COMPILE_LOCAL_ROWS and has_compiler()
-    with seeded(seed, device):
-        if init is not None:
-            for batch in batches_of(x, chunk_size):
-                with torch.no_grad():
-                    loc, scale = loc_scale(init, batch)
-                guide.set_rows(batch.idx, loc, scale)
-        objective = objective or AnalyticKLELBO()
-        total_steps = 0
-        for batch in batches_of(x, chunk_size):
-            chunk = table(len(batch.idx))
-            with torch.no_grad():
-                chunk.params.copy_(guide.params[batch.idx])
-            local_batch = Batch(batch.x, torch.arange(len(batch.idx), device=device),
-                                len(batch.idx))
-            total_steps += _fit_rows(model, chunk, local_batch, objective, lr, max_steps,
-                                     window, tol, decays, progress, compile)
-            with torch.no_grad():
-                guide.params[batch.idx] = chunk.params
-    return LocalFit(guide, total_steps, time.perf_counter() - start_time)
-
-
-def _q_family(family, init, x: torch.Tensor) -> fam_lib.LocalFamily:
-    """q*'s family: the one asked for, else ``init``'s (probed on two rows, on a forked
-    random stream), else the diagonal one. A family asked for by the name of ``init``'s own
-    is ``init``'s own (a flow guide's: its flows' masks and weights, not a fresh order)."""
-    asked = fam_lib.resolve(family) if family is not None else None
-    if init is None:
-        return asked or fam_lib.DIAGONAL
-    m = min(2, len(x))
-    probe = Batch(x[:m], torch.arange(m, device=x.device), len(x)) if m else None
-    with _fork(x.device):
-        try:
-            found = local_family(init, probe)
-        except UserError:
-            if asked is not None:
-                return asked
-            raise  # a family it names that is none of ours
-        except Exception:  # noqa: BLE001 - a probe that fails states nothing
-            found = None
-    if asked is not None:
-        return found if fam_lib.same(found, asked) else asked
-    return found or fam_lib.DIAGONAL
-
-
-def _fit_rows(model, chunk: PerDatapoint, batch: Batch, objective, lr, max_steps, window, tol,
-              decays, progress, compile: bool = False) -> int:
-    """Adam on one chunk's rows under the plateau rule of ``local_inference``; returns steps.
-
-    The losses of a window are read from the device once per window (``tolist``), summed in
-    the same order as one read per step would: the same rule, one host sync per window."""
-    fit = _CompiledFit.get(model, chunk, batch, objective) if compile else None
-    opt = None if fit is not None else torch.optim.Adam([chunk.params], lr=lr)
-    state = fit.start(chunk, lr) if fit is not None else None
-    previous, halvings, losses = math.inf, 0, []
-    for step in range(1, max_steps + 1):
-        if fit is not None:
-            loss, state = fit.step(state, batch)
-        else:  # the batch is the whole chunk in order: its rows are the table itself (no
-            # gather, and no row-sized scatter of the gradient back)
-            with torch.enable_grad(), chunk.given_rows([chunk.params]):
-                loss = -objective.per_datapoint(model, chunk, batch).sum()
-                (grad,) = torch.autograd.grad(loss, [chunk.params])
-            chunk.params.grad = grad
-            opt.step()
-        losses.append(loss.detach())
-        if progress:
-            progress(1)
-        if step % window == 0:
-            running = 0.0
-            for value in torch.stack(losses).tolist():
-                running += value / len(batch.idx)
-            mean, losses = running / window, []
-            if previous - mean < tol:
-                halvings += 1
-                if halvings >= decays:
-                    break
-                if fit is not None:
-                    state = fit.halve(state)
-                else:
-                    for group in opt.param_groups:
-                        group["lr"] *= 0.5
-            previous = mean
-    else:
-        step = max_steps
-    if fit is not None:
-        fit.finish(chunk, state)
-    return step
-
-
-class _CompiledFit:
-    """One step of ``_fit_rows`` as one compiled graph: q*'s loss (the objective's per-row
-    bound, summed and negated), the gradient of the rows and ``torch.optim.Adam``'s update of
-    them (its single-tensor formula: the same moments, bias corrections and step), traced at
-    the dispatcher level (``make_fx``, as ``compiled.Compiled.value_and_grad``) with the
-    decoder's tensors as inputs and compiled with Inductor (``fallback_random``: the noise
-    is torch's, drawn in eager order). The rows, Adam's moments, its step count and learning
-    rate are the graph's inputs and outputs, so the loop runs no autograd and no optimizer.
-    Graphs are kept per (model, rows, width, objective) and shared by every fit that asks."""
-
-    _cache: Dict[tuple, "_CompiledFit"] = {}
-    _failed: set = set()
-
-    def __init__(self, graph, program, betas, eps):
-        self.graph, self.program, self.betas, self.eps = graph, program, betas, eps
-
-    @classmethod
-    def get(cls, model, chunk: "LocalNormal", batch: Batch, objective) -> Optional["_CompiledFit"]:
-        key = (id(model), tuple(batch.x.shape), batch.x.dtype, str(batch.x.device),
-               tuple(chunk.params.shape), id(objective) if not _hashable(objective) else objective)
-        if key in cls._failed:
-            return None
-        fit = cls._cache.get(key)
-        if fit is not None and fit.program.model is model:
-            return fit
-        try:
-            fit = cls._build(model, chunk, batch, objective)
-            state = fit.start(chunk, 0.0)
-            with _fork(batch.x.device):
-                fit.step(state, batch)  # torch.compile compiles on its first call
-        except Exception as e:  # noqa: BLE001 - whatever failed, the eager loop still works
-            import warnings
-            text = str(e).strip().splitlines()
-            warnings.warn(f"compiling q*'s step failed ({type(e).__name__}: "
-                          f"{text[0][:200] if text else ''}); fitting eagerly",
-                          RuntimeWarning, stacklevel=3)
-            cls._failed.add(key)
-            return None
-        if len(cls._cache) >= 8:
-            cls._cache.clear()
-        cls._cache[key] = fit
-        return fit
-
-    @classmethod
-    def _build(cls, model, chunk: "LocalNormal", batch: Batch, objective) -> "_CompiledFit":
-        from torch.func import functional_call
-        from torch.fx.experimental.proxy_tensor import make_fx
-        from .compiled import _Program
-
-        def loss_fn(model, guide, batch):
-            return -objective.per_datapoint(model, guide, batch).sum()
-
-        program = _Program(loss_fn, model, chunk, len(batch.idx), ())
-        betas, eps = (0.9, 0.999), 1e-8
-        beta1, beta2 = betas
-
-        def pure(tensors, rows, exp_avg, exp_avg_sq, t, lr, x, idx):
-            rows_ = rows.detach().requires_grad_()
-            with chunk.given_rows([rows_]):
-                loss = functional_call(program, tensors, (x, idx))
-            (grad,) = torch.autograd.grad(loss, [rows_])
-            # torch.optim.Adam, single tensor, not capturable
-            exp_avg = exp_avg.lerp(grad, 1 - beta1)
-            exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
-            t = t + 1
-            step_size = lr / (1 - beta1 ** t)
-            denom = exp_avg_sq.sqrt() / (1 - beta2 ** t).sqrt() + eps
-            rows = rows - step_size * exp_avg / denom
-            return loss.detach(), rows.detach(), exp_avg, exp_avg_sq, t, lr
-
-        with _fork(batch.x.device), pyro.validation_enabled(False), torch.enable_grad():
-            # checked eagerly once (Pyro validates every site), then traced
-            with torch.no_grad():
-                loss_fn(model, chunk, batch)
-            state = cls._fresh(chunk.params.detach(), 0.0)
-            graph = make_fx(pure)(cls._tensors(program), *state, batch.x, batch.idx)
-        graph = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
-                              options={"fallback_random": True})
-        return cls(graph, program, betas, eps)
-
-    @staticmethod
-    def _tensors(program) -> dict:
-        """The decoder's (and prior's, likelihood's) tensors; the rows are the graph's own."""
-        return {n: t for n, t in program.tensors().items() if not n.startswith("guide.")}
-
-    @staticmethod
-    def _fresh(rows: torch.Tensor, lr: float) -> tuple:
-        # step count and learning rate in double, as torch.optim.Adam's Python floats
-        return (rows, torch.zeros_like(rows), torch.zeros_like(rows),
-                torch.zeros((), dtype=torch.float64, device=rows.device),
-                torch.tensor(float(lr), dtype=torch.float64, device=rows.device))
-
-    def start(self, chunk: "LocalNormal", lr: float) -> tuple:
-        return self._fresh(chunk.params.detach().clone(), lr)
-
-    def step(self, state: tuple, batch: Batch):
-        with torch.no_grad():
-            loss, *state = self.graph(self._tensors(self.program), *state, batch.x, batch.idx)
-        return loss, tuple(state)
-
-    @staticmethod
-    def halve(state: tuple) -> tuple:
-        return (*state[:-1], state[-1] * 0.5)
-
-    @staticmethod
-    def finish(chunk: "LocalNormal", state: tuple) -> None:
-        with torch.no_grad():
-            chunk.params.copy_(state[0])
-
-
-def _hashable(obj) -> bool:
-    try:
-        hash(obj)
-        return True
-    except TypeError:
-        return False
-
-
-def _fork(device):
-    """Keep the draws of the checking and tracing runs out of the caller's random stream."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # ---------------------------------------------------------------------------------------
@@ -754,7 +446,7 @@ class SemiAmortizedNormal(Encoded):
         from .objectives import AnalyticKLELBO
         elbo = AnalyticKLELBO()
         # NaNs are what is looked for: no validation; the draws stay out of the caller's stream
-        with _fork(batch.x.device), torch.no_grad(), pyro.validation_enabled(False):
+        with forked(batch.x.device), torch.no_grad(), pyro.validation_enabled(False):
             encoder = elbo.per_datapoint(model, AmortizedNormal(self.encoder), batch).mean()
             loc, raw = self._refine(batch)
             refined = elbo.per_datapoint(model, _GivenNormal(loc, raw), batch).mean()
@@ -810,148 +502,3 @@ class _Detached(nn.Module):
         with warnings.catch_warnings():  # pyro.module notes that detached tensors are not params
             warnings.filterwarnings("ignore", message=".*not registered in the param store")
             return functional_call(model, tensors, (batch,))
-
-
-# ---------------------------------------------------------------------------------------
-# asking any guide: built-ins answer themselves, other programs are probed
-# ---------------------------------------------------------------------------------------
-def local_parameters(guide) -> List[torch.Tensor]:
-    """The guide's per-datapoint tables (updated row by row); none for a guide without them."""
-    fn = getattr(guide, "local_parameters", None)
-    return list(fn()) if fn is not None else []
-
-
-def shard(guide, rank: int, world_size: int):
-    """The guide as process ``rank`` of ``world_size`` keeps it (its table rows only)."""
-    fn = getattr(guide, "shard", None)
-    return fn(rank, world_size) if fn is not None and world_size > 1 else guide
-
-
-def table_index(guide, idx: torch.Tensor) -> torch.Tensor:
-    """Where dataset rows ``idx`` sit in the guide's tables on this process."""
-    fn = getattr(guide, "table_index", None)
-    return fn(idx) if fn is not None else idx
-
-
-def compilable(guide) -> bool:
-    """Whether a step with ``guide`` may be traced once and replayed: it says so, and a guide
-    with tables can hand the tracer their batch rows (``given_rows``)."""
-    return bool(getattr(guide, "compilable", True)) and (
-        not local_parameters(guide) or hasattr(guide, "given_rows"))
-
-
-def given_rows(guide, rows: Sequence[torch.Tensor]):
-    """The guide's ``given_rows(rows)`` context (a guide without tables: nothing to give)."""
-    return guide.given_rows(rows) if rows else contextlib.nullcontext()
-
-
-def training_loss(guide, objective, model, batch: Batch, **kwargs) -> torch.Tensor:
-    """The loss a step minimizes: the guide's own recipe, or ``objective(model, guide, batch)``."""
-    fn = getattr(guide, "training_loss", None)
-    if fn is not None:
-        return fn(objective, model, batch, **kwargs)
-    return objective(model, guide, batch, **kwargs)
-
-
-def held_out(guide, model, x: torch.Tensor, warm=None, **options) -> HeldOut:
-    """A guide for the held-out rows ``x``.
-
-    A guide without ``held_out`` is probed: if what it samples depends on the rows' indices
-    rather than on ``x`` (an autoguide with a parameter per training row), its parameters
-    mean nothing for new rows, so q is fitted afresh like a per-datapoint guide's.
-    """
-    fn = getattr(guide, "held_out", None)
-    if fn is not None:
-        return fn(model, x, warm=warm, **options)
-    if reads_rows(guide, x):
-        fit = local_inference(model, x, init=warm, **options)
-        return HeldOut(fit.guide, fit.steps, fit.seconds)
-    return HeldOut(guide)
-
-
-def views(guide) -> Dict[str, object]:
-    fn = getattr(guide, "views", None)
-    return dict(fn()) if fn is not None else {}
-
-
-def divergence_cause(guide, model, batch: Batch) -> Optional[Tuple[str, str]]:
-    """Why training diverged on ``batch``, when the guide can tell: (the setting that caused
-    it, why in words), e.g. a semi-amortized refinement whose step size is too large; None
-    (a guide that cannot tell, or finds nothing wrong with its own part): the learning
-    rate."""
-    fn = getattr(guide, "divergence_cause", None)
-    return fn(model, batch) if fn is not None else None
-
-
-def family(guide, batch: Optional[Batch] = None) -> Optional[str]:
-    """The guide's variational family in words: its own answer, or a probe of its ``z``
-    site ("diagonal normal", "full-covariance normal", "low-rank normal (rank R)")."""
-    if hasattr(guide, "family"):
-        return guide.family
-    found = _probe_family(guide, batch)
-    return found.title if found is not None else None
-
-
-def _probe_family(guide, batch: Optional[Batch]) -> Optional[fam_lib.LocalFamily]:
-    if batch is None:
-        return None
-    site = _trace(guide, batch).nodes.get("z")
-    return fam_lib.of_distribution(site["fn"]) if site is not None else None
-
-
-def local_family(guide, batch: Optional[Batch] = None) -> Optional[fam_lib.LocalFamily]:
-    """The per-datapoint family (``families.LocalFamily``) the guide's q is in, as q*'s is:
-    its ``local_family()`` (a name or a family; an attribute is read as well), else the one
-    its ``family`` names, else a probe of its ``z`` site on ``batch``; None where none of
-    ``families.py`` is stated or found (then q* is diagonal and no amortization gap is
-    reported)."""
-    answer = getattr(guide, "local_family", None)
-    if answer is not None or hasattr(guide, "local_family"):
-        answer = answer() if callable(answer) else answer
-        return None if answer is None else fam_lib.resolve(answer)
-    if hasattr(guide, "family"):
-        return fam_lib.of_title(guide.family)
-    return _probe_family(guide, batch)
-
-
-@torch.no_grad()
-def loc_scale(guide, batch: Batch, num_samples: int = 64):
-    """(loc, scale) the guide offers for the batch: its own, or moments of its ``z`` samples."""
-    fn = getattr(guide, "loc_scale", None)
-    if fn is not None:
-        try:
-            return fn(batch)
-        except NotImplementedError:
-            pass
-    from .objectives import traces
-    _, guide_tr = traces(lambda b: None, guide, batch, num_samples)
-    z = guide_tr.nodes["z"]["value"]  # [S, B, L]
-    return z.mean(0), z.std(0).clamp_min(1e-5)
-
-
-def _trace(guide, batch: Batch):
-    from .objectives import traces
-    with torch.no_grad():
-        return traces(lambda b: None, guide, batch, 1)[1]
-
-
-def reads_rows(guide, x: torch.Tensor, probe: int = 8) -> bool:
-    """Whether the guide's ``z`` depends on the batch's row indices given the same pixels.
-
-    The same rows are offered twice, once under their indices and once under the indices
-    reversed, with the same noise; an encoder gives the same z, a table of rows does not.
-    """
-    from .rng import seeded
-
-    m = min(len(x), probe)
-    if m < 2:
-        return False
-    idx = torch.arange(m, device=x.device)
-    zs = []
-    try:
-        for order in (idx, idx.flip(0)):
-            with seeded(0, x.device):
-                zs.append(_trace(guide, Batch(x[:m], order, len(x))).nodes["z"]["value"])
-    except (ValueError, IndexError, RuntimeError):
-        return True  # it cannot even take these rows: its parameters belong to others
-    return not torch.allclose(zs[0], zs[1])

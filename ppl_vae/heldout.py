@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import batching, data, guides
+from . import batching, data, local_fit, protocol
 from .evaluate import elbo_parts, evaluate_model
 from .callbacks import Callback
 from .loopstate import EpochMetrics, Loop
@@ -51,10 +51,10 @@ def scored_rows(trained, split: str, rows: Optional[int] = None) -> tuple:
 def held_out_elbo(model, guide, x: torch.Tensor, warm=None, **local) -> tuple:
     """(per-datapoint ELBO [N], the guide used) of ``guide`` on held-out ``x``.
 
-    The guide answers for new rows itself (``guides.held_out``): an encoder as it is, a
+    The guide answers for new rows itself (``local_fit.held_out``): an encoder as it is, a
     per-datapoint guide with a fresh fit (decoder frozen, warm-started from ``warm``).
     """
-    held = guides.held_out(guide, model, x, warm=warm, seed=EVAL_SEED, **local)
+    held = local_fit.held_out(guide, model, x, warm=warm, seed=EVAL_SEED, **local)
     return elbo_parts(model, held.guide, x, num_particles=10, seed=EVAL_SEED).elbo, held.guide
 
 
@@ -78,7 +78,7 @@ class Validator:
     def load_state_dict(self, state) -> None:
         if state is None:
             return
-        shell = guides.held_out(self.guide, self.model, self.x, max_steps=0).guide
+        shell = local_fit.held_out(self.guide, self.model, self.x, max_steps=0).guide
         shell.load_state_dict(state)
         self.held = shell
 
@@ -102,18 +102,18 @@ class RowsOf(torch.nn.Module):
         with poutine.block(hide=["data"]):  # its plate indexes the dataset, not the subset
             return self._inner[0](self._batch(batch))
 
-    def held_out(self, model, x, warm=None, **options) -> guides.HeldOut:
-        return guides.HeldOut(self)  # these rows are the guide's own
+    def held_out(self, model, x, warm=None, **options) -> protocol.HeldOut:
+        return protocol.HeldOut(self)  # these rows are the guide's own
 
     def loc_scale(self, batch: batching.Batch):
-        return guides.loc_scale(self._inner[0], self._batch(batch))
+        return protocol.loc_scale(self._inner[0], self._batch(batch))
 
     @property
     def family(self):
-        return guides.family(self._inner[0])
+        return protocol.family(self._inner[0])
 
     def local_family(self):
-        return guides.local_family(self._inner[0])
+        return protocol.local_family(self._inner[0])
 
 
 class GapTracker(Callback):

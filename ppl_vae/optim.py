@@ -14,6 +14,7 @@ from typing import Iterable, List, NamedTuple, Optional
 import torch
 
 from .errors import UserError, setting
+from .protocol import local_parameters
 
 
 class RowAdam(torch.optim.Optimizer):
@@ -178,14 +179,12 @@ def trainable(module_or_fn, batch=None) -> List[torch.Tensor]:
 def make_optimizers(model, guide, lr: float, local_lr: float = 0.2, inner_steps: int = 1,
                     batch=None, eps: float = 1e-8) -> Optimizers:
     """Adam(lr) for the model's and the guide's networks; RowAdam(local_lr) for the guide's
-    per-datapoint tables (``guides.local_parameters``), when it has any.
+    per-datapoint tables (``protocol.local_parameters``), when it has any.
 
     ``batch`` is needed for a guide that is not an ``nn.Module`` or creates its parameters
     lazily (a hand-written guide, Pyro's autoguides): it is run once to find them. The
     defaults for a per-datapoint table are ``Config``'s (see experiments/README.md).
     """
-    from .guides import local_parameters
-
     tables = local_parameters(guide)
     table_ids = {id(t) for t in tables}
     params = trainable(model) + [p for p in trainable(guide, batch) if id(p) not in table_ids]

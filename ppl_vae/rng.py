@@ -21,6 +21,11 @@ def seeded(seed: int, device: Optional[torch.device] = None):
         yield
 
 
+def forked(device: torch.device):
+    """Keep the draws of the checking and tracing runs out of the caller's random stream."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def own_rng(fn):
     """Decorator: run ``fn`` under ``seeded(seed, x.device)`` from its ``seed`` and ``x`` arguments."""
     signature = inspect.signature(fn)

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import batching, checkpoint, data, distributed, guides, logs
+from . import batching, checkpoint, data, distributed, logs, protocol
 from .build import lr_factor
 from .config import Config, local_family_of
 from .errors import UserError, for_cli, setting
@@ -406,7 +406,7 @@ def _warn_if_absurd(summary: Summary, trained: "Trained", x: torch.Tensor, log) 
         return
     rows = x[:256]
     try:
-        cause = guides.divergence_cause(trained.guide, trained.model,
+        cause = protocol.divergence_cause(trained.guide, trained.model,
                                         batching.Batch(rows, torch.arange(len(rows),
                                                                       device=rows.device),
                                                    len(rows)))

@@ -22,7 +22,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import errors, guides, logs
+from . import errors, logs, protocol
 from .batching import Batch, Shards
 from .callbacks import (Callback, OnEpoch, Progress, ProgressBar, StopOnCtrlC, TimeBudget,
                         Validate, resolve_progress)
@@ -197,12 +197,12 @@ def _check(state: Loop, optimizers, on_divergence: str, log, guide=None, model=N
 
 
 def _cause(guide, model, batch: Optional[Batch]) -> Optional[Tuple[str, str]]:
-    """The guide's diagnosis of a divergence on ``batch`` (``guides.divergence_cause``):
+    """The guide's diagnosis of a divergence on ``batch`` (``protocol.divergence_cause``):
     (setting, why in words), or None: the learning rate. A diagnosis that fails is none."""
     if guide is None or batch is None:
         return None
     try:
-        return guides.divergence_cause(guide, model, batch)
+        return protocol.divergence_cause(guide, model, batch)
     except Exception:  # noqa: BLE001 - the divergence is reported either way
         return None
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SEED, TableWithoutRows, tiny_binary_data
-from ppl_vae import guides, nets, objectives, optim, step
+from ppl_vae import guides, nets, objectives, optim, protocol, step
 from ppl_vae.batching import Batch
 from ppl_vae.compiled import Compiled
 from ppl_vae.config import Config
@@ -474,7 +474,7 @@ def test_compiled_semi_amortized_step_equals_the_eager_one(stop_gradient):
     compiled = Compiled(objectives.ELBO())
     compiled.value_and_grad(model, guide, batch, params)  # compiles
     pyro.set_rng_seed(SEED + 40)
-    loss = guides.training_loss(guide, objectives.ELBO(), model, batch)
+    loss = protocol.training_loss(guide, objectives.ELBO(), model, batch)
     eager = torch.autograd.grad(loss, params)
     pyro.set_rng_seed(SEED + 40)
     out = compiled.value_and_grad(model, guide, batch, params)
@@ -533,12 +533,12 @@ def test_every_guide_net_and_objective_traces_to_its_eager_step(name):
     guide = make_guide(model)
     x = tiny_binary_data(N, 16)
     batch = Batch(x[ROWS], ROWS, N)
-    tables = guides.local_parameters(guide)
+    tables = protocol.local_parameters(guide)
     params = [p for p in _params(model, guide) if all(p is not t for t in tables)]
     compiled = Compiled(objective, backend="eager")
     assert compiled.value_and_grad(model, guide, batch, params) is not None  # traces
     pyro.set_rng_seed(SEED + 50)
-    loss = guides.training_loss(guide, objective, model, batch)
+    loss = protocol.training_loss(guide, objective, model, batch)
     eager = torch.autograd.grad(loss, params + tables)
     pyro.set_rng_seed(SEED + 50)
     out = compiled.value_and_grad(model, guide, batch, params)

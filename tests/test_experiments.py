@@ -88,10 +88,12 @@ def test_cremer_smoke_writes_the_gap_table_and_curves(monkeypatch, tmp_path):
     for (guide, split), r in rows.items():
         assert r["approximation_gap"] == pytest.approx(r["log_px"] - r["elbo_local"], abs=1e-3)
         assert (r["rows"], r["num_particles"]) == (f"{split} 20", 10)  # the smoke's scoring
-    # the factorized Gaussian has an amortization gap on both; the flow none (other family);
-    # the mean-field table has one on its own training rows only
+    # the factorized Gaussian and the flow (q* a per-datapoint flow) have an amortization
+    # gap on both; the mean-field table has one on its own training rows only
     assert rows["amortized", "test"]["amortization_gap"] is not None
-    assert rows["iaf", "test"]["amortization_gap"] is None
+    assert rows["iaf", "test"]["amortization_gap"] is not None
+    assert (rows["iaf", "test"]["local_family"], rows["amortized", "test"]["local_family"]) \
+        == ("flow", "diagonal")
     assert rows["meanfield", "train"]["amortization_gap"] is not None
     assert rows["meanfield", "test"]["amortization_gap"] is None
     gaps = [json.loads(line) for line in (out / "amortized" / "gaps.jsonl").read_text().splitlines()]

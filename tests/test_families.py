@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from conftest import SEED, LinearGaussian, make_linear_gaussian
-from ppl_vae import evaluate, families, guides, nets, objectives
+from ppl_vae import evaluate, families, guides, local_fit, nets, objectives, protocol
 from ppl_vae.errors import UserError
 from ppl_vae.model import data_plate
 
@@ -45,7 +45,7 @@ def gaussian_elbo(lg: LinearGaussian, x, m, cov) -> torch.Tensor:
 
 def _moments(table):
     """(mean [N, L], covariance [N, L, L]) of a fitted q* table's rows."""
-    q = guides.local_family(table).dist(table.params.detach())
+    q = protocol.local_family(table).dist(table.params.detach())
     cov = getattr(q, "covariance_matrix", None)
     return q.mean, cov if cov is not None else torch.diag_embed(q.variance)
 
@@ -101,7 +101,7 @@ def test_the_iaf_guides_family_starts_q_star_at_its_own_q():
         for p in g.flows.parameters():
             p.add_(0.3 * torch.randn_like(p))
     x = torch.rand(4, 6)
-    fam = guides.local_family(g)
+    fam = protocol.local_family(g)
     assert fam.name == "flow" and fam.title == "per-datapoint IAF (2 flows)"
     loc, scale = g.loc_scale(evaluate.Batch(x, torch.arange(4), 4))
     q, q_row = g.distribution(x), fam.dist(fam.init(loc, scale))
@@ -112,7 +112,7 @@ def test_the_iaf_guides_family_starts_q_star_at_its_own_q():
     torch.testing.assert_close(z_row, z)
     torch.testing.assert_close(q_row.log_prob(z_row), q.log_prob(z))
     # asked for by name, q* of this guide is in its own flows' family, not a fresh order
-    picked = guides._q_family("flow", g, x)
+    picked = local_fit._q_family("flow", g, x)
     assert picked.networks(3) is fam.networks(3) or torch.equal(
         picked.networks(3)[0].mask1, fam.networks(3)[0].mask1)
 
@@ -165,16 +165,16 @@ def test_families_by_name_and_the_names_they_answer():
 
 def test_each_guide_states_its_per_datapoint_family():
     enc = nets.Encoder(3, (8,), 2)
-    assert guides.local_family(guides.AmortizedNormal(enc)) is families.DIAGONAL
-    assert guides.local_family(guides.LocalNormal(4, 2)) is families.DIAGONAL
-    assert guides.local_family(guides.AmortizedIAF(enc)).name == "flow"  # a per-row flow
-    assert guides.local_family(guides.LocalTable(4, 2, "lowrank:1")).name == "lowrank:1"
-    assert guides.family(guides.LocalTable(4, 2, "full")) == "full-covariance normal"
+    assert protocol.local_family(guides.AmortizedNormal(enc)) is families.DIAGONAL
+    assert protocol.local_family(guides.LocalNormal(4, 2)) is families.DIAGONAL
+    assert protocol.local_family(guides.AmortizedIAF(enc)).name == "flow"  # a per-row flow
+    assert protocol.local_family(guides.LocalTable(4, 2, "lowrank:1")).name == "lowrank:1"
+    assert protocol.family(guides.LocalTable(4, 2, "full")) == "full-covariance normal"
     x = torch.randn(2, 3)
     probe = evaluate.Batch(x, torch.arange(2), 2)
-    assert guides.local_family(FullCovarianceGuide(3, 2), probe) is families.FULL  # declared
-    assert guides.local_family(_undeclared_full_guide, probe) is families.FULL  # probed
-    assert guides.family(_undeclared_full_guide, probe) == "full-covariance normal"
+    assert protocol.local_family(FullCovarianceGuide(3, 2), probe) is families.FULL  # declared
+    assert protocol.local_family(_undeclared_full_guide, probe) is families.FULL  # probed
+    assert protocol.family(_undeclared_full_guide, probe) == "full-covariance normal"
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_the_diagonal_family_fits_and_scores_as_before():
     lg = make_linear_gaussian(L=2, D=3, seed=8)
     x = lg.sample(8, seed=10)
     kw = dict(lr=0.05, max_steps=300, chunk_size=5, seed=3, compile=False)
-    fits = [guides.local_inference(lg.model, x, objective=objectives.AnalyticKLELBO(4),
+    fits = [local_fit.local_inference(lg.model, x, objective=objectives.AnalyticKLELBO(4),
                                    family=family, **kw) for family in (None, "diagonal")]
     for fit in fits:
         assert isinstance(fit.guide, guides.LocalNormal) and fit.steps == 600
@@ -235,8 +235,8 @@ def _gaps(lg, x, names, options):
     ``local_inference`` in that family."""
     exact, out = lg.log_px(x), {}
     for name in names:
-        fit = guides.local_inference(lg.model, x, family=name, seed=SEED, **options)
-        assert guides.local_family(fit.guide).name == name
+        fit = local_fit.local_inference(lg.model, x, family=name, seed=SEED, **options)
+        assert protocol.local_family(fit.guide).name == name
         mean, cov = _moments(fit.guide)
         out[name] = (exact - gaussian_elbo(lg, x, mean, cov), mean, cov)
         assert (out[name][0] > -1e-6).all()  # never above log p(x)
@@ -356,7 +356,7 @@ def test_a_full_covariance_table_is_refitted_in_its_own_family():
     lg = correlated_linear_gaussian()
     x = lg.sample(6, seed=4)
     table = guides.LocalTable(50, lg.L, "full")
-    held = guides.held_out(table, lg.model, x, max_steps=30)
+    held = local_fit.held_out(table, lg.model, x, max_steps=30)
     assert isinstance(held.guide, guides.LocalTable) and held.guide.q_family is families.FULL
     assert held.guide.params.shape == (6, families.FULL.width(lg.L)) and held.steps == 30
 

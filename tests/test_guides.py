@@ -15,7 +15,8 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
 from conftest import SEED, TableWithoutRows, tiny_binary_data
-from ppl_vae import data, guides, likelihoods, nets, objectives, optim, priors, step, train
+from ppl_vae import (data, guides, likelihoods, local_fit, nets, objectives, optim, priors,
+                     protocol, step, train)
 from ppl_vae.batching import Batch
 from ppl_vae.errors import UserError
 from ppl_vae.evaluate import Scores, elbo_parts, evaluate_model
@@ -81,12 +82,12 @@ def test_a_users_guide_trains_and_is_scored_without_library_changes(make):
     if isinstance(guide, AutoNormal):
         # a parameter per training row means nothing for new rows: q is refitted, like a
         # per-datapoint table's, so its own ELBO there is L[q*] and no amortization gap exists
-        assert guides.reads_rows(guide, x) and s.local_steps > 0
+        assert protocol.reads_rows(guide, x) and s.local_steps > 0
         assert s.amortization_gap is None
         assert s.elbo.mean == pytest.approx(s.elbo_local.mean, abs=1e-4)
     else:
         # a diagonal Normal from x, q*'s family: the amortization gap is defined
-        assert not guides.reads_rows(guide, x)
+        assert not protocol.reads_rows(guide, x)
         assert s.amortization_gap is not None
 
 
@@ -130,18 +131,18 @@ def test_the_pipeline_asks_the_guide():
     model = _model()
     table = guides.LocalNormal(N, L)
     encoder = guides.AmortizedNormal(nets.Encoder(D, (16,), L))
-    assert guides.local_parameters(table) == [table.params]
-    assert guides.local_parameters(encoder) == [] == guides.local_parameters(my_function_guide)
-    assert guides.compilable(table) and guides.compilable(encoder)  # a table gives its rows
-    assert not guides.compilable(TableWithoutRows(table))  # a table that cannot: not compiled
+    assert protocol.local_parameters(table) == [table.params]
+    assert protocol.local_parameters(encoder) == [] == protocol.local_parameters(my_function_guide)
+    assert protocol.compilable(table) and protocol.compilable(encoder)  # a table gives its rows
+    assert not protocol.compilable(TableWithoutRows(table))  # a table that cannot: not compiled
     x = _split().x[:10]
-    assert guides.held_out(encoder, model, x).guide is encoder
-    held = guides.held_out(table, model, x, max_steps=5)
+    assert local_fit.held_out(encoder, model, x).guide is encoder
+    held = local_fit.held_out(table, model, x, max_steps=5)
     assert held.guide is not table and held.steps == 5 and len(held.guide.params) == 10
-    assert guides.family(MyEncoderGuide(), Batch(x, torch.arange(10), 10)) == "diagonal normal"
+    assert protocol.family(MyEncoderGuide(), Batch(x, torch.arange(10), 10)) == "diagonal normal"
     # q*'s family (families.py), as the guide states it or a probe finds it
-    assert guides.local_family(MyEncoderGuide(), Batch(x, torch.arange(10), 10)).name == "diagonal"
-    assert guides.local_family(encoder).name == guides.local_family(table).name == "diagonal"
+    assert protocol.local_family(MyEncoderGuide(), Batch(x, torch.arange(10), 10)).name == "diagonal"
+    assert protocol.local_family(encoder).name == protocol.local_family(table).name == "diagonal"
 
 
 def test_semi_amortized_refinement_improves_the_encoders_elbo(lingauss):
@@ -171,13 +172,13 @@ def test_semi_amortized_trains_end_to_end_or_with_the_gradient_stopped(stop_grad
     x = _split().x
     idx = torch.arange(16)
     batch = Batch(x[idx], idx, N)
-    loss = guides.training_loss(guide, objectives.ELBO(), model, batch)
+    loss = protocol.training_loss(guide, objectives.ELBO(), model, batch)
     enc = torch.autograd.grad(loss, list(guide.encoder.parameters()), retain_graph=True)
     dec = torch.autograd.grad(loss, list(model.decoder.parameters()))
     assert all(g.abs().sum() > 0 for g in enc) and all(g.abs().sum() > 0 for g in dec)
     # the reported loss is the refined q's whichever way the gradient goes
     pyro.set_rng_seed(SEED + 5)
-    a = guides.training_loss(guide, objectives.ELBO(), model, batch)
+    a = protocol.training_loss(guide, objectives.ELBO(), model, batch)
     pyro.set_rng_seed(SEED + 5)
     b = objectives.ELBO()(model, guide, batch)
     torch.testing.assert_close(a, b)
@@ -271,7 +272,7 @@ def test_the_refinement_answers_whether_it_caused_a_divergence(step_size, blamed
     step, which raises it, is not (the learning rate is then the suspect)."""
     model, guide = _semi(step_size)
     x = tiny_binary_data(64, 12)
-    cause = guides.divergence_cause(guide, model, Batch(x, torch.arange(64), 64))
+    cause = protocol.divergence_cause(guide, model, Batch(x, torch.arange(64), 64))
     assert (cause is not None and cause[0] == "refine_lr") == blamed, cause
-    assert guides.divergence_cause(guides.AmortizedNormal(guide.encoder), model,
+    assert protocol.divergence_cause(guides.AmortizedNormal(guide.encoder), model,
                                    Batch(x, torch.arange(64), 64)) is None
