@@ -64,7 +64,7 @@ class EntropyWarmupELBO(objectives.ELBO):
 
     @classmethod
     def from_config(cls, config, **_):
-        return cls(config.num_particles, beta=config.beta)
+        return cls(config.num_particles)  # beta: handed every step by train.fit
 
     def per_datapoint(self, model, guide, batch, beta=None):
         beta = self.beta if beta is None else beta

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .seeds import Difference, Spread, paired
+from . import plots
 
 QUANTITIES = ("log_px", "elbo", "elbo_local", "approximation_gap", "amortization_gap")
 NAMES = {"log_px": "log p(x)", "elbo": "L[q]", "elbo_local": "L[q*]",
@@ -187,8 +188,7 @@ def figure(curves: Curves, path: Path, units: Sequence[str] = ("epochs", "flops"
     fig = build(curves, units, quantities)
     if fig is None:
         return None
-    from .plots import _save
-    return _save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def build(curves: Curves, units: Sequence[str] = ("epochs", "flops"),
@@ -198,12 +198,11 @@ def build(curves: Curves, units: Sequence[str] = ("epochs", "flops"),
     ±1 standard deviation over seeds, on a log budget axis; a crossing of two guides' mean
     curves is shaded over the budget interval where it happens. Units that no guide has
     (FLOPs of a step that were not counted) are left out."""
-    from .plots import _plt
     units = [u for u in units
              if any(p.budget(u) for pts in curves.points.values() for p in pts)]
     if not units or not curves.points:
         return None
-    plt = _plt()
+    plt = plots.pyplot()
     from matplotlib.ticker import FuncFormatter
     fig, axes = plt.subplots(len(units), len(quantities), squeeze=False,
                              figsize=(4.2 * len(quantities), 3.4 * len(units)))

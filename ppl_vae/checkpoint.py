@@ -22,6 +22,9 @@ import torch
 from . import logs
 from .errors import UserError, setting
 from .runfiles import describe, describe_mode, whole
+from .loopstate import EpochMetrics, Position
+from .config import Config
+from .registry import REGISTRIES
 
 NAME, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 
@@ -145,7 +148,6 @@ def _holds(name: str, value, should: str) -> str:
 def _shape_problem(state: dict) -> Optional[str]:
     """What is wrong with the plain-data entries of a checkpoint, if anything: each field
     named with what it holds and what it should hold."""
-    from .loopstate import EpochMetrics, Position
 
     if not isinstance(state["config"], dict):
         return f"its config is a {type(state['config']).__name__}, not a mapping"
@@ -239,8 +241,6 @@ def config_problem(config: dict) -> Optional[str]:
     """What is wrong with a checkpoint's config (a mapping of settings), if anything: a
     field this version does not know, a value of the wrong kind, or a name that is neither
     a built-in name nor ``module:Class`` (an unknown name is not code to import)."""
-    from .config import Config
-    from .registry import REGISTRIES
 
     fields = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(str(k)[:40] for k in config if k not in fields)

@@ -63,10 +63,12 @@ HELP = {
     "test_size": "evaluate on the first N test rows only",
     "seed": "seed of initialization, data order and noise (0 to 4294967295)",
     "device": "auto (CUDA when available), cpu or cuda[:N]",
-    "compile": "compile the training step (torch.compile; every built-in guide): on, off, or "
-               "auto: on when a C++ compiler is present and the run has at least 2,000 steps "
-               "(and a --max-seconds of at least 120), where it repays the compile; it says "
-               "what it chose",
+    "compile": "compile with torch.compile the training step (every built-in guide), the fits "
+               "of q* and the log p(x) estimate: on, off (all three eager), or auto: each "
+               "where a C++ compiler is present and its work repays the compile (a run of at "
+               "least 2,000 steps, and a --max-seconds of at least 120; q* on 1,000 rows or "
+               "more; log p(x) over 2,000,000 decoder rows or more); the run says what it chose "
+               "for the step",
 }
 
 

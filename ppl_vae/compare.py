@@ -27,10 +27,10 @@ from . import (budget_curves, distributed, logs, memory, plots, protocol, report
                writelock)
 from .batching import Batch
 from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
-from .config import SEED_LIMIT, Config, check_particles, guide_settings
+from .config import SEED_LIMIT, Config, check_particles, guide_settings, local_fit_options
 from .distributed import resolve_device
 from .errors import UserError, setting
-from .evaluation import evaluate_trained, local_fit_options
+from .evaluation import evaluate_trained
 from .heldout import read_gaps
 from .registry import GUIDES
 from .rundir import RunDir

@@ -66,6 +66,7 @@ import pyro
 import torch
 import torch.nn as nn
 
+from . import logs
 from .batching import Batch
 from .errors import UserError
 from .protocol import (compilable, given_rows, local_parameters, table_index,
@@ -92,8 +93,12 @@ def quiet_cuda_runtime_note() -> None:
 quiet_cuda_runtime_note()  # before any compile: the note comes at the first C++ build
 
 
-PAYS_FROM_STEPS = 2000  # ``auto`` compiles a run of at least this many optimizer steps ...
+# where ``compile auto`` repays a compile of seconds to a minute per shape (``compiles``):
+PAYS_FROM_STEPS = 2000  # the training step: a run of at least this many optimizer steps ...
 PAYS_FROM_SECONDS = 120.0  # ... and, with a time budget, a budget at least this long
+PAYS_FROM_LOCAL_ROWS = 1000  # q*'s fit: chunks of at least this many rows
+PAYS_FROM_LOG_PX_ROWS = 2_000_000  # log p(x): at least this many decoder rows (K x N)
+MODES = ("auto", "on", "off")  # the ``--compile`` setting (``config.COMPILE_MODES``)
 
 
 class Choice(NamedTuple):
@@ -129,9 +134,30 @@ def run_steps(epochs: int, num_data: int, batch_size: int,
     return steps if max_steps is None else min(steps, max_steps)
 
 
+def mode_of(compile) -> str:
+    """The ``--compile`` mode of a setting given as a mode, or as the older bool/None of the
+    Python API (True: on, False: off, None: auto)."""
+    if compile is None or compile is True or compile is False:
+        return {None: "auto", True: "on", False: "off"}[compile]
+    if compile not in MODES:
+        raise ValueError(f"compile must be one of {', '.join(MODES)}, got {compile!r}")
+    return compile
+
+
+def compiles(compile, work: float, pays_from: float) -> bool:
+    """The one rule of ``--compile`` for every compiled piece (the training step through
+    ``choose``, q*'s fit, log p(x)): ``on`` compiles, ``off`` does not, and ``auto``
+    compiles where the piece's ``work`` (steps, rows, decoder rows) reaches ``pays_from``
+    (one of the ``PAYS_FROM_*`` above) and a C++ compiler is present."""
+    mode = mode_of(compile)
+    if mode != "auto":
+        return mode == "on"
+    return work >= pays_from and has_compiler()
+
+
 def choose(mode: str, guide, steps: int, max_seconds: Optional[float] = None) -> Choice:
-    """The one rule for ``compile``: ``on`` compiles, ``off`` does not, and ``auto``
-    compiles when the guide can be compiled (``protocol.compilable``), a C++ compiler is
+    """``compiles`` for the training step, with the line that says why: ``on`` compiles,
+    ``off`` does not, and ``auto`` compiles when the guide can be compiled (``protocol.compilable``), a C++ compiler is
     present (``has_compiler``) and the run is long enough to repay a compile of seconds to a
     minute per batch shape: at least ``PAYS_FROM_STEPS`` optimizer steps, and with a time
     budget (``max_seconds``), at least ``PAYS_FROM_SECONDS`` of it. The compiled step saves
@@ -152,7 +178,7 @@ def choose(mode: str, guide, steps: int, max_seconds: Optional[float] = None) ->
         return Choice(False, f"compile auto: eager, {length} would not repay the compile "
                              f"(it compiles from {PAYS_FROM_STEPS} steps and "
                              f"{PAYS_FROM_SECONDS:g} s)")
-    if not has_compiler():
+    if not compiles(mode, steps, PAYS_FROM_STEPS):  # long enough: the compiler is missing
         return Choice(False, "compile auto: eager, no C++ compiler found (set $CXX or install "
                              "g++ to compile the step)", warn=True)
     return Choice(True, f"compile auto: the step is compiled ({steps} steps repay the compile)")
@@ -334,7 +360,6 @@ class Compiled:
 
     def _choose(self, guide, batch: Batch) -> None:
         """``compile auto`` at the run's first step: ``choose``, and one line saying what."""
-        from . import logs
         if self.auto.batch_size is None:
             self.auto = self.auto._replace(batch_size=len(batch.idx))
         steps = run_steps(self.auto.epochs, batch.num_data, self.auto.batch_size,

@@ -47,6 +47,10 @@ from .config import Config
 from .errors import UserError, setting
 from .registry import GUIDES, OBJECTIVES
 from .rng import seeded
+from .step import step
+from .optim import make_optimizers
+from .evaluate import elbo_parts, Estimate
+from .heldout import EVAL_SEED, scored_rows
 
 ENCODER, DECODER = "encoder", "decoder"  # the names of the networks counted
 # The most optimizer steps a budget may buy a guide: 65x the longest schedule in use
@@ -254,7 +258,6 @@ def _flop_counter(names: Dict[int, str]):
 def count_step(model, guide, objective, batch: batching.Batch, optimizers) -> StepCost:
     """The passes and FLOPs of one real optimizer step (``step.step``) of these pieces on
     ``batch``."""
-    from .step import step
 
     nets = networks(model, guide)
     names: Dict[int, str] = {}
@@ -289,7 +292,6 @@ def step_cost(config: Config, splits: data.Splits) -> StepCost:
     The pieces are built as a run builds them (uncompiled: a compiled step evaluates the same
     networks); the caller's random stream is left as it was.
     """
-    from .optim import make_optimizers
 
     x = splits.train.x[:config.batch_size].cpu()
     shape, n = splits.shape, len(x)
@@ -447,8 +449,6 @@ def local_budget(trained, rows: int, **options) -> Optional[LocalBudget]:
     """``LocalBudget`` of a trained guide with per-datapoint tables; None for a guide
     without (an encoder answers for its rows; there is no table to fall short). ``options``
     go to ``local_fit.local_inference``."""
-    from .evaluate import Estimate, elbo_parts
-    from .heldout import EVAL_SEED, scored_rows
 
     if not protocol.local_parameters(trained.guide):
         return None

@@ -173,13 +173,8 @@ class Config:
         if self.dreg and piece is not None and getattr(piece, "family", None) != "diagonal normal":
             raise UserError(f"{setting('dreg')} needs a Normal guide; with {setting('guide')} "
                             f"{self.guide} drop dreg or use the amortized or meanfield guide")
-        objective = getattr(OBJECTIVES.resolve(self.objective), "piece", None)
-        if not takes_beta(objective):
-            for name, default in (("warmup_epochs", 0), ("beta", 1.0)):
-                if getattr(self, name) != default:
-                    raise UserError(f"{setting(name)} weights the KL term of our ELBO "
-                                    f"objectives; {setting('objective')} {self.objective} has "
-                                    f"no KL weight: drop it or use {setting('objective')} elbo")
+        refuse_beta(getattr(OBJECTIVES.resolve(self.objective), "piece", None), self.beta,
+                    self.warmup_epochs, f"{setting('objective')} {self.objective}")
         if self.warmup_epochs > self.epochs:
             raise UserError(f"{setting('warmup_epochs')} {self.warmup_epochs} is longer than "
                             f"the run's {self.epochs} epochs, so the KL weight would never "
@@ -275,6 +270,22 @@ def takes_beta(objective) -> bool:
     return getattr(objective, "weights_kl", True)
 
 
+def refuse_beta(objective, beta: float = 1.0, warmup_epochs: int = 0,
+                name: Optional[str] = None) -> None:
+    """The one refusal of a KL weight (``beta`` other than 1, or a warm-up) for an objective
+    that has none (``takes_beta``): ``Config.validate``, ``train.fit`` and a Pyro ELBO
+    handed ``beta=`` all ask here, so the rule and its message live once."""
+    asked = [f"{setting('beta')} {beta:g}" if beta != 1.0 else "",
+             f"{setting('warmup_epochs')} {warmup_epochs}" if warmup_epochs else ""]
+    asked = [a for a in asked if a]
+    if not asked or takes_beta(objective):
+        return
+    raise UserError(f"{' and '.join(asked)} weight{'s' if len(asked) == 1 else ''} the KL "
+                    f"term of our ELBO objectives; {name or f'the objective {objective!r}'} has "
+                    f"no KL weight: drop {'it' if len(asked) == 1 else 'them'} or use "
+                    f"{setting('objective')} elbo")
+
+
 def guide_settings(config: Config) -> Tuple[str, ...]:
     """The settings the guide of ``config`` reads beyond the shared ones, as its class says
     (``Guide.settings``: a table's ``local_lr``, a refinement's ``refine_steps``, ...)."""
@@ -284,3 +295,17 @@ def guide_settings(config: Config) -> Tuple[str, ...]:
 def local_family_of(config: "Config"):
     """q*'s family as ``local_fit.local_inference`` takes it: None asks the guide (``own``)."""
     return None if config.local_family == "own" else config.local_family
+
+
+def local_fit_options(config: "Config", local_options: Optional[dict] = None) -> dict:
+    """The options of every local fit and estimate of a run's scoring (q* on held-out rows,
+    a table's local budget, log p(x)): the caller's, with q*'s family from ``--local-family``
+    (``own`` adds nothing: the guide says its family) and ``--compile`` (the one rule of
+    ``compiled.compiles`` decides, from this setting, the training step, q*'s fit and
+    log p(x) alike). The one place these settings are read for scoring."""
+    options = dict(local_options or {})
+    family = local_family_of(config)
+    if family is not None:
+        options.setdefault("family", family)
+    options.setdefault("compile", config.compile)
+    return options

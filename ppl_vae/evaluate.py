@@ -17,9 +17,9 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import families, local_fit, protocol
+from . import distributed, families, local_fit, protocol
 from .batching import Batch, batches_of
-from .compiled import Compiled
+from .compiled import PAYS_FROM_LOG_PX_ROWS, Compiled, compiles
 from .objectives import log_weights
 from .rng import own_rng
 
@@ -38,14 +38,13 @@ class Estimate(NamedTuple):
         return cls(float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0)
 
 
-COMPILE_LOG_PX_ROWS = 2_000_000  # decoder rows (K x N) from which log_px compiles by default
 
 
 @own_rng
 @torch.no_grad()
 def log_px(model, guide, x: torch.Tensor, num_particles: int = 5000, seed: int = 0,
            max_rows: int = 2 ** 15, progress: Progress = None,
-           compile: Optional[bool] = None) -> torch.Tensor:
+           compile=None) -> torch.Tensor:
     """Importance-sampled log p(x) per datapoint [N]: logsumexp_k lw_k - log K (IWAE_K).
 
     Vectorized over particles and data and chunked so that at most ``max_rows`` decoder rows
@@ -54,10 +53,10 @@ def log_px(model, guide, x: torch.Tensor, num_particles: int = 5000, seed: int =
     --part eval``). Unbiased for p(x), so a stochastic lower bound on log p(x).
     ``compile`` runs each chunk as a compiled graph (``compiled.Compiled``): the same estimate
     up to float rounding, with the elementwise work fused (about twice as fast on a CPU, after
-    a compile of seconds). ``None`` compiles when K x N reaches ``COMPILE_LOG_PX_ROWS``.
+    a compile of seconds): the ``--compile`` setting (``compiled.compiles``; True/False/None
+    mean on/off/auto), ``auto`` from K x N = ``compiled.PAYS_FROM_LOG_PX_ROWS`` decoder rows.
     """
-    if compile is None:
-        compile = num_particles * len(x) >= COMPILE_LOG_PX_ROWS
+    compile = compiles(compile, num_particles * len(x), PAYS_FROM_LOG_PX_ROWS)
     batch_size = max(1, min(len(x), max_rows // min(num_particles, max_rows)))
     k_chunk = max(1, min(num_particles, max_rows // batch_size))
     chunks = {}  # particles per chunk -> (model, guide, batch) -> logsumexp_k lw [B]
@@ -299,7 +298,6 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
     takes units u with u mod W = rank, and rank 0 gathers the per-row values and returns the
     same scores as one process (the other processes return None).
     """
-    from . import distributed
 
     start = time.perf_counter()
     if proposal not in ("auto", "guide", "local"):
@@ -382,7 +380,8 @@ def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: boo
     t0 = time.perf_counter()
     with _bar(len(x), f"log p(x), K={num_particles}", progress) as bar:
         out["log_px"] = log_px(model, q_star if proposal == "local" else own, x, num_particles,
-                               seed=seed, progress=bar.update)
+                               seed=seed, progress=bar.update,
+                               compile=local_options.get("compile"))
     out.update(proposal=proposal, log_px_seconds=time.perf_counter() - t0)
     probe = Batch(x[:2], torch.arange(min(2, len(x)), device=x.device), len(x))
     out["comparable"] = False

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import distributed, logs, plots, protocol
-from .config import local_family_of
+from .config import local_fit_options
 from .errors import UserError, setting
 from .evaluate import Scores, evaluate_model, figure_arrays, why_no_amortization_gap
 from .heldout import EVAL_SEED, eval_pixels
@@ -29,17 +29,6 @@ from .tracking import open_tracker
 class Evaluated(NamedTuple):
     scores: Optional[Scores]  # None on a torchrun process other than rank 0
     arrays: Optional[dict]  # what the figures show (``figure_arrays``), with the labels
-
-
-def local_fit_options(config, local_options: Optional[dict] = None) -> dict:
-    """The options of every local fit of a run's scoring (q* on held-out rows, a table's
-    local budget): the caller's, with q*'s family from the run's ``--local-family`` (the one
-    place it is read for scoring; ``own`` adds nothing: the guide says its family)."""
-    options = dict(local_options or {})
-    family = local_family_of(config)
-    if family is not None:
-        options.setdefault("family", family)
-    return options
 
 
 def evaluate_trained(trained, num_particles: int, proposal: str = "auto", local: bool = True,

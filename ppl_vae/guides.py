@@ -33,6 +33,7 @@ from .model import data_plate, register
 from .nets import from_scale, softplus_inv, to_scale
 from .protocol import HeldOut, local_family
 from .rng import forked
+from .objectives import AnalyticKLELBO, isolated
 
 
 class Guide(nn.Module):
@@ -404,7 +405,6 @@ class SemiAmortizedNormal(Encoded):
 
     def _refine(self, batch: Batch):
         """(loc_K, raw_K) of the batch's rows."""
-        from .objectives import AnalyticKLELBO, isolated
 
         loc, scale = self.encoder(batch.x)
         raw = from_scale(scale)
@@ -443,7 +443,6 @@ class SemiAmortizedNormal(Encoded):
         refined parameters are not finite, or it lowers the ELBO it climbs (by more than a
         tenth of it) instead of raising it, which a step this size on its clipped gradient
         cannot do unless the step is far too large. None otherwise."""
-        from .objectives import AnalyticKLELBO
         elbo = AnalyticKLELBO()
         # NaNs are what is looked for: no validation; the draws stay out of the caller's stream
         with forked(batch.x.device), torch.no_grad(), pyro.validation_enabled(False):

@@ -62,13 +62,14 @@ class Validator:
     """The per-epoch validation ELBO; a refitted held-out guide is warm-started epoch to epoch
     and its state goes into the checkpoint."""
 
-    def __init__(self, model, guide, x: torch.Tensor, max_steps: int = 30):
+    def __init__(self, model, guide, x: torch.Tensor, max_steps: int = 30, compile=None):
         self.model, self.guide, self.x, self.max_steps = model, guide, x, max_steps
+        self.compile = compile  # the run's --compile, for a table's held-out fit
         self.held: Optional[object] = None  # the last held-out guide, when it is a fit
 
     def __call__(self) -> float:
         elbo, used = held_out_elbo(self.model, self.guide, self.x, self.held,
-                                   max_steps=self.max_steps)
+                                   max_steps=self.max_steps, compile=self.compile)
         self.held = used if used is not self.guide else None
         return float(elbo.mean())
 
@@ -124,14 +125,16 @@ class GapTracker(Callback):
     def __init__(self, model, guide, x_train: torch.Tensor, num_train: int,
                  x_test: torch.Tensor, epochs: Sequence[int], last: int, num_particles: int,
                  path: Callable[[], Path], local_steps: int = 500,
-                 local_family: Optional[str] = None):
+                 local_options: Optional[dict] = None):
         self.model, self.guide = model, guide
         self.x_train, self.x_test = x_train, x_test
         self.rows = torch.arange(len(x_train), device=x_train.device)
         self.num_train = num_train
         self.epochs, self.last = set(epochs), last
         self.num_particles, self.path, self.local_steps = num_particles, path, local_steps
-        self.local_family = local_family  # q*'s family (None: the guide's own)
+        # q*'s family and the compile setting (``config.local_fit_options``), at most
+        # ``local_steps`` steps of each fit
+        self.local_options = {**(local_options or {}), "max_steps": local_steps}
         self.seconds = 0.0
 
     def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
@@ -148,8 +151,7 @@ class GapTracker(Callback):
                                      self.x_train), ("test", self.guide, self.x_test)):
                 scores = evaluate_model(self.model, guide, x, self.num_particles, local=True,
                                         seed=EVAL_SEED, progress=False, split=split,
-                                        local_options={"max_steps": self.local_steps},
-                                        local_family=self.local_family)
+                                        local_options=self.local_options)
                 lines.append({"epoch": metrics.epoch, **scores.to_json()})
         self.seconds += time.perf_counter() - start
         for line in lines:

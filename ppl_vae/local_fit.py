@@ -21,12 +21,13 @@ from typing import Callable, Dict, NamedTuple, Optional
 import pyro
 import torch
 
-from . import families as fam_lib
-from .batching import Batch
+from . import compiled, families as fam_lib
+from .batching import Batch, batches_of
 from .errors import UserError
 from .guides import LocalNormal, LocalTable, PerDatapoint
 from .protocol import HeldOut, loc_scale, local_family, reads_rows
-from .rng import forked
+from .rng import forked, seeded
+from .objectives import AnalyticKLELBO
 
 Progress = Optional[Callable[[int], None]]  # called with the number of steps done
 
@@ -41,14 +42,12 @@ class LocalFit(NamedTuple):
     seconds: float
 
 
-COMPILE_LOCAL_ROWS = 1000  # rows per chunk from which local_inference compiles its step (auto):
-# the compile (seconds to a minute, once per process and shape) pays from about here on a CPU
 
 
 def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objective=None,
                     max_steps: int = 3000, window: int = 30, tol: float = 0.01,
                     decays: int = 6, chunk_size: int = 5000, seed: int = 0,
-                    progress: Progress = None, compile: Optional[bool] = None,
+                    progress: Progress = None, compile=None,
                     family: Optional[fam_lib.Spec] = None) -> LocalFit:
     """Fit q*(z_n) in a per-datapoint ``family`` for every row of ``x`` by maximizing its ELBO.
 
@@ -73,13 +72,12 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
     ``compile`` runs each step (the loss, the rows' gradients and Adam's update) as one
     compiled graph (``_CompiledFit``): the same draws, the same fit up to float rounding,
     without Pyro's and autograd's per-step overhead and with the elementwise work fused.
-    ``None`` (auto) compiles chunks of at least ``COMPILE_LOCAL_ROWS`` rows where a C++
-    compiler is present; ``False`` is the plain eager loop. A compile that fails warns and
+    ``compile`` is the ``--compile`` setting (``compiled.compiles``; True/False/None mean
+    on/off/auto): ``auto`` compiles chunks of at least ``compiled.PAYS_FROM_LOCAL_ROWS`` rows
+    where a C++ compiler is present; ``off`` is the plain eager loop. A compile that fails
+    warns and
     runs the plain loop.
     """
-    from .batching import batches_of
-    from .objectives import AnalyticKLELBO
-    from .rng import seeded
 
     start_time = time.perf_counter()
     n, device = len(x), x.device
@@ -94,9 +92,7 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
     guide = table(n)
     if not diagonal:
         compile = False
-    if compile is None:
-        from .compiled import has_compiler
-        compile = min(n, chunk_size) >= COMPILE_LOCAL_ROWS and has_compiler()
+    compile = compiled.compiles(compile, min(n, chunk_size), compiled.PAYS_FROM_LOCAL_ROWS)
     with seeded(seed, device):
         if init is not None:
             for batch in batches_of(x, chunk_size):
@@ -233,12 +229,11 @@ class _CompiledFit:
     def _build(cls, model, chunk: "LocalNormal", batch: Batch, objective) -> "_CompiledFit":
         from torch.func import functional_call
         from torch.fx.experimental.proxy_tensor import make_fx
-        from .compiled import Program
 
         def loss_fn(model, guide, batch):
             return -objective.per_datapoint(model, guide, batch).sum()
 
-        program = Program(loss_fn, model, chunk, len(batch.idx), ())
+        program = compiled.Program(loss_fn, model, chunk, len(batch.idx), ())
         betas, eps = (0.9, 0.999), 1e-8
         beta1, beta2 = betas
 

@@ -37,6 +37,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .batching import Batch
+from .config import refuse_beta
 from .errors import UserError, setting
 
 Objective = Callable[..., torch.Tensor]  # (model, guide, batch[, beta=]) -> loss, see above
@@ -325,10 +326,10 @@ class PyroObjective:
         return f"PyroObjective({type(self.elbo).__name__}(num_particles={self.elbo.num_particles}))"
 
     def __call__(self, model, guide, batch: Batch, **kwargs) -> torch.Tensor:
+        if kwargs:  # a KL weight handed by a schedule: refused as everywhere
+            refuse_beta(self, kwargs.pop("beta", 1.0), name=f"Pyro's {type(self.elbo).__name__}")
         if kwargs:
-            raise UserError(f"Pyro's {type(self.elbo).__name__} takes no {', '.join(kwargs)}; "
-                            f"drop {setting('beta')} and {setting('warmup_epochs')} or use "
-                            f"{setting('objective')} elbo")
+            raise TypeError(f"Pyro's {type(self.elbo).__name__} takes no {', '.join(kwargs)}")
         with _ModuleParams():
             if hasattr(self.elbo, "differentiable_loss"):
                 return self.elbo.differentiable_loss(model, guide, batch)

@@ -15,6 +15,7 @@ import torch
 
 from .errors import UserError, setting
 from .protocol import local_parameters
+from .objectives import traces
 
 
 class RowAdam(torch.optim.Optimizer):
@@ -158,7 +159,6 @@ def trainable(module_or_fn, batch=None) -> List[torch.Tensor]:
     if batch is not None:
         import pyro
         from pyro import poutine
-        from .objectives import traces
         with torch.no_grad():
             traces(lambda b: None, module_or_fn, batch, 1)  # creates lazy parameters
         tr = poutine.trace(module_or_fn, param_only=True).get_trace(batch)

@@ -7,8 +7,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .guides import PerDatapoint
+from .registry import GUIDES
 
-def _plt():
+
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -101,7 +104,7 @@ def curves_figure(histories: Dict[str, List[dict]], title: str = "", x: str = "e
     from matplotlib.ticker import MaxNLocator
     if x not in X_UNITS:
         raise ValueError(f"x is one of {', '.join(X_UNITS)}, got {x!r}")
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     limits = curve_limits(histories)
     lo, hi = limits if limits is not None else (None, None)
@@ -174,7 +177,7 @@ def curves(histories: Dict[str, List[dict]], path: Path, title: str = "", x: str
            tables: Sequence[str] = (), steps_per_epoch: Optional[int] = None,
            passes_per_step: Optional[Dict[str, float]] = None) -> Path:
     """``curves_figure`` saved to ``path``."""
-    return _save(curves_figure(histories, title, x, tables, steps_per_epoch, passes_per_step),
+    return save_figure(curves_figure(histories, title, x, tables, steps_per_epoch, passes_per_step),
                  path)
 
 
@@ -263,7 +266,7 @@ def _show(ax, mosaic: np.ndarray) -> None:
 
 def image_rows(rows: Dict[str, np.ndarray], path: Path, title: str, shape=None) -> Path:
     """One labelled row of images per entry (inputs, then reconstructions, ...)."""
-    plt = _plt()
+    plt = pyplot()
     first = next(iter(rows.values()))
     _, h, w = image_shape(first, shape)
     n = max(len(images) for images in rows.values())
@@ -276,7 +279,7 @@ def image_rows(rows: Dict[str, np.ndarray], path: Path, title: str, shape=None) 
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 SAMPLES_TITLE = "means of p(x | z) for z ~ p(z): the decoder's mean images, not draws of x"
@@ -285,7 +288,7 @@ SAMPLES_TITLE = "means of p(x | z) for z ~ p(z): the decoder's mean images, not 
 def samples_figure(images: np.ndarray, title: str = SAMPLES_TITLE, shape=None):
     """Images from the prior, 8 a row, as a Figure; ``evaluate`` draws the likelihood's mean
     at each z ~ p(z) (``figure_arrays``), which the default title says."""
-    plt = _plt()
+    plt = pyplot()
     _, h, w = image_shape(images, shape)
     rows = -(-len(images) // 8)
     fig, ax = plt.subplots(figsize=(8, 8 * rows * (h + 1) / (8 * (w + 1)) + 0.5))
@@ -296,7 +299,7 @@ def samples_figure(images: np.ndarray, title: str = SAMPLES_TITLE, shape=None):
 
 
 def samples(images: np.ndarray, path: Path, title: str = SAMPLES_TITLE, shape=None) -> Path:
-    return _save(samples_figure(images, title, shape), path)
+    return save_figure(samples_figure(images, title, shape), path)
 
 
 def latent_title(guide: Optional[str], split: str, rows: int,
@@ -315,7 +318,7 @@ def latent_figure(pca: np.ndarray, labels, title: Optional[str] = None, classes=
     one colour and no colour bar when the data have no labels (labels None or all -1). The
     axes are the means' first two principal components; the title names ``guide`` and
     ``split`` (and how many rows) unless ``title`` is given."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     labels = None if labels is None else np.asarray(labels)
     if labels is None or len(labels) != len(pca) or not (labels >= 0).any():
@@ -344,7 +347,7 @@ def latent(pca: np.ndarray, labels, path: Path, title: Optional[str] = None, cla
            guide: Optional[str] = None, split: str = "test",
            per_datapoint: Optional[bool] = None) -> Path:
     """``latent_figure`` saved to ``path``."""
-    return _save(latent_figure(pca, labels, title, classes, guide, split, per_datapoint), path)
+    return save_figure(latent_figure(pca, labels, title, classes, guide, split, per_datapoint), path)
 
 
 GAP_KINDS = [("approximation_gap", "approximation gap", "log p(x) - L[q*]"),
@@ -361,7 +364,7 @@ def gaps_figure(results: Dict[str, dict], error: str = "_stderr", times: float =
     standard deviation over seeds); the bare encoder's amortization gap too when a guide has
     one (semi-amortized). A gap that is None is written "n/a" where its bar would stand
     (``na``: {guide: why}, shown beside it), never drawn as a bar of height 0."""
-    plt = _plt()
+    plt = pyplot()
     names = list(results)
     colours = {n: c["color"] for n, c in zip(names, plt.rcParams["axes.prop_cycle"])}
     panels = [(kind, names) for kind in GAP_KINDS[:2]]
@@ -413,14 +416,16 @@ def gaps_figure(results: Dict[str, dict], error: str = "_stderr", times: float =
 def gaps(results: Dict[str, dict], path: Path, error: str = "_stderr", times: float = 1.0,
          title: str = "inference gaps on the test set", na: Optional[Dict] = None) -> Path:
     """``gaps_figure`` saved to ``path``."""
-    return _save(gaps_figure(results, error, times, title, na), path)
+    return save_figure(gaps_figure(results, error, times, title, na), path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (notes and legend outside the axes included),
+    close it."""
     path = Path(path)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # with the notes and legend outside
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -482,7 +487,7 @@ def gap_curves_figure(gaps: Dict[str, List[dict]],
     ``references`` (guide name -> {"amortization_gap": nats, ..., "label": legend text})
     draws reference values as dashed lines in that guide's colour (``cremer.py``: the
     paper's, as recalled)."""
-    plt = _plt()
+    plt = pyplot()
     tables = set(table_guides(gaps) if tables is None else tables)
     references = references or {}
     colours = {name: c["color"] for name, c in zip(gaps, plt.rcParams["axes.prop_cycle"])}
@@ -589,17 +594,15 @@ def gap_curves(gaps: Dict[str, List[dict]], path: Path,
                references: Optional[Dict[str, Dict[str, float]]] = None,
                tables: Optional[Sequence[str]] = None) -> Path:
     """``gap_curves_figure`` saved to ``path``."""
-    return _save(gap_curves_figure(gaps, references, tables), path)
+    return save_figure(gap_curves_figure(gaps, references, tables), path)
 
 
 def per_datapoint_guide(name: str) -> Optional[bool]:
     """Whether a built-in guide name is a per-datapoint table (its class keeps one row per
     training row); None for a name this cannot tell without importing a user's code."""
     try:
-        from .registry import GUIDES
         if name not in GUIDES:
             return None
-        from .guides import PerDatapoint
         piece = getattr(GUIDES.resolve(name), "piece", None)
         return isinstance(piece, type) and issubclass(piece, PerDatapoint)
     except Exception:  # noqa: BLE001 - a guide that cannot be looked up says nothing

@@ -47,6 +47,8 @@ import torch
 
 from . import families as fam_lib
 from .batching import Batch
+from .objectives import traces
+from .rng import seeded
 
 
 class HeldOut(NamedTuple):
@@ -149,14 +151,12 @@ def loc_scale(guide, batch: Batch, num_samples: int = 64):
             return fn(batch)
         except NotImplementedError:
             pass
-    from .objectives import traces
     _, guide_tr = traces(lambda b: None, guide, batch, num_samples)
     z = guide_tr.nodes["z"]["value"]  # [S, B, L]
     return z.mean(0), z.std(0).clamp_min(1e-5)
 
 
 def _trace(guide, batch: Batch):
-    from .objectives import traces
     with torch.no_grad():
         return traces(lambda b: None, guide, batch, 1)[1]
 
@@ -167,7 +167,6 @@ def reads_rows(guide, x: torch.Tensor, probe: int = 8) -> bool:
     The same rows are offered twice, once under their indices and once under the indices
     reversed, with the same noise; an encoder gives the same z, a table of rows does not.
     """
-    from .rng import seeded
 
     m = min(len(x), probe)
     if m < 2:

@@ -204,10 +204,12 @@ PRIORS.register("mog", lambda c, **_: _lib("priors").MixtureOfGaussians(c.latent
 OBJECTIVES = Registry("objective", "objective")
 # a user's Pyro ELBO class (pyro.infer:X) works too
 OBJECTIVES.adapt = lambda piece: _lib("objectives").pyro_objective(piece)
-OBJECTIVES.register("elbo", lambda c, **_: _lib("objectives").ELBO(c.num_particles, beta=c.beta),
+# beta is not built into an objective: ``train.fit`` hands it every step (its schedule), the
+# one place it is carried
+OBJECTIVES.register("elbo", lambda c, **_: _lib("objectives").ELBO(c.num_particles),
                     "ppl_vae.objectives:ELBO")
 OBJECTIVES.register("analytic_kl", lambda c, **_: _lib("objectives").AnalyticKLELBO(
-    c.num_particles, beta=c.beta), "ppl_vae.objectives:AnalyticKLELBO")
+    c.num_particles), "ppl_vae.objectives:AnalyticKLELBO")
 OBJECTIVES.register("iwae", lambda c, **_: _lib("objectives").IWAE(c.num_particles, dreg=c.dreg),
                     "ppl_vae.objectives:IWAE")
 

@@ -11,7 +11,9 @@ import numpy as np
 
 from . import plots
 from .evaluate import Scores, why_no_amortization_gap
-from .seeds import MIN_SEEDS
+from .registry import GUIDES
+from .seeds import MIN_SEEDS, t975
+from .budget_curves import NAMES
 
 if TYPE_CHECKING:
     from .results import Comparison, GuideRun
@@ -121,7 +123,6 @@ def guide_settings(comparison: "Comparison") -> Dict[str, tuple]:
             out[g] = tuple(recorded[g])
             continue
         try:
-            from .registry import GUIDES
             out[g] = tuple(getattr(getattr(GUIDES.resolve(g), "piece", None), "settings", ())
                            if g in GUIDES else ())
         except Exception:  # noqa: BLE001 - a guide that cannot be looked up says nothing
@@ -374,7 +375,6 @@ def _differences(comparison: "Comparison") -> str:
             f"mean ± t(0.975, {n - 1}) × sd / √{n}. A difference is settled when its interval "
             f"excludes 0 and it rests on {MIN_SEEDS} seeds or more.\n\n{head}{body}\n")
     if not judged:
-        from .seeds import t975
         dof = plural(n - 1, "degree") + " of freedom"
         text += (f"Settled: none. With {plural(n, 'seed')} each interval rests on {dof} "
                  f"(its half-width is t(0.975, {n - 1}) = {t975(n - 1):.2f} times sd / √{n}, "
@@ -410,7 +410,6 @@ def over_budget(curves) -> str:
     epoch, mean ± sd over seeds, and the crossings of two guides' rankings in words."""
     if curves is None:
         return ""
-    from .budget_curves import NAMES
     guides = list(curves.points)
     epochs = sorted({p.epoch for pts in curves.points.values() for p in pts})
     head = "| epoch | " + " | ".join(guides) + " |\n|---|" + "---|" * len(guides) + "\n"

@@ -26,15 +26,16 @@ from typing import Callable, Optional
 
 import torch
 
-from . import batching, checkpoint, data, distributed, logs, protocol
+from . import batching, checkpoint, data, distributed, logs, plots, protocol
 from .build import lr_factor
-from .config import Config, local_family_of
+from .config import Config, local_fit_options
 from .errors import UserError, for_cli, setting
 from .compiled import compiled_run
 from .evaluate import Estimate
 from .heldout import GapTracker, eval_pixels, held_out_elbo, read_gaps, train_pixels
 from .rundir import RunDir
-from .runfiles import check_gaps, is_regular, set_aside_stale_evaluation, write_config, write_json
+from .runfiles import (check_gaps, is_regular, set_aside_stale_evaluation, write_config, write_json,
+                       write_text)
 from .run_setup import Setup, Trained, epochs_text, set_up
 from .tracking import open_tracker
 from .callbacks import LRSchedule, StepBudget
@@ -297,13 +298,12 @@ def _gap_tracker(config: Config, model, guide, splits: data.Splits, n: int,
     x_test = eval_pixels(config, splits.test, config.gap_rows)
     return GapTracker(model, guide, x_train, n, x_test, config.gap_epochs, config.epochs,
                       config.gap_particles, lambda: folder.file("gaps.jsonl"),
-                      local_family=local_family_of(config))
+                      local_options=local_fit_options(config))
 
 
 def _write_metrics(path: Path, history) -> None:
     """metrics.jsonl from the checkpoint's history, put in place whole (what was there, even
     a named pipe, is replaced, never opened)."""
-    from .runfiles import write_text
     write_text(path, "".join(json.dumps(m._asdict()) + "\n" for m in history))
 
 
@@ -354,7 +354,8 @@ def _finish(trained: Trained, out: Optional[Path], log, test: Optional[Estimate]
     x_test = eval_pixels(trained.config, trained.splits.test)
     start, eval_seconds = time.perf_counter(), None
     if test is None:
-        test = Estimate.of(held_out_elbo(trained.model, trained.guide, x_test)[0])
+        test = Estimate.of(held_out_elbo(trained.model, trained.guide, x_test,
+                                         compile=trained.config.compile)[0])
         eval_seconds = time.perf_counter() - start
     history = trained.history
     train_seconds = history[-1].wall if history else 0.0
@@ -383,7 +384,6 @@ def _finish(trained: Trained, out: Optional[Path], log, test: Optional[Estimate]
         write_json(folder / "summary.json", summary.to_json())
         gaps = folder / "gaps.jsonl"
         if is_regular(gaps):  # the gap curves' figure, as --help promises
-            from . import plots
             try:
                 check_gaps(gaps)
                 plots.gap_curves({trained.config.guide: read_gaps(gaps)}, folder / "gaps.png")

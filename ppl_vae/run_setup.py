@@ -216,7 +216,8 @@ def set_up(config: Config, out, overwrite: bool, resume: bool, world: distribute
                                  eps=config.adam_eps)
     if world.size > 1:
         optimizers = optimizers._replace(sync=distributed.GradSync(world))
-    validator = Validator(model, guide, eval_pixels(config, splits.valid, config.valid_size))
+    validator = Validator(model, guide, eval_pixels(config, splits.valid, config.valid_size),
+                          compile=config.compile)
     if state is not None:
         _restore_optimizers(state, optimizers, validator, config, world, n)
         ranks = state.get("rng_ranks")

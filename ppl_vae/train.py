@@ -26,9 +26,8 @@ from . import errors, logs, protocol
 from .batching import Batch, Shards
 from .callbacks import (Callback, OnEpoch, Progress, ProgressBar, StopOnCtrlC, TimeBudget,
                         Validate, resolve_progress)
-from .config import takes_beta
+from .config import refuse_beta
 from .data import Binarize, Split
-from .errors import UserError
 from .loopstate import EpochMetrics, Interrupted, Loop, Position
 from .optim import Optimizers
 from .step import Abandoned, DivergenceError, listening, step_on_device
@@ -280,10 +279,7 @@ def _beta_schedule(objective, beta: float, warmup_epochs: int,
     takes no ``beta``."""
     if not warmup_epochs and beta == 1.0:
         return None
-    if not takes_beta(objective):
-        raise UserError(f"the objective {objective!r} has no KL weight to warm up or set "
-                        f"(beta={beta}, warmup_epochs={warmup_epochs}); use an ELBO "
-                        f"objective or leave both at their defaults")
+    refuse_beta(objective, beta, warmup_epochs)
     return kl_warmup(beta, warmup_epochs, steps_per_epoch)
 
 

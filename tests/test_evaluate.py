@@ -284,15 +284,15 @@ def test_a_compiled_local_fit_that_fails_to_build_warns_and_fits_eagerly(monkeyp
 
 
 def test_local_inference_compiles_by_itself_only_from_enough_rows(monkeypatch):
-    """compile=None: chunks of at least COMPILE_LOCAL_ROWS rows where a compiler is found."""
+    """compile=None: chunks of at least compiled.PAYS_FROM_LOCAL_ROWS rows where a compiler is found."""
     from ppl_vae import compiled
     seen = []
     monkeypatch.setattr(local_fit, "_fit_rows", lambda *a: seen.append(a[-1]) or 0)
     monkeypatch.setattr(compiled, "has_compiler", lambda: True)
     lg = make_linear_gaussian(seed=8)
-    small = lg.sample(local_fit.COMPILE_LOCAL_ROWS - 1, seed=1)
+    small = lg.sample(compiled.PAYS_FROM_LOCAL_ROWS - 1, seed=1)
     local_fit.local_inference(lg.model, small)
-    local_fit.local_inference(lg.model, lg.sample(local_fit.COMPILE_LOCAL_ROWS, seed=1))
+    local_fit.local_inference(lg.model, lg.sample(compiled.PAYS_FROM_LOCAL_ROWS, seed=1))
     monkeypatch.setattr(compiled, "has_compiler", lambda: False)
-    local_fit.local_inference(lg.model, lg.sample(local_fit.COMPILE_LOCAL_ROWS, seed=1))
+    local_fit.local_inference(lg.model, lg.sample(compiled.PAYS_FROM_LOCAL_ROWS, seed=1))
     assert seen == [False, True, False]

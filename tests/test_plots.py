@@ -42,14 +42,14 @@ def test_tile_infers_square_shape_without_one():
 
 def _colorbars(fig_path_fn, monkeypatch):
     captured = {}
-    original = plots._save
+    original = plots.save_figure
 
     def save(fig, path):
         captured["fig"] = fig
         captured["labels"] = [[t.get_text() for t in ax.get_yticklabels()] for ax in fig.axes]
         return original(fig, path)
 
-    monkeypatch.setattr(plots, "_save", save)
+    monkeypatch.setattr(plots, "save_figure", save)
     fig_path_fn()
     return captured
 
@@ -82,7 +82,7 @@ def test_image_figures_of_any_shape_are_written(tmp_path, shape):
 def test_gap_curves_take_a_log_axis_when_the_gaps_span_decades(monkeypatch, tmp_path):
     """Hundreds of nats in the first epochs must not flatten the late gaps of a few nats."""
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
     rows = [{"epoch": e, "split": s, "amortization_gap": a, "approximation_gap": 3.0 + e / 1e3}
             for e, a in ((1, 250.0), (10, 20.0), (300, 3.0)) for s in ("train", "test")]
     plots.gap_curves({"guide": rows}, tmp_path / "a.png")
@@ -95,7 +95,7 @@ def test_gap_curves_take_a_log_axis_when_the_gaps_span_decades(monkeypatch, tmp_
 
 def test_gap_curves_draw_reference_values_as_dashed_lines(monkeypatch, tmp_path):
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
     rows = [{"epoch": e, "split": s, "amortization_gap": 2.0, "approximation_gap": 3.0}
             for e in (1, 10) for s in ("train", "test")]
     plots.gap_curves({"mine": rows}, tmp_path / "a.png",
@@ -108,7 +108,7 @@ def test_gap_curves_draw_reference_values_as_dashed_lines(monkeypatch, tmp_path)
 
 def _figures(monkeypatch):
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
     return figures
 
 
