@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _table import SMOKE, markdown
-from ppl_vae import checkpoint, objectives, plots
+from ppl_vae import checkpoint, gap_plots, objectives, plots
 from ppl_vae.config import Config
 from ppl_vae.evaluate import evaluate_model
 from ppl_vae.heldout import EVAL_SEED, scored_rows
@@ -73,7 +73,7 @@ class EntropyWarmupELBO(objectives.ELBO):
 
 
 def paper_lines(paper: dict, names=None) -> dict:
-    """``plots.gap_curves``' references: the paper's values, each guide's (or ``names``')."""
+    """``gap_plots.gap_curves``' references: the paper's values, each guide's (or ``names``')."""
     names = names or {g: g for g in paper}
     return {names[g]: {**v, "label": f"{names[g]}: Cremer et al. 2018, as recalled"}
             for g, v in paper.items() if g in names}
@@ -146,7 +146,7 @@ def main(argv=None):
     curves = {g: plots.read_metrics(args.out / g, "gaps.jsonl") for g in args.guides.split(",")
               if (args.out / g / "gaps.jsonl").exists()}
     if curves:  # every guide's gap curves in one figure
-        plots.gap_curves(curves, args.out / "gap_curves.png", references=paper_lines(PAPER))
+        gap_plots.gap_curves(curves, args.out / "gap_curves.png", references=paper_lines(PAPER))
     table = markdown(rows, COLUMNS)
     (args.out / "table.md").write_text(table)
     print(table)

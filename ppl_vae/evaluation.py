@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from . import distributed, logs, plots, protocol
+from . import distributed, gap_plots, logs, plots, protocol
 from .config import local_fit_options
 from .errors import UserError, setting
 from .evaluate import Scores, evaluate_model, figure_arrays, why_no_amortization_gap
@@ -180,7 +180,7 @@ def _write_set(folder: Path, trained, arrays, results) -> list:
     """The evaluation's files, written into ``folder``: arrays.npz, the figures, eval.json."""
     np.savez_compressed(folder / "arrays.npz", **arrays)
     history = [m._asdict() for m in trained.history]
-    made = plots.run_figures(folder, folder / "arrays.npz", arrays["labels"],
+    made = run_figures(folder, folder / "arrays.npz", arrays["labels"],
                              trained.config.guide, history, split=results["split"],
                              per_datapoint=bool(protocol.local_parameters(trained.guide)))
     write_json(folder / "eval.json", results)
@@ -250,3 +250,45 @@ def _replace_one_by_one(run_dir: Path, trained, arrays, results) -> list:
     finally:
         shutil.rmtree(aside, ignore_errors=True)
     return made
+
+
+def run_figures(run_dir: Path, arrays: Path, labels: Sequence[int],
+                name: str = "model", history: Optional[List[dict]] = None,
+                per_datapoint: Optional[bool] = None, split: str = "test",
+                x: str = "epoch") -> List[Path]:
+    """The figures of one evaluated run: curves, reconstructions, samples, latent view (and
+    its gap curves when it tracked them).
+
+    The curves come from ``history`` (the checkpoint's) when given, else ``metrics.jsonl``.
+    ``name`` is the run's guide; ``per_datapoint`` whether it is a per-datapoint table (its
+    curves and gap curves then say what its train curve and its L[q*] - L[q] are; None: as
+    the gap records or the built-in guide's class show); ``split`` the rows the arrays are of;
+    ``x`` what the curves are drawn against (``plots.X_UNITS``: "steps" for a run under a step
+    budget).
+    """
+    run_dir = Path(run_dir)
+    a = np.load(arrays)
+    shape = a["shape"] if "shape" in a.files else None  # (C, H, W), saved by evaluate
+    classes = a["classes"] if "classes" in a.files else None
+    gaps_file = run_dir / "gaps.jsonl"
+    gap_rows = plots.read_metrics(run_dir, "gaps.jsonl") if gaps_file.exists() else None
+    if per_datapoint is None:
+        per_datapoint = (name in gap_plots.table_guides({name: gap_rows}) if gap_rows
+                         else gap_plots.per_datapoint_guide(name))
+    history = history if history is not None else plots.read_metrics(run_dir)
+    paths = [
+        plots.curves({name: history}, run_dir / "curves.png", f"ELBO per image, the {name} guide",
+               x=x, tables=[name] if per_datapoint else []),
+        plots.image_rows({"input": a["inputs"], "reconstruction" + (
+                    "\n(q fitted to\neach image)" if per_datapoint else ""): a["reconstructions"]},
+                   run_dir / "reconstructions.png",
+                   f"{split} images and their reconstructions (the decoder's mean at the "
+                   f"posterior mean) by the {name} guide", shape),
+        plots.samples(a["samples"], run_dir / "samples.png", shape=shape),
+        plots.latent(a["pca"], np.asarray(labels), run_dir / "latent.png", classes=classes,
+               guide=name, split=split, per_datapoint=per_datapoint),
+    ]
+    if gap_rows is not None:
+        paths.append(gap_plots.gap_curves({name: gap_rows}, run_dir / "gaps.png",
+                                tables=[name] if per_datapoint else []))
+    return paths

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 
-from . import plots
+from . import gap_plots, plots
 from .evaluate import Scores, why_no_amortization_gap
 from .registry import GUIDES
 from .seeds import MIN_SEEDS, t975
@@ -183,7 +183,7 @@ def line(who: str, r: "GuideRun") -> str:
 
 
 def gap_curves(gaps: Dict[str, List[dict]], path: Path, tables=None) -> Path:
-    return plots.gap_curves(gaps, path, tables=tables)
+    return gap_plots.gap_curves(gaps, path, tables=tables)
 
 
 def _tables(comparison: "Comparison") -> List[str]:
@@ -233,14 +233,14 @@ def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=N
             for name in ("approximation_gap", "amortization_gap", "amortization_gap_encoder"):
                 s = comparison.spread(g, key(name))
                 results[g].update({name: s.mean, name + "_sd": s.sd} if s is not None else {})
-        plots.gaps(results, out / "gaps.png", error="_sd", times=1.0,
+        gap_plots.gaps(results, out / "gaps.png", error="_sd", times=1.0,
                    title=f"inference gaps on the test set: mean ± sd over "
                          f"{len(comparison.seeds)} seeds", na=_na_reasons(comparison))
     else:
-        plots.gaps({r.guide: r.scores.by_quantity() for r in comparison.runs},
+        gap_plots.gaps({r.guide: r.scores.by_quantity() for r in comparison.runs},
                    out / "gaps.png", times=1.0, na=_na_reasons(comparison))
     if gaps:
-        plots.gap_curves(gaps, out / "gap_curves.png", tables=_tables(comparison))
+        gap_plots.gap_curves(gaps, out / "gap_curves.png", tables=_tables(comparison))
     first_arrays = next(iter(arrays.values()))
     rows = {"input": first_arrays["inputs"]}
     tables = _tables(comparison)  # their q of a test image is a fit to that image

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import batching, checkpoint, data, distributed, logs, plots, protocol
+from . import batching, checkpoint, data, distributed, gap_plots, logs, protocol
 from .build import lr_factor
 from .config import Config, local_fit_options
 from .errors import UserError, for_cli, setting
@@ -386,7 +386,7 @@ def _finish(trained: Trained, out: Optional[Path], log, test: Optional[Estimate]
         if is_regular(gaps):  # the gap curves' figure, as --help promises
             try:
                 check_gaps(gaps)
-                plots.gap_curves({trained.config.guide: read_gaps(gaps)}, folder / "gaps.png")
+                gap_plots.gap_curves({trained.config.guide: read_gaps(gaps)}, folder / "gaps.png")
             except (UserError, ValueError, KeyError, TypeError) as e:
                 log(f"warning: no gaps.png: {e}")
         tracker = open_tracker(folder, trained.config.tensorboard)

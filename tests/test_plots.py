@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ppl_vae import plots
+from ppl_vae import evaluation, gap_plots, plots
 
 
 @pytest.fixture(autouse=True)
@@ -85,9 +85,9 @@ def test_gap_curves_take_a_log_axis_when_the_gaps_span_decades(monkeypatch, tmp_
     monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
     rows = [{"epoch": e, "split": s, "amortization_gap": a, "approximation_gap": 3.0 + e / 1e3}
             for e, a in ((1, 250.0), (10, 20.0), (300, 3.0)) for s in ("train", "test")]
-    plots.gap_curves({"guide": rows}, tmp_path / "a.png")
+    gap_plots.gap_curves({"guide": rows}, tmp_path / "a.png")
     rows[2]["amortization_gap"] = -0.5  # epoch 10, training rows: q* worse than q
-    plots.gap_curves({"guide": rows}, tmp_path / "b.png")
+    gap_plots.gap_curves({"guide": rows}, tmp_path / "b.png")
     scales = [[ax.get_yscale() for ax in fig.axes] for fig in figures]  # amort. train, test;
     assert scales == [["log", "log", "linear", "linear"],               # approx. train, test
                       ["symlog", "log", "linear", "linear"]]
@@ -98,7 +98,7 @@ def test_gap_curves_draw_reference_values_as_dashed_lines(monkeypatch, tmp_path)
     monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
     rows = [{"epoch": e, "split": s, "amortization_gap": 2.0, "approximation_gap": 3.0}
             for e in (1, 10) for s in ("train", "test")]
-    plots.gap_curves({"mine": rows}, tmp_path / "a.png",
+    gap_plots.gap_curves({"mine": rows}, tmp_path / "a.png",
                      references={"mine": {"amortization_gap": 1.34}, "other": {"x": 1.0}})
     dashed = [[(line.get_ydata()[0], line.get_color()) for line in ax.get_lines()
                if line.get_linestyle() == "--"] for ax in figures[0].axes]
@@ -146,7 +146,7 @@ def test_gap_curves_band_is_one_standard_error_and_says_so(monkeypatch, tmp_path
     rows = [{"epoch": e, "split": s, "amortization_gap": 5.0, "amortization_gap_stderr": 1.0,
              "approximation_gap": 3.0, "approximation_gap_stderr": 0.5}
             for e in (1, 10) for s in ("train", "test")]
-    plots.gap_curves({"g": rows}, tmp_path / "a.png")
+    gap_plots.gap_curves({"g": rows}, tmp_path / "a.png")
     fig = figures[0]
     (band,) = fig.axes[0].collections
     ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
@@ -161,10 +161,10 @@ def test_gap_curves_call_a_tables_training_row_gap_the_local_gap(monkeypatch, tm
               "amortization_gap": 2.0 if s == "train" else None}
              for e in (1, 10) for s in ("train", "test")]
     encoder = [{**r, "amortization_gap": 1.5} for r in table]
-    assert plots.table_guides({"mf": table, "enc": encoder}) == ["mf"]
-    plots.gap_curves({"mf": table}, tmp_path / "a.png")
-    plots.gap_curves({"enc": encoder, "mf": table}, tmp_path / "b.png")
-    plots.gap_curves({"mf": table}, tmp_path / "c.png", tables=[])  # the caller says: none
+    assert gap_plots.table_guides({"mf": table, "enc": encoder}) == ["mf"]
+    gap_plots.gap_curves({"mf": table}, tmp_path / "a.png")
+    gap_plots.gap_curves({"enc": encoder, "mf": table}, tmp_path / "b.png")
+    gap_plots.gap_curves({"mf": table}, tmp_path / "c.png", tables=[])  # the caller says: none
     alone, mixed, told = figures
     assert alone.axes[0].get_title().startswith("local gap of the table rows")
     assert not any(ax.get_title().startswith("amortization gap") for ax in alone.axes)
@@ -311,7 +311,7 @@ def _bar_container(ax, word):
 
 def test_gap_bars_are_one_standard_error_and_say_so():
     """Finding 6: gaps.png used ± 2 standard errors where the table and gap_curves use ± 1."""
-    fig = plots.gaps_figure(RESULTS)
+    fig = gap_plots.gaps_figure(RESULTS)
     ax = _panel(fig, "approximation")
     container = _bar_container(ax, "approximation")
     segments = container.errorbar.lines[2][0].get_segments()
@@ -321,7 +321,7 @@ def test_gap_bars_are_one_standard_error_and_say_so():
 
 def test_a_gap_that_is_na_is_written_not_drawn_as_a_zero_bar():
     """Finding 7: the mean-field amortization gap (None) was a bar of height 0."""
-    fig = plots.gaps_figure(RESULTS)
+    fig = gap_plots.gaps_figure(RESULTS)
     ax = _panel(fig, "amortization")
     bars = list(_bar_container(ax, "amortization gap").patches)
     assert len(bars) == 1 and bars[0].get_height() == pytest.approx(0.4)
@@ -332,7 +332,7 @@ def test_a_gap_that_is_na_is_written_not_drawn_as_a_zero_bar():
 
 def test_each_gap_is_drawn_on_its_own_scale():
     """Finding 8: one 12-nat bar squashed a 0.4-nat bar to a sliver."""
-    fig = plots.gaps_figure(RESULTS)
+    fig = gap_plots.gaps_figure(RESULTS)
     amort, approx = _panel(fig, "amortization"), _panel(fig, "approximation")
     assert amort is not approx
     assert amort.get_ylim()[1] < 1.5  # the 0.4-nat bar fills a good part of its panel
@@ -352,7 +352,7 @@ def _gap_rows(epochs=(1, 3, 10), table=False):
 @pytest.mark.parametrize("epochs", [(1, 3, 10), (1, 2, 3), (1, 3, 10, 30, 100)])
 def test_gap_curve_epochs_are_plain_integers(epochs):
     """Finding 9: a log axis labelled 2x10^0, 3x10^0."""
-    fig = plots.gap_curves_figure({"amortized": _gap_rows(epochs)})
+    fig = gap_plots.gap_curves_figure({"amortized": _gap_rows(epochs)})
     fig.canvas.draw()
     for ax in fig.axes:
         lo, hi = ax.get_xlim()
@@ -365,7 +365,7 @@ def test_gap_curve_epochs_are_plain_integers(epochs):
 
 def test_a_tables_local_gap_gets_its_own_panel():
     """Finding 10: a table's 41-nat local gap was drawn on the amortization-gap axis."""
-    fig = plots.gap_curves_figure({"amortized": _gap_rows(), "meanfield": _gap_rows(table=True)},
+    fig = gap_plots.gap_curves_figure({"amortized": _gap_rows(), "meanfield": _gap_rows(table=True)},
                                   tables=["meanfield"])
     names = {ax: [line.get_label() for line in ax.get_lines()] for ax in fig.axes}
     amortization = [ax for ax in fig.axes if ax.get_title().startswith("amortization gap")]
@@ -380,7 +380,7 @@ def test_a_tables_local_gap_gets_its_own_panel():
 
 def test_a_tables_gap_figure_has_no_empty_panel():
     """Finding 11: a per-datapoint run's gaps.png had an empty amortization panel (test rows)."""
-    fig = plots.gap_curves_figure({"meanfield": _gap_rows(table=True)})
+    fig = gap_plots.gap_curves_figure({"meanfield": _gap_rows(table=True)})
     for ax in fig.axes:
         assert any(len(line.get_xdata()) for line in ax.get_lines()), ax.get_title()
     text = _texts(fig)
@@ -411,7 +411,7 @@ def test_run_figures_name_the_guide_and_explain_a_tables_curves(tmp_path, monkey
     np.savez(tmp_path / "arrays.npz", inputs=rng.random((4, 784)),
              reconstructions=rng.random((4, 784)), samples=rng.random((8, 784)),
              pca=rng.normal(size=(30, 2)), labels=np.arange(30) % 3)
-    plots.run_figures(tmp_path, tmp_path / "arrays.npz", np.arange(30) % 3, "meanfield", TABLE,
+    evaluation.run_figures(tmp_path, tmp_path / "arrays.npz", np.arange(30) % 3, "meanfield", TABLE,
                       per_datapoint=True, split="test")
     curves, _, samples, latent = figures
     assert "as stored when" in _texts(curves)

@@ -243,12 +243,12 @@ def evaluated(tmp_path, tmp_path_factory, cached_mnist, capsys):
 
 
 def test_a_failing_evaluation_keeps_the_previous_one(evaluated, capsys, monkeypatch):
-    from ppl_vae import plots
+    from ppl_vae import evaluation
     before = files(evaluated)
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device", "latent.png")
-    monkeypatch.setattr(plots, "run_figures", fail)
+    monkeypatch.setattr(evaluation, "run_figures", fail)
     code, out, err = call(capsys, "evaluate", evaluated, "--num-particles-eval", "3")
     assert code == 2 and "No space left" in err
     assert files(evaluated) == before

@@ -167,7 +167,7 @@ def test_the_other_tables_name_numbers_of_a_run_too():
 # ---------------------------------------------------------------------------------------
 def test_write_figures_draws_the_curves_in_the_budgets_unit(tmp_path, monkeypatch):
     figures = {}
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.setdefault(path.name, fig)
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.setdefault(path.name, fig)
                         or path)
     history = [{"epoch": 1, "steps": 20, "wall": 1.0, "train_elbo": -200.0, "valid_elbo": -190.0},
                {"epoch": 2, "steps": 25, "wall": 2.0, "train_elbo": -180.0, "valid_elbo": -175.0}]

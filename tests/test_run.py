@@ -13,7 +13,7 @@ import signal
 import pytest
 import torch
 
-from ppl_vae import checkpoint, evaluation, plots, run, rundir, runfiles, writelock
+from ppl_vae import checkpoint, evaluation, run, rundir, runfiles, writelock
 from ppl_vae.errors import UserError
 from test_trust import (TINY, TINY_CONFIG, assert_one_error_line, call,  # noqa: F401
                         config_json, files, finished_run, summary, train_cli, trained_copy)
@@ -165,7 +165,7 @@ def test_a_full_disk_in_a_new_run_does_not_offer_a_resume(tmp_path, capsys, cach
 def test_a_full_disk_in_evaluate_names_no_out(finished_run, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "latent.png")
-    monkeypatch.setattr(plots, "run_figures", full)
+    monkeypatch.setattr(evaluation, "run_figures", full)
     code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2",
                           "--rows", "5")
     assert_one_error_line(code, err, out)
@@ -176,7 +176,7 @@ def test_a_full_disk_in_evaluate_names_no_out(finished_run, capsys, monkeypatch)
 def test_ctrl_c_in_evaluate_speaks_of_the_evaluation(finished_run, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
-    monkeypatch.setattr(plots, "run_figures", interrupt)
+    monkeypatch.setattr(evaluation, "run_figures", interrupt)
     code, out, err = call(capsys, "evaluate", finished_run, "--num-particles-eval", "2",
                           "--rows", "5")
     assert code == 130
