@@ -23,8 +23,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import (budget_curves, distributed, logs, memory, plots, protocol, report, rundir,
-               writelock)
+from . import (budget_curves, distributed, logs, memory, plots, protocol, report,
+               report_tables, rundir, writelock)
 from .batching import Batch
 from .compute import Budget, Compute, local_budget, step_cost, steps_per_epoch
 from .config import SEED_LIMIT, Config, check_particles, guide_settings, local_fit_options
@@ -422,7 +422,7 @@ def _trained(run_config: Config, cost, folder: Path, who: str, overwrite: bool, 
         except BaseException:
             held.close()
             raise
-    steps = f", {report.plural(run_config.max_steps, 'step')}" if run_config.max_steps else ""
+    steps = f", {report_tables.plural(run_config.max_steps, 'step')}" if run_config.max_steps else ""
     log(f"== {'continuing' if started else 'training'} the {who} ({cost.passes:g} network "
         f"passes, {cost.flops_per_step:,} FLOPs per step{steps})")
     return fit_run(run_config, folder, overwrite=overwrite and not started, resume=started,

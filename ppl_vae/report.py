@@ -5,76 +5,18 @@ differences between guides with their 95% intervals, in numbers and in words.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List
 
 import numpy as np
 
 from . import gap_plots, plots
-from .evaluate import Scores, why_no_amortization_gap
+from . import report_tables as rt
+from .evaluate import why_no_amortization_gap
 from .registry import GUIDES
-from .seeds import MIN_SEEDS, t975
 from .budget_curves import NAMES
 
 if TYPE_CHECKING:
     from .results import Comparison, GuideRun
-
-# (label, quantity, with its error): a ``Scores`` quantity (named in results.json by
-# ``Scores.json_key``) or a number of the run (``GuideRun.numbers``); ``{K}`` in a label is
-# the K of the log p(x) estimate
-ROWS = [
-    ("test ELBO of its own guide, L[q] (nats)", "elbo", True),
-    ("test ELBO of the bare encoder (semi-amortized)", "elbo_encoder", True),
-    ("test ELBO after local optimization, L[q*]", "elbo_local", True),
-    ("log p(x) (IWAE bound, K = {K}: a stochastic lower bound)", "log_px", True),
-    ("approximation gap log p(x) - L[q*]", "approximation_gap", True),
-    ("amortization gap L[q*] - L[q]", "amortization_gap", True),
-    ("amortization gap of the bare encoder", "amortization_gap_encoder", True),
-    ("rate KL(q‖p) of its own guide", "rate", False),
-    ("distortion -E_q log p(x|z)", "distortion", False),
-    ("active units", "active_units", False),
-    ("table rows: ELBO as stored at the end of training", "local_stored", False),
-    ("table rows: ELBO after a local fit (decoder frozen)", "local_fitted", False),
-    ("table rows: local gap, fit - stored", "local_gap", True),
-    ("table rows: visits per row in training", "local_visits", False),
-    ("epochs", "epochs", False),
-    ("optimizer steps", "steps", False),
-    ("network passes per optimizer step (fwd + bwd)", "passes_per_step", False),
-    ("network passes in all", "total_passes", False),
-    ("FLOPs per optimizer step (fwd + bwd)", "flops_per_step", False),
-    ("FLOPs in all", "total_flops", False),
-    ("training time (s)", "train_seconds", False),
-    ("steps per second", "steps_per_second", False),
-    ("first epoch (s; holds the compile and warm-up)", "first_epoch_seconds", False),
-    ("steady state: seconds per epoch (median of later epochs)", "steady_seconds_per_epoch",
-     False),
-    ("steady state: steps per second", "steady_steps_per_second", False),
-    ("gap curves: seconds", "gap_tracking_seconds", False),
-    ("peak RSS during its training and scoring (MiB)", "peak_rss_mb", False),
-    ("parameters (MiB)", "param_mb", False),
-    ("test-time local inference: steps", "local_steps", False),
-    ("test-time local inference: seconds", "local_seconds", False),
-    ("log p(x) estimate: seconds", "log_px_seconds", False),
-]
-COUNTS = {"epochs", "steps", "active_units", "local_steps", "passes_per_step", "total_passes",
-          "flops_per_step", "total_flops"}
-BIG_COUNTS = {"total_passes", "flops_per_step", "total_flops"}  # written with thousands commas
-PAIRED_LABELS = {"log_px": "log p(x)", "elbo_local": "L[q*]", "elbo": "its own test ELBO L[q]",
-                 "approximation_gap": "approximation gap", "amortization_gap": "amortization gap"}
-PER_SEED = [("L[q]", "elbo"), ("L[q*]", "elbo_local"), ("log p(x)", "log_px"),
-            ("approx. gap", "approximation_gap"), ("amort. gap", "amortization_gap"),
-            ("table gap", "local_gap"), ("steps", "steps"), ("passes", "total_passes"),
-            ("train s", "train_seconds")]
-
-
-def key(quantity: str) -> str:
-    """A quantity's name among a run's numbers: a test score's as results.json names it."""
-    return Scores.json_key(quantity, "test")
-
-
-def plural(n, word: str, many: Optional[str] = None) -> str:
-    """``1 epoch``, ``2 epochs``: the count and the word in its number."""
-    one = isinstance(n, (int, float)) and not isinstance(n, bool) and float(n) == 1
-    return f"{n} {word}" if one else f"{n} {many or word + 's'}"
 
 
 DESCRIBED = {"amortized": "amortized", "semiamortized": "semi-amortized",
@@ -99,11 +41,11 @@ def _setting_words(name: str, c: dict) -> str:
     if name == "local_lr":
         return f"RowAdam lr {v}"
     if name == "inner_steps":
-        return f"{plural(v, 'local-only step')} per minibatch before each joint step"
+        return f"{rt.plural(v, 'local-only step')} per minibatch before each joint step"
     if name == "local_init":
         return f"rows initialized by `{v}`"
     if name == "refine_steps":
-        return (f"{plural(v, 'refinement step')} of size {c.get('refine_lr')} from the "
+        return (f"{rt.plural(v, 'refinement step')} of size {c.get('refine_lr')} from the "
                 f"encoder's output")
     if name == "refine_lr":
         return ""  # said with refine_steps
@@ -231,7 +173,7 @@ def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=N
         for g in comparison.guides:
             results[g] = {}
             for name in ("approximation_gap", "amortization_gap", "amortization_gap_encoder"):
-                s = comparison.spread(g, key(name))
+                s = comparison.spread(g, rt.key(name))
                 results[g].update({name: s.mean, name + "_sd": s.sd} if s is not None else {})
         gap_plots.gaps(results, out / "gaps.png", error="_sd", times=1.0,
                    title=f"inference gaps on the test set: mean ± sd over "
@@ -253,50 +195,13 @@ def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=N
                                                for k, v in a.items()})
 
 
-def _num(v, quantity: str = "") -> str:
-    if v is None:
-        return "n/a"
-    if quantity in COUNTS and float(v).is_integer():
-        return f"{int(v):,}" if quantity in BIG_COUNTS else str(int(v))
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.2f}"
-
-
-def _fmt(v, stderr=None, quantity: str = "") -> str:
-    if v is None:
-        return "n/a"
-    return f"{_num(v, quantity)} ± {stderr:.2f}" if stderr is not None else _num(v, quantity)
-
-
-def _cell(comparison: "Comparison", guide: str, quantity: str, with_error: bool) -> str:
-    """One guide's ``quantity``: value ± standard error over test rows (one seed), or mean ±
-    standard deviation over seeds (one value when every seed gave the same)."""
-    name = key(quantity)
-    if comparison.several:
-        s = comparison.spread(guide, name)
-        if s is None:
-            return "n/a"
-        if len(set(s.values)) == 1:
-            return _num(s.values[0], quantity)
-        return f"{_num(s.mean, quantity)} ± {s.sd:.2f}"
-    runs = comparison.runs_of(guide)
-    numbers = runs[0].numbers() if runs else {}
-    return _fmt(numbers.get(name), numbers.get(key(quantity + "_stderr")) if with_error
-                else None, quantity)
-
-
-def _signed(v: float) -> str:
-    return f"{v:+.2f}"
-
-
 def _budget(comparison: "Comparison") -> str:
     c = comparison.config
     if comparison.budget.unit == "epochs":
-        text = f"the same budget of {plural(c['epochs'], 'epoch')}"
+        text = f"the same budget of {rt.plural(c['epochs'], 'epoch')}"
     else:
         each = ", ".join(
-            f"{g} {plural(r.compute.steps, 'step')} ({plural(r.compute.epochs, 'epoch')})"
+            f"{g} {rt.plural(r.compute.steps, 'step')} ({rt.plural(r.compute.epochs, 'epoch')})"
             for g in comparison.guides for r in comparison.runs_of(g)[:1])
         if comparison.budget.unit == "flops":
             text = (f"the same budget of {comparison.budget.amount:,} FLOPs (forward and "
@@ -316,9 +221,9 @@ def _compute(comparison: "Comparison") -> str:
         if not runs:
             continue
         step = runs[0].compute.step
-        nets = ", ".join(f"{n} {_num(step.forward[n], 'steps')} forward + "
-                         f"{_num(step.backward[n], 'steps')} backward" for n in step.forward)
-        parts.append(f"{g}: {_num(step.passes, 'steps')} per step ({nets}), "
+        nets = ", ".join(f"{n} {rt.number(step.forward[n], 'steps')} forward + "
+                         f"{rt.number(step.backward[n], 'steps')} backward" for n in step.forward)
+        parts.append(f"{g}: {rt.number(step.passes, 'steps')} per step ({nets}), "
                      f"{step.flops_per_step:,} FLOPs")
     return "; ".join(parts)
 
@@ -339,70 +244,12 @@ def _local(comparison: "Comparison") -> str:
                  f"{r.visits:.1f} times in training. On its first {r.rows} training rows (as "
                  f"the run saw them), the ELBO of the rows as stored is {stored.mean:.2f}; a "
                  f"fresh local fit of those rows with the decoder frozen (warm-started from the "
-                 f"stored rows, the stopping rule of the test-time fit, {plural(r.fit_steps, 'step')}) "
+                 f"stored rows, the stopping rule of the test-time fit, {rt.plural(r.fit_steps, 'step')}) "
                  f"reaches {fitted.mean:.2f}: the table's rows were {gap.mean:.2f} nats short of "
                  f"a local optimum{over}. Where that gap is large beside the amortization gaps, "
                  f"the comparison at this budget is about the local optimizer's budget as much "
                  f"as about amortization.\n")
     return text
-
-
-def _differences(comparison: "Comparison") -> str:
-    diffs = comparison.differences()
-    if not diffs:
-        return ""
-    n = len(comparison.seeds)
-    judged = n >= MIN_SEEDS
-    head = ("| quantity | difference | mean | sd | 95% interval | per seed | settled |\n"
-            "|---|---|---|---|---|---|---|\n")
-    body, settled, open_, excluding = "", [], [], []
-    for d in diffs:
-        label = next((v for q, v in PAIRED_LABELS.items() if key(q) == d.quantity), d.quantity)
-        interval = "n/a" if d.low is None else f"[{d.low:.2f}, {d.high:.2f}]"
-        per_seed = ", ".join(_signed(v) for v in d.values)
-        verdict = ({True: "yes", False: "no", None: "n/a"}[d.excludes_zero] if judged
-                   else f"not judged ({plural(n, 'seed')})")
-        body += (f"| {label} | {d.a} − {d.b} | {_signed(d.mean)} | "
-                 f"{'n/a' if d.sd is None else f'{d.sd:.2f}'} | {interval} | {per_seed} | "
-                 f"{verdict} |\n")
-        words = f"{d.a} − {d.b} in {label}: {_signed(d.mean)} nats {interval}"
-        (settled if judged and d.settled else open_).append(words)
-        if not judged and d.excludes_zero:
-            excluding.append(words)
-    text = (f"\n## Paired differences between guides over {n} seeds\n\nEach difference is "
-            f"taken seed by seed (the two guides share that seed's decoder initialization, "
-            f"data order and noise, and the same test rows), then averaged; the interval is "
-            f"mean ± t(0.975, {n - 1}) × sd / √{n}. A difference is settled when its interval "
-            f"excludes 0 and it rests on {MIN_SEEDS} seeds or more.\n\n{head}{body}\n")
-    if not judged:
-        dof = plural(n - 1, "degree") + " of freedom"
-        text += (f"Settled: none. With {plural(n, 'seed')} each interval rests on {dof} "
-                 f"(its half-width is t(0.975, {n - 1}) = {t975(n - 1):.2f} times sd / √{n}, "
-                 f"with the sd estimated from {n} values), too little to tell a difference between the "
-                 f"guides from the seeds' noise, so this report calls a difference settled "
-                 f"only from {MIN_SEEDS} seeds up (`--seeds {MIN_SEEDS}`).\n\n")
-        text += ("Not settled: every difference above"
-                 + (f"; the interval excludes 0 at {plural(n, 'seed')} for "
-                    + "; ".join(excluding) if excluding else "") + ".\n")
-        return text
-    text += ("Settled: " + "; ".join(settled) + ".\n\n" if settled else
-             "Settled: none of the differences.\n\n")
-    text += ("Not settled (the interval includes 0; more seeds or a longer budget would be "
-             "needed to tell): " + "; ".join(open_) + ".\n" if open_ else
-             "Not settled: none; every difference above excludes 0.\n")
-    return text
-
-
-def _per_seed(comparison: "Comparison") -> str:
-    head = ("| guide | seed | " + " | ".join(label for label, _ in PER_SEED) + " |\n|---|---|"
-            + "---|" * len(PER_SEED) + "\n")
-    body = ""
-    for g in comparison.guides:
-        for r in comparison.runs_of(g):
-            numbers = r.numbers()
-            body += (f"| {g} | {r.seed} | "
-                     + " | ".join(_num(numbers.get(key(q)), q) for _, q in PER_SEED) + " |\n")
-    return f"\nPer seed (each run's folder is `<guide>/seed<S>`):\n\n{head}{body}"
 
 
 def over_budget(curves) -> str:
@@ -427,7 +274,7 @@ def over_budget(curves) -> str:
     n = len(curves.seeds)
     return (f"\n## Over budget\n\n![curves over budget](budget_curves.png)\n\n"
             f"{curves.split.capitalize()} log p(x) (the gap curves' K and rows) at each tracked "
-            f"epoch, mean ± sd over {plural(n, 'seed')}; `results.json` (`curves`) has every "
+            f"epoch, mean ± sd over {rt.plural(n, 'seed')}; `results.json` (`curves`) has every "
             f"quantity, the budget in steps, passes and FLOPs, and the paired differences at "
             f"each epoch.\n\n{head}{body}\n"
             + ("Rankings that cross (means over seeds; in compute, each guide's curve "
@@ -443,10 +290,10 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None)
     n = len(comparison.seeds)
     head = "| quantity | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
     body = ""
-    for label, quantity, with_error in ROWS:
-        if all(comparison.spread(g, key(quantity)) is None for g in names):
+    for label, quantity, with_error in rt.ROWS:
+        if all(comparison.spread(g, rt.key(quantity)) is None for g in names):
             continue
-        cells = [_cell(comparison, g, quantity, with_error) for g in names]
+        cells = [rt.cell(comparison, g, quantity, with_error) for g in names]
         body += f"| {label.format(K=comparison.runs[0].scores.num_particles)} | " \
             + " | ".join(cells) + " |\n"
     a = comparison.runs[0].scores
@@ -516,7 +363,7 @@ a lower estimate too. {errors}.
 Compute, counted on one optimizer step of each guide (a pass is one evaluation of a network
 over a minibatch, forward or backward; K particles count K; a backward pass is counted each
 time a gradient flows back through a forward pass{refining}): {_compute(comparison)}. Validation and evaluation are not counted.
-{_local(comparison)}{_differences(comparison) if comparison.several else ""}{_per_seed(comparison) if comparison.several else ""}
+{_local(comparison)}{rt.differences_table(comparison) if comparison.several else ""}{rt.per_seed_table(comparison) if comparison.several else ""}
 Curves, {against}: "train" is the training objective over the epoch's minibatches{table_train}; "valid" is the ELBO on
 {_valid_rows(comparison)} validation rows of the guide as it answers for new rows{answers}{f"; seed {comparison.seeds[0]}" if comparison.several else ""}.
 
@@ -547,7 +394,7 @@ def _quick(comparison: "Comparison") -> str:
         return ""
     c, k = comparison.config, comparison.runs[0].scores.num_particles
     train = (comparison.data or {}).get("train") or c.get("train_size")
-    return (f"**A smoke look, not a verdict.** `--quick` trains {plural(c['epochs'], 'epoch')} "
+    return (f"**A smoke look, not a verdict.** `--quick` trains {rt.plural(c['epochs'], 'epoch')} "
             f"on {_count(train)} training rows "
             f"and scores {comparison.runs[0].scores.rows:,} test rows with K = {k}: enough to "
             f"see every guide train and be scored, too little to rank the guides or to read "

@@ -14,7 +14,6 @@ import torch
 
 from ppl_vae import checkpoint, rundir, runfiles
 from ppl_vae.config import Config
-from ppl_vae.registry import require_consent
 from ppl_vae.errors import UserError
 from ppl_vae.registry import require_consent
 from test_trust import (TINY, _quiet, assert_one_error_line, call, config_json,  # noqa: F401

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ppl_vae import plots, report
+from ppl_vae import plots, report, report_tables
 from ppl_vae.results import Comparison, GuideRun
 from ppl_vae.compute import Budget, Compute, LocalBudget, StepCost
 from ppl_vae.config import Config
@@ -148,18 +148,18 @@ def _full_run() -> GuideRun:
     return run
 
 
-@pytest.mark.parametrize("label,quantity,with_error", report.ROWS)
+@pytest.mark.parametrize("label,quantity,with_error", report_tables.ROWS)
 def test_every_row_names_a_number_of_a_run(label, quantity, with_error):
     numbers = _full_run().numbers()
-    assert report.key(quantity) in numbers, (label, quantity, sorted(numbers))
+    assert report_tables.key(quantity) in numbers, (label, quantity, sorted(numbers))
     if with_error:
-        assert report.key(quantity + "_stderr") in numbers, (label, quantity)
+        assert report_tables.key(quantity + "_stderr") in numbers, (label, quantity)
 
 
 def test_the_other_tables_name_numbers_of_a_run_too():
     numbers = _full_run().numbers()
-    quantities = [q for _, q in report.PER_SEED] + list(report.PAIRED_LABELS)
-    assert [q for q in quantities if report.key(q) not in numbers] == []
+    quantities = [q for _, q in report_tables.PER_SEED] + list(report_tables.PAIRED_LABELS)
+    assert [q for q in quantities if report_tables.key(q) not in numbers] == []
 
 
 # ---------------------------------------------------------------------------------------
