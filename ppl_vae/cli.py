@@ -183,6 +183,8 @@ TRUST_CODE_KW = dict(action="store_true",
 
 
 def build_parser() -> Parser:
+    """Why so long: one ``add_argument`` per option of the three commands, in the order
+    ``--help`` lists them, so the command line reads as one declaration."""
     p = Parser(prog="ppl-vae", description="VAEs as Pyro programs: amortized vs mean-field SVI.")
     sub = p.add_subparsers(dest="command", parser_class=Parser, required=True)
 
@@ -355,6 +357,9 @@ def _main(argv) -> int:
 
 
 def _command(args) -> int:
+    """Why so long: the three commands' dispatch, each a short branch from its flags to one
+    call of the Python API; kept side by side so each flag's way from the command line is
+    read in one place."""
     if args.command == "train":
         from .run import train_run
         from .run_setup import resumed_config

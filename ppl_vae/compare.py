@@ -85,7 +85,10 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
            seeds: Sequence[int], budget: Budget, local_rows: int, resume: bool = False,
            plan: Optional[dict] = None):
     """Refuse, before any training, what the comparison cannot do; returns (out, splits,
-    {guide: (its config under the budget, its step cost)})."""
+    {guide: (its config under the budget, its step cost)}).
+
+    Why so many parameters: they are ``compare``'s own arguments, all checked together
+    before anything is written."""
     out = rundir.claim(out, "comparison")  # not a run's folder, nor inside one
     config.validate()
     if overwrite and resume:
@@ -307,6 +310,9 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     its last checkpoint (or is scored, if its training had finished), the rest are run; the
     numbers are those of an uninterrupted comparison (wall times aside). ``quick``: the
     settings are ``--quick``'s first look, and the report says it is no verdict.
+
+    Why so many parameters: it is the comparison's Python API; each keyword is a setting of
+    the experiment that the command line exposes too.
     """
     seeds = tuple(seeds) if seeds is not None else (config.seed,)
     world = distributed.current()
@@ -334,7 +340,10 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
 def _run_comparison(config, out, num_particles, overwrite, progress, log, guides, seeds,
                     budget, local_rows, local_options, resume, quick, splits, plans,
                     plan) -> dict:
-    """``compare``'s work once its folder is checked, marked and locked."""
+    """``compare``'s work once its folder is checked, marked and locked.
+
+    Why so many parameters: ``compare``'s settings passed on unchanged once its folder is
+    locked (``plan_of`` records them for ``--resume``)."""
     world = distributed.current()
     several = len(seeds) > 1
     if world.main:
@@ -375,7 +384,10 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
                      ) -> Optional[GuideRun]:
     """One guide from one seed: trained (or continued from its checkpoint), scored on the
     test rows, its local budget measured, its record written; None on a torchrun process
-    other than rank 0."""
+    other than rank 0.
+
+    Why so many parameters: ``compare``'s settings for one guide and seed, passed on
+    unchanged."""
     world = distributed.current()
     run_config, cost = plan
     run_config = run_config.replace(seed=seed)

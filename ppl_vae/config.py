@@ -109,6 +109,8 @@ class Config:
     device: str = "auto"
 
     def validate(self) -> "Config":
+        """Why so long: one independent check per setting, each with its own one-line message
+        naming the fix, in the record's field order."""
         check_name(self.dataset)
         for registry in REGISTRIES:
             registry.resolve(getattr(self, registry.field))

@@ -297,6 +297,10 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
     the numbers do not depend on how the units are shared out: under torchrun each process
     takes units u with u mod W = rank, and rank 0 gathers the per-row values and returns the
     same scores as one process (the other processes return None).
+
+    Why so many parameters: each is an option of the evaluation a user may set from Python
+    (K, q* or not, the proposal, the seed, q*'s options, progress, the units, the split,
+    q*'s family); the pipeline fills them from one record (``config.local_fit_options``).
     """
 
     start = time.perf_counter()
@@ -355,7 +359,10 @@ def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: boo
 
     Its own seeded stream: a guide that draws noise where nothing else seeds it (a
     semi-amortized guide's refinement in ``posterior_means``) neither takes the draws of the
-    training run around it (gap curves, validation) nor depends on them."""
+    training run around it (gap curves, validation) nor depends on them.
+
+    Why so many parameters: ``evaluate_model``'s options for one unit of rows, passed on
+    unchanged."""
     with _bar(0, "held-out fit (steps)", progress) as bar:
         held = local_fit.held_out(guide, model, x, seed=seed, progress=bar.update, **local_options)
     own = held.guide

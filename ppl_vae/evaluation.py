@@ -88,6 +88,9 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     is refused rather than scored at an older epoch than its summary. Code that the
     checkpoint names is imported only with ``trust_code`` or when ``given`` names it.
     ``local_family``: q*'s family (``Config.local_family``; None: the run's own setting).
+
+    Why so many parameters: it is the ``evaluate`` command's Python API; each keyword is one
+    of its flags.
     """
     if proposal not in ("auto", "guide", "local"):
         raise UserError(f"unknown proposal {proposal!r}; choose one of auto, guide, local")
@@ -129,6 +132,8 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
 
 def _evaluate_locked(run_dir: Path, num_particles, split, proposal, local, test_size, device,
                      progress, log, warn, trust_code, given, local_family=None) -> dict:
+    """Why so many parameters: ``evaluate_run``'s flags, passed on unchanged once the folder is
+    locked."""
     finished = (run_dir / "summary.json").exists()
     trained = load_trained(run_dir, device, test_size, fallback=not finished, warn=warn,
                            trust_code=trust_code, given=given)

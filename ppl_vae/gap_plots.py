@@ -138,7 +138,11 @@ def gap_curves_figure(gaps: Dict[str, List[dict]],
     logarithmic with whole-number labels.
     ``references`` (guide name -> {"amortization_gap": nats, ..., "label": legend text})
     draws reference values as dashed lines in that guide's colour (``cremer.py``: the
-    paper's, as recalled)."""
+    paper's, as recalled).
+
+    Why so long: the figure's grid (gap kind x split), each panel's curves, bands,
+    references, axis scale and notes are drawn in one pass over the records, so every panel
+    follows one convention (tested in tests/test_plots.py)."""
     plt = plots.pyplot()
     tables = set(table_guides(gaps) if tables is None else tables)
     references = references or {}

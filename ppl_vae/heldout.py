@@ -126,6 +126,8 @@ class GapTracker(Callback):
                  x_test: torch.Tensor, epochs: Sequence[int], last: int, num_particles: int,
                  path: Callable[[], Path], local_steps: int = 500,
                  local_options: Optional[dict] = None):
+        """Why so many parameters: the tracker's rows, epochs and estimate settings, each read
+        from the run's ``Config`` by ``run.py`` in one call."""
         self.model, self.guide = model, guide
         self.x_train, self.x_test = x_train, x_test
         self.rows = torch.arange(len(x_train), device=x_train.device)

@@ -77,6 +77,10 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
     where a C++ compiler is present; ``off`` is the plain eager loop. A compile that fails
     warns and
     runs the plain loop.
+
+    Why so many parameters: each is an option of the fit a user may set (the start, rate,
+    objective, stopping rule, chunking, seed, progress, compilation, family); the pipeline
+    passes them from one record (``config.local_fit_options``).
     """
 
     start_time = time.perf_counter()
@@ -142,7 +146,10 @@ def _fit_rows(model, chunk: PerDatapoint, batch: Batch, objective, lr, max_steps
     """Adam on one chunk's rows under the plateau rule of ``local_inference``; returns steps.
 
     The losses of a window are read from the device once per window (``tolist``), summed in
-    the same order as one read per step would: the same rule, one host sync per window."""
+    the same order as one read per step would: the same rule, one host sync per window.
+
+    Why so many parameters: ``local_inference``'s options for one chunk, passed on
+    unchanged."""
     fit = _CompiledFit.get(model, chunk, batch, objective) if compile else None
     opt = None if fit is not None else torch.optim.Adam([chunk.params], lr=lr)
     state = fit.start(chunk, lr) if fit is not None else None

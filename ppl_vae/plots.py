@@ -102,7 +102,11 @@ def curves_figure(histories: Dict[str, List[dict]], title: str = "", x: str = "e
     below it lies, under the figure. The legend stands outside the axes; whole epochs only
     on an epoch axis. ``tables``: the guides with per-datapoint tables, whose train curve
     scores rows as stored when visited while their valid curve is a refit: said under the
-    figure."""
+    figure.
+
+    Why so long: one pass over the guides draws each one's train and validation curves,
+    their axis unit and the notes that explain a table's curves, so the panels share one
+    convention."""
     from matplotlib.ticker import MaxNLocator
     if x not in X_UNITS:
         raise ValueError(f"x is one of {', '.join(X_UNITS)}, got {x!r}")

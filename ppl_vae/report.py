@@ -284,7 +284,10 @@ def over_budget(curves) -> str:
 
 
 def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None) -> str:
-    """The comparison as Markdown (``over``: its curves over budget, when tracked)."""
+    """The comparison as Markdown (``over``: its curves over budget, when tracked).
+
+    Why so long: it is the report's template, one f-string section after another in the
+    order the reader meets them; each section's numbers come from a helper."""
     c = comparison.config
     names = comparison.guides
     n = len(comparison.seeds)

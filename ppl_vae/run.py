@@ -101,7 +101,10 @@ def train_run(config: Config, out: Optional[Path] = None, overwrite: bool = Fals
     already read (``run_setup.resumed_config``); None reads it. ``progress``: ``train.fit``'s
     (None: a bar where stderr is a terminal). ``then`` is called (on every process)
     once summary.json is written, while the folder's lock is still held: ``train
-    --evaluate`` evaluates there, so no other process writes the folder in between."""
+    --evaluate`` evaluates there, so no other process writes the folder in between.
+
+    Why so many parameters: it is the ``train`` command's Python API; each keyword is one of
+    its flags."""
     trained = fit_run(config, out, overwrite, resume, progress, log, trust_code, state)
     try:
         summary = (finish(trained, out, log, release=False) if distributed.current().main
@@ -160,6 +163,9 @@ def fit_run(config: Config, out: Optional[Path] = None, overwrite: bool = False,
 
 
 def _train(setup: Setup, config: Config, world: distributed.World, progress, log) -> Trained:
+    """Why so long: the run's life in order (config.json, the tracker, the callbacks, the loop,
+    the checkpoint at every epoch, the end) with the lock held throughout; each step is a
+    call, and the order is what the resume tests pin down."""
     (_, device, folder, splits, train_split, shards, binarize, model, guide, optimizers,
      validator, objective, history, position, resumes) = setup
     n = len(splits.train)

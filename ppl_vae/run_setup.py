@@ -161,6 +161,9 @@ class Setup(NamedTuple):
 
 def set_up(config: Config, out, overwrite: bool, resume: bool, world: distributed.World,
            log, trust_code: bool = False, loaded: Optional[dict] = None) -> Setup:
+    """Why so long: everything a run needs before its first step, in the order that keeps a
+    refused run from writing anything (validate, device, data, pieces, resume state,
+    optimizers, the lock last)."""
     config.validate()
     device = resolve_device(config.device, world)
     if world.size > 1:

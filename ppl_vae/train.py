@@ -91,6 +91,11 @@ def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: 
     (never applied) stops the run or lowers the rates (``on_divergence``). Under torchrun,
     ``shards`` and ``rank`` say which rows this process draws (``batching.Shards``); ``binarize``
     is then this process's noise.
+
+    Why so many parameters: ``loop`` is the visible training loop's Python API: the pieces
+    (model, guide, objective, data, optimizers), its state (history, position) and its hooks
+    (callbacks, guard, logging) are each a keyword a user may pass; ``fit`` builds them from
+    plain settings.
     """
     noise = {rank: binarize}
     stack = contextlib.ExitStack()
@@ -259,6 +264,10 @@ def fit(model, guide, objective, train: Split, optimizers: Optimizers, epochs: i
     rows this process draws under torchrun (``batching.Shards``; by default all rows in batches
     of ``batch_size``); ``read_every``: steps between host reads of the divergence guard
     (``loop``).
+
+    Why so many parameters: ``fit`` is the one-call Python API of training: every keyword is
+    a plain setting it turns into ``loop``'s pieces (batches, schedules, callbacks); a
+    frozen plan record would carry the same settings under another name.
     """
     shards = shards or Shards(len(train), 1, batch_size)
     schedule = _beta_schedule(objective, beta, warmup_epochs, shards.steps)
