@@ -40,6 +40,7 @@ GuideName = Literal[GUIDES.names()]
 ObjectiveName = Literal[OBJECTIVES.names()]
 
 BINARIZE = ("dynamic", "static", "none")  # data.Binarize's modes (its home: no torch here)
+DIAGONAL_TITLE = "diagonal normal"  # families.DIAGONAL's title (its home: no torch here)
 COMPILE_MODES = ("auto", "on", "off")  # compiled.choose's modes (its home: no torch here)
 LOCAL_INIT = ("pca", "prior")
 # q*'s family (``families.resolve`` builds it; "own": the guide's ``local_family``)
@@ -172,7 +173,7 @@ class Config:
         if self.dreg and self.objective != "iwae":
             raise UserError(f"{setting('dreg')} applies to {setting('objective')} iwae only")
         piece = getattr(GUIDES.resolve(self.guide), "piece", None)
-        if self.dreg and piece is not None and getattr(piece, "family", None) != "diagonal normal":
+        if self.dreg and piece is not None and getattr(piece, "family", None) != DIAGONAL_TITLE:
             raise UserError(f"{setting('dreg')} needs a Normal guide; with {setting('guide')} "
                             f"{self.guide} drop dreg or use the amortized or meanfield guide")
         refuse_beta(getattr(OBJECTIVES.resolve(self.objective), "piece", None), self.beta,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import constraints
 
+from .config import DIAGONAL_TITLE
 from .errors import UserError
 from .nets import from_scale, to_scale
 
@@ -63,7 +64,7 @@ def _latent(rows: torch.Tensor, width_of) -> int:
 class Diagonal:
     """q(z) = N(m, diag s^2): rows [m, softplus^-1(s - 1e-5)] (``LocalNormal``'s)."""
 
-    name, title = "diagonal", "diagonal normal"
+    name, title = "diagonal", DIAGONAL_TITLE
 
     def width(self, latent_dim: int) -> int:
         return 2 * latent_dim

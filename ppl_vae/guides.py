@@ -93,7 +93,7 @@ class Encoded(Guide):
 class AmortizedNormal(Encoded):
     """q(z | x) = N(mu(x), diag sigma(x)^2) from an encoder network shared by all datapoints."""
 
-    family = "diagonal normal"
+    family = fam_lib.DIAGONAL.title
 
     def forward(self, batch: Batch) -> None:
         register("encoder", self.encoder)
@@ -242,7 +242,7 @@ class LocalNormal(PerDatapoint):
     reuse the first B rows for every minibatch (Pyro issue 238) and is refused.
     """
 
-    family = "diagonal normal"
+    family = fam_lib.DIAGONAL.title
 
     def __init__(self, num_data: int, latent_dim: int, sparse: bool = True,
                  init_scale: float = 1.0, rank: int = 0, world_size: int = 1):
@@ -392,7 +392,7 @@ class SemiAmortizedNormal(Encoded):
     ``views()`` offers the bare encoder, so both amortization gaps can be measured.
     """
 
-    family = "diagonal normal"
+    family = fam_lib.DIAGONAL.title
     settings = ("refine_steps", "refine_lr", "refine_stop_gradient")
 
     def __init__(self, encoder: nn.Module, model: nn.Module, steps: int = 5,

@@ -116,7 +116,7 @@ class ConvDecoder(nn.Module):
         self.head = mlp([latent_dim, *hidden, chans[-1] * self.sizes[-1][0] * self.sizes[-1][1]])
         layers = []
         for i in range(len(self.sizes) - 1, 0, -1):  # from the smallest size back up
-            (th, tw), last = self.sizes[i - 1], i == 1
+            th, tw = self.sizes[i - 1]
             pad = (1 - th % 2, 1 - tw % 2)  # ceil(t/2) -> t: 2 ceil(t/2) - 1 + pad = t
             layers += [nn.ReLU(), nn.ConvTranspose2d(chans[i], chans[i - 1], 3, stride=2,
                                                      padding=1, output_padding=pad)]
