@@ -308,7 +308,7 @@ def test_a_resumed_process_maps_the_checkpoint_and_copies_only_its_rows(tmp_path
      ["MASTER_PORT='70000'"]),
 ], ids=["port-abc", "no-addr", "port-too-large"])
 def test_a_bad_master_port_is_one_line(tmp_path, capsys, monkeypatch, env, words):
-    from test_trust import TINY, assert_one_error_line, call
+    from helpers import TINY, assert_one_error_line, call
     for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():

@@ -17,8 +17,9 @@ from ppl_vae.config import Config
 from ppl_vae.registry import require_consent
 from ppl_vae.errors import UserError
 from ppl_vae.registry import require_consent
-from test_trust import (TINY, _quiet, assert_one_error_line, call, config_json,  # noqa: F401
-                        files, finished_run, summary, train_cli, trained_copy)
+from helpers import (TINY, assert_one_error_line, call, config_json, files, summary, train_cli,
+                     trained_copy)
+from records import quiet
 
 PAYLOAD = '''
 import pathlib

@@ -15,8 +15,9 @@ import torch
 
 from ppl_vae import checkpoint, evaluation, plots, run, rundir, runfiles, writelock
 from ppl_vae.errors import UserError
-from test_trust import (TINY, TINY_CONFIG, assert_one_error_line, call,  # noqa: F401
-                        config_json, files, finished_run, summary, train_cli, trained_copy)
+from conftest import TOY
+from helpers import (TINY, assert_one_error_line, call, config_json, files, summary, train_cli,
+                     trained_copy)
 
 
 def _refused_elsewhere(out) -> bool:
@@ -62,7 +63,7 @@ def test_the_lock_is_held_through_the_final_scoring(tmp_path, capsys, cached_mni
 def test_fit_run_holds_the_lock_until_finish(tmp_path, cached_mnist):
     """What ``compare`` does: fit_run, its own scoring, then finish (which releases)."""
     out = tmp_path / "run"
-    config = TINY_CONFIG.replace(compile="off")
+    config = TOY.replace(compile="off")
     trained = run.fit_run(config, out, progress=False, log=lambda _m: None)
     assert _refused_elsewhere(out)
     run.finish(trained, out, log=lambda _m: None)
@@ -73,7 +74,7 @@ def test_fit_run_holds_the_lock_until_finish(tmp_path, cached_mnist):
 def test_train_run_holds_the_lock_through_what_follows(tmp_path, cached_mnist):
     """``train --evaluate``: the evaluation runs under the training's lock (``then``)."""
     out = tmp_path / "run"
-    config = TINY_CONFIG.replace(compile="off")
+    config = TOY.replace(compile="off")
     seen = []
 
     def then():

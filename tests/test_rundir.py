@@ -17,8 +17,8 @@ import pytest
 
 from ppl_vae import rundir, runfiles, writelock
 from ppl_vae.errors import UserError
-from test_trust import (FIGURES, TINY, assert_one_error_line, call, config_json,  # noqa: F401
-                        files, finished_run, summary, train_cli, trained_copy)
+from helpers import (FIGURES, TINY, assert_one_error_line, call, config_json, files, summary,
+                     train_cli, trained_copy)
 
 EVALUATED = ("eval.json", "arrays.npz", *FIGURES)
 

@@ -13,7 +13,7 @@ from ppl_vae import data, objectives, optim, run_setup, train
 from ppl_vae.build import build_guide, build_model
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
-from test_trust import TINY, call, config_json, metrics, summary, train_cli  # noqa: F401
+from helpers import call, config_json, summary, train_cli
 
 SMALL = Config(latent_dim=3, hidden=(8,), batch_size=16)
 

@@ -18,6 +18,7 @@ from ppl_vae.errors import UserError
 from ppl_vae.model import VAEModel
 
 from conftest import tiny_binary_data
+from helpers import assert_same_tensors, final_state
 
 TINY = Config(train_size=200, valid_size=40, test_size=30, epochs=4, hidden=(16,), latent_dim=3,
               batch_size=64, device="cpu", seed=3)
@@ -305,29 +306,6 @@ def test_a_step_under_a_sync_all_reduces_the_flag_with_the_gradients(guard):
 # ---------------------------------------------------------------------------------------
 # resume: 2 + 2 epochs == 4 epochs, bitwise
 # ---------------------------------------------------------------------------------------
-def _final_state(out):
-    state = torch.load(out / checkpoint.NAME, map_location="cpu", weights_only=True)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for m in metrics:
-        m.pop("seconds"), m.pop("wall")
-    return state, metrics
-
-
-def _assert_same_tensors(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (u, v) in enumerate(zip(a, b)):
-            _assert_same_tensors(u, v, f"{where}[{i}]")
-    else:
-        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
-
-
 @pytest.mark.parametrize("guide", ["amortized", "meanfield", "compiled"])
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cached_mnist, guide):
     config = TINY.replace(guide=guide) if guide != "compiled" else TINY.replace(compile="on")
@@ -335,10 +313,10 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cached_mnist,
     s4 = run.train_run(config, straight, progress=False, log=_quiet)
     run.train_run(config.replace(epochs=2), resumed, progress=False, log=_quiet)
     s22 = run.train_run(config, resumed, resume=True, progress=False, log=_quiet)
-    (a, ma), (b, mb) = _final_state(straight), _final_state(resumed)
+    (a, ma), (b, mb) = final_state(straight), final_state(resumed)
     assert ma == mb and len(ma) == 4
     for key in ("model", "guide", "optimizers", "valid_guide"):
-        _assert_same_tensors(a[key], b[key], key)
+        assert_same_tensors(a[key], b[key], key)
     assert s4.test_elbo == s22.test_elbo and s4.epochs == s22.epochs == 4
 
 
@@ -444,7 +422,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_bitwise_equal(tmp_path, cached_mnist, m
     messages = []
     run.fit_run(config, cut, resume=True, progress=False, log=messages.append)
     assert any("step 2 of epoch 2" in m for m in messages)
-    (a, ma), (b, mb) = _final_state(straight), _final_state(cut)
+    (a, ma), (b, mb) = final_state(straight), final_state(cut)
     assert len(ma) == len(mb) == 3
     # train_elbo of the interrupted epoch sums its losses in two parts (a Python float saved
     # in the checkpoint + the float32 sum after resuming): equal up to float32 rounding only
@@ -452,7 +430,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_bitwise_equal(tmp_path, cached_mnist, m
         assert u.pop("train_elbo") == pytest.approx(v.pop("train_elbo"), rel=1e-6, abs=0)
     assert ma == mb
     for key in ("model", "guide", "optimizers", "valid_guide"):
-        _assert_same_tensors(a[key], b[key], key)
+        assert_same_tensors(a[key], b[key], key)
 
 
 def test_train_elbo_averages_the_applied_steps_only():

@@ -23,62 +23,11 @@ from ppl_vae import checkpoint, cli, data, run, run_setup, train
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
 
-# 2 steps per epoch, tiny networks
-TINY = ["--train-size", "100", "--valid-size", "20", "--test-size", "20", "--epochs", "1",
-        "--hidden", "16", "--latent-dim", "3", "--batch-size", "50", "--device", "cpu",
-        "--seed", "3", "--gap-rows", "10", "--gap-particles", "5"]
-TINY_CONFIG = Config(train_size=100, valid_size=20, test_size=20, epochs=1, hidden=(16,),
-                     latent_dim=3, batch_size=50, device="cpu", seed=3)
-FIGURES = ("curves.png", "reconstructions.png", "samples.png", "latent.png")
-
-
-def _quiet(_msg):
-    pass
-
-
-def call(capsys, *argv):
-    """``cli.main(argv)`` in-process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error_line(code, err, out=""):
-    """Exit code 2 and exactly one line on stderr, starting with error:, no traceback."""
-    assert code == 2, err
-    assert err.startswith("error:") and err.count("\n") == 1, err
-    assert "Traceback" not in err + out
-
-
-def error_segments(err):
-    """The error: lines of a stderr that may also hold a progress bar's carriage returns."""
-    return [s for s in re.split(r"[\r\n]", err) if s.startswith("error:")]
-
-
-def train_cli(capsys, out, *extra):
-    return call(capsys, "train", *TINY, "--out", out, *extra)
-
-
-def metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def config_json(folder):
-    return json.loads((folder / "config.json").read_text())
-
-
-def summary(folder):
-    return json.loads((folder / "summary.json").read_text())
-
-
-def files(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def numbers(folder):
-    """The numbers of a run's metrics, without its timings."""
-    return [(m["train_elbo"], m["valid_elbo"], m["steps"], m["beta"]) for m in metrics(folder)]
+from conftest import TOY
+from helpers import (FIGURES, TINY, assert_one_error_line, assert_same_tensors, call, config_json,
+                     error_segments, files, final_state, metrics, numbers, summary, train_cli,
+                     trained_copy)
+from records import quiet
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,10 +351,10 @@ def test_same_seed_two_runs_same_numbers(tmp_path, cached_mnist, capsys):
 def test_same_config_compare_twice_same_results(tmp_path, cached_mnist, guides):
     from ppl_vae.compare import compare
 
-    config = TINY_CONFIG.replace(epochs=2)
+    config = TOY.replace(epochs=2)
     docs = []
     for name in ("one", "two"):
-        compare(config, tmp_path / name, num_particles=10, progress=False, log=_quiet,
+        compare(config, tmp_path / name, num_particles=10, progress=False, log=quiet,
                 guides=guides)
         docs.append(json.loads((tmp_path / name / "results.json").read_text()))
     assert docs[0]["config"]["max_seconds"] is None  # an epoch budget, not a time budget
@@ -421,29 +370,6 @@ class Evil:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-_TRAINED = {}  # (epochs, evaluated) -> a finished run that tests get copies of
-
-
-def trained_copy(tmp_path_factory, capsys, out, epochs: int, evaluate: bool = False):
-    """A copy at ``out`` of a finished tiny CLI run (trained once per test session)."""
-    key = (epochs, evaluate)
-    if key not in _TRAINED:
-        template = tmp_path_factory.mktemp("trained") / "run"
-        assert train_cli(capsys, template, "--epochs", str(epochs))[0] == 0
-        if evaluate:
-            assert call(capsys, "evaluate", template, "--num-particles-eval", "2",
-                        "--rows", "10")[0] == 0
-        _TRAINED[key] = template
-    shutil.copytree(_TRAINED[key], out)
-    return out
-
-
-@pytest.fixture
-def finished_run(tmp_path, tmp_path_factory, cached_mnist, capsys):
-    """A finished 2-epoch tiny run of the CLI (its own copy per test)."""
-    return trained_copy(tmp_path_factory, capsys, tmp_path / "run", 2)
 
 
 @pytest.mark.parametrize("command", ["evaluate", "resume"])
@@ -483,8 +409,8 @@ def test_overwrite_that_crashes_before_its_first_checkpoint_keeps_the_old_run(
 
     monkeypatch.setattr(run, "fit", crash)
     with pytest.raises(RuntimeError, match="crash"):
-        run.train_run(TINY_CONFIG.replace(epochs=3), finished_run, overwrite=True,
-                      progress=False, log=_quiet)
+        run.train_run(TOY.replace(epochs=3), finished_run, overwrite=True,
+                      progress=False, log=quiet)
     assert files(finished_run) == before  # byte-identical, nothing added or left behind
     assert sorted(p.name for p in finished_run.iterdir()) == sorted(before)
 
@@ -540,12 +466,6 @@ def test_an_empty_out_is_refused(capsys, tmp_path, monkeypatch, argv, cached_mni
     assert_one_error_line(code, err, out)
     assert "--out" in err
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture
-def evaluated_run(tmp_path, tmp_path_factory, cached_mnist, capsys):
-    """A finished 3-epoch run, evaluated (eval.json and figures; its own copy per test)."""
-    return trained_copy(tmp_path_factory, capsys, tmp_path / "run3", 3, evaluate=True)
 
 
 def test_a_resume_keeps_the_gap_curves(tmp_path, cached_mnist, capsys):
@@ -754,25 +674,14 @@ def test_evaluate_bad_summary_json(finished_run, capsys):
 # ---------------------------------------------------------------------------------------
 # 6. a checkpoint written on a GPU resumes on a CPU
 # ---------------------------------------------------------------------------------------
-def _final_state(out):
-    state = torch.load(out / checkpoint.NAME, map_location="cpu", weights_only=True)
-    ms = metrics(out)
-    for m in ms:
-        m.pop("seconds"), m.pop("wall")
-    return state, ms
-
-
-from test_train import _assert_same_tensors  # noqa: E402  (one definition, shared)
-
-
 @pytest.mark.parametrize("guide", ["amortized", pytest.param("meanfield", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("device", [
     "auto", "cuda"])
 def test_a_gpu_checkpoint_resumes_on_the_cpu_bitwise(tmp_path, cached_mnist, guide, device):
-    config = TINY_CONFIG.replace(guide=guide, epochs=3)
+    config = TOY.replace(guide=guide, epochs=3)
     straight, moved = tmp_path / "straight", tmp_path / "moved"
-    s3 = run.train_run(config, straight, progress=False, log=_quiet)
-    run.train_run(config.replace(epochs=2), moved, progress=False, log=_quiet)
+    s3 = run.train_run(config, straight, progress=False, log=quiet)
+    run.train_run(config.replace(epochs=2), moved, progress=False, log=quiet)
     # as a CUDA machine writes it: CUDA generator states and a cuda device in the config
     for name in (checkpoint.NAME, checkpoint.PREVIOUS):
         state = torch.load(moved / name, weights_only=True)
@@ -783,10 +692,10 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu_bitwise(tmp_path, cached_mnist, gui
     messages = []
     s21 = run.train_run(config, moved, resume=True, progress=False, log=messages.append)
     assert any("after epoch 2" in m for m in messages)
-    (a, ma), (b, mb) = _final_state(straight), _final_state(moved)
+    (a, ma), (b, mb) = final_state(straight), final_state(moved)
     assert ma == mb and len(ma) == 3
     for key in ("model", "guide", "optimizers", "valid_guide"):
-        _assert_same_tensors(a[key], b[key], key)
+        assert_same_tensors(a[key], b[key], key)
     assert s3.test_elbo == s21.test_elbo
     assert config_json(moved)["resumes"][0]["changed"]["device"] == [device, "cpu"]
 
@@ -796,7 +705,7 @@ def test_a_finished_run_keeps_aside_an_evaluation_of_an_earlier_epoch(tmp_path, 
     evaluation moves to evaluated-epoch1/ (issue 32.A: it was deleted), the summary stays
     alone beside the run."""
     out = tmp_path / "run"
-    trained = run.fit_run(TINY_CONFIG.replace(epochs=2), out, progress=False, log=lambda m: None)
+    trained = run.fit_run(TOY.replace(epochs=2), out, progress=False, log=lambda m: None)
     (out / "eval.json").write_text(json.dumps({"epochs": 1}))
     (out / "latent.png").write_bytes(b"old")
     messages = []
