@@ -227,6 +227,12 @@ def finished_run(tmp_path, tmp_path_factory, cached_mnist, capsys):
 
 
 @pytest.fixture
+def evaluated(tmp_path, tmp_path_factory, cached_mnist, capsys):
+    """A finished 2-epoch run, evaluated (its own copy per test)."""
+    return trained_copy(tmp_path_factory, capsys, tmp_path / "run", 2, evaluate=True)
+
+
+@pytest.fixture
 def evaluated_run(tmp_path, tmp_path_factory, cached_mnist, capsys):
     """A finished 3-epoch run, evaluated (eval.json and figures; its own copy per test)."""
     return trained_copy(tmp_path_factory, capsys, tmp_path / "run3", 3, evaluate=True)

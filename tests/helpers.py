@@ -1,5 +1,6 @@
-"""Helpers shared by the test files: the command line called in-process, the files of a run
-folder read back, a finished tiny run copied per test, and two checkpoints compared bitwise.
+"""Helpers shared by the test files: the command line called in-process (and in a subprocess),
+the files of a run folder read back, a finished tiny run copied per test, and two checkpoints
+compared bitwise.
 
 The run-folder fixtures built on ``trained_copy`` (``finished_run``, ``evaluated_run``) are in
 conftest.py."""
@@ -7,8 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import torch
 
@@ -19,6 +23,11 @@ TINY = ["--train-size", "100", "--valid-size", "20", "--test-size", "20", "--epo
         "--hidden", "16", "--latent-dim", "3", "--batch-size", "50", "--device", "cpu",
         "--seed", "3", "--gap-rows", "10", "--gap-particles", "5"]
 FIGURES = ("curves.png", "reconstructions.png", "samples.png", "latent.png")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+GAPS = ["--track-gaps", "--gap-epochs", "1"]
+# eager steps: an open-ended run (--epochs 100000) would otherwise compile its step first
+EAGER_TOY = ["--train-size", "256", "--valid-size", "8", "--test-size", "8", "--hidden", "8",
+             "--latent-dim", "2", "--batch-size", "32", "--device", "cpu", "--compile", "off"]
 
 
 def call(capsys, *argv):
@@ -59,6 +68,21 @@ def summary(folder):
 
 def files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def params(folder):
+    state = checkpoint.load(folder)
+    return {k: v for part in ("model", "guide") for k, v in state[part].items()}
+
+
+def without_timings(doc):
+    if isinstance(doc, dict):
+        return {k: without_timings(v) for k, v in doc.items()
+                if not any(t in k for t in ("seconds", "per_second", "peak_rss", "date",
+                                            "wall"))}
+    if isinstance(doc, list):
+        return [without_timings(v) for v in doc]
+    return doc
 
 
 def numbers(folder):
@@ -105,3 +129,17 @@ def assert_same_tensors(a, b, where=""):
             assert_same_tensors(u, v, f"{where}[{i}]")
     else:
         assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
+
+
+def train_process(out, *extra):
+    """``ppl-vae train`` of ``EAGER_TOY`` in a subprocess; its stderr goes to ``<out>.log``."""
+    code = "import sys; from ppl_vae.cli import main; sys.exit(main(sys.argv[1:]))"
+    with open(f"{out}.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-c", code, "train", *EAGER_TOY, "--out",
+                                 str(out), *extra], stdout=subprocess.DEVNULL, stderr=log,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def process_log(out) -> str:
+    with open(f"{out}.log") as f:
+        return f.read()
