@@ -18,7 +18,6 @@ import pytest
 from ppl_vae import cli, compare as compare_mod, data, heldout
 from ppl_vae.compare import PLAN, RECORD, compare, parse_seeds
 from ppl_vae.compute import Budget
-from ppl_vae.config import Config
 from ppl_vae.errors import UserError
 from ppl_vae.results import Comparison
 
@@ -45,9 +44,9 @@ def test_same_config_compare_twice_same_results(tmp_path, cached_mnist, guides):
     assert docs[0]["amortized"]["test_log_px"] == docs[1]["amortized"]["test_log_px"]
 
 
-RESUME_TOY = Config(train_size=300, valid_size=20, test_size=40, epochs=2, hidden=(16,),
-              latent_dim=3, batch_size=100, device="cpu", compile="off", track_gaps=True,
-              gap_epochs=(1, 2), gap_rows=20, gap_particles=10)
+RESUME_TOY = TOY.replace(train_size=300, test_size=40, epochs=2, batch_size=100, seed=0,
+                         compile="off", track_gaps=True, gap_epochs=(1, 2), gap_rows=20,
+                         gap_particles=10)
 GUIDES = ("amortized", "meanfield")
 SEEDS = (0, 1)
 QUICK_FIT = {"max_steps": 30}
@@ -337,8 +336,7 @@ def test_compare_bounds_k_as_train_and_evaluate_do(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
-SEEDS_TOY = Config(train_size=300, valid_size=20, test_size=40, epochs=1, hidden=(16,),
-              latent_dim=3, batch_size=100, device="cpu")
+SEEDS_TOY = TOY.replace(train_size=300, test_size=40, batch_size=100, seed=0)
 
 
 def without_times_or_folder(doc):
@@ -495,9 +493,9 @@ def test_compare_refuses_guide_and_points_to_guides(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
-def test_compare_tiny(tmp_path, cached_mnist):
-    config = Config(train_size=300, valid_size=50, test_size=40, epochs=1, hidden=(16,),
-                    latent_dim=3, batch_size=100, device="cpu")
+def test_compare_tiny(tmp_path, cached_mnist, toy_config):
+    config = toy_config.replace(train_size=300, valid_size=50, test_size=40, batch_size=100,
+                                seed=0)
     doc = compare(config, tmp_path, num_particles=20, progress=False, log=lambda _m: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     for guide in ("amortized", "meanfield"):

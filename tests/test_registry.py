@@ -71,15 +71,14 @@ def test_registering_from_python_is_validated_like_the_builtins():
         config.Config(likelihood="no_such_module:Thing").validate()
 
 
-def test_the_library_speaks_through_logging(tmp_path, cached_mnist, caplog):
+def test_the_library_speaks_through_logging(tmp_path, cached_mnist, caplog, toy_config):
     """Progress lines go to the "ppl_vae" logger (INFO), not to print: a program decides."""
     import logging
 
-    from ppl_vae.config import Config
     from ppl_vae.run import train_run
     with caplog.at_level(logging.INFO, logger="ppl_vae"):
-        train_run(Config(train_size=100, valid_size=10, test_size=10, hidden=(8,), latent_dim=2,
-                         batch_size=50, epochs=1, device="cpu"), tmp_path / "r", progress="lines")
+        train_run(toy_config.replace(valid_size=10, test_size=10, hidden=(8,), latent_dim=2,
+                                     seed=0), tmp_path / "r", progress="lines")
     messages = [r.getMessage() for r in caplog.records if r.name == "ppl_vae"]
     assert any(m.startswith("epoch   1") for m in messages)
     assert any(m.startswith("test ELBO") for m in messages)

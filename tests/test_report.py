@@ -8,16 +8,16 @@ import pytest
 
 from ppl_vae import plots, report
 from ppl_vae.compute import Budget, Compute, LocalBudget, StepCost
-from ppl_vae.config import Config
 from ppl_vae.evaluate import Estimate, Scores, View
 from ppl_vae.results import Comparison, GuideRun
 from ppl_vae.run import Summary
 
 import records
+from conftest import TOY
 
 
-CONFIG = Config(train_size=2000, valid_size=500, test_size=200, epochs=2, hidden=(16,),
-                latent_dim=3, batch_size=100, device="cpu")
+CONFIG = TOY.replace(train_size=2000, valid_size=500, test_size=200, epochs=2, batch_size=100,
+                     seed=0)
 DATA = {"train": 2000, "valid": 10000, "test": 10000, "shape": [1, 28, 28], "labelled": True,
         "classes": None}
 VERSIONS = {"torch": "t", "pyro": "p", "git": "g"}
@@ -189,8 +189,7 @@ def test_write_figures_draws_the_curves_in_the_budgets_unit(tmp_path, monkeypatc
     assert xs == pytest.approx([1.0, 1.25])  # epochs: 5 of 20 steps of the second
 
 
-SEEDS_TOY = Config(train_size=300, valid_size=20, test_size=40, epochs=1, hidden=(16,),
-              latent_dim=3, batch_size=100, device="cpu")
+SEEDS_TOY = TOY.replace(train_size=300, test_size=40, batch_size=100, seed=0)
 
 
 def _report(guides, results=None, config=SEEDS_TOY, settings=None, seeds=(0,)):

@@ -20,12 +20,11 @@ from ppl_vae.config import Config
 from ppl_vae.errors import UserError
 from ppl_vae.model import VAEModel
 
-from conftest import tiny_binary_data
+from conftest import TOY, tiny_binary_data
 from helpers import assert_same_tensors, config_json, final_state, metrics, train_cli
 
 
-TINY = Config(train_size=200, valid_size=40, test_size=30, epochs=4, hidden=(16,), latent_dim=3,
-              batch_size=64, device="cpu", seed=3)
+TINY = TOY.replace(train_size=200, valid_size=40, test_size=30, epochs=4, batch_size=64)
 
 
 def _quiet(_msg):
