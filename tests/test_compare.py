@@ -67,6 +67,11 @@ def _short_gap_fits(mp):
     mp.setattr(heldout.GapTracker, "record", short)
 
 
+@pytest.fixture(autouse=True)
+def _short_gaps(monkeypatch):
+    _short_gap_fits(monkeypatch)
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, mnist):
     out = tmp_path_factory.mktemp("base") / "c"
