@@ -29,10 +29,13 @@ import torch.nn as nn
 
 from ppl_vae import data
 from ppl_vae.batching import Batch
+from ppl_vae.config import Config
 from ppl_vae.guides import LocalNormal
 from ppl_vae.likelihoods import Likelihood
 from ppl_vae.model import VAEModel
 from ppl_vae.priors import StandardNormal
+
+from helpers import trained_copy
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each
@@ -202,3 +205,34 @@ class TableWithoutRows(torch.nn.Module):
 
     def local_parameters(self):
         return [self.table.params]
+
+
+# ----------------------------------------------------------------------------------------
+# the toy run: tiny networks, 2 steps per epoch on 100 MNIST rows (``helpers.TINY`` is the
+# same run on the command line); a test that needs other sizes writes ``TOY.replace(...)``
+# ----------------------------------------------------------------------------------------
+TOY = Config(train_size=100, valid_size=20, test_size=20, epochs=1, hidden=(16,), latent_dim=3,
+             batch_size=50, device="cpu", seed=3)
+
+
+@pytest.fixture
+def toy_config() -> Config:
+    return TOY
+
+
+@pytest.fixture
+def finished_run(tmp_path, tmp_path_factory, cached_mnist, capsys):
+    """A finished 2-epoch tiny run of the CLI (its own copy per test)."""
+    return trained_copy(tmp_path_factory, capsys, tmp_path / "run", 2)
+
+
+@pytest.fixture
+def evaluated(tmp_path, tmp_path_factory, cached_mnist, capsys):
+    """A finished 2-epoch run, evaluated (its own copy per test)."""
+    return trained_copy(tmp_path_factory, capsys, tmp_path / "run", 2, evaluate=True)
+
+
+@pytest.fixture
+def evaluated_run(tmp_path, tmp_path_factory, cached_mnist, capsys):
+    """A finished 3-epoch run, evaluated (eval.json and figures; its own copy per test)."""
+    return trained_copy(tmp_path_factory, capsys, tmp_path / "run3", 3, evaluate=True)

@@ -8,8 +8,8 @@ import pyro
 import pytest
 import torch
 
-from conftest import SEED, TableWithoutRows, tiny_binary_data
-from ppl_vae import guides, nets, objectives, optim, protocol, step
+from conftest import SEED, TableWithoutRows, make_linear_gaussian, tiny_binary_data
+from ppl_vae import compiled, evaluate, guides, local_fit, nets, objectives, optim, protocol, step
 from ppl_vae.batching import Batch
 from ppl_vae.compiled import Compiled
 from ppl_vae.config import Config
@@ -630,3 +630,80 @@ def test_compiling_still_works_after_the_cuda_note_test():
     fx_graph_cache, and every later compile in the worker failed)."""
     import torch._inductor.config as inductor_config
     assert isinstance(inductor_config.fx_graph_cache, bool)
+
+
+# ---------------------------------------------------------------------------------------
+# one rule decides compilation (the step, q*'s fit, log p(x)) from the one --compile setting
+# ---------------------------------------------------------------------------------------
+def test_the_rule_compiles_on_always_off_never_auto_from_its_threshold(monkeypatch):
+    monkeypatch.setattr(compiled, "has_compiler", lambda: True)
+    assert compiled.compiles("on", 0, 10) and not compiled.compiles("off", 10 ** 9, 10)
+    assert compiled.compiles("auto", 10, 10) and not compiled.compiles("auto", 9, 10)
+    assert [compiled.mode_of(c) for c in (None, True, False, "off")] == ["auto", "on", "off",
+                                                                        "off"]
+    monkeypatch.setattr(compiled, "has_compiler", lambda: False)
+    assert not compiled.compiles("auto", 10 ** 9, 10) and compiled.compiles("on", 0, 10)
+    with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
+        compiled.compiles("sometimes", 1, 1)
+
+
+def _spy(monkeypatch):
+    """Record where q*'s fit and log p(x) would compile (and run them eagerly)."""
+    seen = []
+    monkeypatch.setattr(compiled, "has_compiler", lambda: True)
+    monkeypatch.setattr(compiled, "PAYS_FROM_LOCAL_ROWS", 1)
+    monkeypatch.setattr(compiled, "PAYS_FROM_LOG_PX_ROWS", 1)
+    monkeypatch.setattr(evaluate, "PAYS_FROM_LOG_PX_ROWS", 1)
+    monkeypatch.setattr(local_fit._CompiledFit, "get",
+                        classmethod(lambda cls, *a: seen.append("q*") or None))
+    monkeypatch.setattr(evaluate, "Compiled", lambda fn: seen.append("log p(x)") or fn)
+    return seen
+
+
+@pytest.mark.parametrize("mode, compiled_pieces", [("off", []), ("auto", ["q*", "log p(x)"]),
+                                                   ("on", ["q*", "log p(x)"])])
+def test_compile_off_reaches_q_star_and_log_px(monkeypatch, mode, compiled_pieces):
+    seen = _spy(monkeypatch)
+    lg = make_linear_gaussian(seed=3)
+    x = lg.sample(6, seed=1)
+    guide = guides.AmortizedNormal(nets.Encoder(lg.D, (8,), lg.L))
+    evaluate.evaluate_model(lg.model, guide, x, num_particles=4, local=True, progress=False,
+                            proposal="local", local_options={"compile": mode, "max_steps": 4})
+    assert sorted(set(seen)) == sorted(compiled_pieces)
+
+
+def test_train_compile_off_compiles_nothing_anywhere(monkeypatch, tmp_path, cached_mnist):
+    """From the command line: a mean-field run (q* fitted for validation, the test ELBO and
+    its evaluation) with --compile off compiles no step, no fit of q* and no log p(x);
+    the same run with --compile on compiles all three."""
+    from ppl_vae import cli
+    seen = _spy(monkeypatch)
+    steps = []
+    original = compiled.Compiled.__init__
+
+    def init(self, objective, *a, **k):
+        steps.append(type(objective).__name__)
+        original(self, objective, *a, **k)
+    monkeypatch.setattr(compiled.Compiled, "__init__", init)
+    monkeypatch.setattr(compiled.Compiled, "value_and_grad", lambda *a, **k: None)  # eager
+    base = ["train", "--guide", "meanfield", "--train-size", "200", "--valid-size", "20",
+            "--test-size", "20", "--epochs", "1", "--hidden", "16", "--latent-dim", "2",
+            "--batch-size", "100", "--no-progress"]
+    assert cli.main(base + ["--compile", "off", "--out", str(tmp_path / "off")]) == 0
+    assert cli.main(["evaluate", str(tmp_path / "off"), "--num-particles-eval", "3",
+                     "--no-progress"]) == 0
+    assert (seen, steps) == ([], [])
+    assert cli.main(base + ["--compile", "on", "--out", str(tmp_path / "on")]) == 0
+    assert cli.main(["evaluate", str(tmp_path / "on"), "--num-particles-eval", "3",
+                     "--no-progress"]) == 0
+    assert {"q*", "log p(x)"} <= set(seen) and steps
+
+
+def test_local_inference_takes_the_mode_as_the_setting_names_it(monkeypatch):
+    seen = _spy(monkeypatch)
+    lg = make_linear_gaussian(seed=3)
+    x = lg.sample(4, seed=1)
+    for mode in ("off", "on", None, False, True):
+        local_fit.local_inference(lg.model, x, max_steps=2, compile=mode)
+    assert seen == ["q*", "q*", "q*"]  # on, auto (None: from 1 row here), True
+    assert torch.isfinite(local_fit.local_inference(lg.model, x, max_steps=2).guide.params).all()

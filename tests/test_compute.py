@@ -12,13 +12,15 @@ from ppl_vae import cli
 from ppl_vae.compare import _check, compare
 from ppl_vae.compute import (MAX_BUDGET_STEPS, Budget, Compute, StepCost, local_budget,
                              step_cost, steps_per_epoch)
-from ppl_vae.config import Config
 from ppl_vae.errors import UserError
 from ppl_vae.run import fit_run
 from ppl_vae.run_setup import load_splits
 
-TINY = Config(train_size=500, valid_size=100, test_size=100, epochs=1, hidden=(32,),
-              latent_dim=4, device="cpu")
+from conftest import TOY
+
+
+TINY = TOY.replace(train_size=500, valid_size=100, test_size=100, hidden=(32,), latent_dim=4,
+                   batch_size=128, seed=0)
 QUICK_FIT = {"max_steps": 60}  # the test-time fit of q*: enough for a toy model
 
 

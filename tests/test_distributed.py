@@ -23,6 +23,8 @@ from ppl_vae.build import build_objective  # noqa: E402
 from ppl_vae.evaluate import evaluate_model  # noqa: E402
 from ppl_vae.optim import make_optimizers  # noqa: E402
 
+from helpers import TINY, assert_one_error_line, call  # noqa: E402
+
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -308,7 +310,6 @@ def test_a_resumed_process_maps_the_checkpoint_and_copies_only_its_rows(tmp_path
      ["MASTER_PORT='70000'"]),
 ], ids=["port-abc", "no-addr", "port-too-large"])
 def test_a_bad_master_port_is_one_line(tmp_path, capsys, monkeypatch, env, words):
-    from test_trust import TINY, assert_one_error_line, call
     for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -349,3 +350,16 @@ def test_a_resolver_that_does_not_answer_is_refused_after_its_timeout(monkeypatc
     assert time.monotonic() - start < 5
     monkeypatch.undo()
     distributed.check_address("127.0.0.1", 29500)
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR"),
+    ({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "abc"}, "LOCAL_RANK"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, "RANK"),
+])
+def test_a_broken_launcher_environment_is_one_line(tmp_path, capsys, monkeypatch, env, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = call(capsys, "train", *TINY, "--out", tmp_path / "r")
+    assert_one_error_line(code, err, out)
+    assert words in err

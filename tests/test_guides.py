@@ -226,7 +226,7 @@ def test_a_table_reads_the_rows_it_is_given_and_only_within():
 def test_a_refine_lr_beyond_float32_is_one_line(tmp_path, capsys, cached_mnist):
     """``--refine-lr 1e40``: the first refinement step left float32's range and a 120-line
     Pyro ValueError followed; now one line naming the setting and a value that works."""
-    from test_trust import TINY, assert_one_error_line, call
+    from helpers import TINY, assert_one_error_line, call
     code, out, err = call(capsys, "train", *TINY, "--guide", "semiamortized", "--refine-lr",
                           "1e40", "--out", tmp_path / "r")
     assert_one_error_line(code, err, out)
@@ -250,7 +250,7 @@ def _semi(step_size, d=12, latent=2):
 def test_a_diverging_refinement_is_named_in_the_divergence(tmp_path, capsys, cached_mnist):
     """A refinement step far too large makes training diverge: the error names refine_lr
     (the setting that caused it), not the learning rate, on the command line too."""
-    from test_trust import TINY, call
+    from helpers import TINY, call
     code, out, err = call(capsys, "train", *TINY, "--guide", "semiamortized", "--refine-lr",
                           "1e30", "--out", tmp_path / "r")
     assert code == 1 and "Traceback" not in err, err

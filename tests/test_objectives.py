@@ -14,9 +14,11 @@ import torch
 
 from ppl_vae import guides, likelihoods, nets, objectives, priors
 from ppl_vae.batching import Batch
+from ppl_vae.config import Config
 from ppl_vae.model import VAEModel, data_plate
 
 from conftest import SEED, full_batch, local_guide, make_linear_gaussian, tiny_binary_data
+from helpers import TINY, assert_one_error_line, call, config_json, metrics, summary, train_cli
 
 
 def _poor_guide(lg, x, shift=0.4, stretch=1.4):
@@ -407,3 +409,63 @@ def test_dreg_refuses_a_non_normal_guide(lingauss):
 
     with pytest.raises(ValueError, match="Normal"):
         objectives.IWAE(3, dreg=True)(lingauss.model, laplace_guide, full_batch(x))
+
+
+def test_beta_changes_the_objective_and_is_recorded(tmp_path, cached_mnist, capsys):
+    one, half = tmp_path / "beta1", tmp_path / "beta05"
+    assert train_cli(capsys, one, "--beta", "1")[0] == 0
+    assert train_cli(capsys, half, "--beta", "0.5")[0] == 0
+    assert [m["beta"] for m in metrics(half)] == [0.5]
+    assert [m["beta"] for m in metrics(one)] == [1.0]
+    assert config_json(half)["config"]["beta"] == 0.5
+    # a smaller KL weight gives a larger (less negative) objective, not the same one
+    assert metrics(half)[0]["train_elbo"] > metrics(one)[0]["train_elbo"]
+
+
+@pytest.mark.parametrize("name", ["Trace_ELBO", "pyro.infer:Trace_ELBO"])
+def test_pyro_trace_elbo_trains_like_ours(tmp_path, capsys, cached_mnist, name):
+    """Our ELBO equals Pyro's Trace_ELBO: the same seed gives the same numbers (to float
+    rounding: the same draws, the same loss)."""
+    runs = {}
+    for objective in ("elbo", name):
+        out = tmp_path / objective.replace(":", "_")
+        code, _, err = train_cli(capsys, out, "--objective", objective)
+        assert code == 0, err
+        runs[objective] = summary(out)
+    ours, pyros = runs["elbo"], runs[name]
+    assert pyros["test_elbo"] == pytest.approx(ours["test_elbo"], abs=3 * ours["test_elbo_stderr"])
+    assert pyros["final_train_elbo"] == pytest.approx(ours["final_train_elbo"], rel=1e-4)
+
+
+def test_pyro_objectives_values_match_ours():
+    """Per batch: Trace_ELBO equals elbo, TraceMeanField_ELBO equals analytic_kl, and
+    TraceGraph_ELBO's value is -ELBO on the same draws."""
+    import pyro
+    from ppl_vae.batching import Batch
+    from ppl_vae.build import build_guide, build_model, build_objective
+    x = torch.bernoulli(torch.rand(6, 12, generator=torch.Generator().manual_seed(0)))
+    cfg = Config(latent_dim=3, hidden=(8,), num_particles=4)
+    model = build_model(cfg, 12)
+    guide = build_guide(cfg, 12, 6)
+    batch = Batch(x, torch.arange(6), 30)
+    pairs = [("elbo", "Trace_ELBO"), ("analytic_kl", "TraceMeanField_ELBO"),
+             ("elbo", "TraceGraph_ELBO")]
+    for ours, theirs in pairs:
+        values = []
+        for name in (ours, theirs):
+            pyro.set_rng_seed(1)
+            values.append(float(build_objective(cfg.replace(objective=name))(model, guide, batch).detach()))
+        assert values[1] == pytest.approx(values[0], rel=1e-5), (ours, theirs)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--objective", "pyro.infer:RenyiELBO"], "N / B"),
+    (["--objective", "Trace_ELBO", "--beta", "0.5"], "no KL weight"),
+    (["--objective", "Trace_ELBO", "--warmup-epochs", "1"], "no KL weight"),
+    (["--warmup-epochs", "7", "--epochs", "1"], "never reach"),
+])
+def test_objectives_that_cannot_run_are_one_line(tmp_path, capsys, cached_mnist, argv, words):
+    code, out, err = call(capsys, "train", *TINY, *argv, "--out", tmp_path / "r")
+    assert_one_error_line(code, err, out)
+    assert words in err
+    assert not (tmp_path / "r").exists()

@@ -185,7 +185,7 @@ def test_an_adam_eps_that_float32_cannot_hold_is_one_line(tmp_path, capsys, cach
     """``--adam-eps 1e-300`` rounds to 0 in float32: the first step divided 0 by 0 for every
     weight whose gradient is 0 and a 120-line Pyro traceback followed. Now: one line naming
     the setting and a value that works, exit code 2, nothing trained."""
-    from test_trust import TINY, assert_one_error_line, call
+    from helpers import TINY, assert_one_error_line, call
     code, out, err = call(capsys, "train", *TINY, "--adam-eps", "1e-300", "--out",
                           tmp_path / "r")
     assert_one_error_line(code, err, out)

@@ -9,12 +9,15 @@ import pytest
 from ppl_vae import plots, report, report_tables
 from ppl_vae.results import Comparison, GuideRun
 from ppl_vae.compute import Budget, Compute, LocalBudget, StepCost
-from ppl_vae.config import Config
 from ppl_vae.evaluate import Estimate, Scores, View
 from ppl_vae.run import Summary
 
-CONFIG = Config(train_size=2000, valid_size=500, test_size=200, epochs=2, hidden=(16,),
-                latent_dim=3, batch_size=100, device="cpu")
+import records
+from conftest import TOY
+
+
+CONFIG = TOY.replace(train_size=2000, valid_size=500, test_size=200, epochs=2, batch_size=100,
+                     seed=0)
 DATA = {"train": 2000, "valid": 10000, "test": 10000, "shape": [1, 28, 28], "labelled": True,
         "classes": None}
 VERSIONS = {"torch": "t", "pyro": "p", "git": "g"}
@@ -184,3 +187,59 @@ def test_write_figures_draws_the_curves_in_the_budgets_unit(tmp_path, monkeypatc
                          {"amortized": arrays})
     xs = list(figures["curves.png"].axes[0].get_lines()[0].get_xdata())
     assert xs == pytest.approx([1.0, 1.25])  # epochs: 5 of 20 steps of the second
+
+
+SEEDS_TOY = TOY.replace(train_size=300, test_size=40, batch_size=100, seed=0)
+
+
+def _report(guides, results=None, config=SEEDS_TOY, settings=None, seeds=(0,)):
+    from ppl_vae import report
+    comp = Comparison("d", config.to_dict(), VERSIONS, "cpu", list(guides), {}, [], list(seeds),
+                      Budget(), 10, settings=settings or {})
+    for g in guides:
+        for s in seeds:
+            comp.runs.append(GuideRun(g, s, g, records.scores(**{
+                k: v for k, v in (results or {}).get(g, {}).items() if k.endswith("_gap")}),
+                records.SUMMARY, Compute(StepCost({"decoder": 1.0}, {"decoder": 1.0}), 10,
+                                 config.epochs, 1.0),
+                (results or {}).get(g, {}).get("family", "diagonal normal"),
+                (results or {}).get(g, {}).get("per_datapoint", False)))
+    return report.markdown(comp)
+
+
+def test_the_reports_title_and_settings_come_from_the_guides_that_ran():
+    default = _report(["amortized", "semiamortized", "meanfield"])
+    assert default.startswith("# Amortized, semi-amortized and mean-field inference\n")
+    assert "RowAdam lr" in default and "refinement steps of size" in default
+    user = _report(["mymod:A", "mymod:B"])
+    assert user.startswith("# Inference compared: `mymod:A` and `mymod:B`\n")
+    assert "RowAdam" not in user and "refinement" not in user and "mean-field" not in user
+    told = _report(["mymod:A", "mymod:B"], settings={"mymod:A": ["local_lr"]})
+    assert "the mymod:A guide: RowAdam lr" in told and "refinement" not in told
+    assert "RowAdam" not in _report(["amortized"])
+
+
+def test_one_epoch_is_one_epoch_not_one_epochs():
+    text = _report(["amortized"], config=SEEDS_TOY.replace(epochs=1))
+    assert "same budget of 1 epoch," in text and "1 epochs" not in text
+    assert "same budget of 2 epochs," in _report(["amortized"], config=SEEDS_TOY.replace(epochs=2))
+
+
+def test_the_report_says_why_an_amortization_gap_is_na():
+    text = _report(["amortized", "meanfield", "userflow"], results={
+        "amortized": {"family": "diagonal normal", "per_datapoint": False,
+                      "amortization_gap": 1.0},
+        "meanfield": {"family": "diagonal normal", "per_datapoint": True,
+                      "amortization_gap": None},
+        "userflow": {"family": None, "per_datapoint": False, "amortization_gap": None}})
+    assert "The meanfield guide's amortization gap is n/a: a per-datapoint table" in text
+    assert ("The userflow guide's amortization gap is n/a: q* was fitted in the diagonal family "
+            "and the guide's q is in no family q* can take") in text
+    assert ("The userflow guide's approximation gap is log p(x) - L[q*] with a diagonal q*: "
+            "the diagonal family's approximation gap") in text
+    assert "The amortized guide's" not in text and "The meanfield guide's approximation" not in text
+    from ppl_vae import report
+    said = report.line("userflow", records.guide_run("userflow", 0, -97.0, family=None))
+    assert "amort gap n/a (q* was fitted in the diagonal family" in said
+    assert "n/a (a per-datapoint table" in report.line("mf", records.guide_run("mf", 0, -97.0,
+                                                                  per_datapoint=True))

@@ -1,8 +1,6 @@
-"""Issue 32: the training pipeline's hold on its folder (B), config.json after a full disk
-(E) and the messages it gives (G).
-
-Each test here failed on the code before the fix it names.
-"""
+"""ppl_vae.run: the training pipeline: the same seed gives the same numbers, its hold on its
+folder, config.json after a full disk, metrics.jsonl and gaps.jsonl across a resume, the gap
+figure, and the messages it gives (an absurd ELBO, a divergence, a cut-short scoring)."""
 from __future__ import annotations
 
 import errno
@@ -15,8 +13,10 @@ import torch
 
 from ppl_vae import checkpoint, evaluation, run, rundir, runfiles, writelock
 from ppl_vae.errors import UserError
-from test_trust import (TINY, TINY_CONFIG, assert_one_error_line, call,  # noqa: F401
-                        config_json, files, finished_run, summary, train_cli, trained_copy)
+
+from conftest import TOY
+from helpers import (GAPS, TINY, assert_one_error_line, call, config_json, files, metrics,
+                     numbers, params, summary, train_cli, without_timings)
 
 
 def _refused_elsewhere(out) -> bool:
@@ -62,7 +62,7 @@ def test_the_lock_is_held_through_the_final_scoring(tmp_path, capsys, cached_mni
 def test_fit_run_holds_the_lock_until_finish(tmp_path, cached_mnist):
     """What ``compare`` does: fit_run, its own scoring, then finish (which releases)."""
     out = tmp_path / "run"
-    config = TINY_CONFIG.replace(compile="off")
+    config = TOY.replace(compile="off")
     trained = run.fit_run(config, out, progress=False, log=lambda _m: None)
     assert _refused_elsewhere(out)
     run.finish(trained, out, log=lambda _m: None)
@@ -73,7 +73,7 @@ def test_fit_run_holds_the_lock_until_finish(tmp_path, cached_mnist):
 def test_train_run_holds_the_lock_through_what_follows(tmp_path, cached_mnist):
     """``train --evaluate``: the evaluation runs under the training's lock (``then``)."""
     out = tmp_path / "run"
-    config = TINY_CONFIG.replace(compile="off")
+    config = TOY.replace(compile="off")
     seen = []
 
     def then():
@@ -233,3 +233,67 @@ def test_an_absurd_elbo_from_the_refinement_names_refine_lr(tmp_path, cached_mni
     err = " ".join((said.out + said.err).split())
     assert "is absurd" in err and "try a smaller --refine-lr (it was 1000)" in err, err
     assert "--refine-lr 1000" in err and "refine_lr" not in err
+
+
+def test_same_seed_two_runs_same_numbers(tmp_path, cached_mnist, capsys):
+    for name in ("a", "b"):
+        assert train_cli(capsys, tmp_path / name, "--epochs", "2")[0] == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert numbers(a) == numbers(b)
+    assert without_timings(summary(a)) == without_timings(summary(b))
+    for key, tensor in params(a).items():
+        assert torch.equal(tensor, params(b)[key]), key
+
+
+def test_a_resume_keeps_the_gap_curves(tmp_path, cached_mnist, capsys):
+    """The gap rows of the epochs before a resume stay (a resume once deleted gaps.jsonl)."""
+    out = tmp_path / "gaps"
+    assert train_cli(capsys, out, *GAPS, "--epochs", "1")[0] == 0
+    before = (out / "gaps.jsonl").read_text()
+    assert before
+    assert train_cli(capsys, out, "--track-gaps", "--gap-epochs", "1", "2", "--epochs", "2",
+                     "--resume")[0] == 0
+    after = (out / "gaps.jsonl").read_text()
+    assert after.startswith(before)
+    assert {json.loads(line)["epoch"] for line in after.splitlines()} == {1, 2}
+
+
+def test_resume_repairs_a_truncated_metrics_jsonl(finished_run, capsys):
+    path = finished_run / "metrics.jsonl"
+    old = metrics(finished_run)
+    path.write_bytes(path.read_bytes()[:-30])
+    assert train_cli(capsys, finished_run, "--resume", "--epochs", "3")[0] == 0
+    new = metrics(finished_run)
+    assert [m["epoch"] for m in new] == [1, 2, 3] and new[:2] == old
+
+
+def test_track_gaps_draws_its_figure_at_the_end_of_training(tmp_path, capsys, cached_mnist):
+    out = tmp_path / "run"
+    assert train_cli(capsys, out, "--track-gaps")[0] == 0
+    assert (out / "gaps.jsonl").exists() and (out / "gaps.png").stat().st_size > 0
+
+
+def test_an_absurd_elbo_warning_names_the_flag_without_control_bytes(tmp_path, capsys,
+                                                                     cached_mnist):
+    code, out, err = call(capsys, "train", *TINY, "--lr", "10", "--out", tmp_path / "r")
+    assert "\x00" not in out + err
+    if "absurd" in out + err:
+        assert "--lr" in out + err
+
+
+def test_a_divergence_before_any_checkpoint_says_so(tmp_path, capsys, cached_mnist):
+    code, out, err = call(capsys, "train", *TINY, "--beta", "1e308", "--out", tmp_path / "r")
+    assert code == 1
+    assert "no checkpoint" in err and "is kept" not in err
+
+
+def test_a_run_interrupted_in_its_final_scoring_can_be_finished(finished_run, capsys):
+    """Ctrl-C while the test set is scored leaves all epochs and no summary: --resume
+    finishes the scoring instead of refusing (it trains nothing more)."""
+    (finished_run / "summary.json").unlink()
+    before = checkpoint.load(finished_run)["model"]
+    code, out, err = train_cli(capsys, finished_run, "--epochs", "2", "--resume")
+    assert code == 0, err
+    assert summary(finished_run)["epochs"] == 2
+    after = checkpoint.load(finished_run)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,101 +1,29 @@
-"""Issue 32: run folders. A resume keeps what an evaluation wrote (A), a folder knows whether
-it holds a run or a comparison (C), an evaluation is replaced as one set and the lock is
-taken atomically (F), and ``--overwrite`` through a symbolic link (G).
-
-Each test here failed on the code before the fix it names.
-"""
+"""ppl_vae.rundir: which folders may be written, replaced or resumed: a folder knows whether
+it holds a run or a comparison, foreign folders and an empty --out are refused untouched,
+``--overwrite`` (crashed, Ctrl-C'd, killed between its renames, through a symbolic link)
+leaves the old run or the new one, never a mix."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import time
 
-import numpy as np
 import pytest
 
-from ppl_vae import rundir, runfiles, writelock
+from ppl_vae import checkpoint, run, run_setup, rundir, runfiles
 from ppl_vae.errors import UserError
-from test_trust import (FIGURES, TINY, assert_one_error_line, call, config_json,  # noqa: F401
-                        files, finished_run, summary, train_cli, trained_copy)
 
-EVALUATED = ("eval.json", "arrays.npz", *FIGURES)
-
-
-@pytest.fixture
-def evaluated(tmp_path, tmp_path_factory, cached_mnist, capsys):
-    """A finished 2-epoch run, evaluated (its own copy per test)."""
-    return trained_copy(tmp_path_factory, capsys, tmp_path / "run", 2, evaluate=True)
+from conftest import TOY
+from helpers import (TINY, assert_one_error_line, call, config_json, error_segments, files,
+                     process_log, summary, train_cli, train_process)
+from records import quiet
 
 
 def tree(folder):
     """Every file under ``folder`` (relative path -> bytes)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
-
-
-# ---------------------------------------------------------------------------------------
-# A. a resume keeps what an evaluation wrote, in a subfolder named by the epoch it scored
-# ---------------------------------------------------------------------------------------
-def test_a_resume_keeps_the_evaluation_in_a_subfolder(evaluated, capsys):
-    before = files(evaluated)
-    assert set(EVALUATED) <= set(before)
-    code, out, err = train_cli(capsys, evaluated, "--resume", "--epochs", "3")
-    assert code == 0, err
-    kept = evaluated / "evaluated-epoch2"
-    assert kept.is_dir()
-    for name in EVALUATED:  # every file, byte for byte, and none left beside the new run
-        assert (kept / name).read_bytes() == before[name], name
-        assert not (evaluated / name).exists(), name
-    assert json.loads((kept / "eval.json").read_text())["epochs"] == 2
-    assert summary(evaluated)["epochs"] == 3
-    said = [line for line in out.splitlines() if "evaluated-epoch2" in line]
-    assert len(said) == 1, out  # one log line says where the evaluation went
-    # the folder stays a run that the next commands take: evaluate, resume, overwrite
-    assert rundir.kind_of(evaluated) == "run"
-    assert call(capsys, "evaluate", evaluated, "--num-particles-eval", "2",
-                "--rows", "10")[0] == 0
-    assert (kept / "eval.json").read_bytes() == before["eval.json"]  # untouched by it
-    assert json.loads((evaluated / "eval.json").read_text())["epochs"] == 3
-    code, _, err = train_cli(capsys, evaluated, "--resume", "--epochs", "4")
-    assert code == 0, err
-    assert (evaluated / "evaluated-epoch3" / "eval.json").exists() and kept.is_dir()
-    code, _, err = train_cli(capsys, evaluated, "--overwrite", "--epochs", "1")
-    assert code == 0, err  # replaces the run with its kept evaluations, leaves nothing beside
-    assert not (evaluated / "evaluated-epoch2").exists()
-    assert [p.name for p in evaluated.parent.iterdir() if p.name.startswith(".")] == []
-
-
-def test_a_stale_evaluation_is_kept_in_a_subfolder(evaluated, capsys):
-    """An evaluation of another epoch than the run's last (made while the run was cut short)
-    is kept aside by the scoring that finishes the run, not deleted."""
-    doc = json.loads((evaluated / "eval.json").read_text())
-    doc["epochs"] = 1
-    (evaluated / "eval.json").write_text(json.dumps(doc))
-    (evaluated / "summary.json").unlink()  # interrupted in its final scoring
-    before = files(evaluated)
-    code, out, err = train_cli(capsys, evaluated, "--resume", "--epochs", "2")
-    assert code == 0, err
-    kept = evaluated / "evaluated-epoch1"
-    for name in EVALUATED:
-        assert (kept / name).read_bytes() == before[name], name
-    assert len([line for line in out.splitlines() if "evaluated-epoch1" in line]) == 1, out
-    assert summary(evaluated)["epochs"] == 2
-
-
-def test_setting_aside_never_overwrites_an_earlier_set(tmp_path):
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / runfiles.MARKER).write_text("run")
-    for text in ("first", "second"):
-        (folder / "eval.json").write_text(json.dumps({"epochs": 2, "text": text}))
-        (folder / "latent.png").write_text(text)
-        assert runfiles.set_aside_evaluation(folder, 5, log=lambda _m: None) is not None
-    kept = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    assert kept == ["evaluated-epoch2", "evaluated-epoch2-2"]
-    assert (folder / "evaluated-epoch2" / "latent.png").read_text() == "first"
-    assert (folder / "evaluated-epoch2-2" / "latent.png").read_text() == "second"
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,122 +92,6 @@ def test_the_marker_records_the_kind(tmp_path, capsys, cached_mnist):
 
 
 # ---------------------------------------------------------------------------------------
-# F. an evaluation is replaced as one set; the lock is taken atomically
-# ---------------------------------------------------------------------------------------
-def _consistent(run):
-    """The run's evaluation is one set: eval.json's rows are the rows arrays.npz holds."""
-    if not run.exists():  # a kill between two renames: the next command puts the old back
-        parked = [p for p in run.parent.iterdir() if p.name.startswith(f".{run.name}.old-")]
-        assert len(parked) == 1, list(run.parent.iterdir())
-        run = parked[0]
-    rows = json.loads((run / "eval.json").read_text())["num_rows"]
-    with np.load(run / "arrays.npz") as a:
-        assert len(a["labels"]) == rows, (rows, len(a["labels"]))
-
-
-@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
-def test_an_evaluation_is_replaced_as_one_set(evaluated, capsys, monkeypatch, exchange):
-    """Seen at every rename (or exchange) the evaluation makes, the run's evaluation is the
-    old one or the new one, never eval.json of one beside arrays.npz of the other."""
-    _consistent(evaluated)
-    seen = []
-    real_replace, real_rename, real_exchange = os.replace, os.rename, rundir.exchange
-
-    def watched(real):
-        def call_(*args, **kwargs):
-            _consistent(evaluated)  # what a kill just before this call would leave
-            result = real(*args, **kwargs)
-            _consistent(evaluated)  # ... and just after it
-            seen.append(args)
-            return result
-        return call_
-    monkeypatch.setattr(os, "replace", watched(real_replace))
-    monkeypatch.setattr(os, "rename", watched(real_rename))
-    monkeypatch.setattr(rundir, "exchange", watched(
-        real_exchange if exchange else (lambda a, b: False)))
-    code, out, err = call(capsys, "evaluate", evaluated, "--num-particles-eval", "2",
-                          "--rows", "5")
-    assert code == 0, err
-    assert seen
-    assert json.loads((evaluated / "eval.json").read_text())["num_rows"] == 5
-    _consistent(evaluated)
-    assert [p.name for p in evaluated.parent.iterdir() if p.name.startswith(".")] == []
-
-
-def _hammer(folder, seconds, violations, takeovers, seed):
-    """Take and release ``folder``'s lock for ``seconds``; count two holders at once. Now and
-    then a child takes the lock and dies holding it (a lock to take over)."""
-    import random
-
-    real_fdopen, real_write = os.fdopen, os.write
-
-    def slow_fdopen(*args, **kwargs):  # a loaded machine: a pause between creating a file
-        time.sleep(0.001)              # and writing it
-        return real_fdopen(*args, **kwargs)
-
-    def slow_write(*args, **kwargs):
-        time.sleep(0.001)
-        return real_write(*args, **kwargs)
-    os.fdopen, os.write = slow_fdopen, slow_write
-    rng = random.Random(seed)
-    inside = os.path.join(folder, "inside")
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if rng.random() < 0.05:
-            pid = os.fork()
-            if pid == 0:  # dies holding the lock, if it got it
-                try:
-                    writelock.lock(folder, "dying")
-                except UserError:
-                    os._exit(1)
-                os._exit(0)
-            _, status = os.waitpid(pid, 0)
-            with takeovers.get_lock():
-                takeovers.value += os.waitstatus_to_exitcode(status) == 0
-            continue
-        try:
-            writelock.lock(folder, "hammer")
-        except UserError:
-            continue
-        try:
-            fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            with violations.get_lock():
-                violations.value += 1
-        else:
-            time.sleep(0.0005)
-            os.close(fd)
-            os.unlink(inside)
-        writelock.unlock(folder)
-
-
-def test_the_lock_admits_one_holder_among_processes(tmp_path):
-    folder = str(tmp_path)
-    ctx = multiprocessing.get_context("fork")
-    violations, takeovers = ctx.Value("i", 0), ctx.Value("i", 0)
-    procs = [ctx.Process(target=_hammer, args=(folder, 5.0, violations, takeovers, i))
-             for i in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    assert takeovers.value > 0  # dead locks were taken over meanwhile
-    assert violations.value == 0
-    leftovers = [n for n in os.listdir(folder) if n not in (runfiles.LOCK,)]
-    assert leftovers == []  # no temporary file of the lock is left
-
-
-def test_the_lock_is_reentrant_within_a_process(tmp_path):
-    writelock.lock(tmp_path, "train")
-    writelock.lock(tmp_path, "evaluate")  # a train --evaluate: one process, one lock
-    writelock.unlock(tmp_path)
-    assert (tmp_path / runfiles.LOCK).exists()  # the outer holder still holds it
-    writelock.unlock(tmp_path)
-    assert not (tmp_path / runfiles.LOCK).exists()
-
-
-# ---------------------------------------------------------------------------------------
 # G. --overwrite through a symbolic link replaces the folder it points to
 # ---------------------------------------------------------------------------------------
 def test_overwrite_through_a_symlink_replaces_its_target(finished_run, capsys):
@@ -290,3 +102,188 @@ def test_overwrite_through_a_symlink_replaces_its_target(finished_run, capsys):
     assert link.is_symlink() and os.readlink(link) == finished_run.name
     assert summary(finished_run)["epochs"] == 1
     assert sorted(p.name for p in finished_run.parent.iterdir()) == ["latest", "run"]
+
+
+def test_overwrite_that_crashes_before_its_first_checkpoint_keeps_the_old_run(
+        finished_run, monkeypatch):
+    before = files(finished_run)
+    assert {"checkpoint.pt", "metrics.jsonl", "summary.json", "config.json"} <= set(before)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crash before the first checkpoint")
+
+    monkeypatch.setattr(run, "fit", crash)
+    with pytest.raises(RuntimeError, match="crash"):
+        run.train_run(TOY.replace(epochs=3), finished_run, overwrite=True,
+                      progress=False, log=quiet)
+    assert files(finished_run) == before  # byte-identical, nothing added or left behind
+    assert sorted(p.name for p in finished_run.iterdir()) == sorted(before)
+
+
+def test_overwrite_crash_in_the_first_step_keeps_the_old_run(finished_run, monkeypatch,
+                                                             capsys):
+    before = files(finished_run)
+    build = run_setup.build_objective
+
+    class Boom:
+        beta = 1.0
+
+        def __call__(self, *args, **kwargs):
+            raise UserError("stop in the first step")
+
+    monkeypatch.setattr(run_setup, "build_objective", lambda c: Boom())
+    code, out, err = train_cli(capsys, finished_run, "--overwrite", "--epochs", "3")
+    assert code == 2 and error_segments(err) == ["error: stop in the first step"]
+    assert files(finished_run) == before
+    monkeypatch.setattr(run_setup, "build_objective", build)
+
+
+FOREIGN = {"config.json": b'{"mine": 1}', "metrics.jsonl": b"my metrics\n",
+           "eval.json": b"{}", "samples.png": b"not a png"}
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"], ["--resume"]])
+def test_a_folder_of_foreign_files_is_refused_and_untouched(tmp_path, capsys, extra,
+                                                            cached_mnist):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name, blob in FOREIGN.items():
+        (out / name).write_bytes(blob)
+    code, stdout, err = train_cli(capsys, out, *extra)
+    assert_one_error_line(code, err, stdout)
+    assert files(out) == FOREIGN and sorted(p.name for p in out.iterdir()) == sorted(FOREIGN)
+    # evaluate refuses it too (no checkpoint), writing nothing
+    code, stdout, err = call(capsys, "evaluate", out)
+    assert_one_error_line(code, err, stdout)
+    assert files(out) == FOREIGN
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", *TINY, "--out", ""],
+    ["train", *TINY, "--out", "  "],
+    ["compare", "--out", "", "--train-size", "100", "--valid-size", "20",
+     "--test-size", "20", "--epochs", "1", "--hidden", "16", "--latent-dim", "2",
+     "--guides", "amortized", "--num-particles-eval", "2", "--device", "cpu"],
+], ids=["train-empty", "train-blank", "compare-empty"])
+def test_an_empty_out_is_refused(capsys, tmp_path, monkeypatch, argv, cached_mnist):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = call(capsys, *argv)
+    assert_one_error_line(code, err, out)
+    assert "--out" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_after_a_killed_swap_reads_the_run_it_resumes(tmp_path, capsys, cached_mnist):
+    """A kill between the two renames of an ``--overwrite`` swap parks the run beside its
+    folder; ``--resume`` puts it back before reading its settings (not the defaults)."""
+    out = tmp_path / "run"
+    assert train_cli(capsys, out, "--lr", "0.002")[0] == 0
+    out.rename(tmp_path / ".run.old-999999999")  # a pid that is not alive
+    code, _, err = call(capsys, "train", "--out", out, "--resume", "--epochs", "2",
+                        "--no-progress")
+    assert code == 0, err
+    assert config_json(out)["config"]["lr"] == 0.002 and summary(out)["epochs"] == 2
+
+
+def _sigint_on_call(monkeypatch, calls: int):
+    """The training objective sends this process SIGINT on its ``calls``-th call."""
+    import signal
+
+    from ppl_vae import run_setup
+    build = run_setup.build_objective
+    count = [0]
+
+    def patched(config):
+        objective = build(config)
+
+        def interrupting(*args, **kwargs):
+            count[0] += 1
+            if count[0] == calls:
+                signal.raise_signal(signal.SIGINT)
+            return objective(*args, **kwargs)
+        return interrupting
+    monkeypatch.setattr(run_setup, "build_objective", patched)
+
+
+def test_ctrl_c_in_the_first_epoch_of_overwrite_keeps_the_old_run(finished_run, capsys,
+                                                                  monkeypatch):
+    before = files(finished_run)
+    _sigint_on_call(monkeypatch, 1)
+    code, out, err = train_cli(capsys, finished_run, "--overwrite", "--epochs", "3")
+    assert code == 130
+    assert "is left as it was" in err and "--resume" not in err
+    assert files(finished_run) == before
+    assert not [p for p in finished_run.parent.iterdir() if ".staging" in p.name]
+
+
+def test_ctrl_c_after_the_first_epoch_of_overwrite_keeps_the_new_run(finished_run, capsys,
+                                                                     monkeypatch):
+    _sigint_on_call(monkeypatch, 3)  # 2 steps an epoch: the 3rd is in epoch 2
+    code, out, err = train_cli(capsys, finished_run, "--overwrite", "--epochs", "3")
+    assert code == 130 and "--resume" in err
+    state = checkpoint.load(finished_run)
+    assert len(state["history"]) == 1 and state["position"]["epoch"] == 1
+    assert not (finished_run / "summary.json").exists()  # the old run's is gone with it
+
+
+def test_overwrite_with_tensorboard_on_both_runs(tmp_path, capsys, cached_mnist):
+    out = tmp_path / "run"
+    assert train_cli(capsys, out, "--tensorboard")[0] == 0
+    code, _, err = train_cli(capsys, out, "--tensorboard", "--overwrite", "--epochs", "2")
+    assert code == 0, err
+    assert summary(out)["epochs"] == 2 and (out / "tensorboard").is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name != "run"]  # no staging left
+
+
+def test_a_kill_between_the_renames_of_a_swap_is_undone(tmp_path):
+    """Where the file system cannot exchange two folders, the swap is two renames; a kill
+    between them leaves the old run parked, and the next command puts it back."""
+    out = tmp_path / "run"
+    parked = tmp_path / ".run.old-999999999"  # a process that is gone
+    parked.mkdir()
+    (parked / runfiles.MARKER).touch()
+    (parked / "summary.json").write_text("{}")
+    rundir.recover(out)
+    assert (out / "summary.json").exists() and not parked.exists()
+
+
+def test_exchange_swaps_two_folders(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a"), (b / "x").write_text("b")
+    if not rundir.exchange(a, b):
+        pytest.skip("this file system cannot exchange folders (two renames are used)")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+@pytest.mark.parametrize("moment", [pytest.param(0.0, marks=pytest.mark.slow), 0.5,
+                                    pytest.param(1.5, marks=pytest.mark.slow)])
+def test_sigint_during_overwrite_leaves_the_old_run_or_the_new_never_a_mix(tmp_path, moment):
+    """Ctrl-C at several moments of ``--overwrite`` over a finished run (seed 1 over seed
+    0): the folder then holds the old run, untouched, or the new one with a finished epoch,
+    whose files all agree on the seed; never both, never nothing."""
+    out = tmp_path / "run"
+    assert train_process(out, "--epochs", "1", "--seed", "0").wait(timeout=120) == 0, process_log(out)
+    old = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    proc = train_process(out, "--epochs", "100000", "--seed", "1", "--overwrite",
+                  "--train-size", "2048")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / f".run.staging-{proc.pid}").exists():  # the new run has begun
+        assert proc.poll() is None, process_log(out)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(moment)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, process_log(out)
+    now = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    state = checkpoint.load(out, warn=lambda _m: None)
+    if now == old:
+        assert state["config"]["seed"] == 0
+    else:  # the new run: every file of it says seed 1, and it resumes
+        assert state["config"]["seed"] == 1, sorted(
+            n for n in set(now) | set(old) if now.get(n) != old.get(n))
+        assert state["config"]["seed"] == 1 and len(state["history"]) >= 1
+        assert json.loads((out / "config.json").read_text())["config"]["seed"] == 1
+        assert not (out / "summary.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")] == []
+    assert not (out / ".running").exists()

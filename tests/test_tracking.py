@@ -96,7 +96,7 @@ def test_config_json_records_command_and_git_state(tmp_path, cached_mnist, monke
     assert record["data"]["train"] == 300 and record["data"]["shape"] == [1, 28, 28]
 
 
-def test_render_model_draws_our_model(tmp_path):
+def test_render_model_draws_our_model(tmp_path, toy_config):
     """``pyro.render_model`` on the VAE program (needs the graphviz package and `dot`)."""
     graphviz = pytest.importorskip("graphviz")
     import shutil
@@ -104,9 +104,8 @@ def test_render_model_draws_our_model(tmp_path):
     import pyro
     from ppl_vae.batching import Batch
     from ppl_vae.build import build_model
-    from ppl_vae.config import Config
 
-    model = build_model(Config(latent_dim=3, hidden=(8,)), 784)
+    model = build_model(toy_config.replace(hidden=(8,)), 784)
     batch = Batch(torch.zeros(5, 784), torch.arange(5), 100)
     graph = pyro.render_model(model, model_args=(batch,))
     assert isinstance(graph, graphviz.Digraph)

@@ -1,4 +1,5 @@
-"""ppl_vae.train, run and checkpoint: the loop, divergence guard, resume, atomic checkpoints."""
+"""ppl_vae.train: the loop, the KL weight and its warm-up, the divergence guard, Ctrl-C mid-epoch
+and resume."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,20 +8,23 @@ import json
 import math
 import sys
 
+import pyro.infer
 import pytest
 import torch
 
-from ppl_vae import (callbacks, checkpoint, data, guides, likelihoods, loopstate, nets, objectives,
-                     optim, priors, run, run_setup, step, train)
+from ppl_vae import (callbacks, checkpoint, data, guides, likelihoods, loopstate, nets,
+                     objectives, optim, priors, run, run_setup, step, train)
 from ppl_vae.batching import Batch
+from ppl_vae.build import build_guide, build_model
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
 from ppl_vae.model import VAEModel
 
-from conftest import tiny_binary_data
+from conftest import TOY, tiny_binary_data
+from helpers import assert_same_tensors, config_json, final_state, metrics, train_cli
 
-TINY = Config(train_size=200, valid_size=40, test_size=30, epochs=4, hidden=(16,), latent_dim=3,
-              batch_size=64, device="cpu", seed=3)
+
+TINY = TOY.replace(train_size=200, valid_size=40, test_size=30, epochs=4, batch_size=64)
 
 
 def _quiet(_msg):
@@ -305,29 +309,6 @@ def test_a_step_under_a_sync_all_reduces_the_flag_with_the_gradients(guard):
 # ---------------------------------------------------------------------------------------
 # resume: 2 + 2 epochs == 4 epochs, bitwise
 # ---------------------------------------------------------------------------------------
-def _final_state(out):
-    state = torch.load(out / checkpoint.NAME, map_location="cpu", weights_only=True)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for m in metrics:
-        m.pop("seconds"), m.pop("wall")
-    return state, metrics
-
-
-def _assert_same_tensors(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (u, v) in enumerate(zip(a, b)):
-            _assert_same_tensors(u, v, f"{where}[{i}]")
-    else:
-        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
-
-
 @pytest.mark.parametrize("guide", ["amortized", "meanfield", "compiled"])
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cached_mnist, guide):
     config = TINY.replace(guide=guide) if guide != "compiled" else TINY.replace(compile="on")
@@ -335,10 +316,10 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cached_mnist,
     s4 = run.train_run(config, straight, progress=False, log=_quiet)
     run.train_run(config.replace(epochs=2), resumed, progress=False, log=_quiet)
     s22 = run.train_run(config, resumed, resume=True, progress=False, log=_quiet)
-    (a, ma), (b, mb) = _final_state(straight), _final_state(resumed)
+    (a, ma), (b, mb) = final_state(straight), final_state(resumed)
     assert ma == mb and len(ma) == 4
     for key in ("model", "guide", "optimizers", "valid_guide"):
-        _assert_same_tensors(a[key], b[key], key)
+        assert_same_tensors(a[key], b[key], key)
     assert s4.test_elbo == s22.test_elbo and s4.epochs == s22.epochs == 4
 
 
@@ -349,47 +330,6 @@ def test_resume_refuses_a_different_architecture(tmp_path, cached_mnist):
         run.train_run(TINY.replace(latent_dim=4), out, resume=True, progress=False, log=_quiet)
     with pytest.raises(UserError, match="--resume"):
         run.train_run(TINY, tmp_path / "empty", resume=True, progress=False, log=_quiet)
-
-
-# ---------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------
-def test_checkpoint_save_keeps_the_previous_and_load_falls_back(tmp_path):
-    assert checkpoint.load(tmp_path) is None
-    checkpoint.save({"config": {}, "n": 1}, tmp_path)
-    assert not (tmp_path / checkpoint.PREVIOUS).exists()
-    checkpoint.save({"config": {}, "n": 2}, tmp_path)
-    assert checkpoint.load(tmp_path)["n"] == 2
-    assert torch.load(tmp_path / checkpoint.PREVIOUS, weights_only=True)["n"] == 1
-    assert not (tmp_path / (checkpoint.NAME + ".tmp")).exists()
-    # truncate the newest: load warns and uses the previous one
-    blob = (tmp_path / checkpoint.NAME).read_bytes()
-    (tmp_path / checkpoint.NAME).write_bytes(blob[: len(blob) // 2])
-    warnings = []
-    assert checkpoint.load(tmp_path, warn=warnings.append)["n"] == 1
-    assert len(warnings) == 1 and checkpoint.PREVIOUS in warnings[0]
-    # newest missing (killed between the two renames): the previous one
-    (tmp_path / checkpoint.NAME).unlink()
-    assert checkpoint.load(tmp_path)["n"] == 1
-
-
-def test_checkpoint_truncated_without_previous_raises_user_error(tmp_path):
-    checkpoint.save({"config": {}, "n": 1}, tmp_path)
-    blob = (tmp_path / checkpoint.NAME).read_bytes()
-    (tmp_path / checkpoint.NAME).write_bytes(blob[:100])
-    with pytest.raises(UserError, match="corrupt or truncated") as e:
-        checkpoint.load(tmp_path)
-    assert "\n" not in str(e.value)
-    torch.save({"model": 1}, tmp_path / checkpoint.NAME)  # a dict, but not ours
-    with pytest.raises(UserError, match="not a ppl_vae checkpoint"):
-        checkpoint.load(tmp_path)
-
-
-def test_rng_state_roundtrip():
-    state = checkpoint.rng_state()
-    a = torch.rand(3)
-    checkpoint.set_rng_state(state)
-    assert torch.equal(torch.rand(3), a)
 
 
 def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, cached_mnist):
@@ -444,7 +384,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_bitwise_equal(tmp_path, cached_mnist, m
     messages = []
     run.fit_run(config, cut, resume=True, progress=False, log=messages.append)
     assert any("step 2 of epoch 2" in m for m in messages)
-    (a, ma), (b, mb) = _final_state(straight), _final_state(cut)
+    (a, ma), (b, mb) = final_state(straight), final_state(cut)
     assert len(ma) == len(mb) == 3
     # train_elbo of the interrupted epoch sums its losses in two parts (a Python float saved
     # in the checkpoint + the float32 sum after resuming): equal up to float32 rounding only
@@ -452,7 +392,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_bitwise_equal(tmp_path, cached_mnist, m
         assert u.pop("train_elbo") == pytest.approx(v.pop("train_elbo"), rel=1e-6, abs=0)
     assert ma == mb
     for key in ("model", "guide", "optimizers", "valid_guide"):
-        _assert_same_tensors(a[key], b[key], key)
+        assert_same_tensors(a[key], b[key], key)
 
 
 def test_train_elbo_averages_the_applied_steps_only():
@@ -563,3 +503,49 @@ def test_fit_shows_progress_by_default_on_a_terminal_only(monkeypatch, tty):
     train.fit(model, guide, objectives.ELBO(), split, opts, epochs=3, batch_size=32,
               binarize=data.Binarize("none"), log=logged.append, progress=True)
     assert "epoch   3  train" in out.getvalue() + "".join(logged)  # asked for: shown
+
+
+def test_warmup_ramps_beta_toward_its_target(tmp_path, cached_mnist, capsys):
+    out = tmp_path / "warm"
+    assert train_cli(capsys, out, "--warmup-epochs", "2", "--beta", "0.2", "--epochs", "3")[0] == 0
+    recorded = [m["beta"] for m in metrics(out)]
+    steps = 2  # per epoch: 100 rows in batches of 50; each epoch records its last step's beta
+    expected = [train.beta_at(e, steps - 1, steps, 2, 0.2) for e in range(3)]
+    assert expected == pytest.approx([0.05, 0.15, 0.2])
+    assert recorded == pytest.approx(expected)
+    assert config_json(out)["config"]["warmup_epochs"] == 2
+
+
+SMALL = Config(latent_dim=3, hidden=(8,), batch_size=16)
+
+
+def _pieces(config=SMALL, n=64, d=12):
+    g = torch.Generator().manual_seed(0)
+    x = torch.bernoulli(torch.rand(n, d, generator=g), generator=g)
+    model = build_model(config, d)
+    guide = build_guide(config, d, n)
+    split = data.Split(x, torch.full((n,), -1))
+    return model, guide, split, optim.make_optimizers(model, guide, 1e-3)
+
+
+@pytest.mark.parametrize("objective", [objectives.IWAE(5),
+                                       pyro.infer.Trace_ELBO().differentiable_loss],
+                         ids=["iwae", "pyro"])
+def test_a_warm_up_of_an_objective_without_kl_weight_is_one_line(objective):
+    model, guide, split, opts = _pieces()
+    with pytest.raises(UserError, match="no KL weight"):
+        train.fit(model, guide, objective, split, opts, epochs=1, batch_size=16,
+                  binarize=data.Binarize("none"), warmup_epochs=1, progress=False)
+
+
+def test_the_weight_fit_is_given_is_the_weight_every_objective_gets():
+    """An ELBO built with beta=0.5 and a plain one train the same under fit(beta=0.3): the
+    objective's field no longer competes with the run's setting."""
+    ends = []
+    for objective in (objectives.ELBO(beta=0.5), objectives.ELBO()):
+        model, guide, split, opts = _pieces()
+        history = train.fit(model, guide, objective, split, opts, epochs=2, batch_size=16,
+                            binarize=data.Binarize("none"), beta=0.3, warmup_epochs=1,
+                            progress=False, seed=1)
+        ends.append((history[-1].beta, history[-1].train_elbo))
+    assert ends[0] == ends[1] and ends[0][0] == pytest.approx(0.3)

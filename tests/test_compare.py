@@ -1,12 +1,14 @@
-"""compare --resume: a comparison cut short at any moment (during a guide's training, while
-scoring, between runs, while writing a record) and then resumed writes the results of an
-uninterrupted comparison; a resume with other settings, of a finished comparison or of a
-folder without one is refused in one line; a new comparison refuses an unfinished one."""
+"""ppl_vae.compare: guides compared on one decoder, data and budget; over seeds (a seed
+changes the numbers, the same seed gives them again, intervals on matched seeds); --resume
+of a comparison cut short at any moment; its records and plan; what the command refuses."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -14,21 +16,44 @@ import time
 import pytest
 
 from ppl_vae import cli, compare as compare_mod, data, heldout
-from records import quiet, without_times
-from ppl_vae.compare import PLAN, RECORD, compare
-from ppl_vae.config import Config
+from ppl_vae.compare import PLAN, RECORD, compare, parse_seeds
+from ppl_vae.compute import Budget
 from ppl_vae.errors import UserError
+from ppl_vae.results import Comparison
 
-TINY = Config(train_size=300, valid_size=20, test_size=40, epochs=2, hidden=(16,),
-              latent_dim=3, batch_size=100, device="cpu", compile="off", track_gaps=True,
-              gap_epochs=(1, 2), gap_rows=20, gap_particles=10)
+import records
+from conftest import TOY
+from helpers import PNG_MAGIC, without_timings
+from records import quiet, without_times
+
+
+@pytest.mark.parametrize("guides", [
+    ("amortized",),  # the test-time fit of q* per guide dominates: ~25 s per guide here
+    pytest.param(("amortized", "semiamortized", "meanfield"), marks=pytest.mark.slow)])
+def test_same_config_compare_twice_same_results(tmp_path, cached_mnist, guides):
+    from ppl_vae.compare import compare
+
+    config = TOY.replace(epochs=2)
+    docs = []
+    for name in ("one", "two"):
+        compare(config, tmp_path / name, num_particles=10, progress=False, log=quiet,
+                guides=guides)
+        docs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    assert docs[0]["config"]["max_seconds"] is None  # an epoch budget, not a time budget
+    assert without_timings(docs[0]) == without_timings(docs[1])
+    assert docs[0]["amortized"]["test_log_px"] == docs[1]["amortized"]["test_log_px"]
+
+
+RESUME_TOY = TOY.replace(train_size=300, test_size=40, epochs=2, batch_size=100, seed=0,
+                         compile="off", track_gaps=True, gap_epochs=(1, 2), gap_rows=20,
+                         gap_particles=10)
 GUIDES = ("amortized", "meanfield")
 SEEDS = (0, 1)
 QUICK_FIT = {"max_steps": 30}
 
 
 def run(out, **kw):
-    return compare(TINY, out, num_particles=5, progress=False, log=quiet, guides=GUIDES,
+    return compare(RESUME_TOY, out, num_particles=5, progress=False, log=quiet, guides=GUIDES,
                    seeds=SEEDS, local_rows=20, local_options=QUICK_FIT, **kw)
 
 
@@ -106,11 +131,11 @@ def test_resume_refuses_other_settings_a_finished_comparison_and_an_empty_folder
         with pytest.raises(KeyboardInterrupt):
             run(out)
     with pytest.raises(UserError, match=r"changes --epochs \(was 2, now 3\)"):
-        compare(TINY.replace(epochs=3), out, num_particles=5, progress=False, log=quiet,
+        compare(RESUME_TOY.replace(epochs=3), out, num_particles=5, progress=False, log=quiet,
                 guides=GUIDES, seeds=SEEDS, local_rows=20, local_options=QUICK_FIT,
                 resume=True)
     with pytest.raises(UserError, match=r"changes --num-particles-eval \(was 5, now 6\)"):
-        compare(TINY, out, num_particles=6, progress=False, log=quiet, guides=GUIDES,
+        compare(RESUME_TOY, out, num_particles=6, progress=False, log=quiet, guides=GUIDES,
                 seeds=SEEDS, local_rows=20, local_options=QUICK_FIT, resume=True)
     with pytest.raises(UserError, match="choose one"):
         run(out, resume=True, overwrite=True)
@@ -137,7 +162,7 @@ def test_an_overwrite_removes_the_old_results_first(tmp_path, mnist, monkeypatch
     assert not (out / "results.json").exists() and not (out / "report.md").exists()
     assert without_times(run(out, resume=True)) == without_times(baseline)
     # an overwrite with other settings, cut short: its resume keeps none of the old runs
-    shorter = TINY.replace(epochs=1, gap_epochs=(1,))
+    shorter = RESUME_TOY.replace(epochs=1, gap_epochs=(1,))
     with monkeypatch.context() as mp:
         _interrupt_at(mp, "evaluate_trained", 1)
         with pytest.raises(KeyboardInterrupt):
@@ -234,7 +259,7 @@ def test_peak_memory_is_each_guides_own(tmp_path, mnist, monkeypatch):
             del block  # given back before the next guide starts
         return trained
     monkeypatch.setattr(compare_mod, "fit_run", fit_then_hog)
-    doc = compare(TINY.replace(track_gaps=False, epochs=1), tmp_path / "c", num_particles=5,
+    doc = compare(RESUME_TOY.replace(track_gaps=False, epochs=1), tmp_path / "c", num_particles=5,
                   progress=False, log=quiet, guides=GUIDES, seeds=(0,), local_rows=20,
                   local_options=QUICK_FIT)
     first, second = doc["amortized"]["peak_rss_mb"], doc["meanfield"]["peak_rss_mb"]
@@ -268,7 +293,7 @@ def test_a_plan_saved_by_an_older_version_still_matches():
     budget recorded its amount resumes under today's code with the same settings."""
     from ppl_vae.compare import _plan_differs, plan_of
     from ppl_vae.compute import Budget
-    plan = plan_of(TINY, GUIDES, SEEDS, Budget().resolve(TINY), 5, 20, None)
+    plan = plan_of(RESUME_TOY, GUIDES, SEEDS, Budget().resolve(RESUME_TOY), 5, 20, None)
     old = json.loads(json.dumps(plan))
     old["budget"] = {"unit": "epochs", "amount": None}
     del old["config"]["gap_rows"]  # as if the setting came later (its default then holds)
@@ -297,7 +322,7 @@ def test_a_record_without_its_settings_is_read_by_its_runs_config(tmp_path):
                     distortion=92.0, active_units=3, seconds=1.0, log_px_seconds=0.5)
     run = GuideRun("amortized", 0, "amortized/seed0", scores, summary,
                    Compute(cost, 6, 2, 2.0), "diagonal normal", False, None)
-    mine = TINY.replace(guide="amortized", seed=0)
+    mine = RESUME_TOY.replace(guide="amortized", seed=0)
     saved = mine.to_dict()
     del saved["local_family"]  # the run predates the setting
     (tmp_path / "config.json").write_text(json.dumps({"config": saved}))
@@ -314,3 +339,189 @@ def test_compare_bounds_k_as_train_and_evaluate_do(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "beyond 1,000,000" in err and err.count("\n") == 1, err
     assert not (tmp_path / "c").exists()
+
+
+SEEDS_TOY = TOY.replace(train_size=300, test_size=40, batch_size=100, seed=0)
+
+
+def without_times_or_folder(doc):
+    return records.without_times(doc, also=("folder",))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mnist):
+    """Two comparisons on the shipped MNIST: seeds 0 and 1, then seed 1 alone (amortized)."""
+    out = tmp_path_factory.mktemp("seeds")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "load", lambda *a, **k: mnist)
+        both = compare(SEEDS_TOY, out / "both", num_particles=5, progress=False, log=quiet,
+                       guides=GUIDES, seeds=(0, 1), local_rows=20, local_options=QUICK_FIT)
+        one = compare(SEEDS_TOY, out / "one", num_particles=5, progress=False, log=quiet,
+                      guides=GUIDES[:1], seeds=parse_seeds("1,"), local_rows=20,
+                      local_options=QUICK_FIT)
+    return out, both, one
+
+
+def test_parse_seeds():
+    assert parse_seeds("3", 5) == (5, 6, 7) and parse_seeds("1") == (0,)
+    assert parse_seeds("0,1,2", 9) == (0, 1, 2) and parse_seeds("4,") == (4,)
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "x", "1,1", "0,-1", "101", ",", "4294967296,"])
+def test_bad_seeds_are_one_line(text, tmp_path, capsys, cached_mnist):
+    with pytest.raises(UserError, match="seeds"):
+        parse_seeds(text)
+    code = cli.main(["compare", "--seeds", text, "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --seeds") and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_seed_changes_the_numbers(runs):
+    out, both, _ = runs
+    saved = json.loads((out / "both" / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved == json.loads(json.dumps(both))
+    for guide in GUIDES:
+        per_seed = saved[guide]["per_seed"]
+        assert per_seed["0"]["test_log_px"] != per_seed["1"]["test_log_px"], guide
+        for seed in (0, 1):  # each seed has its own run folder
+            assert (out / "both" / guide / f"seed{seed}" / "summary.json").is_file()
+            assert per_seed[str(seed)]["folder"] == f"{guide}/seed{seed}"
+        # the top-level number is the mean over seeds, with the sd and values beside it
+        values = [per_seed[s]["test_log_px"] for s in ("0", "1")]
+        spread = saved[guide]["over_seeds"]["test_log_px"]
+        assert spread["values"] == values and spread["seeds"] == [0, 1]
+        assert saved[guide]["test_log_px"] == pytest.approx(statistics.mean(values))
+        assert spread["sd"] == pytest.approx(statistics.stdev(values))
+
+
+def test_the_same_seed_gives_the_same_numbers_again(runs):
+    """Seed 1 alone (the list form, one seed) gives seed 1's numbers of the two-seed
+    comparison: a run depends on its seed only, not on the others; and one seed is written in
+    the layout of many (a mean over one seed, its spread, its per-seed record)."""
+    out, both, one = runs
+    assert one["seeds"] == [1]
+    guide = GUIDES[0]
+    assert (out / "one" / guide / "summary.json").is_file()  # out/<guide>, as before seeds
+    assert not (out / "one" / guide / "seed1").exists()
+    assert set(one[guide]) == set(both[guide])  # one layout for one seed and for many
+    mine, theirs = one[guide]["per_seed"]["1"], both[guide]["per_seed"]["1"]
+    assert without_times_or_folder(mine) == without_times_or_folder({**theirs, "folder": guide})
+    assert one[guide]["test_log_px"] == theirs["test_log_px"] == mine["test_log_px"]
+    assert "test_log_px_stderr" not in one[guide]  # a seed's error is in its own record
+    assert one[guide]["over_seeds"]["test_log_px"]["sd"] is None
+    assert one["ran"] == {guide: {"1": {"epochs": 1, "steps": 3}}}
+
+
+def test_standard_errors_over_seeds_are_not_averaged(runs):
+    """Every seed scores the same test rows, so their standard errors are correlated: the
+    mean over seeds carries none (the sd over seeds is its spread); each seed's own error
+    stays in its record; and each guide's epochs and steps are recorded as they ran."""
+    _, both, _ = runs
+    for guide in GUIDES:
+        assert not [k for k in both[guide] if k.endswith("_stderr")]
+        assert both[guide]["per_seed"]["0"]["test_log_px_stderr"] > 0
+        assert both[guide]["over_seeds"]["test_log_px"]["sd"] is not None
+        assert both["ran"][guide] == {"0": {"epochs": 1, "steps": 3},
+                                      "1": {"epochs": 1, "steps": 3}}
+
+
+def test_the_paired_interval_is_on_matched_seeds(runs):
+    out, both, _ = runs
+    saved = json.loads((out / "both" / "results.json").read_text())
+    (d,) = [d for d in saved["differences"] if d["quantity"] == "test_log_px"]
+    assert (d["a"], d["b"], d["seeds"]) == ("amortized", "meanfield", [0, 1])
+    a = [saved["amortized"]["per_seed"][s]["test_log_px"] for s in ("0", "1")]
+    m = [saved["meanfield"]["per_seed"][s]["test_log_px"] for s in ("0", "1")]
+    diffs = [x - y for x, y in zip(a, m)]
+    assert d["values"] == pytest.approx(diffs)
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = 12.7062 * sd / math.sqrt(2)
+    assert (d["mean"], d["sd"]) == (pytest.approx(mean), pytest.approx(sd))
+    assert (d["low"], d["high"]) == (pytest.approx(mean - half, abs=1e-3),
+                                     pytest.approx(mean + half, abs=1e-3))
+    assert d["excludes_zero"] == (not d["low"] <= 0 <= d["high"])
+    assert d["settled"] is None  # two seeds judge nothing
+
+
+def test_the_report_gives_spread_compute_differences_and_local_budget(runs):
+    out, both, one = runs
+    report = (out / "both" / "report.md").read_text()
+    assert "mean ± the standard deviation over the 2 seeds" in report
+    assert "## Paired differences between guides over 2 seeds" in report
+    assert "Settled" in report and "Not settled" in report
+    assert "| log p(x) | amortized − meanfield |" in report
+    assert "network passes per optimizer step" in report
+    assert re.search(r"amortized: 4 per step \(decoder 1 forward \+ 1 backward, encoder 1 "
+                     r"forward \+ 1 backward\), [\d,]+ FLOPs; meanfield: 4 per step \(decoder "
+                     r"2 forward \+ 2 backward\), [\d,]+ FLOPs", " ".join(report.split()))
+    assert "The meanfield guide's local budget" in report
+    for guide in GUIDES:  # compute beside epochs, steps and wall time in results.json
+        compute = both[guide]["per_seed"]["0"]["compute"]
+        assert compute["steps"] == 3 and compute["epochs"] == 1 and compute["train_seconds"] > 0
+        assert compute["total_passes"] == 3 * compute["per_step"]["passes"]
+    local = both["meanfield"]["per_seed"]["0"]["local_budget"]
+    assert local["rows"] == 20 and local["fitted"] > local["stored"]
+    assert both["amortized"]["per_seed"]["0"]["local_budget"] is None
+    single = (out / "one" / "report.md").read_text()  # one seed: errors over test rows
+    assert "one standard error over test images" in single and "Paired" not in single
+    assert "network passes per optimizer step" in single and "local budget" not in single
+
+
+def test_local_rows_must_be_positive(tmp_path, capsys, cached_mnist):
+    code = cli.main(["compare", "--local-rows", "0", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--local-rows" in err and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_module_class_guide_gets_a_folder_without_a_colon(tmp_path):
+    from ppl_vae.compare import folder_name, run_folder
+    assert run_folder(tmp_path, "mymod.sub:A", 0, False) == tmp_path / "mymod_sub_A"
+    assert run_folder(tmp_path, "mymod:A", 3, True) == tmp_path / "mymod_A" / "seed3"
+    assert folder_name("meanfield") == "meanfield"
+    comp = Comparison("d", {}, {}, "cpu", ["mymod:A"], {}, [], [0], Budget(), 10)
+    comp.runs = [records.guide_run("mymod:A", 0, -90.0)]
+    assert "mymod:A" in comp.to_json()  # results.json keeps the guide's own name
+
+
+def test_guides_sharing_a_folder_are_refused(tmp_path, capsys):
+    code = cli.main(["compare", "--guides", "m:A_b,m:A.b", "--out", str(tmp_path / "c")])
+    assert code == 2 and "share a run folder" in capsys.readouterr().err
+
+
+def test_compare_refuses_guide_and_points_to_guides(tmp_path, capsys):
+    for guide in ("meanfield", "amortized"):  # the default too, when given
+        code = cli.main(["compare", "--guide", guide, "--out", str(tmp_path / "c")])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--guides {guide}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_tiny(tmp_path, cached_mnist, toy_config):
+    config = toy_config.replace(train_size=300, valid_size=50, test_size=40, batch_size=100,
+                                seed=0)
+    doc = compare(config, tmp_path, num_particles=20, progress=False, log=lambda _m: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for guide in ("amortized", "meanfield"):
+        r = saved[guide]
+        for key in ("test_elbo", "test_elbo_local", "test_log_px", "approximation_gap",
+                    "amortization_gap", "train_seconds"):
+            assert key in r, (guide, key)
+        assert r["test_log_px"] < 0 and r["train_seconds"] > 0 and r["num_rows"] == 40
+        # the gaps are the paired differences of the reported means
+        assert r["approximation_gap"] == pytest.approx(r["test_log_px"] - r["test_elbo_local"],
+                                                       abs=1e-4)
+        assert (tmp_path / guide / "summary.json").is_file()
+    a, m = saved["amortized"], saved["meanfield"]
+    assert m["amortization_gap"] is None
+    assert a["amortization_gap"] == pytest.approx(a["test_elbo_local"] - a["test_elbo"], abs=1e-4)
+    # a per-datapoint model is scored with its fitted q*: its own ELBO is L[q*]
+    assert m["test_elbo"] == pytest.approx(m["test_elbo_local"], abs=1e-4)
+    assert saved["config"]["train_size"] == 300 and doc["amortized"] == saved["amortized"]
+    report = (tmp_path / "report.md").read_text()
+    assert "amortization gap" in report and "approximation gap" in report and "n/a" in report
+    for name in ("curves.png", "gaps.png", "reconstructions.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(UserError, match="--overwrite"):
+        compare(config, tmp_path, num_particles=20, progress=False, log=lambda _m: None)

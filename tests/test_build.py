@@ -1,4 +1,7 @@
-"""Every combination the CLI offers trains for one epoch at toy size and gives finite numbers."""
+"""ppl_vae.build: every combination of guide, likelihood, objective and prior the CLI offers
+builds, trains for one epoch at toy size and gives finite numbers."""
+from __future__ import annotations
+
 import itertools
 import math
 from typing import get_args
@@ -7,6 +10,7 @@ import pytest
 
 from ppl_vae import config as cfg
 from ppl_vae.run import fit_run
+
 
 COMBINATIONS = [
     c for c in itertools.product(get_args(cfg.GuideName), get_args(cfg.LikelihoodName),
