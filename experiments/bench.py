@@ -36,8 +36,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam as PyroAdam
 
 from ppl_vae import batching, data, guides, nets, objectives, optim, priors, step, train
-from ppl_vae.compiled import Compiled
-from ppl_vae.evaluate import log_px
+from ppl_vae.compiled import PAYS_FROM_LOG_PX_ROWS, Compiled, compiles
+from ppl_vae.evaluate import chunk_rows, log_px
 from ppl_vae.likelihoods import Bernoulli
 from ppl_vae.model import VAEModel
 
@@ -485,20 +485,26 @@ def bench_eval(device, run_dir, q_rows, repeats, logpx_k, logpx_rows, logpx_repe
     out["q_max_abs_param_diff"] = float((a - b).detach().abs().max())
     if logpx_k:
         xs = x_all[:logpx_rows]
-        lp = {"default (2 ** 15 rows a chunk)": {}, FLOOR: None}
-        if logpx_repeats > 1:  # the chunks before issue 23, interleaved
-            lp["2 ** 13 rows a chunk (before)"] = dict(max_rows=2 ** 13)
+        compiled = compiles("auto", logpx_k * len(xs), PAYS_FROM_LOG_PX_ROWS)
+        rows = chunk_rows(compiled)  # log_px's chunks, which the floor takes too
+        lp = {DEFAULT: {}, FLOOR: None}
+        if logpx_repeats > 1:  # the chunks before issue 30, interleaved
+            lp["2 ** 15 rows a chunk (before)"] = dict(max_rows=2 ** 15)
         res, vals = _alternating(
-            lp, logpx_repeats, sync, lambda kw: decoder_floor(model, len(xs), logpx_k)
+            lp, logpx_repeats, sync, lambda kw: decoder_floor(model, len(xs), logpx_k, rows)
             if kw is None else log_px(model, guide, xs, logpx_k, **kw))
         out["log_px"] = {k: {"seconds": v, "mean": float(vals[k].double().mean())}
                          for k, v in res.items() if k != FLOOR}
         out["log_px_floor_seconds"] = res[FLOOR]
-        out["log_px_setting"] = {"K": logpx_k, "rows": len(xs)}
+        out["log_px_over_floor"] = (statistics.median(res[DEFAULT])
+                                    / statistics.median(res[FLOOR]))
+        out["log_px_setting"] = {"K": logpx_k, "rows": len(xs), "compiled": compiled,
+                                 "chunk_rows": rows}
     return out
 
 
 FLOOR = "the decoder's matrix products alone (floor)"
+DEFAULT = "log_px as evaluate runs it (default chunks)"
 
 
 @torch.no_grad()
@@ -541,7 +547,9 @@ def eval_table(name, r) -> str:
         lines.append(f"\nlog p(x), K = {s['K']} on {s['rows']:,} rows: " + "; ".join(
             f"{k} " + ", ".join(f"{t:.1f}" for t in v["seconds"]) + f" s (mean {v['mean']:.3f})"
             for k, v in r["log_px"].items()) + f"; {FLOOR} " + ", ".join(
-            f"{t:.1f}" for t in r["log_px_floor_seconds"]) + " s")
+            f"{t:.1f}" for t in r["log_px_floor_seconds"]) + " s"
+            + f"; log p(x) / floor (medians): {r['log_px_over_floor']:.2f} (target: 1.3 at most; "
+              f"{s['chunk_rows']} decoder rows a chunk, compiled: {s['compiled']})")
     return "\n".join(lines)
 
 
@@ -567,7 +575,7 @@ def main(argv=None):
                    help="--part eval: rows for log p(x) with K = 5000 (0: skip it)")
     p.add_argument("--logpx-repeats", type=int, default=1,
                    help="--part eval: rounds of log p(x); from 2, interleaved with the "
-                        "chunks before issue 23 (2 ** 13 rows)")
+                        "chunks before issue 30 (2 ** 15 rows)")
     args = p.parse_args(argv)
     if args.smoke:
         kw = dict(batch_sizes=[32], repeats=2, steps=2, local_sizes=[1000], epoch=False,

@@ -43,20 +43,20 @@ class Estimate(NamedTuple):
 @own_rng
 @torch.no_grad()
 def log_px(model, guide, x: torch.Tensor, num_particles: int = 5000, seed: int = 0,
-           max_rows: int = 2 ** 15, progress: Progress = None,
+           max_rows: Optional[int] = None, progress: Progress = None,
            compile=None) -> torch.Tensor:
     """Importance-sampled log p(x) per datapoint [N]: logsumexp_k lw_k - log K (IWAE_K).
 
     Vectorized over particles and data and chunked so that at most ``max_rows`` decoder rows
-    are alive at once, whatever K (2 ** 15 rows: about 100 MB of logits for 784 pixels; on a
-    2-core CPU 0.63x the time of 2 ** 13 at K = 5000, issue 23, ``experiments/bench.py
-    --part eval``). Unbiased for p(x), so a stochastic lower bound on log p(x).
+    are alive at once, whatever K (None: ``chunk_rows``). Unbiased for p(x), so a stochastic
+    lower bound on log p(x).
     ``compile`` runs each chunk as a compiled graph (``compiled.Compiled``): the same estimate
     up to float rounding, with the elementwise work fused (about twice as fast on a CPU, after
     a compile of seconds): the ``--compile`` setting (``compiled.compiles``; True/False/None
     mean on/off/auto), ``auto`` from K x N = ``compiled.PAYS_FROM_LOG_PX_ROWS`` decoder rows.
     """
     compile = compiles(compile, num_particles * len(x), PAYS_FROM_LOG_PX_ROWS)
+    max_rows = max_rows or chunk_rows(compile)
     batch_size = max(1, min(len(x), max_rows // min(num_particles, max_rows)))
     k_chunk = max(1, min(num_particles, max_rows // batch_size))
     chunks = {}  # particles per chunk -> (model, guide, batch) -> logsumexp_k lw [B]
@@ -72,6 +72,15 @@ def log_px(model, guide, x: torch.Tensor, num_particles: int = 5000, seed: int =
         if progress:
             progress(len(batch.idx))
     return out
+
+
+def chunk_rows(compiled: bool) -> int:
+    """Decoder rows per chunk of ``log_px``: 2 ** 13 for a compiled chunk, whose fused kernels
+    then work on logits that stay in the CPU's cache (about 1.2-1.4x the decoder's
+    matrix-product floor against 1.7x at 2 ** 15, ``experiments/bench.py --part eval``); 2 **
+    15 eagerly, where each chunk's Python and dispatch overhead dominates (0.63x the time of
+    2 ** 13, issue 23)."""
+    return 2 ** 13 if compiled else 2 ** 15
 
 
 def _logsumexp_weights(k: int, compile: bool):
