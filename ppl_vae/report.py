@@ -106,6 +106,15 @@ def gap_notes(comparison: "Comparison") -> str:
     return "\n" + "".join(f"- {n}\n" for n in notes) if notes else ""
 
 
+def q_star_families(comparison: "Comparison") -> str:
+    """Which per-datapoint family each guide's q* was fitted in (``Scores.local_family``)."""
+    said = [f"{g}: {runs[0].scores.local_family}" for g in comparison.guides
+            for runs in [comparison.runs_of(g)] if runs and runs[0].scores.local_family]
+    return (" q* (L[q*], and the proposal of log p(x)) is fitted to each test row with the "
+            "decoder frozen, in a per-datapoint family (" + "; ".join(said) + ")."
+            if said else "")
+
+
 def _why_na(r: "GuideRun") -> str:
     q_family = r.scores.local_family or ("diagonal" if r.scores.elbo_local else None)
     return f"n/a ({why_no_amortization_gap(r.per_datapoint, r.family, q_family)})"
@@ -360,7 +369,7 @@ Wall time and steps per second are reported beside the numbers; they are not the
 log p(x) is importance-sampled with K = {a.num_particles} particles from {"the locally optimized q*" if a.proposal == "local" else "the guide itself"}
 (proposal `{a.proposal}`): the IWAE bound, a stochastic lower bound on log p(x) (its expectation lies
 below log p(x), by less as K grows), so the approximation gap log p(x) - L[q*] drawn from it is
-a lower estimate too. {errors}.
+a lower estimate too. {errors}.{q_star_families(comparison)}
 
 {head}{body}{gap_notes(comparison)}
 Compute, counted on one optimizer step of each guide (a pass is one evaluation of a network

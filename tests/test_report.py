@@ -243,3 +243,12 @@ def test_the_report_says_why_an_amortization_gap_is_na():
     assert "amort gap n/a (q* was fitted in the diagonal family" in said
     assert "n/a (a per-datapoint table" in report.line("mf", records.guide_run("mf", 0, -97.0,
                                                                   per_datapoint=True))
+
+
+def test_the_report_says_which_family_each_q_star_was_fitted_in():
+    import dataclasses
+    comp = _comparison(guides=("amortized", "iaf"))
+    comp.runs = [dataclasses.replace(r, scores=dataclasses.replace(
+        r.scores, local_family="flow" if r.guide == "iaf" else "diagonal")) for r in comp.runs]
+    assert "family (amortized: diagonal; iaf: flow)." in report.q_star_families(comp)
+    assert "family (amortized: diagonal; iaf: flow)." in report.markdown(comp)
