@@ -294,9 +294,11 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
       in that family). ``Scores.local_family`` records which.
     - ``log_px``: importance-sampled log p(x) with ``num_particles`` samples from
       ``proposal``: ``"guide"`` (the own guide), ``"local"`` (q*), or ``"auto"`` (q* when fitted).
+      ``local_options["compile"]`` (the run's ``--compile``, ``config.local_fit_options``)
+      decides, by ``compiled.compiles``, whether q*'s fit and this estimate are compiled.
     - ``approximation_gap`` = log p(x) - L[q*] (of q*'s family); ``amortization_gap`` =
       L[q*] - L[q] when the guide's stated per-datapoint family (``protocol.local_family``) is
-      q*'s (None otherwise, e.g. a flow guide or a diagonal one scored with a full q*), with
+      q*'s (None otherwise, e.g. a diagonal guide scored with a full q*), with
       standard errors of the paired differences. Each of ``protocol.views(guide)`` (a
       semi-amortized guide's bare encoder) adds a ``View`` with its ELBO and amortization gap.
     - ``rate``/``distortion`` of the own guide; ``active_units`` and ``means`` (the

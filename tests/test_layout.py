@@ -91,6 +91,33 @@ def test_no_import_cycle_even_inside_functions():
     assert _cycles(_graph()) == []
 
 
+# the package by layer, lowest first, as README.md's map shows it: a module imports only
+# modules of its own layer or of layers before it
+LAYERS = [
+    ["errors", "logs", "rng", "seeds", "memory", "config", "registry", "config_file", "tracking"],
+    ["data", "batching", "nets", "likelihoods", "priors", "families"],
+    ["model", "objectives", "protocol", "guides"],
+    ["compiled", "optim"],
+    ["step", "local_fit", "distributed", "evaluate"],
+    ["loopstate", "callbacks", "train", "heldout"],
+    ["plots", "gap_plots"],
+    ["build", "runfiles", "writelock", "checkpoint", "rundir", "run_setup", "run", "evaluation",
+     "compute"],
+    ["results", "compare", "budget_curves", "report", "report_tables"],
+    ["cli", "__main__", "__init__"],
+]
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_layers():
+    layer = {m: i for i, names in enumerate(LAYERS) for m in names}
+    modules = _modules()
+    assert sorted(set(modules) - set(layer)) == [] and sorted(set(layer) - set(modules)) == []
+    upward = [f"{m} imports {target} (line {line})" for m, tree in modules.items()
+              for target, _, line, _ in _imports(tree)
+              if target in layer and layer[target] > layer[m]]
+    assert upward == []
+
+
 def test_no_private_name_is_imported_across_modules():
     found = [f"{m}:{line} imports {name} from {target}"
              for m, tree in _modules().items()
