@@ -1,4 +1,5 @@
-"""Shared fixtures and a linear-Gaussian model whose every quantity has a closed form.
+"""Shared fixtures, the small models, guides and splits several test files use, and a
+linear-Gaussian model whose every quantity has a closed form.
 
 Linear-Gaussian model with prior N(0, I_L):
 
@@ -27,12 +28,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ppl_vae import data
+from ppl_vae import data, families, guides, likelihoods, nets, objectives, optim, priors
 from ppl_vae.batching import Batch
 from ppl_vae.config import Config
 from ppl_vae.guides import LocalNormal
 from ppl_vae.likelihoods import Likelihood
-from ppl_vae.model import VAEModel
+from ppl_vae.model import VAEModel, data_plate
 from ppl_vae.priors import StandardNormal
 
 from helpers import trained_copy
@@ -191,7 +192,6 @@ def tiny_binary_data(n: int = 64, d: int = 12, seed: int = 0) -> torch.Tensor:
     return (protos[which] + flips) % 2
 
 
-
 class TableWithoutRows(torch.nn.Module):
     """A user's guide with a table it reads itself (no ``given_rows``): it cannot hand a
     tracer its rows, so its steps take autograd."""
@@ -205,6 +205,92 @@ class TableWithoutRows(torch.nn.Module):
 
     def local_parameters(self):
         return [self.table.params]
+
+
+# ----------------------------------------------------------------------------------------
+# a small model, guide and split for one step or a short fit (test_train, test_step,
+# test_callbacks), a loss that is NaN, and a log that says nothing
+# ----------------------------------------------------------------------------------------
+def quiet(_msg):
+    pass
+
+
+def fit_setup(local: bool, n=96, d=12, L=2):
+    torch.manual_seed(0)
+    model = VAEModel(nets.Decoder(L, (16,), d), likelihoods.Bernoulli(), priors.StandardNormal(L))
+    guide = guides.LocalNormal(n, L) if local else guides.AmortizedNormal(nets.Encoder(d, (16,), L))
+    split = data.Split(tiny_binary_data(n, d), torch.zeros(n, dtype=torch.long))
+    opts = optim.make_optimizers(model, guide, lr=0.01, local_lr=0.05, inner_steps=1)
+    return model, guide, split, opts
+
+
+class NaNLoss:
+    beta = 1.0
+
+    def __call__(self, model, guide, batch):
+        return objectives.ELBO()(model, guide, batch) * float("nan")
+
+
+# ----------------------------------------------------------------------------------------
+# a user's own guides, not derived from the library's (test_guides, test_protocol,
+# test_families)
+# ----------------------------------------------------------------------------------------
+USER_N, USER_D, USER_L = 96, 12, 2  # the rows, pixels and latent size of the guides below
+
+
+def user_model():
+    torch.manual_seed(SEED)
+    return VAEModel(nets.Decoder(USER_L, (16,), USER_D), likelihoods.Bernoulli(),
+                    priors.StandardNormal(USER_L))
+
+
+def user_split():
+    return data.Split(tiny_binary_data(USER_N, USER_D), torch.zeros(USER_N, dtype=torch.long))
+
+
+class MyEncoderGuide(nn.Module):
+    """A user's guide: an nn.Module with the model's signature, not derived from ours."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(USER_D, 2 * USER_L)
+
+    def forward(self, batch):
+        pyro.module("my_encoder", self)
+        with data_plate(batch):
+            loc, raw = self.net(batch.x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+
+def my_function_guide(batch):
+    """A user's guide as a plain function keeping its parameters in Pyro's param store."""
+    w = pyro.param("w", lambda: torch.zeros(USER_D, 2 * USER_L))
+    with data_plate(batch):
+        loc, raw = (batch.x @ w).chunk(2, -1)
+        pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+
+class FullCovarianceGuide(nn.Module):
+    """A user's amortized guide: q(z | x) = N(mu(x), L(x) L(x)^T), and it says so."""
+
+    def __init__(self, D, L):
+        super().__init__()
+        self.L = L
+        self.net = nn.Linear(D, families.FULL.width(L))
+
+    def local_family(self):
+        return "full"
+
+    def forward(self, batch):
+        pyro.module("full_encoder", self)
+        with data_plate(batch):
+            pyro.sample("z", families.FULL.dist(self.net(batch.x)))
+
+
+# a split of uniform pixels with its row indices as labels (test_batching, test_data)
+def random_split(n=103, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return data.Split(torch.rand(n, d, generator=g), torch.arange(n))
 
 
 # ----------------------------------------------------------------------------------------

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import math
 
-import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-import torch.nn as nn
 
-from conftest import SEED, LinearGaussian, make_linear_gaussian
+from conftest import SEED, FullCovarianceGuide, LinearGaussian, make_linear_gaussian
 from ppl_vae import evaluate, families, guides, local_fit, nets, objectives, protocol
 from ppl_vae.errors import UserError
-from ppl_vae.model import data_plate
 
 
 def correlated_linear_gaussian(L: int = 3, D: int = 5, sigma: float = 0.5, mix: float = 0.8,
@@ -163,20 +160,6 @@ def test_families_by_name_and_the_names_they_answer():
     assert families.of_title(families.LowRank(3).title).name == "lowrank:3"
 
 
-def test_each_guide_states_its_per_datapoint_family():
-    enc = nets.Encoder(3, (8,), 2)
-    assert protocol.local_family(guides.AmortizedNormal(enc)) is families.DIAGONAL
-    assert protocol.local_family(guides.LocalNormal(4, 2)) is families.DIAGONAL
-    assert protocol.local_family(guides.AmortizedIAF(enc)).name == "flow"  # a per-row flow
-    assert protocol.local_family(guides.LocalTable(4, 2, "lowrank:1")).name == "lowrank:1"
-    assert protocol.family(guides.LocalTable(4, 2, "full")) == "full-covariance normal"
-    x = torch.randn(2, 3)
-    probe = evaluate.Batch(x, torch.arange(2), 2)
-    assert protocol.local_family(FullCovarianceGuide(3, 2), probe) is families.FULL  # declared
-    assert protocol.local_family(_undeclared_full_guide, probe) is families.FULL  # probed
-    assert protocol.family(_undeclared_full_guide, probe) == "full-covariance normal"
-
-
 # ----------------------------------------------------------------------------------------
 # the diagonal family: today's numbers, bit for bit
 # ----------------------------------------------------------------------------------------
@@ -309,30 +292,6 @@ def test_evaluate_model_reports_q_stars_family_and_its_gaps():
 # ----------------------------------------------------------------------------------------
 # a user's full-covariance guide
 # ----------------------------------------------------------------------------------------
-class FullCovarianceGuide(nn.Module):
-    """A user's amortized guide: q(z | x) = N(mu(x), L(x) L(x)^T), and it says so."""
-
-    def __init__(self, D, L):
-        super().__init__()
-        self.L = L
-        self.net = nn.Linear(D, families.FULL.width(L))
-
-    def local_family(self):
-        return "full"
-
-    def forward(self, batch):
-        pyro.module("full_encoder", self)
-        with data_plate(batch):
-            pyro.sample("z", families.FULL.dist(self.net(batch.x)))
-
-
-def _undeclared_full_guide(batch):
-    loc = torch.zeros(len(batch.x), 2)
-    with data_plate(batch):
-        pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=torch.eye(2).expand(
-            len(batch.x), 2, 2)))
-
-
 def test_a_users_full_covariance_guide_gets_an_amortization_gap():
     lg = correlated_linear_gaussian()
     x = lg.sample(16, seed=3)

@@ -7,57 +7,24 @@ from __future__ import annotations
 import math
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
-import torch.nn as nn
 from pyro import poutine
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
-from conftest import SEED, TableWithoutRows, tiny_binary_data
-from ppl_vae import (data, guides, likelihoods, local_fit, nets, objectives, optim, priors,
-                     protocol, step, train)
+from conftest import (SEED, USER_D, USER_L, USER_N, MyEncoderGuide, my_function_guide,
+                      tiny_binary_data, user_model, user_split)
+from ppl_vae import data, guides, likelihoods, nets, objectives, optim, priors, protocol, step, train
 from ppl_vae.batching import Batch
 from ppl_vae.errors import UserError
 from ppl_vae.evaluate import Scores, elbo_parts, evaluate_model
 from ppl_vae.model import VAEModel, data_plate
 
-N, D, L = 96, 12, 2
-
-
-def _model():
-    torch.manual_seed(SEED)
-    return VAEModel(nets.Decoder(L, (16,), D), likelihoods.Bernoulli(), priors.StandardNormal(L))
-
-
-def _split():
-    return data.Split(tiny_binary_data(N, D), torch.zeros(N, dtype=torch.long))
-
-
-class MyEncoderGuide(nn.Module):
-    """A user's guide: an nn.Module with the model's signature, not derived from ours."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Linear(D, 2 * L)
-
-    def forward(self, batch):
-        pyro.module("my_encoder", self)
-        with data_plate(batch):
-            loc, raw = self.net(batch.x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
-
-
-def my_function_guide(batch):
-    """A user's guide as a plain function keeping its parameters in Pyro's param store."""
-    w = pyro.param("w", lambda: torch.zeros(D, 2 * L))
-    with data_plate(batch):
-        loc, raw = (batch.x @ w).chunk(2, -1)
-        pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
+N, D, L = USER_N, USER_D, USER_L
 
 
 def _train(model, guide, objective=objectives.ELBO(), epochs=4):
-    split = _split()
+    split = user_split()
     idx = torch.arange(8)
     opts = optim.make_optimizers(model, guide, lr=0.02, batch=Batch(split.x[idx], idx, N))
     history = train.fit(model, guide, objective, split, opts, epochs=epochs, batch_size=32,
@@ -68,7 +35,7 @@ def _train(model, guide, objective=objectives.ELBO(), epochs=4):
 @pytest.mark.parametrize("make", [MyEncoderGuide, lambda: my_function_guide,
                                   lambda m=None: "auto"], ids=["module", "function", "autonormal"])
 def test_a_users_guide_trains_and_is_scored_without_library_changes(make):
-    model = _model()
+    model = user_model()
     guide = make()
     if guide == "auto":
         guide = AutoNormal(model, create_plates=data_plate)
@@ -93,28 +60,28 @@ def test_a_users_guide_trains_and_is_scored_without_library_changes(make):
 
 def test_autonormal_without_the_models_plate_is_refused():
     """Its plate would draw its own random subsample instead of the batch's rows."""
-    model = _model()
+    model = user_model()
     with pytest.raises(UserError, match="create_plates=ppl_vae.model.data_plate"):
         _train(model, AutoNormal(model), epochs=1)
 
 
 def test_a_guide_with_one_joint_latent_vector_is_refused():
-    model = _model()
+    model = user_model()
     with pytest.raises(UserError, match="'data' plate"):
         _train(model, AutoDiagonalNormal(model), epochs=1)
 
 
 def test_fit_takes_pyros_own_objective():
-    model, guide = _model(), MyEncoderGuide()
+    model, guide = user_model(), MyEncoderGuide()
     _, history = _train(model, guide, pyro.infer.Trace_ELBO().differentiable_loss)
     assert history[-1].train_elbo > history[0].train_elbo
 
 
 def test_our_elbo_honours_poutine_scale_like_pyros():
     """poutine.scale on the latent site: our ELBO equals Pyro's Trace_ELBO on the same draws."""
-    model, guide = _model(), MyEncoderGuide()
+    model, guide = user_model(), MyEncoderGuide()
     scaled = poutine.scale(model, scale=0.1)
-    x = _split().x
+    x = user_split().x
     idx = torch.arange(5, 13)
     batch = Batch(x[idx], idx, N)
     pyro.set_rng_seed(SEED + 3)
@@ -125,24 +92,6 @@ def test_our_elbo_honours_poutine_scale_like_pyros():
     pyro.set_rng_seed(SEED + 3)
     unscaled = objectives.ELBO()(model, guide, batch).detach()
     assert abs(float(unscaled) - float(ours.detach())) > 1.0  # the scale matters
-
-
-def test_the_pipeline_asks_the_guide():
-    model = _model()
-    table = guides.LocalNormal(N, L)
-    encoder = guides.AmortizedNormal(nets.Encoder(D, (16,), L))
-    assert protocol.local_parameters(table) == [table.params]
-    assert protocol.local_parameters(encoder) == [] == protocol.local_parameters(my_function_guide)
-    assert protocol.compilable(table) and protocol.compilable(encoder)  # a table gives its rows
-    assert not protocol.compilable(TableWithoutRows(table))  # a table that cannot: not compiled
-    x = _split().x[:10]
-    assert local_fit.held_out(encoder, model, x).guide is encoder
-    held = local_fit.held_out(table, model, x, max_steps=5)
-    assert held.guide is not table and held.steps == 5 and len(held.guide.params) == 10
-    assert protocol.family(MyEncoderGuide(), Batch(x, torch.arange(10), 10)) == "diagonal normal"
-    # q*'s family (families.py), as the guide states it or a probe finds it
-    assert protocol.local_family(MyEncoderGuide(), Batch(x, torch.arange(10), 10)).name == "diagonal"
-    assert protocol.local_family(encoder).name == protocol.local_family(table).name == "diagonal"
 
 
 def test_semi_amortized_refinement_improves_the_encoders_elbo(lingauss):
@@ -166,10 +115,10 @@ def test_semi_amortized_refinement_improves_the_encoders_elbo(lingauss):
 def test_semi_amortized_trains_end_to_end_or_with_the_gradient_stopped(stop_gradient):
     """SAVI: the refined q's loss reaches encoder and decoder through the refinement; with the
     gradient stopped the encoder trains on its own ELBO and the decoder on the refined q."""
-    model = _model()
+    model = user_model()
     guide = guides.SemiAmortizedNormal(nets.Encoder(D, (16,), L), model, steps=3,
                                        step_size=0.05, stop_gradient=stop_gradient)
-    x = _split().x
+    x = user_split().x
     idx = torch.arange(16)
     batch = Batch(x[idx], idx, N)
     loss = protocol.training_loss(guide, objectives.ELBO(), model, batch)
@@ -187,7 +136,7 @@ def test_semi_amortized_trains_end_to_end_or_with_the_gradient_stopped(stop_grad
 
 
 def test_semi_amortized_reports_both_amortization_gaps():
-    model = _model()
+    model = user_model()
     guide = guides.SemiAmortizedNormal(nets.Encoder(D, (16,), L), model, steps=3)
     split, _ = _train(model, guide, epochs=2)
     s = evaluate_model(model, guide, split.x[:30], num_particles=20, progress=False,

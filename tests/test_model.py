@@ -1,4 +1,4 @@
-"""ppl_vae.model, guides, priors, nets: the Pyro programs, their densities, and SVI on them."""
+"""ppl_vae.model, guides, nets: the Pyro programs, their densities, and SVI on them."""
 from __future__ import annotations
 
 import math
@@ -62,22 +62,6 @@ def test_model_with_mixture_prior_log_joint():
     comp = torch.distributions.Normal(prior.locs.detach(), sd).log_prob(z[:, None, :]).sum(-1)  # [N, C]
     log_pz = torch.logsumexp(pi.log() + comp, -1)
     torch.testing.assert_close(tr.nodes["z"]["unscaled_log_prob"].detach(), log_pz, rtol=1e-5, atol=1e-5)
-
-
-def test_mixture_prior_initialization():
-    p = priors.MixtureOfGaussians(4, num_components=10, seed=0)
-    torch.testing.assert_close(F.softplus(p.raw_scales) + 1e-4, torch.ones(10, 4), atol=1e-3, rtol=0)
-    torch.testing.assert_close(torch.softmax(p.logits, 0), torch.full((10,), 0.1))
-    assert torch.equal(p.locs, priors.MixtureOfGaussians(4, seed=0).locs)
-    assert not torch.equal(p.locs, priors.MixtureOfGaussians(4, seed=1).locs)
-    d = p()
-    assert d.event_shape == (4,) and d.batch_shape == ()
-
-
-def test_standard_normal_prior():
-    d = priors.StandardNormal(3)()
-    z = torch.randn(5, 3)
-    torch.testing.assert_close(d.log_prob(z), torch.distributions.Normal(0, 1).log_prob(z).sum(-1))
 
 
 def test_nets_shapes_and_positive_scale():

@@ -1,34 +1,26 @@
-"""ppl_vae.train: the loop, the KL weight and its warm-up, the divergence guard, Ctrl-C mid-epoch
-and resume."""
+"""ppl_vae.train: the loop, the KL weight and its warm-up, lower_lr on a divergence, Ctrl-C
+mid-epoch and resume."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
-import sys
 
 import pyro.infer
 import pytest
 import torch
 
-from ppl_vae import (callbacks, checkpoint, data, guides, likelihoods, loopstate, nets,
-                     objectives, optim, priors, run, run_setup, step, train)
-from ppl_vae.batching import Batch
+from ppl_vae import (callbacks, checkpoint, data, loopstate, objectives, optim, run, run_setup,
+                     step, train)
 from ppl_vae.build import build_guide, build_model
 from ppl_vae.config import Config
 from ppl_vae.errors import UserError
-from ppl_vae.model import VAEModel
 
-from conftest import TOY, tiny_binary_data
+from conftest import TOY, NaNLoss, fit_setup, quiet
 from helpers import assert_same_tensors, config_json, final_state, metrics, train_cli
 
 
 TINY = TOY.replace(train_size=200, valid_size=40, test_size=30, epochs=4, batch_size=64)
-
-
-def _quiet(_msg):
-    pass
 
 
 # ---------------------------------------------------------------------------------------
@@ -44,18 +36,9 @@ def test_beta_warmup_is_linear():
     assert train.beta_at(7, 3, 10, 2, 1.0) == 1.0
 
 
-def _fit_setup(local: bool, n=96, d=12, L=2):
-    torch.manual_seed(0)
-    model = VAEModel(nets.Decoder(L, (16,), d), likelihoods.Bernoulli(), priors.StandardNormal(L))
-    guide = guides.LocalNormal(n, L) if local else guides.AmortizedNormal(nets.Encoder(d, (16,), L))
-    split = data.Split(tiny_binary_data(n, d), torch.zeros(n, dtype=torch.long))
-    opts = optim.make_optimizers(model, guide, lr=0.01, local_lr=0.05, inner_steps=1)
-    return model, guide, split, opts
-
-
 @pytest.mark.parametrize("local", [False, True])
 def test_fit_improves_the_elbo_and_reports_metrics(local):
-    model, guide, split, opts = _fit_setup(local)
+    model, guide, split, opts = fit_setup(local)
     seen = []
     history = train.fit(model, guide, objectives.ELBO(), split, opts, epochs=6, batch_size=32,
                         binarize=data.Binarize("none"), seed=1, validate=lambda: -1.5,
@@ -73,7 +56,7 @@ def test_fit_improves_the_elbo_and_reports_metrics(local):
 
 def test_fit_train_elbo_is_the_mean_per_image_objective():
     """train_elbo = -(sum of the epoch's losses) / (N * steps): loss is N/B * batch sum."""
-    model, guide, split, opts = _fit_setup(False)
+    model, guide, split, opts = fit_setup(False)
     losses = []
 
     class Recording:
@@ -92,7 +75,7 @@ def test_fit_train_elbo_is_the_mean_per_image_objective():
 
 
 def test_fit_warmup_passes_beta_to_the_objective():
-    model, guide, split, opts = _fit_setup(False)
+    model, guide, split, opts = fit_setup(False)
     betas = []
 
     @dataclasses.dataclass(frozen=True)
@@ -112,14 +95,14 @@ def test_fit_warmup_passes_beta_to_the_objective():
 def test_fit_same_seed_same_result_and_max_seconds_stops():
     out = []
     for _ in range(2):
-        model, guide, split, opts = _fit_setup(False)
+        model, guide, split, opts = fit_setup(False)
         torch.manual_seed(5)
         h = train.fit(model, guide, objectives.ELBO(), split, opts, epochs=2, batch_size=32,
                       binarize=data.Binarize("dynamic"), seed=4, progress=False)
         out.append(([m.train_elbo for m in h], [p.detach().clone() for p in model.parameters()]))
     assert out[0][0] == out[1][0]
     assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
-    model, guide, split, opts = _fit_setup(False)
+    model, guide, split, opts = fit_setup(False)
     h = train.fit(model, guide, objectives.ELBO(), split, opts, epochs=50, batch_size=32,
                   binarize=data.Binarize("none"), max_seconds=1e-9, progress=False)
     assert len(h) == 1
@@ -129,11 +112,11 @@ def test_fit_callbacks_come_in_the_order_they_must_run():
     """Validation before the bar's line and the checkpoint (``on_epoch``), Ctrl-C after the
     checkpoint, the time budget last; what is not asked for is left out."""
     pieces = train._fit_callbacks(3, validate=lambda: 0.0, on_epoch=print, progress=False,
-                                  max_seconds=5.0, ctrl_c=True, log=_quiet)
+                                  max_seconds=5.0, ctrl_c=True, log=quiet)
     assert [type(p) for p in pieces] == [callbacks.Validate, callbacks.ProgressBar, callbacks.OnEpoch,
                                          callbacks.StopOnCtrlC, callbacks.TimeBudget]
     pieces = train._fit_callbacks(3, validate=None, on_epoch=None, progress=False,
-                                  max_seconds=None, ctrl_c=False, log=_quiet)
+                                  max_seconds=None, ctrl_c=False, log=quiet)
     assert [type(p) for p in pieces] == [callbacks.ProgressBar]
 
 
@@ -149,98 +132,11 @@ def test_beta_schedule_only_when_beta_or_warmup_is_set():
         train._beta_schedule(NoBeta(), 0.5, 0, 10)
 
 
-def test_the_progress_bar_reads_only_public_attributes_of_the_loop():
-    class Public:
-        """The loop as a callback outside train.py may see it: no ``_`` attributes."""
-
-        def __init__(self, state):
-            self._state = state
-
-        def __getattr__(self, name):
-            if name.startswith("_"):
-                raise AttributeError(f"private attribute {name} of the loop")
-            return getattr(self._state, name)
-
-    position = loopstate.Position(1, 2, 0.0, 0.0, 0.0, 5, 2)
-    state = loopstate.Loop(96, 3, position=position)
-    bar = callbacks.ProgressBar(2, enabled=False, log=_quiet)
-    bar.on_start(Public(state))
-    assert bar.bar.n == 3 + 2  # a resumed run's bar starts at epoch 1, step 2
-    state.begin(1, "cpu")
-    bar.after_step(Public(state))
-    bar.on_metrics(Public(state), state.end_epoch())
-    bar.close()
-
-
 # ---------------------------------------------------------------------------------------
-# divergence guard
+# on a divergence: lower the learning rates and go on
 # ---------------------------------------------------------------------------------------
-class NaNLoss:
-    beta = 1.0
-
-    def __call__(self, model, guide, batch):
-        return objectives.ELBO()(model, guide, batch) * float("nan")
-
-
-class NaNGradient:
-    """A finite loss whose gradient is NaN: 0 * sqrt(p - p) has value 0 and gradient 0 * inf."""
-
-    beta = 1.0
-
-    def __call__(self, model, guide, batch):
-        loss = objectives.ELBO()(model, guide, batch)
-        w = next(model.parameters())
-        return loss + 0.0 * torch.sqrt(w - w).sum()
-
-
-def _snapshot(model, guide, opts):
-    params = [p.detach().clone() for m in (model, guide) for p in m.parameters()]
-    states = [json.dumps({k: str(v) for k, v in o.state_dict()["state"].items()}) for o in opts.all()]
-    return params, states
-
-
-def _assert_unchanged(before, after):
-    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
-    assert before[1] == after[1]
-
-
-@pytest.mark.parametrize("objective,local,inner", [
-    (NaNLoss(), False, 0), (NaNGradient(), False, 0),
-    (NaNLoss(), True, 0), (NaNGradient(), True, 0),
-    (NaNLoss(), True, 3), (NaNGradient(), True, 3),
-], ids=["amortized-nan-loss", "amortized-nan-grad", "local-nan-loss", "local-nan-grad",
-        "local-inner-nan-loss", "local-inner-nan-grad"])
-def test_divergence_raises_and_leaves_parameters_unchanged(objective, local, inner):
-    model, guide, split, _ = _fit_setup(local)
-    opts = optim.make_optimizers(model, guide, lr=0.01, local_lr=0.05, inner_steps=inner)
-    # a few healthy steps first, so the optimizers have state to protect
-    train.fit(model, guide, objectives.ELBO(), split, opts, epochs=1, batch_size=32,
-              binarize=data.Binarize("none"), progress=False)
-    before = _snapshot(model, guide, opts)
-    idx = torch.arange(10)
-    with pytest.raises(step.DivergenceError):
-        step.step(model, guide, objective, Batch(split.x[idx], idx, len(split)), opts)
-    _assert_unchanged(before, _snapshot(model, guide, opts))
-    with pytest.raises(step.DivergenceError, match="epoch 2, step 1"):
-        train.fit(model, guide, objective, split, opts, epochs=2, batch_size=32,
-                  binarize=data.Binarize("none"), start_epoch=1, progress=False)
-    _assert_unchanged(before, _snapshot(model, guide, opts))
-
-
-def test_divergence_in_an_inner_step_leaves_the_table_unchanged():
-    """The per-datapoint guide's local-only steps are guarded too (no NaN rows)."""
-    model, guide, split, _ = _fit_setup(True)
-    opts = optim.make_optimizers(model, guide, lr=0.01, local_lr=0.05, inner_steps=3)
-    before = _snapshot(model, guide, opts)
-    idx = torch.arange(10)
-    with pytest.raises(step.DivergenceError):
-        step.step(model, guide, NaNLoss(), Batch(split.x[idx], idx, len(split)), opts)
-    assert torch.isfinite(guide.params).all()
-    _assert_unchanged(before, _snapshot(model, guide, opts))
-
-
 def test_on_divergence_lower_lr_skips_the_batch_and_halves_the_rates():
-    model, guide, split, opts = _fit_setup(False)
+    model, guide, split, opts = fit_setup(False)
     calls = []
 
     class NaNEveryOther:
@@ -266,46 +162,6 @@ def test_on_divergence_lower_lr_skips_the_batch_and_halves_the_rates():
                   log=messages.append)
 
 
-def test_check_finite_reads_sparse_gradients():
-    model, guide, split, opts = _fit_setup(True)
-    guide.params.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.full((1, 4), math.inf),
-                                                guide.params.shape, check_invariants=True)
-    assert not step.check_finite(torch.tensor(1.0), opts)
-    guide.params.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.ones(1, 4),
-                                                guide.params.shape, check_invariants=True)
-    assert step.check_finite(torch.tensor(1.0), opts)
-    assert not step.check_finite(torch.tensor(math.nan), opts)
-
-
-class _RecordingSync:
-    """torchrun's ``GradSync`` for one process: records the flag it was handed."""
-
-    size = 1
-
-    def __init__(self):
-        self.flags = []
-
-    def reduce(self, params, flag):
-        self.flags.append(flag.clone())
-        return flag
-
-
-@pytest.mark.parametrize("guard", [True, False])
-def test_a_step_under_a_sync_all_reduces_the_flag_with_the_gradients(guard):
-    """The guard's flag rides the all-reduce (a zero when unguarded, and then no flag comes
-    back); the step is applied either way."""
-    model, guide, split, opts = _fit_setup(False)
-    sync = _RecordingSync()
-    before = [p.detach().clone() for p in model.parameters()]
-    idx = torch.arange(10)
-    loss, bad = step.step_on_device(model, guide, objectives.ELBO(),
-                                     Batch(split.x[idx], idx, len(split)),
-                                     opts._replace(sync=sync), guard=guard)
-    assert torch.isfinite(loss) and len(sync.flags) == 1 and float(sync.flags[0]) == 0.0
-    assert (bad is None) if not guard else float(bad) == 0.0
-    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-
-
 # ---------------------------------------------------------------------------------------
 # resume: 2 + 2 epochs == 4 epochs, bitwise
 # ---------------------------------------------------------------------------------------
@@ -313,9 +169,9 @@ def test_a_step_under_a_sync_all_reduces_the_flag_with_the_gradients(guard):
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cached_mnist, guide):
     config = TINY.replace(guide=guide) if guide != "compiled" else TINY.replace(compile="on")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    s4 = run.train_run(config, straight, progress=False, log=_quiet)
-    run.train_run(config.replace(epochs=2), resumed, progress=False, log=_quiet)
-    s22 = run.train_run(config, resumed, resume=True, progress=False, log=_quiet)
+    s4 = run.train_run(config, straight, progress=False, log=quiet)
+    run.train_run(config.replace(epochs=2), resumed, progress=False, log=quiet)
+    s22 = run.train_run(config, resumed, resume=True, progress=False, log=quiet)
     (a, ma), (b, mb) = final_state(straight), final_state(resumed)
     assert ma == mb and len(ma) == 4
     for key in ("model", "guide", "optimizers", "valid_guide"):
@@ -325,16 +181,16 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cached_mnist,
 
 def test_resume_refuses_a_different_architecture(tmp_path, cached_mnist):
     out = tmp_path / "run"
-    run.train_run(TINY.replace(epochs=1), out, progress=False, log=_quiet)
+    run.train_run(TINY.replace(epochs=1), out, progress=False, log=quiet)
     with pytest.raises(UserError, match="latent_dim"):
-        run.train_run(TINY.replace(latent_dim=4), out, resume=True, progress=False, log=_quiet)
+        run.train_run(TINY.replace(latent_dim=4), out, resume=True, progress=False, log=quiet)
     with pytest.raises(UserError, match="--resume"):
-        run.train_run(TINY, tmp_path / "empty", resume=True, progress=False, log=_quiet)
+        run.train_run(TINY, tmp_path / "empty", resume=True, progress=False, log=quiet)
 
 
 def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, cached_mnist):
     config = TINY.replace(epochs=2)
-    run.train_run(config, tmp_path, progress=False, log=_quiet)
+    run.train_run(config, tmp_path, progress=False, log=quiet)
     blob = (tmp_path / checkpoint.NAME).read_bytes()
     (tmp_path / checkpoint.NAME).write_bytes(blob[:200])
     messages = []
@@ -372,11 +228,11 @@ def test_ctrl_c_mid_epoch_then_resume_is_bitwise_equal(tmp_path, cached_mnist, m
     from that step, with the same result as a run that was never interrupted."""
     config = TINY.replace(guide=guide, epochs=3, inner_steps=0)
     straight, cut = tmp_path / "straight", tmp_path / "cut"
-    run.fit_run(config, straight, progress=False, log=_quiet)
+    run.fit_run(config, straight, progress=False, log=quiet)
     build = run_setup.build_objective
     monkeypatch.setattr(run_setup, "build_objective", lambda c: _InterruptAt(build(c), at=6))
     with pytest.raises(loopstate.Interrupted) as e:
-        run.fit_run(config, cut, progress=False, log=_quiet)
+        run.fit_run(config, cut, progress=False, log=quiet)
     assert (e.value.position.epoch, e.value.position.step) == (1, 2)  # 4 steps per epoch
     state = checkpoint.load(cut)
     assert state["position"]["step"] == 2 and len(state["history"]) == 1
@@ -396,7 +252,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_bitwise_equal(tmp_path, cached_mnist, m
 
 
 def test_train_elbo_averages_the_applied_steps_only():
-    model, guide, split, opts = _fit_setup(False)
+    model, guide, split, opts = fit_setup(False)
     applied = []
 
     class NaNEveryOther:
@@ -413,96 +269,9 @@ def test_train_elbo_averages_the_applied_steps_only():
 
     (metrics,) = train.fit(model, guide, NaNEveryOther(), split, opts, epochs=1, batch_size=24,
                            binarize=data.Binarize("none"), on_divergence="lower_lr",
-                           progress=False, log=_quiet)
+                           progress=False, log=quiet)
     assert len(applied) == 2 and metrics.steps == 2
     assert metrics.train_elbo == pytest.approx(-sum(applied) / (96 * len(applied)), rel=1e-5)
-
-
-def test_a_divergence_names_the_learning_rate_unless_the_guide_names_its_own_setting():
-    model, guide, split, opts = _fit_setup(False)
-    with pytest.raises(step.DivergenceError) as e:
-        train.fit(model, guide, NaNLoss(), split, opts, epochs=1, batch_size=32,
-                  binarize=data.Binarize("none"), progress=False, log=_quiet)
-    assert e.value.setting == "lr" and e.value.cause is None
-    assert e.value.advice(cli=True) == "Try a smaller --lr or --on-divergence lower_lr"
-
-
-class _NaNDecoder:
-    """The ELBO, except that at its ``at``-th call the decoder's output is NaN: Pyro's
-    validation refuses the Bernoulli's logits with a ValueError before the loss is NaN."""
-
-    beta = 1.0
-
-    def __init__(self, at: int):
-        self.at, self.calls = at, 0
-
-    def __call__(self, model, guide, batch):
-        self.calls += 1
-        if self.calls != self.at:
-            return objectives.ELBO()(model, guide, batch)
-        w = model.decoder.net[-1].bias
-        with torch.no_grad():
-            saved = w.clone()
-            w.fill_(float("nan"))
-        try:
-            return objectives.ELBO()(model, guide, batch)
-        finally:
-            with torch.no_grad():
-                w.copy_(saved)
-
-
-@pytest.mark.parametrize("local", [False, True])
-def test_a_nan_that_a_distribution_refuses_is_a_divergence(local):
-    """Pyro validates every site, so a NaN parameter raised a ValueError (a long traceback)
-    before the guard could see a NaN loss: it is a divergence like any other, the step is
-    not applied (the table's rows its inner updates moved are put back)."""
-    model, guide, split, opts = _fit_setup(local)
-    before = _snapshot(model, guide, opts)
-    # a table's step: an inner update (call 1) moves the rows, the joint pass (call 2) fails
-    with pytest.raises(step.DivergenceError, match="epoch 1, step 1: NaN reached parameter "
-                                                    "logits of a Bernoulli"):
-        train.fit(model, guide, _NaNDecoder(2 if local else 1), split, opts, epochs=1,
-                  batch_size=32,
-                  binarize=data.Binarize("none"), progress=False, log=_quiet)
-    after = _snapshot(model, guide, opts)
-    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
-    assert after[1][0] == before[1][0] == "{}"  # Adam never stepped
-    if local:  # RowAdam's state, made by the inner update, is put back to its start: zeros
-        assert all(not v.any() for st in opts.local.state.values() for v in st.values())
-
-
-class _Stream(io.StringIO):
-    def __init__(self, tty: bool):
-        super().__init__()
-        self.tty = tty
-
-    def isatty(self) -> bool:
-        return self.tty
-
-
-@pytest.mark.parametrize("tty", [True, False])
-def test_fit_shows_progress_by_default_on_a_terminal_only(monkeypatch, tty):
-    """``fit`` (and ``run.train_run`` through it) without ``progress``: on a terminal
-    (stderr a tty) a bar and a line per epoch; otherwise nothing, not even through ``log``.
-    ``progress=True``/``False`` still decide."""
-    out, err = _Stream(tty), _Stream(tty)
-    monkeypatch.setattr(sys, "stdout", out)
-    monkeypatch.setattr(sys, "stderr", err)
-    assert callbacks.progress_default() is tty
-    model, guide, split, opts = _fit_setup(False)
-    logged = []
-    train.fit(model, guide, objectives.ELBO(), split, opts, epochs=2, batch_size=32,
-              binarize=data.Binarize("none"), log=logged.append)
-    shown = out.getvalue() + err.getvalue() + "".join(logged)
-    if tty:
-        assert "step" in err.getvalue()  # the bar
-        assert shown.count("epoch ") >= 2 and "epoch   2  train" in shown
-    else:
-        assert shown == ""
-    logged.clear()
-    train.fit(model, guide, objectives.ELBO(), split, opts, epochs=3, batch_size=32,
-              binarize=data.Binarize("none"), log=logged.append, progress=True)
-    assert "epoch   3  train" in out.getvalue() + "".join(logged)  # asked for: shown
 
 
 def test_warmup_ramps_beta_toward_its_target(tmp_path, cached_mnist, capsys):
