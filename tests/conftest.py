@@ -322,3 +322,17 @@ def evaluated(tmp_path, tmp_path_factory, cached_mnist, capsys):
 def evaluated_run(tmp_path, tmp_path_factory, cached_mnist, capsys):
     """A finished 3-epoch run, evaluated (eval.json and figures; its own copy per test)."""
     return trained_copy(tmp_path_factory, capsys, tmp_path / "run3", 3, evaluate=True)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored():
+    """Every test leaves Ctrl-C's handler as it found it (a handler left behind would turn a
+    later test's Ctrl-C into a flag instead of KeyboardInterrupt)."""
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        if after is not signal.default_int_handler:  # a test may ask for Python's own
+            pytest.fail(f"the test left SIGINT's handler changed: {after!r}")
