@@ -42,6 +42,7 @@ class Guide(nn.Module):
     family: Optional[str] = None
     compilable = True
     settings: Tuple[str, ...] = ()  # the Config settings of this kind of guide (report, checks)
+    described: Optional[str] = None  # its inference in words, for the report's title
 
     def local_parameters(self) -> List[torch.Tensor]:
         return []
@@ -93,6 +94,8 @@ class Encoded(Guide):
 class AmortizedNormal(Encoded):
     """q(z | x) = N(mu(x), diag sigma(x)^2) from an encoder network shared by all datapoints."""
 
+    described = "amortized"
+
     family = fam_lib.DIAGONAL.title
 
     def forward(self, batch: Batch) -> None:
@@ -114,6 +117,8 @@ class AmortizedIAF(Encoded):
     (``local_family()``: ``families.Flow.like(self.flows)``, started at these flows), as
     Cremer et al. fit q* for their flow guide.
     """
+
+    described = "flow (IAF)"
 
     def __init__(self, encoder: nn.Module, num_flows: int = 2, hidden: int = 0):
         from pyro.distributions.transforms import affine_autoregressive
@@ -241,6 +246,8 @@ class LocalNormal(PerDatapoint):
     (size N with the batch's indices as ``subsample``). A batch-sized plate would silently
     reuse the first B rows for every minibatch (Pyro issue 238) and is refused.
     """
+
+    described = "mean-field"
 
     family = fam_lib.DIAGONAL.title
 
@@ -391,6 +398,8 @@ class SemiAmortizedNormal(Encoded):
     The model is held by reference (not as a submodule: its parameters are the model's).
     ``views()`` offers the bare encoder, so both amortization gaps can be measured.
     """
+
+    described = "semi-amortized"
 
     family = fam_lib.DIAGONAL.title
     settings = ("refine_steps", "refine_lr", "refine_stop_gradient")

@@ -19,19 +19,27 @@ if TYPE_CHECKING:
     from .results import Comparison, GuideRun
 
 
-DESCRIBED = {"amortized": "amortized", "semiamortized": "semi-amortized",
-             "meanfield": "mean-field", "iaf": "flow (IAF)"}
-
-
 def _and(words: List[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
+def _asked(name: str, what: str, default):
+    """What a compared guide's class says of itself (``Guide.settings``, ``described``), by
+    its registered name; a user's ``module:Class`` is not imported for it (``default``)."""
+    try:
+        return getattr(getattr(GUIDES.resolve(name), "piece", None), what, default) \
+            if name in GUIDES else default
+    except Exception:  # noqa: BLE001 - a guide that cannot be looked up says nothing
+        return default
+
+
 def title(guides: List[str]) -> str:
-    """The report's title, from the guides that ran: "Amortized, semi-amortized and
-    mean-field inference" for the default three; a user guide is named as given."""
-    if all(g in DESCRIBED for g in guides):
-        text = _and([DESCRIBED[g] for g in guides]) + " inference"
+    """The report's title, from the guides that ran, as each guide's class describes its
+    inference ("Amortized, semi-amortized and mean-field inference" for the default three);
+    where one says nothing (a user's guide), every guide is named as given."""
+    words = [_asked(g, "described", None) for g in guides]
+    if all(words):
+        text = _and(words) + " inference"
         return text[0].upper() + text[1:]
     return "Inference compared: " + _and([f"`{g}`" for g in guides])
 
@@ -64,11 +72,7 @@ def guide_settings(comparison: "Comparison") -> Dict[str, tuple]:
         if g in recorded:
             out[g] = tuple(recorded[g])
             continue
-        try:
-            out[g] = tuple(getattr(getattr(GUIDES.resolve(g), "piece", None), "settings", ())
-                           if g in GUIDES else ())
-        except Exception:  # noqa: BLE001 - a guide that cannot be looked up says nothing
-            out[g] = ()
+        out[g] = tuple(_asked(g, "settings", ()))
     return out
 
 
