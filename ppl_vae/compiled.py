@@ -157,9 +157,9 @@ def compiles(compile, work: float, pays_from: float) -> bool:
 
 def choose(mode: str, guide, steps: int, max_seconds: Optional[float] = None) -> Choice:
     """``compiles`` for the training step, with the line that says why: ``on`` compiles,
-    ``off`` does not, and ``auto`` compiles when the guide can be compiled (``protocol.compilable``), a C++ compiler is
-    present (``has_compiler``) and the run is long enough to repay a compile of seconds to a
-    minute per batch shape: at least ``PAYS_FROM_STEPS`` optimizer steps, and with a time
+    ``off`` does not, and ``auto`` compiles when the guide can be compiled
+    (``protocol.compilable``), a C++ compiler is present (``has_compiler``) and the run is
+    long enough to repay a compile of seconds to a minute per batch shape: at least ``PAYS_FROM_STEPS`` optimizer steps, and with a time
     budget (``max_seconds``), at least ``PAYS_FROM_SECONDS`` of it. The compiled step saves
     about 30-60% of an eager step on a CPU (experiments/bench.py), so 2,000 steps repay
     the compile for every built-in guide at batch 128 (the default ``compare``: 3,910 steps

@@ -301,12 +301,9 @@ class Flow:
                 parts.append(t.to(loc).flatten().expand(*B, t.numel()))
         return torch.cat([loc, from_scale(scale), *parts], dim=-1)
 
-    def _latent(self, rows) -> int:
-        return _latent(rows, self.width)
-
     def parts(self, rows):
         """(base loc, base scale, [(w1, b1, w2, b2) per flow]) of rows [B, width]."""
-        L = self._latent(rows)
+        L = _latent(rows, self.width)
         H = self.hidden_of(L)
         shapes = ((H, L), (H,), (2 * L, H), (2 * L,))
         made = self.networks(L)
@@ -327,14 +324,13 @@ class Flow:
 
     @torch.no_grad()
     def loc_scale(self, rows):
-        q = self.dist(rows.detach())
+        loc, scale, flows = self.parts(rows.detach())
         g = torch.Generator(device=rows.device).manual_seed(self.SEED)
-        loc, scale, _ = self.parts(rows.detach())
         eps = torch.randn((self.MOMENT_DRAWS, *loc.shape), generator=g, device=rows.device,
                           dtype=rows.dtype)
         z = loc + scale * eps
-        for t in q.transforms:
-            z = t(z)
+        for f in flows:
+            z = _RowIAF(*f)(z)
         return z.mean(0), z.std(0).clamp_min(1e-5)
 
 
@@ -345,8 +341,8 @@ Spec = Union[str, LocalFamily]
 
 
 def resolve(family: Spec) -> LocalFamily:
-    """A family from its name (``diagonal``, ``full``, ``lowrank`` or ``lowrank:R``) or
-    itself (any object with the ``LocalFamily`` members)."""
+    """A family from its name (``diagonal``, ``full``, ``lowrank``, ``lowrank:R``, ``flow``,
+    ``flow:T`` or ``flow:TxH``) or itself (any object with the ``LocalFamily`` members)."""
     if not isinstance(family, str):
         if isinstance(family, LocalFamily):
             return family

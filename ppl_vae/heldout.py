@@ -133,7 +133,7 @@ class GapTracker(Callback):
         self.rows = torch.arange(len(x_train), device=x_train.device)
         self.num_train = num_train
         self.epochs, self.last = set(epochs), last
-        self.num_particles, self.path, self.local_steps = num_particles, path, local_steps
+        self.num_particles, self.path = num_particles, path
         # q*'s family and the compile setting (``config.local_fit_options``), at most
         # ``local_steps`` steps of each fit
         self.local_options = {**(local_options or {}), "max_steps": local_steps}

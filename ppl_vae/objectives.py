@@ -327,9 +327,10 @@ class PyroObjective:
 
     def __call__(self, model, guide, batch: Batch, **kwargs) -> torch.Tensor:
         if kwargs:  # a KL weight handed by a schedule: refused as everywhere
-            refuse_beta(self, kwargs.pop("beta", 1.0), name=f"Pyro's {type(self.elbo).__name__}")
-        if kwargs:
-            raise TypeError(f"Pyro's {type(self.elbo).__name__} takes no {', '.join(kwargs)}")
+            name = f"Pyro's {type(self.elbo).__name__}"
+            refuse_beta(self, kwargs.get("beta", 1.0), name=name)
+            raise UserError(f"{name} takes no {', '.join(kwargs)}; use {setting('objective')} "
+                            f"elbo")
         with _ModuleParams():
             if hasattr(self.elbo, "differentiable_loss"):
                 return self.elbo.differentiable_loss(model, guide, batch)
