@@ -76,8 +76,8 @@ def log_px(model, guide, x: torch.Tensor, num_particles: int = 5000, seed: int =
 
 def chunk_rows(compiled: bool) -> int:
     """Decoder rows per chunk of ``log_px``: 2 ** 13 for a compiled chunk, whose fused kernels
-    then work on logits that stay in the CPU's cache (about 1.2-1.4x the decoder's
-    matrix-product floor against 1.7x at 2 ** 15, ``experiments/bench.py --part eval``); 2 **
+    then work on logits that stay in the CPU's cache (1.17x the decoder's matrix-product
+    floor against 1.47x at 2 ** 15, ``experiments/bench.py --part eval``, one thread); 2 **
     15 eagerly, where each chunk's Python and dispatch overhead dominates (0.63x the time of
     2 ** 13, issue 23)."""
     return 2 ** 13 if compiled else 2 ** 15
