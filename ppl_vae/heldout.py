@@ -13,8 +13,8 @@ import torch
 from . import batching, data, local_fit, protocol
 from .evaluate import elbo_parts, evaluate_model
 from .callbacks import Callback
-from .loopstate import EpochMetrics, Loop
-from .step import abandonable
+from .loopstate import EpochMetrics, Interrupted, Loop
+from .step import Abandoned, abandonable
 
 EVAL_SEED = 1234  # the test/validation binarization and every estimate's noise
 
@@ -120,7 +120,8 @@ class RowsOf(torch.nn.Module):
 class GapTracker(Callback):
     """Scores L[q], L[q*], log p(x) and both gaps on fixed training and test rows at chosen
     epochs (and the last), appending one JSON line per epoch and split to ``path``. Ctrl-C
-    abandons a scoring that runs on (``step.abandonable``): that epoch then has no line."""
+    abandons a scoring that runs on (``step.abandonable``): that epoch then has no line
+    until a resume from its checkpoint scores it (``on_start``), as after a kill."""
 
     def __init__(self, model, guide, x_train: torch.Tensor, num_train: int,
                  x_test: torch.Tensor, epochs: Sequence[int], last: int, num_particles: int,
@@ -139,10 +140,34 @@ class GapTracker(Callback):
         self.local_options = {**(local_options or {}), "max_steps": local_steps}
         self.seconds = 0.0
 
+    def on_start(self, loop: Loop) -> None:
+        """A run resumed at the end of a tracked epoch whose scoring a kill or Ctrl-C cut short
+        scores it now: its checkpoint is the state those lines would have scored."""
+        last = loop.history[-1] if loop.history else None
+        if last is None or not loop.at_epoch_end or not self._due(last.epoch):
+            return
+        path = self.path()
+        lines = read_gaps(path) if path.exists() else []
+        if {line.get("split") for line in lines if line.get("epoch") == last.epoch} \
+                >= {"train", "test"}:
+            return
+        kept = [line for line in lines if line.get("epoch") != last.epoch]  # a half-written
+        if len(kept) < len(lines):                                          # epoch goes
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+            tmp.replace(path)
+        try:
+            self.record(last)
+        except Abandoned:  # Ctrl-C again: the run stays where it was, to be resumed
+            raise Interrupted(loop.start()) from None
+
     def on_metrics(self, loop: Loop, metrics: EpochMetrics) -> bool:
-        if metrics.epoch in self.epochs or metrics.epoch == self.last:
+        if self._due(metrics.epoch):
             self.record(metrics)
         return False
+
+    def _due(self, epoch: int) -> bool:
+        return epoch in self.epochs or epoch == self.last
 
     def record(self, metrics: EpochMetrics) -> list:
         import time

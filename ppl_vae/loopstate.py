@@ -109,6 +109,19 @@ class Loop:
             self.beta = float(beta)
 
     @property
+    def at_epoch_end(self) -> bool:
+        """Whether the run (re)starts right after its last finished epoch, no step of the next
+        one taken: the state its checkpoint holds is that epoch's end."""
+        p = self._resume
+        return p is None or (p.step == 0 and p.epoch == len(self.history))
+
+    def start(self) -> Position:
+        """Where the run (re)starts, before its first step: what a Ctrl-C there keeps."""
+        if self._resume is not None:
+            return self._resume
+        return Position(self.epoch, 0, 0.0, 0.0, self.wall, self.steps, 0)
+
+    @property
     def resume_step(self) -> int:
         """The step within its epoch that a resumed run starts from (0 otherwise)."""
         return self._resume.step if self._resume is not None else 0

@@ -21,3 +21,62 @@ def test_tracking_the_gaps_does_not_change_the_training(tmp_path, cached_mnist, 
         runs.append([(m["train_elbo"], m["valid_elbo"]) for m in metrics(out)])
     assert (tmp_path / f"{guide}{len(GAPS)}" / "gaps.jsonl").exists()
     assert runs[0] == runs[1]
+
+
+def _unclocked(lines):
+    return [{k: v for k, v in line.items() if not k.endswith("seconds")} for line in lines]
+
+
+@pytest.mark.parametrize("lost", ["both", "test"])
+def test_a_resume_scores_the_tracked_epoch_a_kill_cut_short(tmp_path, cached_mnist, capsys,
+                                                           lost):
+    """A kill after epoch 2's checkpoint but during (or before the end of) its scoring leaves
+    epoch 2 without its lines (or with half of them): the resume scores it from the checkpoint,
+    as the uninterrupted run did (the epoch-300 point of a 3,280-epoch run was once lost so)."""
+    import json
+    from ppl_vae.heldout import read_gaps
+    out = tmp_path / "run"
+    gaps = ["--track-gaps", "--gap-epochs", "1", "2", "--epochs", "2"]
+    assert train_cli(capsys, out, *gaps)[0] == 0
+    path = out / "gaps.jsonl"
+    whole = read_gaps(path)
+    assert [(g["epoch"], g["split"]) for g in whole] == [(1, "train"), (1, "test"),
+                                                         (2, "train"), (2, "test")]
+    kept = whole[:2] if lost == "both" else whole[:3]
+    path.write_text("".join(json.dumps(g) + "\n" for g in kept))
+    (out / "summary.json").unlink()  # the kill came before the run's end
+    assert train_cli(capsys, out, *gaps, "--resume")[0] == 0
+    again = read_gaps(path)
+    assert again[:2] == whole[:2]  # the lines before are kept as they were
+    assert _unclocked(again) == _unclocked(whole)  # epoch 2 scored once, to the same numbers
+
+
+def test_a_ctrl_c_in_that_scoring_keeps_the_run_where_it_was(tmp_path):
+    """Ctrl-C while the resume scores the lost epoch: the run stops at the same epoch end, and
+    its next resume scores that epoch again."""
+    import torch
+    from ppl_vae.heldout import GapTracker
+    from ppl_vae.loopstate import EpochMetrics, Interrupted, Loop
+    from ppl_vae.step import Abandoned
+    done = [EpochMetrics(*([e + 1] + [0.0] * (len(EpochMetrics._fields) - 1)))
+            for e in range(2)]
+    x = torch.zeros(2, 4)
+    tracker = GapTracker(None, None, x, 2, x, [2], 5, 3, lambda: tmp_path / "gaps.jsonl")
+    calls = []
+
+    def cut(metrics):
+        calls.append(metrics.epoch)
+        raise Abandoned()
+    tracker.record = cut
+    with pytest.raises(Interrupted) as stopped:
+        tracker.on_start(Loop(10, 5, done))
+    where = stopped.value.position
+    assert (where.epoch, where.step) == (2, 0) and calls == [2]
+    assert "after epoch 2" in str(stopped.value)
+    again = Loop(10, 5, done, where)
+    assert again.at_epoch_end
+    with pytest.raises(Interrupted):
+        tracker.on_start(again)
+    assert calls == [2, 2]
+    tracker.on_start(Loop(10, 5, done[:1]))  # epoch 1 is not tracked: nothing scored
+    assert calls == [2, 2]
