@@ -236,7 +236,9 @@ def build_parser() -> Parser:
     c.add_argument("--resume", action="store_true",
                    help="continue a comparison cut short (a kill, Ctrl-C): the same command "
                         "with --resume keeps every scored guide run, continues the one in "
-                        "progress from its last checkpoint and runs the rest")
+                        "progress from its last checkpoint and runs the rest; it may add "
+                        "guides (or seeds, to a comparison of several) to a comparison cut "
+                        "short or finished")
     c.add_argument("--quick", action="store_true",
                    help="a first look: 10k training rows, 2 epochs each, 1k test rows, K=100")
     c.add_argument("--num-particles-eval", type=int, default=1000, help="K of log p(x) (default 1000)")

@@ -162,6 +162,11 @@ PLAN = "comparison.json"  # in the comparison's folder, written before the first
 RECORD = "comparison_run.json"  # in a guide run's folder, once the run is scored
 FIGURE_ARRAYS = "comparison_arrays.npz"  # beside it: what the comparison's figures show
 PLAN_MAY_CHANGE = ("device", "compile")  # a resume may move devices or compile differently
+# a resume may add guides or seeds (not drop them): the finished runs are kept and the new
+# ones run; a one-seed comparison's runs sit in out/<guide>, so it takes no seeds added
+EXTENDABLE = {"guides": " (a resume may add guides, not drop them)",
+              "seeds": " (a resume may add seeds to a comparison of two or more, not drop "
+                       "them)"}
 
 
 def plan_of(config: Config, guides, seeds, budget: Budget, num_particles: int,
@@ -191,33 +196,57 @@ def _plan_differs(saved: dict, plan: dict) -> Optional[str]:
         if key == "budget" and isinstance(old, dict) and old.get("unit") == "epochs" \
                 and old.get("amount") is None:
             old = {**old, "amount": plan["config"].get("epochs")}
+        if key in EXTENDABLE and isinstance(old, list) and set(old) <= set(value) \
+                and (key != "seeds" or len(old) > 1 or old == value):
+            continue  # guides or seeds added: a resume extends the comparison
         if old != value:
             name = {"num_particles": "num-particles-eval"}.get(key, key.replace("_", "-"))
-            return f"--{name} (was {old!r}, now {value!r})"
+            why = EXTENDABLE.get(key, "")
+            return f"--{name} (was {old!r}, now {value!r}){why}"
     return None
 
 
 def check_resume(out: Path, plan: dict) -> None:
     """Refuse a ``--resume`` of a folder that holds no unfinished comparison, or that was
-    started with other settings."""
+    started with other settings (but for guides or seeds added, ``EXTENDABLE``)."""
     path = out / PLAN
-    if (out / "results.json").exists():
+    saved = None
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is unreadable ({type(e).__name__}); run the comparison "
+                            f"again with {setting('overwrite')}") from None
+    differs = _plan_differs(saved, plan) if saved is not None else None
+    if (out / "results.json").exists() and not differs \
+            and (saved is None or _finished(out, saved) and _adds_nothing(saved, plan)):
         raise UserError(f"{out} holds a finished comparison: nothing to resume; pass "
                         f"{setting('overwrite')} to run it again or choose another "
                         f"{setting('out')}")
-    if not path.is_file():
+    if saved is None:
         raise UserError(f"{setting('resume')}: {out} holds no comparison to continue (no "
                         f"{PLAN}); run it without {setting('resume')}")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}); run the comparison again "
-                        f"with {setting('overwrite')}") from None
-    differs = _plan_differs(saved, plan)
     if differs:
         raise UserError(f"{setting('resume')} continues the comparison as it was started, but "
                         f"this command changes {differs}; give the same settings, or "
                         f"{setting('overwrite')} to start it again")
+
+
+def _finished(out: Path, saved: dict) -> bool:
+    """Whether ``out``'s results.json holds every guide and seed of the ``saved`` plan (a
+    resume that adds guides or seeds keeps the old results.json, and writes the extended
+    plan, until the extended results replace it)."""
+    try:
+        done = json.loads((out / "results.json").read_text())
+        return _adds_nothing(done, saved)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True  # unreadable: refused as finished, as before (--overwrite replaces it)
+
+
+def _adds_nothing(before: dict, plan: dict) -> bool:
+    """Whether ``plan`` asks no guide or seed that ``before`` (a plan, or results) lacks."""
+    return set(plan["guides"]) <= set(before["guides"]) \
+        and set(plan["seeds"]) <= set(before["seeds"])
 
 
 def _started(folder: Path) -> bool:
@@ -308,7 +337,9 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     ``resume`` continues a comparison cut short (a kill, Ctrl-C, a full disk) with the same
     settings: every scored guide run is kept as it is, the one in progress continues from
     its last checkpoint (or is scored, if its training had finished), the rest are run; the
-    numbers are those of an uninterrupted comparison (wall times aside). ``quick``: the
+    numbers are those of an uninterrupted comparison (wall times aside). A resume may also
+    add guides, or seeds to a comparison of several, to a comparison cut short or finished:
+    its runs are kept and the new ones run, as if all had been asked at first. ``quick``: the
     settings are ``--quick``'s first look, and the report says it is no verdict.
 
     Why so many parameters: it is the comparison's Python API; each keyword is a setting of
@@ -350,7 +381,7 @@ def _run_comparison(config, out, num_particles, overwrite, progress, log, guides
         if not resume:  # an overwrite's old results go first; the plan makes it resumable
             for name in ("results.json", "report.md"):
                 (out / name).unlink(missing_ok=True)
-            write_json(out / PLAN, plan)
+        write_json(out / PLAN, plan)  # a resume's may add guides or seeds
     doc = Comparison(datetime.date.today().isoformat(), config.to_dict(), versions(), "",
                      list(guides), splits.describe(), list(sys.argv), list(seeds), budget,
                      local_rows, settings={g: list(guide_settings(plans[g][0])) for g in guides},

@@ -53,8 +53,9 @@ QUICK_FIT = {"max_steps": 30}
 
 
 def run(out, **kw):
-    return compare(RESUME_TOY, out, num_particles=5, progress=False, log=quiet, guides=GUIDES,
-                   seeds=SEEDS, local_rows=20, local_options=QUICK_FIT, **kw)
+    kw = {"guides": GUIDES, "seeds": SEEDS, **kw}
+    return compare(RESUME_TOY, out, num_particles=5, progress=False, log=quiet,
+                   local_rows=20, local_options=QUICK_FIT, **kw)
 
 
 def _short_gap_fits(mp):
@@ -62,7 +63,7 @@ def _short_gap_fits(mp):
     record = heldout.GapTracker.record
 
     def short(self, metrics):
-        self.local_steps = 20
+        self.local_options = {**self.local_options, "max_steps": 20}
         return record(self, metrics)
     mp.setattr(heldout.GapTracker, "record", short)
 
@@ -142,6 +143,55 @@ def test_resume_refuses_other_settings_a_finished_comparison_and_an_empty_folder
     run(out, resume=True)
     with pytest.raises(UserError, match="finished comparison: nothing to resume"):
         run(out, resume=True)
+
+
+def test_a_resume_adds_guides_to_a_finished_comparison(tmp_path, mnist, monkeypatch,
+                                                       baseline):
+    """A finished comparison of one guide, resumed with two: the first guide's runs are kept
+    (not trained again), the second's run, and results.json is the comparison of both asked
+    at first. Dropping a guide is refused, and the extended comparison is finished."""
+    monkeypatch.setattr(data, "load", lambda *a, **k: mnist)
+    out = tmp_path / "c"
+    run(out, guides=GUIDES[:1])
+    first = {p.parent.name: p.read_text() for p in out.rglob(RECORD)}
+    assert json.loads((out / "results.json").read_text())["guides"] == list(GUIDES[:1])
+    trained = []
+    real = compare_mod.fit_run
+    monkeypatch.setattr(compare_mod, "fit_run",
+                        lambda config, *a, **k: trained.append(config.guide) or
+                        real(config, *a, **k))
+    with monkeypatch.context() as mp:  # a kill in the extension keeps the old results
+        _interrupt_at(mp, "evaluate_trained", 1)
+        with pytest.raises(KeyboardInterrupt):
+            run(out, resume=True)
+    assert json.loads((out / "results.json").read_text())["guides"] == list(GUIDES[:1])
+    with pytest.raises(UserError, match=r"a resume may add guides, not drop them"):
+        run(out, resume=True, guides=GUIDES[:1])  # the extension's plan is the one to finish
+    extended = run(out, resume=True)
+    assert set(trained) == {GUIDES[1]}  # the first guide's runs were read, not trained
+    assert {p.parent.name: p.read_text() for p in out.rglob(RECORD)
+            if p.parent.parent.name == GUIDES[0]} == first
+    assert without_times(extended) == without_times(baseline)
+    with pytest.raises(UserError, match="finished comparison: nothing to resume"):
+        run(out, resume=True)
+
+
+@pytest.mark.slow
+def test_a_resume_adds_seeds_to_a_comparison_of_several(tmp_path, mnist, monkeypatch):
+    """Seeds 0 and 1 of a finished comparison, resumed with 0, 1 and 2: the results are those
+    of the three seeds asked at first; a one-seed comparison takes no seed added (its runs
+    sit in out/<guide>)."""
+    monkeypatch.setattr(data, "load", lambda *a, **k: mnist)
+    whole = run(tmp_path / "whole", guides=GUIDES[:1], seeds=(0, 1, 2))
+    out = tmp_path / "c"
+    run(out, guides=GUIDES[:1], seeds=(0, 1))
+    extended = run(out, guides=GUIDES[:1], seeds=(0, 1, 2), resume=True)
+    assert extended["seeds"] == [0, 1, 2]
+    assert without_times(extended) == without_times(whole)
+    one = tmp_path / "one"
+    run(one, guides=GUIDES[:1], seeds=(0,))
+    with pytest.raises(UserError, match=r"changes --seeds \(was \[0\], now \[0, 1\]\)"):
+        run(one, guides=GUIDES[:1], seeds=(0, 1), resume=True)
 
 
 def test_an_overwrite_removes_the_old_results_first(tmp_path, mnist, monkeypatch, baseline):
