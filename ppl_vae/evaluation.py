@@ -267,7 +267,7 @@ def run_figures(run_dir: Path, arrays: Path, labels: Sequence[int],
     The curves come from ``history`` (the checkpoint's) when given, else ``metrics.jsonl``.
     ``name`` is the run's guide; ``per_datapoint`` whether it is a per-datapoint table (its
     curves and gap curves then say what its train curve and its L[q*] - L[q] are; None: as
-    the gap records or the built-in guide's class show); ``split`` the rows the arrays are of;
+    the gap records show, else not); ``split`` the rows the arrays are of;
     ``x`` what the curves are drawn against (``plots.X_UNITS``: "steps" for a run under a step
     budget).
     """
@@ -277,9 +277,8 @@ def run_figures(run_dir: Path, arrays: Path, labels: Sequence[int],
     classes = a["classes"] if "classes" in a.files else None
     gaps_file = run_dir / "gaps.jsonl"
     gap_rows = plots.read_metrics(run_dir, "gaps.jsonl") if gaps_file.exists() else None
-    if per_datapoint is None:
-        per_datapoint = (name in gap_plots.table_guides({name: gap_rows}) if gap_rows
-                         else gap_plots.per_datapoint_guide(name))
+    if per_datapoint is None:  # the gap records say it (the guide, asked, wrote them)
+        per_datapoint = bool(gap_rows) and name in gap_plots.table_guides({name: gap_rows})
     history = history if history is not None else plots.read_metrics(run_dir)
     paths = [
         plots.curves({name: history}, run_dir / "curves.png", f"ELBO per image, the {name} guide",

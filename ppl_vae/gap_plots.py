@@ -8,8 +8,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from . import plots
-from .guides import PerDatapoint
-from .registry import GUIDES
 
 
 GAP_KINDS = [("approximation_gap", "approximation gap", "log p(x) - L[q*]"),
@@ -251,17 +249,3 @@ def gap_curves(gaps: Dict[str, List[dict]], path: Path,
                tables: Optional[Sequence[str]] = None) -> Path:
     """``gap_curves_figure`` saved to ``path``."""
     return plots.save_figure(gap_curves_figure(gaps, references, tables), path)
-
-
-def per_datapoint_guide(name: str) -> Optional[bool]:
-    """Whether a built-in guide name is a per-datapoint table (its class keeps one row per
-    training row); None for a name this cannot tell without importing a user's code."""
-    try:
-        if name not in GUIDES:
-            return None
-        piece = getattr(GUIDES.resolve(name), "piece", None)
-        return isinstance(piece, type) and issubclass(piece, PerDatapoint)
-    except Exception:  # noqa: BLE001 - a guide that cannot be looked up says nothing
-        return None
-
-
