@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist_setup import (BATCH, EVAL, N, SEED, STEPS, build, config, eval_rows,  # noqa: E402
                         noise, split)
 
-from ppl_vae import batching, callbacks, data, distributed, protocol, train  # noqa: E402
+from ppl_vae import batching, callbacks, distributed, protocol, train  # noqa: E402
 from ppl_vae.build import build_objective  # noqa: E402
 from ppl_vae.evaluate import evaluate_model  # noqa: E402
 from ppl_vae.optim import make_optimizers  # noqa: E402

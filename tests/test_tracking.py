@@ -7,12 +7,10 @@ import io
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from ppl_vae import cli, tracking
-from ppl_vae.errors import UserError
 
 SMALL = ["--train-size", "300", "--valid-size", "100", "--test-size", "100", "--epochs", "2",
          "--hidden", "16", "--latent-dim", "3", "--device", "cpu", "--batch-size", "100"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
-import torch
 from torch import nn
 
 from ppl_vae.model import data_plate
