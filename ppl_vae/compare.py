@@ -14,13 +14,10 @@ Reference: Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational 
 from __future__ import annotations
 
 import datetime
-import json
 import sys
-import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from . import (budget_curves, distributed, logs, memory, plots, protocol, report,
@@ -32,9 +29,11 @@ from .distributed import resolve_device
 from .errors import UserError, setting
 from .evaluation import evaluate_trained
 from .heldout import read_gaps
+from .compare_plan import (PLAN, RECORD, check_resume, extending, has_checkpoint, plan_of,
+                           read_arrays, read_record, same_run, saved_config, write_record)
 from .registry import GUIDES
 from .rundir import RunDir
-from .runfiles import CHECKPOINTS, versions, write_json
+from .runfiles import versions, write_json
 from .run import finish, fit_run, holding
 from .run_setup import load_splits, load_trained
 from .results import SCHEDULE, Comparison, GuideRun
@@ -109,7 +108,7 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
         check_particles(plan["num_particles"], "num_particles_eval")
     if resume:
         check_resume(out, plan)
-    elif (out / "results.json").exists() and not overwrite:
+    elif (out / "results.json").exists() and not overwrite and not extending(out):
         raise UserError(f"{out} holds a finished comparison; pass {setting('overwrite')} or "
                         f"choose another {setting('out')}")
     elif (out / PLAN).exists() and not overwrite:
@@ -125,8 +124,8 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
             folder = run_folder(out, guide, seed, len(seeds) > 1)
             if resume and (folder / RECORD).exists():
                 continue
-            found = resume and _started(folder)
-            started = found and _same_run(_saved_config(folder), config.replace(
+            found = resume and has_checkpoint(folder)
+            started = found and same_run(saved_config(folder), config.replace(
                 guide=guide, seed=seed))
             RunDir(folder, (overwrite or found) and not started, resume=started,
                    resumable=False)
@@ -152,165 +151,6 @@ def _family(trained) -> Optional[str]:
     except Exception:  # noqa: BLE001 - a guide whose probe fails has no family to report
         fam = None
     return fam
-
-
-# ---------------------------------------------------------------------------------------
-# what a comparison is (its plan), and what each finished guide run left (its record):
-# together they let ``--resume`` continue a comparison where it stopped
-# ---------------------------------------------------------------------------------------
-PLAN = "comparison.json"  # in the comparison's folder, written before the first run
-RECORD = "comparison_run.json"  # in a guide run's folder, once the run is scored
-FIGURE_ARRAYS = "comparison_arrays.npz"  # beside it: what the comparison's figures show
-PLAN_MAY_CHANGE = ("device", "compile")  # a resume may move devices or compile differently
-# a resume may add guides or seeds (not drop them): the finished runs are kept and the new
-# ones run; a one-seed comparison's runs sit in out/<guide>, so it takes no seeds added
-EXTENDABLE = {"guides": " (a resume may add guides, not drop them)",
-              "seeds": " (a resume may add seeds to a comparison of two or more, not drop "
-                       "them)"}
-
-
-def plan_of(config: Config, guides, seeds, budget: Budget, num_particles: int,
-            local_rows: int, local_options: Optional[dict]) -> dict:
-    """Everything that decides a comparison's numbers (what ``--resume`` must find again)."""
-    return {"config": config.to_dict(), "guides": list(guides), "seeds": list(seeds),
-            "budget": budget.to_json(), "num_particles": int(num_particles),
-            "local_rows": int(local_rows), "local_options": dict(local_options or {})}
-
-
-def _plan_differs(saved: dict, plan: dict) -> Optional[str]:
-    """The first setting in which ``plan`` differs from the ``saved`` one (None: the same).
-    A plan saved before a setting existed matches that setting's default, and an epochs
-    budget saved without its amount matches the epochs of its config."""
-    if not isinstance(saved, dict):
-        return "the saved plan (not an object)"
-    defaults = Config().to_dict()
-    for key, value in plan.items():
-        old = saved.get(key)
-        if key == "config":
-            old = old if isinstance(old, dict) else {}
-            for name, v in value.items():
-                was = old.get(name, defaults.get(name))
-                if name not in PLAN_MAY_CHANGE and was != v:
-                    return f"--{name.replace('_', '-')} (was {was!r}, now {v!r})"
-            continue
-        if key == "budget" and isinstance(old, dict) and old.get("unit") == "epochs" \
-                and old.get("amount") is None:
-            old = {**old, "amount": plan["config"].get("epochs")}
-        if key in EXTENDABLE and isinstance(old, list) and set(old) <= set(value) \
-                and (key != "seeds" or len(old) > 1 or old == value):
-            continue  # guides or seeds added: a resume extends the comparison
-        if old != value:
-            name = {"num_particles": "num-particles-eval"}.get(key, key.replace("_", "-"))
-            why = EXTENDABLE.get(key, "")
-            return f"--{name} (was {old!r}, now {value!r}){why}"
-    return None
-
-
-def check_resume(out: Path, plan: dict) -> None:
-    """Refuse a ``--resume`` of a folder that holds no unfinished comparison, or that was
-    started with other settings (but for guides or seeds added, ``EXTENDABLE``)."""
-    path = out / PLAN
-    saved = None
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path} is unreadable ({type(e).__name__}); run the comparison "
-                            f"again with {setting('overwrite')}") from None
-    differs = _plan_differs(saved, plan) if saved is not None else None
-    if (out / "results.json").exists() and not differs \
-            and (saved is None or _finished(out, saved) and _adds_nothing(saved, plan)):
-        raise UserError(f"{out} holds a finished comparison: nothing to resume; pass "
-                        f"{setting('overwrite')} to run it again or choose another "
-                        f"{setting('out')}")
-    if saved is None:
-        raise UserError(f"{setting('resume')}: {out} holds no comparison to continue (no "
-                        f"{PLAN}); run it without {setting('resume')}")
-    if differs:
-        raise UserError(f"{setting('resume')} continues the comparison as it was started, but "
-                        f"this command changes {differs}; give the same settings, or "
-                        f"{setting('overwrite')} to start it again")
-
-
-def _finished(out: Path, saved: dict) -> bool:
-    """Whether ``out``'s results.json holds every guide and seed of the ``saved`` plan (a
-    resume that adds guides or seeds keeps the old results.json, and writes the extended
-    plan, until the extended results replace it)."""
-    try:
-        done = json.loads((out / "results.json").read_text())
-        return _adds_nothing(done, saved)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return True  # unreadable: refused as finished, as before (--overwrite replaces it)
-
-
-def _adds_nothing(before: dict, plan: dict) -> bool:
-    """Whether ``plan`` asks no guide or seed that ``before`` (a plan, or results) lacks."""
-    return set(plan["guides"]) <= set(before["guides"]) \
-        and set(plan["seeds"]) <= set(before["seeds"])
-
-
-def _started(folder: Path) -> bool:
-    """Whether a guide's run folder holds a checkpoint to continue."""
-    return any((folder / n).exists() for n in CHECKPOINTS[:2])
-
-
-def _saved_config(folder: Path) -> Optional[dict]:
-    try:
-        path = folder / "config.json"
-        return json.loads(path.read_text()).get("config") if path.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _same_run(saved, run_config: Config) -> bool:
-    """Whether a run's saved settings (a record's, a config.json's) are ``run_config``'s, but
-    for what a resume may change: a run of another comparison is never taken as this one's."""
-    if not isinstance(saved, dict):
-        return False
-    defaults = Config().to_dict()  # a setting newer than the run: its default held
-    return all(saved.get(k, defaults[k]) == v for k, v in run_config.to_dict().items()
-               if k not in PLAN_MAY_CHANGE)
-
-
-def _write_record(folder: Path, run: GuideRun, arrays: Optional[dict],
-                  run_config: Config) -> None:
-    """A scored guide run's record (and its figures' arrays) in its folder, the record last:
-    a run with a record is finished and a resume takes it as it is (if its settings are the
-    comparison's)."""
-    if arrays is not None:
-        tmp = folder / (FIGURE_ARRAYS + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(folder / FIGURE_ARRAYS)
-    write_json(folder / RECORD, {**run.to_record(), "config": run_config.to_dict()})
-
-
-def _read_record(folder: Path, run_config: Config, cost) -> Optional[GuideRun]:
-    """The record ``_write_record`` left of the run ``run_config`` describes (None: the run is
-    not finished, its record is unreadable or not a regular file, or it is another
-    comparison's run, and it is trained or scored again)."""
-    path = folder / RECORD
-    try:
-        if not path.is_file():  # a named pipe is no record (and would block a read)
-            return None
-        doc = json.loads(path.read_text())
-        saved = doc.get("config") or _saved_config(folder)  # a record before it held them
-        if not _same_run(saved, run_config):
-            return None
-        run = GuideRun.from_record(doc, cost)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return run if (run.guide, run.seed) == (run_config.guide, run_config.seed) else None
-
-
-def _read_arrays(folder: Path) -> Optional[dict]:
-    path = folder / FIGURE_ARRAYS
-    try:
-        if not path.is_file():
-            return None
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,7 +232,7 @@ def _run_comparison(config, out, num_particles, overwrite, progress, log, guides
         for guide in guides:
             folder = run_folder(out, guide, seed, several)
             who = f"{guide} guide, seed {seed}" if several else f"{guide} guide"
-            run = (_read_record(folder, plans[guide][0].replace(seed=seed), plans[guide][1])
+            run = (read_record(folder, plans[guide][0].replace(seed=seed), plans[guide][1])
                    if resume else None)
             if run is not None:
                 log(f"== the {who} is finished: kept as it is")
@@ -444,7 +284,7 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
                        summary, Compute(cost, summary.steps, summary.epochs,
                                         summary.train_seconds),
                        _family(trained), per_datapoint, local)
-        _write_record(folder, run, figs, run_config)
+        write_record(folder, run, figs, run_config)
     log(report.line(who, run))
     return run
 
@@ -453,8 +293,8 @@ def _trained(run_config: Config, cost, folder: Path, who: str, overwrite: bool, 
              progress, log):
     """The guide's run, its folder locked: trained, continued from its checkpoint, or (a
     run trained and summarised whose record a kill prevented) loaded to be scored again."""
-    found = resume and _started(folder)
-    started = found and _same_run(_saved_config(folder), run_config)
+    found = resume and has_checkpoint(folder)
+    started = found and same_run(saved_config(folder), run_config)
     overwrite = overwrite or (found and not started)  # another comparison's run: replaced
     if started and (folder / "summary.json").exists():
         log(f"== the {who} was trained: scoring it again")
@@ -502,7 +342,7 @@ def _write_results(out: Path, doc: Comparison, log) -> dict:
             if run.seed == first:
                 gaps[run.guide] = run_gaps
         if run.seed == first:
-            arrays[run.guide] = _read_arrays(folder)
+            arrays[run.guide] = read_arrays(folder)
             histories[run.guide] = plots.read_metrics(folder)
     arrays = {g: a for g, a in arrays.items() if a is not None}
     result = doc.to_json()

@@ -67,11 +67,13 @@ class Loop:
         if position is not None:
             self.epoch, self.wall, self.steps = position.epoch, position.wall, position.steps
         self.beta, self.lowered, self.stop, self.valid = beta, 0, False, math.nan
+        self.began = False  # whether an epoch has begun in this call (``begin``)
         self.last_loss: Optional[torch.Tensor] = None
         self.batch: Optional[Batch] = None  # the batch of the step in progress (or the last)
         self.shown = math.nan  # the epoch's mean training ELBO per image at the last host read
 
     def begin(self, epoch: int, device) -> None:
+        self.began = True
         p = self._resume if self._resume is not None and self._resume.epoch == epoch else None
         self._resume = None
         self.epoch, self.valid = epoch, math.nan
@@ -113,7 +115,8 @@ class Loop:
         """Whether the run (re)starts right after its last finished epoch, no step of the next
         one taken: the state its checkpoint holds is that epoch's end."""
         p = self._resume
-        return p is None or (p.step == 0 and p.epoch == len(self.history))
+        return (p is None and self.epoch == len(self.history)) or (
+            p is not None and p.step == 0 and p.epoch == len(self.history))
 
     def start(self) -> Position:
         """Where the run (re)starts, before its first step: what a Ctrl-C there keeps."""
@@ -148,7 +151,10 @@ class Loop:
                         self.before + self.elapsed(), self.run_seconds(), self.steps, self.taken)
 
     def boundary(self) -> Position:
-        """The start of the next epoch, once this one's metrics are made."""
+        """The start of the next epoch, once this one's metrics are made (before any epoch
+        began, e.g. Ctrl-C in a resume's scoring of its last epoch: where the run started)."""
+        if not self.began:
+            return self.start()
         return Position(self.epoch + 1, 0, 0.0, 0.0, self.wall, self.steps, 0)
 
     def end_epoch(self, grad_sync=None) -> EpochMetrics:

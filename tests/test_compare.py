@@ -96,7 +96,7 @@ def _interrupt_at(monkeypatch, name: str, call: int):
 
 # the moments: scoring the 2nd run, the local fit of the 2nd (a table), writing the 3rd's
 # record, the start of the 4th run's training, writing the results
-MOMENTS = [("evaluate_trained", 2), ("local_budget", 2), ("_write_record", 3),
+MOMENTS = [("evaluate_trained", 2), ("local_budget", 2), ("write_record", 3),
            ("fit_run", 4), ("_write_results", 1)]
 
 
@@ -165,6 +165,8 @@ def test_a_resume_adds_guides_to_a_finished_comparison(tmp_path, mnist, monkeypa
         with pytest.raises(KeyboardInterrupt):
             run(out, resume=True)
     assert json.loads((out / "results.json").read_text())["guides"] == list(GUIDES[:1])
+    with pytest.raises(UserError, match="unfinished comparison; pass resume"):
+        run(out)  # the extension cut short is not called finished
     with pytest.raises(UserError, match=r"a resume may add guides, not drop them"):
         run(out, resume=True, guides=GUIDES[:1])  # the extension's plan is the one to finish
     extended = run(out, resume=True)
@@ -336,49 +338,6 @@ def test_a_guide_runs_record_gives_it_back():
                    LocalBudget(20, -100.0, -95.0, 5.0, 0.3, 30, 0.1, 2.0))
     back = GuideRun.from_record(json.loads(json.dumps(run.to_record())), cost)
     assert back.to_json() == run.to_json() and back.numbers() == run.numbers()
-
-
-def test_a_plan_saved_by_an_older_version_still_matches():
-    """A comparison started before a setting existed (its plan lacks it) or before an epochs
-    budget recorded its amount resumes under today's code with the same settings."""
-    from ppl_vae.compare import _plan_differs, plan_of
-    from ppl_vae.compute import Budget
-    plan = plan_of(RESUME_TOY, GUIDES, SEEDS, Budget().resolve(RESUME_TOY), 5, 20, None)
-    old = json.loads(json.dumps(plan))
-    old["budget"] = {"unit": "epochs", "amount": None}
-    del old["config"]["gap_rows"]  # as if the setting came later (its default then holds)
-    assert _plan_differs(old, plan) == "--gap-rows (was 1000, now 20)"
-    old["config"]["gap_rows"] = 20
-    assert _plan_differs(old, plan) is None
-    old["config"]["device"] = "cuda"  # a resume may move to another device
-    assert _plan_differs(old, plan) is None
-
-
-def test_a_record_without_its_settings_is_read_by_its_runs_config(tmp_path):
-    """A record written before records held their settings is taken when the run folder's
-    config.json is this comparison's run (a setting newer than the run at its default), and
-    refused when it is another's."""
-    from ppl_vae.compare import RECORD, _read_record
-    from ppl_vae.compute import StepCost
-    from ppl_vae.evaluate import Estimate, Scores
-    from ppl_vae.results import GuideRun
-    from ppl_vae.run import Summary
-    from ppl_vae.compute import Compute
-    cost = StepCost({"decoder": 1.0}, {"decoder": 1.0})
-    summary = Summary(-90.0, 0.5, 40, 2, 6, 1.0, 2.0, 3.0, None, -91.0, -92.0, "amortized",
-                      "mnist", "dynamic")
-    scores = Scores(split="test", rows=40, num_particles=5, proposal="guide",
-                    elbo=Estimate(-95.0, 1.0), log_px=Estimate(-90.0, 0.9), rate=3.0,
-                    distortion=92.0, active_units=3, seconds=1.0, log_px_seconds=0.5)
-    run = GuideRun("amortized", 0, "amortized/seed0", scores, summary,
-                   Compute(cost, 6, 2, 2.0), "diagonal normal", False, None)
-    mine = RESUME_TOY.replace(guide="amortized", seed=0)
-    saved = mine.to_dict()
-    del saved["local_family"]  # the run predates the setting
-    (tmp_path / "config.json").write_text(json.dumps({"config": saved}))
-    (tmp_path / RECORD).write_text(json.dumps(run.to_record()))  # no "config" in it
-    assert _read_record(tmp_path, mine, cost).to_json() == run.to_json()
-    assert _read_record(tmp_path, mine.replace(epochs=3), cost) is None  # another's run
 
 
 def test_compare_bounds_k_as_train_and_evaluate_do(tmp_path, capsys):

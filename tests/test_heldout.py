@@ -27,27 +27,35 @@ def _unclocked(lines):
     return [{k: v for k, v in line.items() if not k.endswith("seconds")} for line in lines]
 
 
-@pytest.mark.parametrize("lost", ["both", "test"])
+@pytest.mark.parametrize("lost", ["both", "test", "mid-run"])
 def test_a_resume_scores_the_tracked_epoch_a_kill_cut_short(tmp_path, cached_mnist, capsys,
                                                            lost):
     """A kill after epoch 2's checkpoint but during (or before the end of) its scoring leaves
     epoch 2 without its lines (or with half of them): the resume scores it from the checkpoint,
-    as the uninterrupted run did (the epoch-300 point of a 3,280-epoch run was once lost so)."""
+    as the uninterrupted run did, then trains on ("mid-run": the epoch-300 point of a
+    3,280-epoch run was once lost so, and the run went on to epoch 301)."""
     import json
     from ppl_vae.heldout import read_gaps
     out = tmp_path / "run"
-    gaps = ["--track-gaps", "--gap-epochs", "1", "2", "--epochs", "2"]
-    assert train_cli(capsys, out, *gaps)[0] == 0
+    gaps = ["--track-gaps", "--gap-epochs", "1", "2"]
+    epochs = ["--epochs", "3" if lost == "mid-run" else "2"]
+    assert train_cli(capsys, out, *gaps, "--epochs", "2")[0] == 0
     path = out / "gaps.jsonl"
     whole = read_gaps(path)
     assert [(g["epoch"], g["split"]) for g in whole] == [(1, "train"), (1, "test"),
                                                          (2, "train"), (2, "test")]
-    kept = whole[:2] if lost == "both" else whole[:3]
+    kept = whole[:3] if lost == "test" else whole[:2]
     path.write_text("".join(json.dumps(g) + "\n" for g in kept))
-    (out / "summary.json").unlink()  # the kill came before the run's end
-    assert train_cli(capsys, out, *gaps, "--resume")[0] == 0
+    if lost != "mid-run":
+        (out / "summary.json").unlink()  # the kill came before the run's end
+    assert train_cli(capsys, out, *gaps, *epochs, "--resume")[0] == 0
     again = read_gaps(path)
     assert again[:2] == whole[:2]  # the lines before are kept as they were
+    if lost == "mid-run":  # as the uninterrupted 3-epoch run's, each epoch once
+        reference = tmp_path / "whole"
+        assert train_cli(capsys, reference, *gaps, *epochs)[0] == 0
+        whole = read_gaps(reference / "gaps.jsonl")
+        assert [g["epoch"] for g in again] == [1, 1, 2, 2, 3, 3]
     assert _unclocked(again) == _unclocked(whole)  # epoch 2 scored once, to the same numbers
 
 
@@ -80,3 +88,6 @@ def test_a_ctrl_c_in_that_scoring_keeps_the_run_where_it_was(tmp_path):
     assert calls == [2, 2]
     tracker.on_start(Loop(10, 5, done[:1]))  # epoch 1 is not tracked: nothing scored
     assert calls == [2, 2]
+    # Ctrl-C in a scoring that still ends (its grace): with no epoch left the run stops
+    # where it started, not one epoch on
+    assert Loop(10, 5, done).boundary().epoch == 2

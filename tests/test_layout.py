@@ -103,7 +103,7 @@ LAYERS = [
     ["plots", "gap_plots"],
     ["build", "runfiles", "writelock", "checkpoint", "rundir", "run_setup", "run", "evaluation",
      "compute"],
-    ["results", "compare", "budget_curves", "report", "report_tables"],
+    ["results", "compare_plan", "compare", "budget_curves", "report", "report_tables"],
     ["cli", "__main__", "__init__"],
 ]
 
