@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae import batching, callbacks, data, distributed, protocol, train
+from ppl_vae import batching, callbacks, data, distributed, train
 from ppl_vae.build import build_guide, build_model, build_objective
 from ppl_vae.config import Config
 from ppl_vae.optim import make_optimizers
@@ -92,7 +92,7 @@ def worker(guide_name: str, batch: int, steps: int, warmup: int, rows: int, out:
         for _ in range(50):
             opts.sync.reduce(opts.networks(), flag)
         allreduce_ms = 1e3 * (time.perf_counter() - t) / 50
-    table = protocol.local_parameters(guide)
+    table = guide.local_parameters()
     table_bytes = sum(t.numel() * t.element_size() for t in table)
     state_bytes = sum(v.numel() * v.element_size() for t in table
                       for v in opts.local.state.get(t, {}).values()) if table else 0

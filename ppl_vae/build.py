@@ -19,6 +19,7 @@ from .compiled import Auto, Compiled, check_compilable
 from .config import Config
 from .data import Shape
 from .model import VAEModel
+from .protocol import as_guide
 from .registry import GUIDES, LIKELIHOODS, LR_SCHEDULES, OBJECTIVES, PRIORS, decoder
 
 
@@ -38,11 +39,12 @@ def build_guide(config: Config, data_dim: int, num_data: int, x=None, model=None
     scores of the (grayscale) training rows ``x``; without ``x`` it starts at N(0, I).
     A semi-amortized guide refines against ``model``. Under torchrun a builder that takes
     ``rank`` and ``world_size`` allocates only that process's rows of a per-datapoint table
-    (any other guide is cut down afterwards by ``protocol.shard``).
+    (any other guide is cut down afterwards by its ``shard``). The guide is adapted here, once
+    (``protocol.as_guide``): a user's answers what the pipeline asks with the defaults.
     """
     torch.manual_seed(config.seed + 1)
-    guide = GUIDES.build(config, data_dim=data_dim, num_data=num_data, x=x, model=model,
-                         shape=shape, rank=rank, world_size=world_size)
+    guide = as_guide(GUIDES.build(config, data_dim=data_dim, num_data=num_data, x=x,
+                                  model=model, shape=shape, rank=rank, world_size=world_size))
     if config.compile == "on":
         check_compilable(guide)
     return guide

@@ -139,7 +139,7 @@ def _check(config: Config, out: Path, overwrite: bool, guides: Sequence[str],
 
 
 def _family(trained) -> Optional[str]:
-    """The trained guide's variational family (``protocol.family``): what the report needs to
+    """The trained guide's variational family in words (``protocol.family_words``): what the report needs to
     say why an amortization gap is n/a."""
     x = trained.splits.test.x[:2] if hasattr(trained.splits.test, "x") else None
     probe = None
@@ -147,7 +147,7 @@ def _family(trained) -> Optional[str]:
         x = x.to(trained.device).float()
         probe = Batch(x, torch.arange(len(x), device=x.device), len(x))
     try:
-        fam = protocol.family(trained.guide, probe)
+        fam = protocol.family_words(trained.guide, probe)
     except Exception:  # noqa: BLE001 - a guide whose probe fails has no family to report
         fam = None
     return fam
@@ -279,7 +279,7 @@ def _train_and_score(plan, seed: int, folder: Path, out: Path, who: str, overwri
             return None
         summary = finish(trained, folder, log=log, test=scores.elbo, release=False)
         local = local_budget(trained, local_rows, **local_options)
-        per_datapoint = bool(protocol.local_parameters(trained.guide))
+        per_datapoint = bool(list(trained.guide.local_parameters()))
         run = GuideRun(run_config.guide, seed, folder.relative_to(out).as_posix(), scores,
                        summary, Compute(cost, summary.steps, summary.epochs,
                                         summary.train_seconds),

@@ -56,6 +56,7 @@ disk, so a second run starts faster. It pays on long runs: ``choose`` is the rul
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -69,8 +70,6 @@ import torch.nn as nn
 from . import logs
 from .batching import Batch
 from .errors import UserError
-from .protocol import (compilable, given_rows, local_parameters, table_index,
-                       training_loss)
 
 
 class _NoCudaRuntimeNote(logging.Filter):
@@ -158,7 +157,7 @@ def compiles(compile, work: float, pays_from: float) -> bool:
 def choose(mode: str, guide, steps: int, max_seconds: Optional[float] = None) -> Choice:
     """``compiles`` for the training step, with the line that says why: ``on`` compiles,
     ``off`` does not, and ``auto`` compiles when the guide can be compiled
-    (``protocol.compilable``), a C++ compiler is present (``has_compiler``) and the run is
+    (``Answers.traceable``), a C++ compiler is present (``has_compiler``) and the run is
     long enough to repay a compile of seconds to a minute per batch shape: at least ``PAYS_FROM_STEPS`` optimizer steps, and with a time
     budget (``max_seconds``), at least ``PAYS_FROM_SECONDS`` of it. The compiled step saves
     about 30-60% of an eager step on a CPU (experiments/bench.py), so 2,000 steps repay
@@ -169,7 +168,7 @@ def choose(mode: str, guide, steps: int, max_seconds: Optional[float] = None) ->
         return Choice(False, "compile off: the step runs eagerly")
     if mode == "on":
         return Choice(True, "compile on: the step is compiled")
-    if not compilable(guide):
+    if not guide.traceable():
         return Choice(False, f"compile auto: eager, the {type(guide).__name__} guide cannot "
                              f"be compiled")
     if steps < PAYS_FROM_STEPS or (max_seconds is not None and max_seconds < PAYS_FROM_SECONDS):
@@ -195,8 +194,8 @@ def compiled_run(config, guide, num_data: int) -> bool:
 
 def check_compilable(guide) -> None:
     """Refuse, with the fix, a guide whose step cannot be traced once and replayed (it says
-    so, or it has per-datapoint tables it cannot hand over as rows: ``protocol.compilable``)."""
-    if not compilable(guide):
+    so, or it has per-datapoint tables it cannot hand over as rows: ``Answers.traceable``)."""
+    if not guide.traceable():
         raise UserError(f"setting compile on: the {type(guide).__name__} guide cannot be "
                         f"compiled (it says so, or its per-datapoint tables cannot be handed "
                         f"to the graph as rows: give it given_rows); use compile auto or off")
@@ -252,7 +251,7 @@ class Compiled:
         key = self._key(model, guide, batch, names)
         entry = self._graphs.get(key)
         if entry is None:
-            if torch.is_grad_enabled() and (not compilable(guide) or local_parameters(guide)):
+            if torch.is_grad_enabled() and (not guide.traceable() or list(guide.local_parameters())):
                 # autograd through a compiled loss: a table's gradient would be dense, and a
                 # guide that says it cannot be compiled means it; the step compiles them
                 # through value_and_grad (a table's rows as inputs)
@@ -296,12 +295,12 @@ class Compiled:
         """A training step's forward and backward pass as one compiled graph.
 
         Returns a ``Step``: the step's loss (the guide's training loss,
-        ``protocol.training_loss``; detached, unscaled), a 0-dim flag that is 1.0 when the loss
+        ``Answers.training_loss``; detached, unscaled), a 0-dim flag that is 1.0 when the loss
         or a gradient has a non-finite entry (0.0 without ``check``), the gradients of
         ``scale * loss`` with respect to ``params``, in their order, None for a parameter the
         loss does not use (as ``loss.backward()`` would leave its ``.grad``), and for a guide
         with per-datapoint tables the gradients of its batch rows (``rows``: one [B, width]
-        tensor per table, the rows ``protocol.table_index(guide, batch.idx)``; the graph
+        tensor per table, the rows ``guide.table_index(batch.idx)``; the graph
         gathers them and the guide reads them through ``given_rows``). ``params`` may be
         empty: the local-only steps of a per-datapoint guide differentiate the rows alone.
         Nothing is written to ``.grad``; the caller decides. Returns None where it cannot: a
@@ -311,7 +310,7 @@ class Compiled:
         """
         if self.chosen is None:
             self._choose(guide, batch)
-        if not self._compiles(batch) or not torch.is_grad_enabled() or not compilable(guide):
+        if not self._compiles(batch) or not torch.is_grad_enabled() or not guide.traceable():
             return None
         names, values = _graph_inputs(batch, kwargs)
         key = ("value_and_grad", self._key(model, guide, batch, names),
@@ -387,9 +386,9 @@ class Compiled:
         def pure(params, rest, x, idx, *values):
             tensors = dict(rest)
             tensors.update(zip(wrt, params))
-            at = table_index(guide, idx) if tables else None
+            at = guide.table_index(idx) if tables else None
             rows = [tensors[n].index_select(0, at).detach().requires_grad_() for n in tables]
-            with given_rows(guide, rows):
+            with guide.given_rows(rows) if rows else contextlib.nullcontext():
                 loss = functional_call(program, tensors, (x, idx, *values))
             grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss,
                                         [*params, *rows], allow_unused=True)
@@ -446,11 +445,11 @@ class _GradGraph:
     def __init__(self, objective, model, guide, batch: Batch, names, params):
 
         def loss(model, guide, batch, **kwargs):
-            return training_loss(guide, objective, model, batch, **kwargs)
+            return guide.training_loss(objective, model, batch, **kwargs)
 
         self.program = Program(loss, model, guide, batch.num_data, names)
         by_id = {id(t): n for n, t in self.program.tensors().items()}
-        tables = local_parameters(guide)
+        tables = list(guide.local_parameters())
         self.wrt = ([by_id[id(p)] for p in params]
                     if all(id(p) in by_id for p in [*params, *tables]) else None)
         self.tables = [by_id[id(t)] for t in tables] if self.wrt is not None else []

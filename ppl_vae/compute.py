@@ -41,11 +41,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import batching, data, local_fit, protocol
-from .build import build_model
+from . import batching, data, local_fit
+from .build import build_guide, build_model
 from .config import Config
 from .errors import UserError, setting
-from .registry import GUIDES, OBJECTIVES
+from .registry import OBJECTIVES
 from .rng import seeded
 from .step import step
 from .optim import make_optimizers
@@ -299,8 +299,7 @@ def step_cost(config: Config, splits: data.Splits) -> StepCost:
         if config.binarize != "none":
             x = torch.bernoulli(x)
         model = build_model(config, x.shape[1], shape)
-        guide = GUIDES.build(config, data_dim=x.shape[1], num_data=n, x=None, model=model,
-                             shape=shape, rank=0, world_size=1)
+        guide = build_guide(config, x.shape[1], n, model=model, shape=shape)
         batch = batching.Batch(x, torch.arange(n), n)
         optimizers = make_optimizers(model, guide, config.lr, config.local_lr,
                                      config.inner_steps, batch=batch, eps=config.adam_eps)
@@ -450,7 +449,7 @@ def local_budget(trained, rows: int, **options) -> Optional[LocalBudget]:
     without (an encoder answers for its rows; there is no table to fall short). ``options``
     go to ``local_fit.local_inference``."""
 
-    if not protocol.local_parameters(trained.guide):
+    if not list(trained.guide.local_parameters()):
         return None
     stored_guide, x = scored_rows(trained, "train", rows)
     stored = elbo_parts(trained.model, stored_guide, x, num_particles=10, seed=EVAL_SEED).elbo

@@ -21,7 +21,7 @@ What each process does (``run.fit_run`` wires it up):
   the backward pass buys little, and the flat buffer also carries the step's
   found-non-finite flag, so the divergence guard needs no extra collective;
 - **per-datapoint tables** are sharded: the guide allocates only its rank's rows (built
-  with ``rank``/``world_size``, or cut down by ``protocol.shard``) and their optimizer state;
+  with ``rank``/``world_size``, or cut down by their ``shard``) and their optimizer state;
   their gradients are sparse, local and never communicated;
 - **checkpoints**: the table rows and their optimizer state are gathered to rank 0 once per
   epoch, which writes one checkpoint in the single-process format (so ``evaluate`` and

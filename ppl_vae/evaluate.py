@@ -112,9 +112,9 @@ def elbo_parts(model, guide, x: torch.Tensor, num_particles: int = 1, seed: int 
 
 @torch.no_grad()
 def posterior_means(guide, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """E_q[z | x] for every row [N, L]: what the guide offers as its loc
-    (``protocol.loc_scale``)."""
-    return torch.cat([protocol.loc_scale(guide, b)[0] for b in batches_of(x, batch_size)])
+    """E_q[z | x] for every row [N, L]: what the guide offers as its loc (``loc_scale``)."""
+    guide = protocol.as_guide(guide)
+    return torch.cat([guide.loc_scale(b)[0] for b in batches_of(x, batch_size)])
 
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> int:
@@ -289,7 +289,7 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
       N(0, I), which is how such a model is used; a semi-amortized guide after refinement).
     - ``elbo_local`` = L[q*]: q* fitted per datapoint by ``local_inference`` in
       ``local_family`` (``families.resolve``: diagonal, full, lowrank:R, flow, or a family object;
-      None: the guide's own, ``protocol.local_family``, diagonal where it states none),
+      None: the guide's own, ``protocol.family_of``, diagonal where it states none),
       warm-started from the guide (or the own guide itself when that already is such a fit
       in that family). ``Scores.local_family`` records which.
     - ``log_px``: importance-sampled log p(x) with ``num_particles`` samples from
@@ -297,9 +297,9 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
       ``local_options["compile"]`` (the run's ``--compile``, ``config.local_fit_options``)
       decides, by ``compiled.compiles``, whether q*'s fit and this estimate are compiled.
     - ``approximation_gap`` = log p(x) - L[q*] (of q*'s family); ``amortization_gap`` =
-      L[q*] - L[q] when the guide's stated per-datapoint family (``protocol.local_family``) is
+      L[q*] - L[q] when the guide's stated per-datapoint family (``protocol.family_of``) is
       q*'s (None otherwise, e.g. a diagonal guide scored with a full q*), with
-      standard errors of the paired differences. Each of ``protocol.views(guide)`` (a
+      standard errors of the paired differences. Each of ``guide.views()`` (a
       semi-amortized guide's bare encoder) adds a ``View`` with its ELBO and amortization gap.
     - ``rate``/``distortion`` of the own guide; ``active_units`` and ``means`` (the
       posterior means, for the figures) of its posterior.
@@ -317,6 +317,7 @@ def evaluate_model(model, guide, x: torch.Tensor, num_particles: int = 5000,
     start = time.perf_counter()
     if proposal not in ("auto", "guide", "local"):
         raise ValueError(f"unknown proposal {proposal!r}")
+    guide = protocol.as_guide(guide)  # a guide handed to the Python API: the defaults
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
     local_options = dict(local_options or {})
@@ -380,14 +381,14 @@ def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: boo
     # the own guide is already a local fit (a table's held-out rows): q* itself, when it is
     # in the family asked for
     q_star = own if own is not guide and (
-        local_family is None or families.same(protocol.local_family(own), local_family)) else None
+        local_family is None or families.same(protocol.family_of(own), local_family)) else None
     if q_star is None and local:
         with _bar(0, "local inference (steps)", progress) as bar:
             held = local_fit.local_inference(model, x, init=own, seed=seed, progress=bar.update,
                                           family=local_family, **local_options)
         q_star = held.guide
     out = {"fitted": q_star is not None, "steps": held.steps, "seconds": held.seconds}
-    fitted_family = protocol.local_family(q_star) if q_star is not None else None
+    fitted_family = protocol.family_of(q_star) if q_star is not None else None
     out["local_family"] = fitted_family.name if fitted_family is not None else None
     parts = elbo_parts(model, own, x, num_particles=10, seed=seed)
     out.update(elbo=parts.elbo, rate=parts.rate, distortion=parts.distortion)
@@ -407,12 +408,13 @@ def _evaluate_rows(model, guide, x: torch.Tensor, num_particles: int, local: boo
         out["local_elbo"] = parts.elbo if own is q_star else elbo_parts(
             model, q_star, x, num_particles=10, seed=seed).elbo
         out["comparable"] = (own is not q_star
-                             and families.same(protocol.local_family(own, probe), fitted_family))
+                             and families.same(protocol.family_of(own, probe), fitted_family))
     out["views"] = {}
-    for name, view in protocol.views(own).items():
+    for name, view in own.views().items():
         out[f"view_{name}"] = elbo_parts(model, view, x, num_particles=10, seed=seed).elbo
         out["views"][name] = (q_star is not None
-                              and families.same(protocol.local_family(view, probe), fitted_family))
+                              and families.same(protocol.family_of(protocol.as_guide(view), probe),
+                                                fitted_family))
     out["means"] = posterior_means(own, x)
     return out
 

@@ -155,7 +155,7 @@ def _evaluate_locked(run_dir: Path, num_particles, split, proposal, local, test_
         if epochs != len(trained.history):
             raise UserError(f"{run_dir}: summary.json is for epoch {epochs} but "
                             f"the readable checkpoint is after epoch {len(trained.history)}")
-    fitted = protocol.local_parameters(trained.guide)
+    fitted = list(trained.guide.local_parameters())
     if local is None:
         local = bool(fitted) or proposal == "local"
     if proposal == "local" and not local:
@@ -187,7 +187,7 @@ def _write_set(folder: Path, trained, arrays, results) -> list:
     history = [m._asdict() for m in trained.history]
     made = run_figures(folder, folder / "arrays.npz", arrays["labels"],
                              trained.config.guide, history, split=results["split"],
-                             per_datapoint=bool(protocol.local_parameters(trained.guide)))
+                             per_datapoint=bool(list(trained.guide.local_parameters())))
     write_json(folder / "eval.json", results)
     return [p.name for p in made]
 
@@ -208,9 +208,9 @@ def _evaluate_into(run_dir: Path, trained, num_particles, proposal, local, split
                "epochs": len(trained.history), "finished": finished,
                "checkpoint": trained.checkpoint, "device": str(trained.device)}
     if scores.amortization_gap is None:  # said, not left a bare null
-        own = protocol.local_family(trained.guide)
+        own = protocol.family_of(trained.guide)
         results["amortization_gap_why"] = why_no_amortization_gap(
-            bool(protocol.local_parameters(trained.guide)), own.name if own else None,
+            bool(list(trained.guide.local_parameters())), own.name if own else None,
             scores.local_family)
     if split != "test":  # another split's numbers, under its own names, beside the test's
         write_json(run_dir / f"eval_{split}.json", results)

@@ -5,7 +5,7 @@ A family says how one row of a per-datapoint table [N, width] is a distribution 
 
 - ``name``: its canonical name (``diagonal``, ``full``, ``lowrank:R``), what ``Scores``
   records as q*'s family and what a guide's ``local_family()`` is compared with;
-- ``title``: its name in words (``protocol.family``; the diagonal one's is "diagonal normal");
+- ``title``: its name in words (a guide's ``family``; the diagonal one's is "diagonal normal");
 - ``width(latent_dim)``: parameters per row;
 - ``init(loc, scale)``: rows [B, width] whose distribution has mean ``loc`` and marginal
   standard deviations ``scale`` (a warm start from any guide's ``loc_scale``; a flow family

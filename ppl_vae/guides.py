@@ -1,7 +1,8 @@
 """The built-in guides q(z | x): the protocol's defaults (``Guide``) and the guide families.
 
-What the pipeline asks a guide, and the functions through which it asks guides that do not
-derive from ``Guide``, are ``protocol.py``; fitting q* to new rows is ``local_fit.py``.
+What the pipeline asks a guide, with its defaults (``protocol.Answers``, which ``Guide``
+derives from), and the adapter that gives them to any other guide (``protocol.as_guide``)
+are ``protocol.py``; fitting q* to new rows is ``local_fit.py``.
 
 Built-ins: ``AmortizedNormal`` (encoder), ``AmortizedIAF`` (encoder + flows) and
 ``SemiAmortizedNormal`` (encoder + gradient refinement, Kim et al. 2018), on the base
@@ -9,7 +10,7 @@ Built-ins: ``AmortizedNormal`` (encoder), ``AmortizedIAF`` (encoder + flows) and
 ``PerDatapoint`` owns the table) and ``LocalTable`` (a table in any per-datapoint family of
 ``families.py``). Scales come from ``nets.to_scale`` everywhere.
 
-Layering: above ``protocol.py`` (``HeldOut``, ``local_family``), ``families``, ``nets`` and
+Layering: above ``protocol.py`` (``Answers``, ``HeldOut``, ``family_of``), ``families``, ``nets`` and
 ``model``; below ``local_fit.py``, whose q* are this module's tables. A table's
 ``held_out`` gets the fitter as an argument (``fitter``), so this module never imports
 ``local_fit``.
@@ -31,44 +32,17 @@ from .batching import Batch, shard_rows
 from .errors import UserError, setting
 from .model import data_plate, register
 from .nets import from_scale, softplus_inv, to_scale
-from .protocol import HeldOut, local_family
+from .protocol import Answers, HeldOut, family_of
 from .rng import forked
 from .objectives import AnalyticKLELBO, isolated
 
 
-class Guide(nn.Module):
-    """The protocol with an amortized guide's answers; subclasses override what differs."""
+class Guide(Answers, nn.Module):
+    """A built-in guide: an ``nn.Module`` with the protocol's answers (``protocol.Answers``:
+    an amortized guide's); subclasses override what differs."""
 
-    family: Optional[str] = None
-    compilable = True
     settings: Tuple[str, ...] = ()  # the Config settings of this kind of guide (report, checks)
     described: Optional[str] = None  # its inference in words, for the report's title
-
-    def local_parameters(self) -> List[torch.Tensor]:
-        return []
-
-    def held_out(self, model, x: torch.Tensor, warm=None, **options) -> HeldOut:
-        return HeldOut(self)
-
-    def loc_scale(self, batch: Batch):
-        raise NotImplementedError(f"{type(self).__name__} offers no loc/scale")
-
-    def views(self) -> Dict[str, object]:
-        return {}
-
-    def local_family(self):
-        """The per-datapoint family its q is in (q*'s): ``diagonal`` for a diagonal Normal,
-        None (unstated) for any other ``family``."""
-        found = fam_lib.of_title(self.family)
-        return found.name if found is fam_lib.DIAGONAL else None
-
-    def shard(self, rank: int, world_size: int) -> "Guide":
-        """Keep only what process ``rank`` of ``world_size`` needs (networks: everything)."""
-        return self
-
-    def table_index(self, idx: torch.Tensor) -> torch.Tensor:
-        """Where dataset rows ``idx`` sit in this process's tables (``local_parameters``)."""
-        return idx
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,7 +203,7 @@ class PerDatapoint(Guide):
     def held_out(self, model, x: torch.Tensor, warm=None, *, fitter, **options) -> HeldOut:
         """Fresh rows fitted by ``fitter`` (``local_fit.local_inference``, which
         ``local_fit.held_out`` hands over) in this table's family, warm-started at ``warm``."""
-        options.setdefault("family", local_family(self) or fam_lib.DIAGONAL)
+        options.setdefault("family", family_of(self) or fam_lib.DIAGONAL)
         fit = fitter(model, x, init=warm, **options)
         return HeldOut(fit.guide, fit.steps, fit.seconds)
 

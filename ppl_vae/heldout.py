@@ -87,7 +87,7 @@ class Validator:
 # ---------------------------------------------------------------------------------------
 # gap curves
 # ---------------------------------------------------------------------------------------
-class RowsOf(torch.nn.Module):
+class RowsOf(protocol.Answers, torch.nn.Module):
     """A trained guide over a subset of its own training rows: batch indices are positions
     in the subset, mapped to the dataset rows ``rows`` of a plate of size ``num_data``."""
 
@@ -107,14 +107,14 @@ class RowsOf(torch.nn.Module):
         return protocol.HeldOut(self)  # these rows are the guide's own
 
     def loc_scale(self, batch: batching.Batch):
-        return protocol.loc_scale(self._inner[0], self._batch(batch))
+        return self._inner[0].loc_scale(self._batch(batch))
 
     @property
     def family(self):
-        return protocol.family(self._inner[0])
+        return protocol.family_words(self._inner[0])
 
     def local_family(self):
-        return protocol.local_family(self._inner[0])
+        return protocol.family_of(self._inner[0])
 
 
 class GapTracker(Callback):

@@ -5,10 +5,12 @@ of ``x`` by maximizing its ELBO, each chunk of rows by Adam under a plateau rule
 (``_fit_rows``), eagerly or as one compiled graph a step (``_CompiledFit``). ``held_out``
 asks any guide for its held-out answer (``protocol.py``) and hands it this fitter: a
 per-datapoint table (``guides.PerDatapoint``) answers with a fresh fit, and a program
-without ``held_out`` whose z depends on its rows' indices is fitted afresh here.
+without ``held_out`` whose z depends on its rows' indices is fitted afresh (the probe that
+``protocol.as_guide`` gives it).
 
 Layering: above ``guides.py`` (q* is a ``LocalNormal`` or a ``LocalTable``),
-``protocol.py`` (it asks ``init`` for its ``loc_scale`` and ``local_family``) and
+``protocol.py`` (it asks ``init`` for its ``loc_scale`` and, through ``family_of``, its
+``local_family``) and
 ``compiled.py`` (``Program``); the guides do not import it: the fitter reaches a table's
 ``held_out`` as an argument. ``evaluate``, ``heldout`` and ``compute`` use it.
 """
@@ -25,7 +27,7 @@ from . import compiled, families as fam_lib
 from .batching import Batch, batches_of
 from .errors import UserError
 from .guides import LocalNormal, LocalTable, PerDatapoint
-from .protocol import HeldOut, loc_scale, local_family, reads_rows
+from .protocol import as_guide, family_of
 from .rng import forked, seeded
 from .objectives import AnalyticKLELBO
 
@@ -52,7 +54,7 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
     """Fit q*(z_n) in a per-datapoint ``family`` for every row of ``x`` by maximizing its ELBO.
 
     ``family`` (``families.resolve``: ``diagonal``, N(m_n, diag s_n^2); ``full``;
-    ``lowrank:R``; or a family object); None asks ``init`` (``local_family(init)``) and
+    ``lowrank:R``; or a family object); None asks ``init`` (``protocol.family_of(init)``) and
     falls back to ``diagonal`` where it states none (or there is no ``init``). The diagonal
     family's q* is a ``LocalNormal`` fitted exactly as before families existed (the same
     draws and steps); any other is a ``LocalTable``, started from ``init``'s (loc, scale)
@@ -85,6 +87,7 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
 
     start_time = time.perf_counter()
     n, device = len(x), x.device
+    init = as_guide(init) if init is not None else None
     q_family = _q_family(family, init, x)
     diagonal = q_family.name == fam_lib.DIAGONAL.name
 
@@ -101,7 +104,7 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
         if init is not None:
             for batch in batches_of(x, chunk_size):
                 with torch.no_grad():
-                    loc, scale = loc_scale(init, batch)
+                    loc, scale = init.loc_scale(batch)
                 guide.set_rows(batch.idx, loc, scale)
         objective = objective or AnalyticKLELBO()
         total_steps = 0
@@ -129,7 +132,7 @@ def _q_family(family, init, x: torch.Tensor) -> fam_lib.LocalFamily:
     probe = Batch(x[:m], torch.arange(m, device=x.device), len(x)) if m else None
     with forked(x.device):
         try:
-            found = local_family(init, probe)
+            found = family_of(init, probe)
         except UserError:
             if asked is not None:
                 return asked
@@ -306,18 +309,10 @@ def _hashable(obj) -> bool:
         return False
 
 
-def held_out(guide, model, x: torch.Tensor, warm=None, **options) -> HeldOut:
-    """A guide for the held-out rows ``x``: the guide's own ``held_out`` (the protocol,
-    ``protocol.py``), handed this module's fitter as ``fitter`` beside ``options``.
-
-    A guide without ``held_out`` is probed: if what it samples depends on the rows' indices
-    rather than on ``x`` (an autoguide with a parameter per training row), its parameters
-    mean nothing for new rows, so q is fitted afresh like a per-datapoint guide's.
-    """
-    fn = getattr(guide, "held_out", None)
-    if fn is not None:
-        return fn(model, x, warm=warm, fitter=local_inference, **options)
-    if reads_rows(guide, x):
-        fit = local_inference(model, x, init=warm, **options)
-        return HeldOut(fit.guide, fit.steps, fit.seconds)
-    return HeldOut(guide)
+def held_out(guide, model, x: torch.Tensor, warm=None, **options):
+    """A guide for the held-out rows ``x`` (``protocol.HeldOut``): the guide's own
+    ``held_out`` (the protocol, ``protocol.py``), handed this module's fitter as ``fitter``
+    beside ``options``. A guide that does not say is probed (``protocol.as_guide``): if what
+    it samples depends on the rows' indices rather than on ``x`` (an autoguide with a
+    parameter per training row), q is fitted afresh like a per-datapoint guide's."""
+    return as_guide(guide).held_out(model, x, warm=warm, fitter=local_inference, **options)

@@ -14,7 +14,7 @@ from typing import Iterable, List, NamedTuple, Optional
 import torch
 
 from .errors import UserError, setting
-from .protocol import local_parameters
+from .protocol import as_guide
 from .objectives import traces
 
 
@@ -179,13 +179,14 @@ def trainable(module_or_fn, batch=None) -> List[torch.Tensor]:
 def make_optimizers(model, guide, lr: float, local_lr: float = 0.2, inner_steps: int = 1,
                     batch=None, eps: float = 1e-8) -> Optimizers:
     """Adam(lr) for the model's and the guide's networks; RowAdam(local_lr) for the guide's
-    per-datapoint tables (``protocol.local_parameters``), when it has any.
+    per-datapoint tables (``local_parameters()``), when it has any.
 
     ``batch`` is needed for a guide that is not an ``nn.Module`` or creates its parameters
     lazily (a hand-written guide, Pyro's autoguides): it is run once to find them. The
     defaults for a per-datapoint table are ``Config``'s (see experiments/README.md).
     """
-    tables = local_parameters(guide)
+    guide = as_guide(guide)
+    tables = list(guide.local_parameters())
     table_ids = {id(t) for t in tables}
     params = trainable(model) + [p for p in trainable(guide, batch) if id(p) not in table_ids]
     if not params and not tables:

@@ -30,7 +30,7 @@ class GuideRun:
     scores: Scores
     summary: Summary
     compute: Compute
-    family: Optional[str] = None  # ``protocol.family`` of the trained guide (None: unstated)
+    family: Optional[str] = None  # ``protocol.family_words`` of the trained guide (None: unstated)
     per_datapoint: bool = False  # a per-datapoint table (its held-out q is a local fit)
     local: Optional[LocalBudget] = None
 

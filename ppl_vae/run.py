@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import batching, checkpoint, data, distributed, gap_plots, logs, protocol
+from . import batching, checkpoint, data, distributed, gap_plots, logs
 from .build import lr_factor
 from .config import Config, local_fit_options
 from .errors import UserError, for_cli, setting
@@ -412,10 +412,9 @@ def _warn_if_absurd(summary: Summary, trained: "Trained", x: torch.Tensor, log) 
         return
     rows = x[:256]
     try:
-        cause = protocol.divergence_cause(trained.guide, trained.model,
-                                        batching.Batch(rows, torch.arange(len(rows),
-                                                                      device=rows.device),
-                                                   len(rows)))
+        cause = trained.guide.divergence_cause(
+            trained.model, batching.Batch(rows, torch.arange(len(rows), device=rows.device),
+                                          len(rows)))
     except Exception:  # noqa: BLE001 - a guide that cannot tell: the learning rate
         cause = None
     name, why = cause if cause is not None else ("lr", "training went astray")

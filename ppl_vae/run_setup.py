@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import batching, checkpoint, data, distributed, logs, memory, protocol
+from . import batching, checkpoint, data, distributed, logs, memory
 from .build import build_guide, build_model, build_objective, lr_factor
 from .config import RESUMABLE, Config, guide_settings
 from .distributed import resolve_device
@@ -214,7 +214,7 @@ def set_up(config: Config, out, overwrite: bool, resume: bool, world: distribute
             resumes.append({"after_epoch": len(history), "changed": changed})
         log(f"resuming {final} after epoch {len(history)}"
             + (f", step {position.step} of epoch {position.epoch + 1}" if position else ""))
-    guide = protocol.shard(guide, world.rank, world.size)
+    guide = guide.shard(world.rank, world.size)
     optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps,
                                  eps=config.adam_eps)
     if world.size > 1:
@@ -282,7 +282,7 @@ def probe(config: Config, model, guide, train: data.Split) -> None:
         if missing:
             raise TypeError(f"the guide samples no site {', '.join(map(repr, missing))} of "
                             f"the model")
-        loss = protocol.training_loss(guide, OBJECTIVES.build(config), model, batch)
+        loss = guide.training_loss(OBJECTIVES.build(config), model, batch)
     if not (torch.is_tensor(loss) and loss.dim() == 0):
         raise TypeError(f"the objective gave {type(loss).__name__} "
                         f"{tuple(getattr(loss, 'shape', ()))}, not a scalar tensor")

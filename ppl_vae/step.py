@@ -1,5 +1,5 @@
 """One training step: ``step_on_device`` is ``zero_grad(); loss.backward(); step()`` on the
-loss the guide trains on (``protocol.training_loss``, by default ``objective(model, guide,
+loss the guide trains on (its ``training_loss``, by default ``objective(model, guide,
 batch)``), with its other paths as named pieces around it: a guide with per-datapoint tables
 first takes ``inner_steps`` updates of its batch rows alone (stochastic variational inference
 in the style of Hoffman et al. 2013); a compiled objective gives the loss and gradients from
@@ -21,7 +21,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import errors, protocol
+from . import errors
 from .batching import Batch
 from .errors import setting
 from .optim import Optimizers, restore_rows, save_rows
@@ -145,7 +145,7 @@ class _StepContext(NamedTuple):
     def of(cls, model, guide, objective, batch: Batch, optimizers: Optimizers, guard: bool,
            defer: bool, kwargs: dict) -> "_StepContext":
         tables = optimizers.tables()
-        rows = protocol.table_index(guide, batch.idx) if tables else None
+        rows = guide.table_index(batch.idx) if tables else None
         return cls(model, guide, objective, batch, optimizers, kwargs, guard,
                    defer and optimizers.skips_on_device(), tables, rows,
                    _graph(objective, guide, tables))
@@ -160,9 +160,8 @@ class _StepContext(NamedTuple):
         return torch.zeros((), device=self.batch.x.device)
 
     def loss(self) -> torch.Tensor:
-        """The training loss, for autograd (``protocol.training_loss``)."""
-        return protocol.training_loss(self.guide, self.objective, self.model, self.batch,
-                                    **self.kwargs)
+        """The training loss, for autograd (``training_loss``)."""
+        return self.guide.training_loss(self.objective, self.model, self.batch, **self.kwargs)
 
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """What autograd differentiates: ``loss``, times ``scale`` under torchrun."""
@@ -300,7 +299,7 @@ def _graph(objective, guide, tables: Sequence[torch.Tensor]):
     """The objective's ``value_and_grad`` (a compiled step), when it has one and the tables
     the optimizers update are the guide's own (the rows the graph differentiates)."""
     value_and_grad = getattr(objective, "value_and_grad", None)
-    if value_and_grad is None or [id(t) for t in protocol.local_parameters(guide)] != \
+    if value_and_grad is None or [id(t) for t in guide.local_parameters()] != \
             [id(t) for t in tables]:
         return None
     return value_and_grad

@@ -22,7 +22,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import errors, logs, protocol
+from . import errors, logs
+from .protocol import as_guide
 from .batching import Batch, Shards
 from .callbacks import (Callback, OnEpoch, Progress, ProgressBar, StopOnCtrlC, TimeBudget,
                         Validate, resolve_progress)
@@ -97,6 +98,7 @@ def loop(model, guide, objective, train: Split, optimizers: Optimizers, epochs: 
     (callbacks, guard, logging) are each a keyword a user may pass; ``fit`` builds them from
     plain settings.
     """
+    guide = as_guide(guide)  # a guide handed to the Python API: the protocol's defaults
     noise = {rank: binarize}
     stack = contextlib.ExitStack()
     try:
@@ -201,12 +203,12 @@ def _check(state: Loop, optimizers, on_divergence: str, log, guide=None, model=N
 
 
 def _cause(guide, model, batch: Optional[Batch]) -> Optional[Tuple[str, str]]:
-    """The guide's diagnosis of a divergence on ``batch`` (``protocol.divergence_cause``):
+    """The guide's diagnosis of a divergence on ``batch`` (``divergence_cause``):
     (setting, why in words), or None: the learning rate. A diagnosis that fails is none."""
     if guide is None or batch is None:
         return None
     try:
-        return protocol.divergence_cause(guide, model, batch)
+        return guide.divergence_cause(model, batch)
     except Exception:  # noqa: BLE001 - the divergence is reported either way
         return None
 

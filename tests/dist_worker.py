@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist_setup import (BATCH, EVAL, N, SEED, STEPS, build, config, eval_rows,  # noqa: E402
                         noise, split)
 
-from ppl_vae import batching, callbacks, distributed, protocol, train  # noqa: E402
+from ppl_vae import batching, callbacks, distributed, train  # noqa: E402
 from ppl_vae.build import build_objective  # noqa: E402
 from ppl_vae.evaluate import evaluate_model  # noqa: E402
 from ppl_vae.optim import make_optimizers  # noqa: E402
@@ -52,7 +52,7 @@ def main(out: Path) -> None:
     count_collectives(calls)
     for name in ("amortized", "meanfield"):
         model, guide = build(name)
-        guide = protocol.shard(guide, world.rank, world.size)
+        guide = guide.shard(world.rank, world.size)
         c = config(name)
         opts = make_optimizers(model, guide, c.lr, c.local_lr, c.inner_steps)._replace(
             sync=distributed.GradSync(world))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import SEED, TableWithoutRows, make_linear_gaussian, tiny_binary_data
-from ppl_vae import compiled, evaluate, guides, local_fit, nets, objectives, optim, protocol, step
+from ppl_vae import compiled, evaluate, guides, local_fit, nets, objectives, optim, step
+from ppl_vae.protocol import as_guide
 from ppl_vae.batching import Batch
 from ppl_vae.compiled import Compiled
 from ppl_vae.config import Config
@@ -134,7 +135,7 @@ def test_the_rule_of_compile_auto(monkeypatch):
     assert c.choose("auto", guides.LocalNormal(N, L), long).compile
     assert not c.choose("auto", encoder, long - 1).compile
     assert not c.choose("auto", encoder, long, max_seconds=c.PAYS_FROM_SECONDS - 1).compile
-    assert not c.choose("auto", TableWithoutRows(guides.LocalNormal(N, L)), long).compile
+    assert not c.choose("auto", as_guide(TableWithoutRows(guides.LocalNormal(N, L))), long).compile
     assert c.choose("on", encoder, 1).compile and not c.choose("off", encoder, long).compile
     monkeypatch.setattr(c, "has_compiler", lambda: False)
     none = c.choose("auto", encoder, long)
@@ -337,7 +338,7 @@ def test_value_and_grad_answers_none_where_the_step_must_use_autograd():
     assert compiled.value_and_grad(model, guide, batch, _params(model, guide) + [stray]) is None
     table = guides.LocalNormal(N, L)
     assert compiled.value_and_grad(model, table, batch, [table.params]) is None
-    assert compiled.value_and_grad(model, TableWithoutRows(table), batch, []) is None
+    assert compiled.value_and_grad(model, as_guide(TableWithoutRows(table)), batch, []) is None
     params = _params(model, guide)
     assert compiled.value_and_grad(model, guide, batch, params) is not None
     layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -474,7 +475,7 @@ def test_compiled_semi_amortized_step_equals_the_eager_one(stop_gradient):
     compiled = Compiled(objectives.ELBO())
     compiled.value_and_grad(model, guide, batch, params)  # compiles
     pyro.set_rng_seed(SEED + 40)
-    loss = protocol.training_loss(guide, objectives.ELBO(), model, batch)
+    loss = guide.training_loss(objectives.ELBO(), model, batch)
     eager = torch.autograd.grad(loss, params)
     pyro.set_rng_seed(SEED + 40)
     out = compiled.value_and_grad(model, guide, batch, params)
@@ -533,12 +534,12 @@ def test_every_guide_net_and_objective_traces_to_its_eager_step(name):
     guide = make_guide(model)
     x = tiny_binary_data(N, 16)
     batch = Batch(x[ROWS], ROWS, N)
-    tables = protocol.local_parameters(guide)
+    tables = guide.local_parameters()
     params = [p for p in _params(model, guide) if all(p is not t for t in tables)]
     compiled = Compiled(objective, backend="eager")
     assert compiled.value_and_grad(model, guide, batch, params) is not None  # traces
     pyro.set_rng_seed(SEED + 50)
-    loss = protocol.training_loss(guide, objective, model, batch)
+    loss = guide.training_loss(objective, model, batch)
     eager = torch.autograd.grad(loss, params + tables)
     pyro.set_rng_seed(SEED + 50)
     out = compiled.value_and_grad(model, guide, batch, params)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from ppl_vae import compiled, config, config as c, data, run_setup
+from ppl_vae import compiled, config, config as c, data, protocol, run_setup
 from ppl_vae.config import Config, local_fit_options
 from ppl_vae.errors import UserError
 
@@ -45,11 +45,15 @@ def test_resumable_settings_are_settings():
     assert set(run_setup.RESUME_FIXED) | c.RESUMABLE == names
 
 
+class _Guide(protocol.Answers):
+    """A guide that answers the protocol with its defaults (compiled.choose asks it)."""
+
+
 def test_the_choices_that_config_holds_match_the_modules_that_use_them():
     """config holds the values the CLI shows at parse time, where no torch is imported yet."""
     assert data.Binarize.MODES is config.BINARIZE  # one home, read by data
     for mode in config.COMPILE_MODES:  # every mode the CLI offers is one compiled.choose takes
-        assert compiled.choose(mode, object(), 10).reason.startswith(f"compile {mode}")
+        assert compiled.choose(mode, _Guide(), 10).reason.startswith(f"compile {mode}")
 
 
 def test_the_run_setting_reaches_every_local_fit():

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist_setup import (BATCH, EVAL, N, SEED, STEPS, WORLD, build, config, eval_rows,  # noqa: E402
                         noise, split)
 
-from ppl_vae import batching, checkpoint, cli, guides, protocol  # noqa: E402
+from ppl_vae import batching, checkpoint, cli, guides  # noqa: E402
 from ppl_vae.build import build_objective  # noqa: E402
 from ppl_vae.evaluate import evaluate_model  # noqa: E402
 from ppl_vae.optim import make_optimizers  # noqa: E402
@@ -68,7 +68,7 @@ def one_process(name: str):
         for r, batch in enumerate(batches):  # inner steps: each shard's rows alone
             torch.set_rng_state(rngs[r])
             for _ in range(opts.inner_steps if tables else 0):
-                loss = protocol.training_loss(guide, objective, model, batch)
+                loss = guide.training_loss(objective, model, batch)
                 for table, grad in zip(tables, torch.autograd.grad(loss / WORLD, tables)):
                     table.grad = grad
                 opts.local.step()
@@ -78,7 +78,7 @@ def one_process(name: str):
         opts.zero_grad()
         for r, batch in enumerate(batches):  # the joint step: gradients summed over shards
             torch.set_rng_state(rngs[r])
-            loss = protocol.training_loss(guide, objective, model, batch)
+            loss = guide.training_loss(objective, model, batch)
             (loss / WORLD).backward()
             losses[r].append(float(loss.detach()))
             rngs[r] = torch.get_rng_state()
@@ -274,7 +274,7 @@ def test_a_shard_is_built_with_its_rows_only(n, latent):
         assert part.params.shape == (len(rows), 2 * latent)
         part.init_pca(x)
         torch.testing.assert_close(part.params, whole.params[rows], rtol=1e-5, atol=1e-5)
-        assert protocol.shard(part, rank, 2) is part  # already its shard
+        assert part.shard(rank, 2) is part  # already its shard
         with pytest.raises(ValueError, match="already"):
             part.shard(1 - rank, 2)
         part.load_state_dict({"params": whole.params.detach() + 1})

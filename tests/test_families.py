@@ -42,7 +42,7 @@ def gaussian_elbo(lg: LinearGaussian, x, m, cov) -> torch.Tensor:
 
 def _moments(table):
     """(mean [N, L], covariance [N, L, L]) of a fitted q* table's rows."""
-    q = protocol.local_family(table).dist(table.params.detach())
+    q = protocol.family_of(table).dist(table.params.detach())
     cov = getattr(q, "covariance_matrix", None)
     return q.mean, cov if cov is not None else torch.diag_embed(q.variance)
 
@@ -98,7 +98,7 @@ def test_the_iaf_guides_family_starts_q_star_at_its_own_q():
         for p in g.flows.parameters():
             p.add_(0.3 * torch.randn_like(p))
     x = torch.rand(4, 6)
-    fam = protocol.local_family(g)
+    fam = protocol.family_of(g)
     assert fam.name == "flow" and fam.title == "per-datapoint IAF (2 flows)"
     loc, scale = g.loc_scale(evaluate.Batch(x, torch.arange(4), 4))
     q, q_row = g.distribution(x), fam.dist(fam.init(loc, scale))
@@ -219,7 +219,7 @@ def _gaps(lg, x, names, options):
     exact, out = lg.log_px(x), {}
     for name in names:
         fit = local_fit.local_inference(lg.model, x, family=name, seed=SEED, **options)
-        assert protocol.local_family(fit.guide).name == name
+        assert protocol.family_of(fit.guide).name == name
         mean, cov = _moments(fit.guide)
         out[name] = (exact - gaussian_elbo(lg, x, mean, cov), mean, cov)
         assert (out[name][0] > -1e-6).all()  # never above log p(x)

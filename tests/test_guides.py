@@ -121,13 +121,13 @@ def test_semi_amortized_trains_end_to_end_or_with_the_gradient_stopped(stop_grad
     x = user_split().x
     idx = torch.arange(16)
     batch = Batch(x[idx], idx, N)
-    loss = protocol.training_loss(guide, objectives.ELBO(), model, batch)
+    loss = guide.training_loss(objectives.ELBO(), model, batch)
     enc = torch.autograd.grad(loss, list(guide.encoder.parameters()), retain_graph=True)
     dec = torch.autograd.grad(loss, list(model.decoder.parameters()))
     assert all(g.abs().sum() > 0 for g in enc) and all(g.abs().sum() > 0 for g in dec)
     # the reported loss is the refined q's whichever way the gradient goes
     pyro.set_rng_seed(SEED + 5)
-    a = protocol.training_loss(guide, objectives.ELBO(), model, batch)
+    a = guide.training_loss(objectives.ELBO(), model, batch)
     pyro.set_rng_seed(SEED + 5)
     b = objectives.ELBO()(model, guide, batch)
     torch.testing.assert_close(a, b)
@@ -221,7 +221,7 @@ def test_the_refinement_answers_whether_it_caused_a_divergence(step_size, blamed
     step, which raises it, is not (the learning rate is then the suspect)."""
     model, guide = _semi(step_size)
     x = tiny_binary_data(64, 12)
-    cause = protocol.divergence_cause(guide, model, Batch(x, torch.arange(64), 64))
+    cause = guide.divergence_cause(model, Batch(x, torch.arange(64), 64))
     assert (cause is not None and cause[0] == "refine_lr") == blamed, cause
-    assert protocol.divergence_cause(guides.AmortizedNormal(guide.encoder), model,
-                                   Batch(x, torch.arange(64), 64)) is None
+    assert guides.AmortizedNormal(guide.encoder).divergence_cause(
+        model, Batch(x, torch.arange(64), 64)) is None
