@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -131,13 +132,22 @@ def assert_same_tensors(a, b, where=""):
         assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
 
 
+def ctrl_c_reaches_it() -> None:
+    """``preexec_fn`` of a subprocess that a test interrupts with SIGINT: Ctrl-C's default
+    action, which Python turns into its own handler at startup. A suite started in the
+    background by a shell (``cmd &``) has SIGINT ignored, and a child inherits that, so a
+    SIGINT sent before the run installs its handler was lost (a test hung 120 s so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train_process(out, *extra):
     """``ppl-vae train`` of ``EAGER_TOY`` in a subprocess; its stderr goes to ``<out>.log``."""
     code = "import sys; from ppl_vae.cli import main; sys.exit(main(sys.argv[1:]))"
     with open(f"{out}.log", "ab") as log:
         return subprocess.Popen([sys.executable, "-c", code, "train", *EAGER_TOY, "--out",
                                  str(out), *extra], stdout=subprocess.DEVNULL, stderr=log,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                preexec_fn=ctrl_c_reaches_it)
 
 
 def process_log(out) -> str:

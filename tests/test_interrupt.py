@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import tiny_binary_data
+from helpers import ctrl_c_reaches_it
 from ppl_vae import (callbacks, checkpoint, data, guides, likelihoods, loopstate, nets, objectives, optim,
                      priors, train)
 from ppl_vae.model import VAEModel
@@ -62,7 +63,7 @@ def _start(tmp_path, argv, hook=None, after=1, pause=0.0, env=None):
         proc = subprocess.Popen(
             [sys.executable, "-c", code, "train", *map(str, argv), "--out",
              str(tmp_path / "run")], stdout=subprocess.DEVNULL, stderr=log,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "HOOK": hook or "", "AFTER": str(after),
+            preexec_fn=ctrl_c_reaches_it, env={**os.environ, "OMP_NUM_THREADS": "1", "HOOK": hook or "", "AFTER": str(after),
                  "PAUSE": str(pause), "MARKER": str(marker), **(env or {})})
     return proc, marker
 
