@@ -27,7 +27,8 @@ def _unclocked(lines):
     return [{k: v for k, v in line.items() if not k.endswith("seconds")} for line in lines]
 
 
-@pytest.mark.parametrize("lost", ["both", "test", "mid-run"])
+@pytest.mark.parametrize("lost", ["both", pytest.param("test", marks=pytest.mark.slow),
+                                  pytest.param("mid-run", marks=pytest.mark.slow)])
 def test_a_resume_scores_the_tracked_epoch_a_kill_cut_short(tmp_path, cached_mnist, capsys,
                                                            lost):
     """A kill after epoch 2's checkpoint but during (or before the end of) its scoring leaves
