@@ -214,7 +214,8 @@ def set_up(config: Config, out, overwrite: bool, resume: bool, world: distribute
             resumes.append({"after_epoch": len(history), "changed": changed})
         log(f"resuming {final} after epoch {len(history)}"
             + (f", step {position.step} of epoch {position.epoch + 1}" if position else ""))
-    guide = guide.shard(world.rank, world.size)
+    if world.size > 1:  # under torchrun each process keeps its shard (alone: all of it)
+        guide = guide.shard(world.rank, world.size)
     optimizers = make_optimizers(model, guide, config.lr, config.local_lr, config.inner_steps,
                                  eps=config.adam_eps)
     if world.size > 1:
