@@ -72,6 +72,7 @@ class Answers:
 
     family: Optional[str] = None  # the family it searches, in words; None: unstated
     compilable = True
+    _states_family = True  # False (``as_guide``): it names no family; ``family_of`` probes
 
     def local_parameters(self) -> List[torch.Tensor]:
         return []
@@ -136,23 +137,6 @@ def as_guide(obj):
     return obj
 
 
-class _Function(Answers):
-    """A guide written as a function (its parameters in Pyro's param store), answering the
-    protocol with the defaults; it states no family (probed) and is probed for held-out
-    rows."""
-
-    _states_family = False
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-    def held_out(self, model, x: torch.Tensor, warm=None, **options) -> HeldOut:
-        return _probed_held_out(self, model, x, warm, **options)
-
-
 _ADAPTED: Dict[type, type] = {}
 
 
@@ -181,6 +165,22 @@ def _probed_held_out(self, model, x: torch.Tensor, warm=None, *, fitter, **optio
     return HeldOut(self)
 
 
+class _Function(Answers):
+    """A guide written as a function (its parameters in Pyro's param store), answering the
+    protocol with the defaults; it states no family (probed) and is probed for held-out
+    rows."""
+
+    _states_family = False
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    held_out = _probed_held_out
+
+
 def family_of(guide, probe: Optional[Batch] = None) -> Optional[fam_lib.LocalFamily]:
     """The per-datapoint family (``families.LocalFamily``) the guide's q is in, as q*'s is:
     its ``local_family()`` (a name or a family; an attribute is read as well), resolved; a
@@ -192,7 +192,7 @@ def family_of(guide, probe: Optional[Batch] = None) -> Optional[fam_lib.LocalFam
     answer = answer() if callable(answer) else answer
     if answer is not None:
         return fam_lib.resolve(answer)
-    if getattr(guide, "_states_family", True) or getattr(guide, "family", None) is not None:
+    if guide._states_family or guide.family is not None:
         return None
     return _probe_family(guide, probe)
 
