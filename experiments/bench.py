@@ -590,16 +590,15 @@ def main(argv=None):
         kw["repeats"] = args.repeats
     devices = [torch.device(d) for d in args.devices.split(",")
                if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
+    ev = dict(q_rows=20, repeats=1, logpx_k=10, logpx_rows=20, logpx_repeats=1) \
+        if args.smoke else dict(q_rows=args.q_rows, repeats=args.repeats or 2,
+                                logpx_k=5000 if args.logpx_rows else 0,
+                                logpx_rows=args.logpx_rows, logpx_repeats=args.logpx_repeats)
     doc = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "pyro": pyro.__version__, "date": time.strftime("%Y-%m-%d"),
-           "settings": kw}
+           "settings": ev if args.part == "eval" else kw}  # what this part ran with
     for device in devices:
         if args.part == "eval":
-            ev = dict(q_rows=20, repeats=1, logpx_k=10, logpx_rows=20, logpx_repeats=1) \
-                if args.smoke else dict(q_rows=args.q_rows, repeats=args.repeats or 2,
-                                        logpx_k=5000 if args.logpx_rows else 0,
-                                        logpx_rows=args.logpx_rows,
-                                        logpx_repeats=args.logpx_repeats)
             doc[f"{device.type}_eval"] = bench_eval(device, args.run, **ev)
             print(eval_table(device.type, doc[f"{device.type}_eval"]), flush=True)
             continue

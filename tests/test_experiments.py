@@ -57,6 +57,19 @@ def test_bench_smoke(monkeypatch, tmp_path):
     assert row["hand-written PyTorch"] > 0 and row["ppl_vae amortized"] > 0
 
 
+@pytest.mark.slow  # a q* compile: about 10 s
+def test_bench_eval_smoke_records_the_settings_it_ran(monkeypatch, tmp_path):
+    run_script("bench.py", ["--smoke", "--part", "eval", "--out", str(tmp_path / "be.json")],
+               monkeypatch, tmp_path)
+    import json
+    doc = json.loads((tmp_path / "be.json").read_text())
+    ran = doc["cpu_eval"]["log_px_setting"]
+    assert doc["settings"] == {"q_rows": 20, "repeats": 1, "logpx_k": 10, "logpx_rows": 20,
+                               "logpx_repeats": 1}  # the eval's, not the step bench's
+    assert (ran["rows"], ran["K"], doc["cpu_eval"]["q_rows"]) == (20, 10, 20)
+    assert doc["cpu_eval"]["log_px_over_floor"] > 0
+
+
 @pytest.mark.slow  # four launches, two of them torchrun with 2 processes
 def test_bench_distributed_smoke(monkeypatch, tmp_path):
     run_script("bench_distributed.py", ["--smoke", "--out", str(tmp_path / "bd.json")],
