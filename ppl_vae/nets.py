@@ -76,11 +76,12 @@ class ConvEncoder(nn.Module):
     """x [B, C*H*W] -> (loc [B, L], scale [B, L]): stride-2 3x3 convolutions, then an MLP.
 
     Built from the image ``shape`` (C, H, W); any size with sides of at least 1 works (small
-    sides get fewer convolutions). ``hidden`` sizes the dense layers after the convolutions.
+    sides get fewer convolutions). ``hidden`` sizes the dense layers after the convolutions;
+    ``activation`` follows every convolution and hidden layer.
     """
 
     def __init__(self, shape, hidden: Sequence[int], latent_dim: int,
-                 channels: Sequence[int] = (32, 64, 64)):
+                 channels: Sequence[int] = (32, 64, 64), activation=nn.ReLU):
         super().__init__()
         self.shape, self.latent_dim = tuple(shape), latent_dim
         c, h, w = self.shape
@@ -88,10 +89,10 @@ class ConvEncoder(nn.Module):
         chans = [c, *channels[:len(self.sizes) - 1]]
         layers = []
         for a, b in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), activation()]
         self.conv = nn.Sequential(*layers)
         flat = chans[-1] * self.sizes[-1][0] * self.sizes[-1][1]
-        self.head = mlp([flat, *hidden, 2 * latent_dim])
+        self.head = mlp([flat, *hidden, 2 * latent_dim], activation)
 
     def forward(self, x: torch.Tensor):
         h = self.conv(x.reshape(-1, *self.shape)).flatten(1)
@@ -102,10 +103,11 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """z [..., L] -> decoder output [..., C*H*W]: an MLP, then stride-2 transposed convolutions
     that retrace the encoder's sizes exactly (output padding per side), so any (C, H, W) fits.
-    Extra leading dimensions (particles) are folded into the batch and restored."""
+    Extra leading dimensions (particles) are folded into the batch and restored;
+    ``activation`` follows every hidden layer and all but the last transposed convolution."""
 
     def __init__(self, latent_dim: int, hidden: Sequence[int], shape,
-                 channels: Sequence[int] = (32, 64, 64)):
+                 channels: Sequence[int] = (32, 64, 64), activation=nn.ReLU):
         super().__init__()
         self.shape, self.latent_dim = tuple(shape), latent_dim
         c, h, w = self.shape
@@ -113,12 +115,13 @@ class ConvDecoder(nn.Module):
         self.sizes = conv_sizes(h, w, len(channels))
         chans = [c, *channels[:len(self.sizes) - 1]]
         self.start = (chans[-1], *self.sizes[-1])
-        self.head = mlp([latent_dim, *hidden, chans[-1] * self.sizes[-1][0] * self.sizes[-1][1]])
+        self.head = mlp([latent_dim, *hidden, chans[-1] * self.sizes[-1][0] * self.sizes[-1][1]],
+                        activation)
         layers = []
         for i in range(len(self.sizes) - 1, 0, -1):  # from the smallest size back up
             th, tw = self.sizes[i - 1]
             pad = (1 - th % 2, 1 - tw % 2)  # ceil(t/2) -> t: 2 ceil(t/2) - 1 + pad = t
-            layers += [nn.ReLU(), nn.ConvTranspose2d(chans[i], chans[i - 1], 3, stride=2,
+            layers += [activation(), nn.ConvTranspose2d(chans[i], chans[i - 1], 3, stride=2,
                                                      padding=1, output_padding=pad)]
         self.deconv = nn.Sequential(*layers)
         if not layers:  # an image too small to convolve: the MLP alone

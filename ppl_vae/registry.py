@@ -238,8 +238,9 @@ def _mlp(c, shape, role, **_):
 
 def _conv(c, shape, role, **_):
     if role == "encoder":
-        return _lib("nets").ConvEncoder(shape, tuple(reversed(c.hidden)), c.latent_dim)
-    return _lib("nets").ConvDecoder(c.latent_dim, c.hidden, shape)
+        return _lib("nets").ConvEncoder(shape, tuple(reversed(c.hidden)), c.latent_dim,
+                                        activation=ACTIVATIONS.build(c))
+    return _lib("nets").ConvDecoder(c.latent_dim, c.hidden, shape, activation=ACTIVATIONS.build(c))
 
 
 NETS = Registry("network", "net")  # context: shape (C, H, W), role ("encoder" or "decoder")

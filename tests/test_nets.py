@@ -40,6 +40,22 @@ def test_conv_encoder_sees_the_image_layout():
     assert not torch.allclose(loc_a, loc_b)
 
 
+def test_conv_nets_take_the_configured_activation():
+    """--activation reaches the conv nets (it was recorded but ReLU ran); relu is as before."""
+    config = Config(net="conv", latent_dim=3, hidden=(16,), activation="elu")
+    model = build_model(config, 144, (1, 12, 12))
+    guide = build_guide(config, 144, 10, model=model)
+    for net in (model.decoder, guide.encoder):
+        kinds = {type(m).__name__ for m in net.modules()}
+        assert "ELU" in kinds and "ReLU" not in kinds
+    torch.manual_seed(0)
+    relu = build_model(Config(net="conv", latent_dim=3, hidden=(16,)), 144, (1, 12, 12))
+    torch.manual_seed(0)
+    plain = nets.ConvDecoder(3, (16,), (1, 12, 12))
+    z = torch.randn(5, 3)
+    assert torch.equal(relu.decoder(z), plain(z))  # the default: the same network as before
+
+
 @pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "normal",
                                         "normal_shared"])
 @pytest.mark.parametrize("guide", ["amortized", "meanfield", "iaf"])
