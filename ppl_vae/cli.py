@@ -215,8 +215,8 @@ def build_parser() -> Parser:
     e.add_argument("--local", action=argparse.BooleanOptionalAction, default=None,
                    help="also fit q* for L[q*] and the gaps (default: only for meanfield)")
     e.add_argument("--local-family", default=None,
-                   help="family of q*: own, diagonal, full or lowrank[:R] (default: the run's "
-                        "--local-family, own)")
+                   help="family of q*: own, diagonal, full, lowrank[:R] or flow[:T[xH]] "
+                        "(default: the run's --local-family, own); implies --local")
     e.add_argument("--rows", type=int, default=None,
                    help="score the first N rows of --split only (default: the run's "
                         "--test-size; all rows when it has none)")

@@ -87,7 +87,8 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
     (``eval.json`` says which epoch). A finished run whose newest checkpoint is unreadable
     is refused rather than scored at an older epoch than its summary. Code that the
     checkpoint names is imported only with ``trust_code`` or when ``given`` names it.
-    ``local_family``: q*'s family (``Config.local_family``; None: the run's own setting).
+    ``local_family``: q*'s family (``Config.local_family``; None: the run's own setting);
+    naming one fits q* (``local`` None becomes True).
 
     Why so many parameters: it is the ``evaluate`` command's Python API; each keyword is one
     of its flags.
@@ -156,8 +157,11 @@ def _evaluate_locked(run_dir: Path, num_particles, split, proposal, local, test_
             raise UserError(f"{run_dir}: summary.json is for epoch {epochs} but "
                             f"the readable checkpoint is after epoch {len(trained.history)}")
     fitted = list(trained.guide.local_parameters())
-    if local is None:
-        local = bool(fitted) or proposal == "local"
+    if local is None:  # a family named for q* asks for q*
+        local = bool(fitted) or proposal == "local" or local_family is not None
+    if local_family is not None and not local:
+        raise UserError(f"{setting('local_family')} {local_family} names the family of the local "
+                        f"fit; drop the no_ form of {setting('local')}")
     if proposal == "local" and not local:
         raise UserError(f"{setting('proposal')} local needs the local fit; drop the no_ "
                         f"form of {setting('local')}")

@@ -390,3 +390,11 @@ def test_evaluate_says_why_a_guide_has_no_amortization_gap(tmp_path, cached_mnis
                      "--no-progress"]) == 0
     doc = json.loads((out / "eval.json").read_text())
     assert doc["amortization_gap"] is not None and "amortization_gap_why" not in doc
+    # a family named for q* asks for q*: no --local needed, and --no-local with it is refused
+    assert cli.main(["evaluate", str(out), "--num-particles-eval", "5", "--local-family",
+                     "full", "--no-progress"]) == 0
+    doc = json.loads((out / "eval.json").read_text())
+    assert doc["local_family"] == "full" and doc["approximation_gap"] is not None
+    assert cli.main(["evaluate", str(out), "--num-particles-eval", "5", "--local-family",
+                     "full", "--no-local", "--no-progress"]) == 2
+    assert json.loads((out / "eval.json").read_text()) == doc  # nothing written is lost
