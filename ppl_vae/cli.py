@@ -138,14 +138,15 @@ _UNSET = object()
 
 def parse(argv, unset: bool = False) -> argparse.Namespace:
     """``argv`` parsed, over the settings of its ``--config`` file (flags override the file);
-    ``unset``: the ``Config`` fields neither gives are ``_UNSET``."""
+    ``unset``: the options neither gives are ``_UNSET``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = parser.commands.get(args.command)
     if command is None:
         return args
     if unset:
-        command.set_defaults(**{f.name: _UNSET for f in dataclasses.fields(Config)})
+        command.set_defaults(**{a.dest: _UNSET for a in command._actions
+                                if a.option_strings and a.dest != "help"})
     if getattr(args, "config", None) is not None:
         from . import config_file
         command.set_defaults(**config_file.defaults(args.config, command, args.command))
@@ -240,7 +241,8 @@ def build_parser() -> Parser:
                         "guides (or seeds, to a comparison of several) to a comparison cut "
                         "short or finished")
     c.add_argument("--quick", action="store_true",
-                   help="a first look: 10k training rows, 2 epochs each, 1k test rows, K=100")
+                   help="a first look: 10k training rows, 2 epochs each, 1k test rows, K=100 "
+                        "(each where no flag or --config sets it)")
     c.add_argument("--num-particles-eval", type=int, default=1000, help="K of log p(x) (default 1000)")
     c.add_argument("--guides", type=_guides, default=None,  # None: compare.DEFAULT_GUIDES
                    help="comma-separated guides to compare, any subset (default: "
@@ -411,9 +413,12 @@ def _command(args) -> int:
         config = _config(args)
         seeds, budget = parse_seeds(args.seeds, config.seed), Budget.parse(args.budget)
         k = args.num_particles_eval
-        if args.quick:
-            config = config.replace(**QUICK)
-            k = min(k, 100)
+        if args.quick:  # a first look's sizes, where the command line or --config gives none
+            given = vars(parse(argv, unset=True)) if argv is not None else {}
+            config = config.replace(**{key: value for key, value in QUICK.items()
+                                       if given.get(key, _UNSET) is _UNSET}).validate()
+            if given.get("num_particles_eval", _UNSET) is _UNSET:
+                k = min(k, 100)
         if k <= 0:
             raise UserError("--num-particles-eval must be positive")
         try:

@@ -271,6 +271,12 @@ def test_cli_passes_resume_and_quick_to_compare(tmp_path, monkeypatch):
     assert seen["config"].epochs == 2 and seen["num_particles"] == 100  # --quick's settings
     assert cli.main(["compare", "--out", str(tmp_path / "c")]) == 0
     assert seen["resume"] is False and seen["quick"] is False
+    # --quick sizes only what nothing else sets: a flag, or the --config file, wins
+    (tmp_path / "c.toml").write_text("test_size = 300\n")
+    assert cli.main(["compare", "--quick", "--epochs", "5", "--num-particles-eval", "500",
+                     "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "c")]) == 0
+    c = seen["config"]
+    assert (c.epochs, c.test_size, c.train_size, seen["num_particles"]) == (5, 300, 10_000, 500)
 
 
 def test_cli_resume_and_ctrl_c_message(tmp_path, capsys):
