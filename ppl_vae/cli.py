@@ -173,8 +173,9 @@ NO_PROGRESS_KW = dict(dest="progress", action="store_false",
 
 CONFIG = ("--config",)
 CONFIG_KW = dict(type=Path, default=None, metavar="FILE",
-                 help="settings from a .toml or .json file (a run's own config.json, a "
-                      "comparison's results.json re-run it); flags given here override it")
+                 help="settings from a .toml or .json file (a run's own config.json re-runs "
+                      "it, and for compare a comparison's results.json); flags given here "
+                      "override it")
 
 TRUST_CODE = ("--trust-code",)
 TRUST_CODE_KW = dict(action="store_true",

@@ -2,8 +2,9 @@
 
 A file is TOML (``.toml``: one ``key = value`` line per option, named as the option is,
 ``epochs = 100``, ``hidden = [400]``, ``guides = "amortized,meanfield"``) or JSON (``.json``:
-an object of the same keys, or a record this package wrote: a run's ``config.json``, a
-comparison's ``results.json`` or ``comparison.json``, whose settings re-run it). A key may be
+an object of the same keys, or a record this package wrote, whose settings re-run it: a
+run's ``config.json``, or for ``compare`` a comparison's ``results.json`` or
+``comparison.json``). A key may be
 spelled with ``_`` or ``-``. An unknown or mistyped key, or a value of the wrong type, is one
 line naming it (and the nearest valid key). Nothing in a file is imported or run: a
 ``module:Class`` name in it is a setting like any other, imported when the command runs it.
@@ -133,7 +134,12 @@ def _convert_one(action, key, value, path, bad):
 def defaults(path, parser: argparse.ArgumentParser, command: str) -> Dict[str, object]:
     """The options ``path`` sets for ``parser`` (the ``command``'s parser), by dest, parsed
     as the options are; an unknown key is refused with the nearest valid one."""
-    settings = _flatten(read(path), command)
+    doc = read(path)
+    if command == "train" and isinstance(doc.get("config"), dict) and "guides" in doc:
+        raise UserError(f"--config {path} is a comparison's record (guides "
+                        f"{', '.join(map(str, doc['guides']))}); re-run it with `ppl-vae compare "
+                        f"--config {path}`, or train one guide from its run's config.json")
+    settings = _flatten(doc, command)
     actions = {a.dest: a for a in parser._actions
                if a.dest not in NOT_SETTINGS and a.option_strings
                and a.help != argparse.SUPPRESS}

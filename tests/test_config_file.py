@@ -57,6 +57,9 @@ def test_a_comparisons_record_gives_back_its_plan(tmp_path):
             args.epochs, args.data_dir) == (["amortized", "iaf"], "3,", 25, 12,
                                              "evaluations=800", 4, None)
     assert "guide" not in cli._given(["compare", "--config", str(path)], "compare")
+    with pytest.raises(UserError, match="is a comparison's record \\(guides amortized, iaf\\); "
+                                        "re-run it with `ppl-vae compare --config"):
+        cli.parse(["train", "--config", str(path)])  # which guide would train train?
 
 
 @pytest.mark.parametrize("text,message", [
