@@ -12,7 +12,7 @@ encoder 784-200-200-(2x50) and decoder 50-200-200-784 with ELU (``hidden=(200, 2
 al. (``lr_schedule="burda"``: 3^i epochs at 1e-3 x 10^(-i/7), i = 0..7, 3,280 epochs in
 all), KL warm-up over the first 400 epochs (``warmup_epochs=400``), and gap curves
 (``track_gaps``) at log-spaced epochs. At the end each model is scored on 1,000 training and
-1,000 test rows: L[q], L[q*] (a per-datapoint Normal fitted with the decoder frozen),
+1,000 test rows: L[q], L[q*] (fitted per datapoint in each guide's own family, the decoder frozen),
 log p(x) with K = 5000 from q*, and both gaps, into ``<out>/results.json`` and a table;
 every guide's gap curves go into ``<out>/gap_curves.png``.
 

@@ -7,7 +7,7 @@ On the first ``--rows`` test rows (``--split train``: training rows, as the run 
 run's newest checkpoint, the gaps are computed as ``evaluate`` computes them (``ours``) and
 then with one choice changed at a time:
 
-- ``q* <= 500 steps``: the local fit capped as in the gap curves (``--gap-particles`` runs);
+- ``q* <= 500 steps``: the local fit capped as in the gap curves (``--track-gaps`` runs);
 - ``q* from N(0, I)``: each row's q* started from a standard Normal instead of the encoder's
   answer (the authors' code starts every q* from a fresh Gaussian), same step budget;
 - ``q* from q, stricter stop``: our fit run on with a ten times stricter plateau rule

@@ -4,7 +4,8 @@ Burda et al. (2016, Table 1, one stochastic layer, 3,280 passes) report test log
 -84.78 nats for IWAE training with k=50 against -86.76 for the VAE (ELBO, k=1).
 Same epochs for every objective here.
 
-    uv run python experiments/objectives.py --epochs 10
+    uv run python experiments/objectives.py --epochs 5 --test-size 2000 --num-particles 1000
+        # the table in experiments/README.md, section 6
     uv run python experiments/objectives.py --smoke
 """
 from __future__ import annotations

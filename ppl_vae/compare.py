@@ -1,8 +1,8 @@
 """Amortized, semi-amortized and mean-field inference on the same decoder, data and budget.
 
 ``compare(config, out)`` trains one model per guide and seed with identical decoder
-architecture, initialization seed, data order and budget (equal epochs, or equal network
-passes: ``compute.Budget``; a time budget only when asked for), evaluates each on the same
+architecture, initialization seed, data order and budget (equal epochs, equal network
+passes or equal FLOPs: ``compute.Budget``; a time budget only when asked for), evaluates each on the same
 test rows with the same seeds, and writes ``results.json``, ``report.md`` and figures
 (``report.py``). With several seeds every quantity is given as mean and standard deviation
 over seeds, and each pair of guides as a paired difference with a 95% interval over seeds
@@ -168,7 +168,7 @@ def compare(config: Config, out: Path, num_particles: int = 1000, overwrite: boo
     ``config.guide`` is ignored: every entry of ``guides`` gets the same config otherwise.
     ``seeds`` (default: ``config.seed`` alone) replace ``config.seed`` one at a time; with
     one seed each guide's run is ``out/<guide>``, with several ``out/<guide>/seed<S>``.
-    ``budget``: equal epochs (``config.epochs``) or equal network passes (``compute``).
+    ``budget``: equal epochs (``config.epochs``), network passes or FLOPs (``compute``).
     ``local_rows`` training rows of a per-datapoint table are refitted to show its local
     budget; ``local_options`` go to every local fit (``local_fit.local_inference``: q* on the
     test rows and that refit), e.g. a smaller ``max_steps`` for a toy run.
