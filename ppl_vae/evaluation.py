@@ -285,7 +285,7 @@ def run_figures(run_dir: Path, arrays: Path, labels: Sequence[int],
         per_datapoint = bool(gap_rows) and name in gap_plots.table_guides({name: gap_rows})
     history = history if history is not None else plots.read_metrics(run_dir)
     paths = [
-        plots.curves({name: history}, run_dir / "curves.png", f"ELBO per image, the {name} guide",
+        plots.curves({name: history}, run_dir / "curves.png", f"training curves, the {name} guide",
                x=x, tables=[name] if per_datapoint else []),
         plots.image_rows({"input": a["inputs"], "reconstruction" + (
                     "\n(q fitted to\neach image)" if per_datapoint else ""): a["reconstructions"]},

@@ -167,7 +167,7 @@ def curves_figure(histories: Dict[str, List[dict]], title: str = "", x: str = "e
     else:
         axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set_xlabel("training time (s)")
-    axes[0].set_ylabel("ELBO per image (nats)")
+    axes[0].set_ylabel("nats per image\n(valid: ELBO; train: the training objective)")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle((title or "training curves") + "  (dashed: train, solid: valid)")

@@ -177,7 +177,7 @@ def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=N
     train, batch = (comparison.data or {}).get("train"), comparison.config.get("batch_size")
     if per_epoch is None and train and batch:
         per_epoch = -(-int(train) // int(batch))
-    plots.curves(histories, out / "curves.png", "ELBO per image, per guide"
+    plots.curves(histories, out / "curves.png", "training curves, per guide"
                  + (f" (seed {first})" if comparison.several else ""), x=unit,
                  tables=_tables(comparison), steps_per_epoch=per_epoch,
                  passes_per_step=passes if unit == "passes" else None)

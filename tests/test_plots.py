@@ -247,6 +247,14 @@ def test_curves_legend_covers_no_data():
             assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_xlabel()
 
 
+def test_curves_axis_does_not_call_the_training_objective_the_elbo():
+    """The train curve is the training objective (IWAE, beta-weighted, ...), not always the
+    ELBO; the y-axis said "ELBO per image"."""
+    fig = plots.curves_figure({"amortized": AMORTIZED})
+    label = " ".join(fig.axes[0].get_ylabel().split())
+    assert label == "nats per image (valid: ELBO; train: the training objective)"
+
+
 def test_short_curves_tick_whole_epochs_only():
     """Finding 3: a two-epoch run had ticks at 1.2, 1.4, ..."""
     fig = plots.curves_figure({"amortized": AMORTIZED[:2]})
