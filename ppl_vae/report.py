@@ -265,6 +265,20 @@ def _local(comparison: "Comparison") -> str:
     return text
 
 
+def tracked_epochs(comparison) -> str:
+    """The epochs the gap curves were scored at, from each run's own epochs (under a budget
+    in passes or FLOPs the guides run different numbers of epochs): one list when the first
+    seed's guides share it, else one per guide."""
+    gap_epochs = comparison.config["gap_epochs"]
+    lists = {}
+    for g in comparison.guides:
+        last = comparison.runs_of(g)[0].summary.epochs
+        lists[g] = ", ".join(map(str, sorted({e for e in gap_epochs if e <= last} | {last})))
+    if len(set(lists.values())) == 1:
+        return next(iter(lists.values()))
+    return "; ".join(f"{epochs} ({g})" for g, epochs in lists.items())
+
+
 def over_budget(curves) -> str:
     """The curves over budget (``budget_curves.Curves``) as a table of log p(x) per tracked
     epoch, mean ± sd over seeds, and the crossings of two guides' rankings in words."""
@@ -313,11 +327,9 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None)
         body += f"| {label.format(K=comparison.runs[0].scores.num_particles)} | " \
             + " | ".join(cells) + " |\n"
     a = comparison.runs[0].scores
-    tracked = sorted({e for e in c["gap_epochs"] if e <= c["epochs"]} | {c["epochs"]})
     curves = ("\n![gap curves](gap_curves.png)\n\nGap curves: L[q], L[q*] and log p(x) "
               f"(IWAE bound, K = {c['gap_particles']}) on the first {c['gap_rows']} training "
-              f"and test rows "
-              f"at epochs {', '.join(map(str, tracked))}"
+              f"and test rows at epochs {tracked_epochs(comparison)}"
               + (f" (seed {comparison.seeds[0]})" if comparison.several else "")
               + "; each guide's `gaps.jsonl` has the numbers.\n" if with_gap_curves else "")
     curves += over_budget(over)

@@ -252,3 +252,15 @@ def test_the_report_says_which_family_each_q_star_was_fitted_in():
         r.scores, local_family="flow" if r.guide == "iaf" else "diagonal")) for r in comp.runs]
     assert "family (amortized: diagonal; iaf: flow)." in report.q_star_families(comp)
     assert "family (amortized: diagonal; iaf: flow)." in report.markdown(comp)
+
+
+def test_the_gap_curves_epochs_are_the_ones_each_guide_ran():
+    """Under a budget in passes or FLOPs the guides run different epochs; the report listed
+    the tracked epochs from the base config's epochs (some never reached, the last missed)."""
+    import dataclasses
+    config = CONFIG.replace(epochs=10, gap_epochs=(1, 3, 10), track_gaps=True)
+    comp = _comparison(config=config)
+    assert report.tracked_epochs(comp) == "1, 2"  # both ran SUMMARY's 2 epochs, not 10
+    comp.runs[0] = dataclasses.replace(comp.runs[0],
+                                       summary=dataclasses.replace(SUMMARY, epochs=7))
+    assert report.tracked_epochs(comp) == "1, 3, 7 (amortized); 1, 2 (meanfield)"
