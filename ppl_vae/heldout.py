@@ -141,15 +141,20 @@ class GapTracker(Callback):
         self.seconds = 0.0
 
     def on_start(self, loop: Loop) -> None:
-        """A run resumed at the end of a tracked epoch whose scoring a kill or Ctrl-C cut short
-        scores it now: its checkpoint is the state those lines would have scored."""
+        """A resumed run's tracking seconds go on from its lines' (``seconds`` counts every
+        process of the run, as its training time does). A run resumed at the end of a
+        tracked epoch whose scoring a kill or Ctrl-C cut short scores it now: its checkpoint
+        is the state those lines would have scored."""
         last = loop.history[-1] if loop.history else None
-        if last is None or not loop.at_epoch_end or not self._due(last.epoch):
+        if last is None:  # a fresh run
             return
         path = self.path()
         lines = read_gaps(path) if path.exists() else []
-        if {line.get("split") for line in lines if line.get("epoch") == last.epoch} \
-                >= {"train", "test"}:
+        whole = {line.get("split") for line in lines if line.get("epoch") == last.epoch} \
+            >= {"train", "test"}
+        counted = [line for line in lines if line.get("epoch") != last.epoch or whole]
+        self.seconds = float(counted[-1].get("tracking_seconds", 0.0)) if counted else 0.0
+        if not loop.at_epoch_end or not self._due(last.epoch) or whole:
             return
         kept = [line for line in lines if line.get("epoch") != last.epoch]  # a half-written
         if len(kept) < len(lines):                                          # epoch goes

@@ -253,13 +253,19 @@ def test_a_resume_keeps_the_gap_curves(tmp_path, cached_mnist, capsys):
     """The gap rows of the epochs before a resume stay (a resume once deleted gaps.jsonl)."""
     out = tmp_path / "gaps"
     assert train_cli(capsys, out, *GAPS, "--epochs", "1")[0] == 0
-    before = (out / "gaps.jsonl").read_text()
-    assert before
+    lines = [json.loads(line) for line in (out / "gaps.jsonl").read_text().splitlines()]
+    for line in lines:  # as if the first process had scored for 1,000 s
+        line["tracking_seconds"] = 1000.0
+    before = "".join(json.dumps(line) + "\n" for line in lines)
+    (out / "gaps.jsonl").write_text(before)
     assert train_cli(capsys, out, "--track-gaps", "--gap-epochs", "1", "2", "--epochs", "2",
                      "--resume")[0] == 0
     after = (out / "gaps.jsonl").read_text()
     assert after.startswith(before)
     assert {json.loads(line)["epoch"] for line in after.splitlines()} == {1, 2}
+    # the tracking seconds count both processes, as the training seconds do
+    newest = json.loads(after.splitlines()[-1])["tracking_seconds"]
+    assert newest > 1000.0 and summary(out)["gap_tracking_seconds"] == newest
 
 
 def test_resume_repairs_a_truncated_metrics_jsonl(finished_run, capsys):
