@@ -165,10 +165,12 @@ def curve_unit(comparison: "Comparison") -> str:
 
 
 def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=None) -> None:
-    """curves.png, gaps.png (means and, with several seeds, standard deviations over seeds),
-    gap_curves.png and reconstructions.png; curves and images show the first seed. The
-    curves are drawn against the budget's unit (``curve_unit``); every error bar and band is
-    ± 1 standard error (over seeds: ± 1 standard deviation), as in the report's tables."""
+    """curves.png, gap_bars.png (the final gaps: means and, with several seeds, standard
+    deviations over seeds), gap_curves.png and reconstructions.png; curves and images show
+    the first seed. The curves are drawn against the budget's unit (``curve_unit``); every
+    error bar and band is ± 1 standard error (over seeds: ± 1 standard deviation), as in the
+    report's tables."""
+    (out / "gaps.png").unlink(missing_ok=True)  # this figure's name before gap_bars.png
     first = comparison.seeds[0]
     unit = curve_unit(comparison)
     passes = {g: comparison.runs_of(g)[0].compute.step.passes for g in comparison.guides
@@ -188,12 +190,12 @@ def write_figures(out: Path, histories, comparison: "Comparison", arrays, gaps=N
             for name in ("approximation_gap", "amortization_gap", "amortization_gap_encoder"):
                 s = comparison.spread(g, rt.key(name))
                 results[g].update({name: s.mean, name + "_sd": s.sd} if s is not None else {})
-        gap_plots.gaps(results, out / "gaps.png", error="_sd", times=1.0,
+        gap_plots.gaps(results, out / "gap_bars.png", error="_sd", times=1.0,
                    title=f"inference gaps on the test set: mean ± sd over "
                          f"{len(comparison.seeds)} seeds", na=_na_reasons(comparison))
     else:
         gap_plots.gaps({r.guide: r.scores.by_quantity() for r in comparison.runs},
-                   out / "gaps.png", times=1.0, na=_na_reasons(comparison))
+                   out / "gap_bars.png", times=1.0, na=_na_reasons(comparison))
     if gaps:
         gap_plots.gap_curves(gaps, out / "gap_curves.png", tables=_tables(comparison))
     first_arrays = next(iter(arrays.values()))
@@ -341,16 +343,16 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None)
                  f"process. Under one seed every guide has the same decoder initialization")
         errors = (f"Each cell is the mean ± the standard deviation over the {n} seeds (one "
                   f"number where every seed gave the same); the per-seed values are below and "
-                  f"in `results.json`. The error bars of gaps.png are ± one standard deviation "
-                  f"over seeds, as the cells"
+                  f"in `results.json`. The error bars of gap_bars.png are ± one standard "
+                  f"deviation over seeds, as the cells"
                   + ("; the bands of gap_curves.png (the first seed) are ± one standard error "
                      "over the scored rows" if with_gap_curves else ""))
     else:
         seeds = f"Every guide: same decoder initialization (seed {comparison.seeds[0]})"
         errors = ("Errors are ± one standard error over test images (paired for the gaps); "
-                  + ("the error bars of gaps.png and the bands of gap_curves.png are ± one "
+                  + ("the error bars of gap_bars.png and the bands of gap_curves.png are ± one "
                      "standard error too" if with_gap_curves else
-                     "the error bars of gaps.png are ± one standard error too"))
+                     "the error bars of gap_bars.png are ± one standard error too"))
     settings = guide_settings(comparison)
     tables = [g for g in names if "local_lr" in settings[g]]
     refined = [g for g in names if "refine_steps" in settings[g]]
@@ -397,7 +399,7 @@ Curves, {against}: "train" is the training objective over the epoch's minibatche
 
 ![ELBO curves](curves.png)
 
-![gaps](gaps.png)
+![gaps](gap_bars.png)
 {curves}
 ![reconstructions](reconstructions.png)
 {_cremer(comparison)}"""

@@ -536,7 +536,8 @@ def test_compare_tiny(tmp_path, cached_mnist, toy_config):
     assert saved["config"]["train_size"] == 300 and doc["amortized"] == saved["amortized"]
     report = (tmp_path / "report.md").read_text()
     assert "amortization gap" in report and "approximation gap" in report and "n/a" in report
-    for name in ("curves.png", "gaps.png", "reconstructions.png"):
+    for name in ("curves.png", "gap_bars.png", "reconstructions.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+    assert not (tmp_path / "gaps.png").exists()  # a run's gap curves go by that name
     with pytest.raises(UserError, match="--overwrite"):
         compare(config, tmp_path, num_particles=20, progress=False, log=lambda _m: None)
