@@ -49,6 +49,7 @@ LOCAL_FAMILY = re.compile(r"own|diagonal|full|lowrank(:[1-9][0-9]*)?"
 ON_DIVERGENCE = ("stop", "lower_lr")
 MAX_LATENT, MAX_WIDTH = 4096, 65536  # beyond these a run only fails in the allocator
 MAX_STEPS = 1000  # inner and refinement steps per minibatch: a step stays interruptible
+VALID_FIT_STEPS = 30  # heldout.Validator's refit of a table's validation rows, per epoch
 MAX_PARTICLES = 1_000_000  # K of an estimate: 10^6 already takes hours per 1,000 rows
 SEED_LIMIT = 2 ** 32 - 1  # torch's CPU generator keeps 32 bits of a seed: 2**32 acts as 0
 BUILTIN_DATASETS = ("mnist", "fashion_mnist", "kmnist")  # data.read's (home: no torch here)

@@ -13,6 +13,7 @@ import torch
 from . import batching, data, local_fit, protocol
 from .evaluate import elbo_parts, evaluate_model
 from .callbacks import Callback
+from .config import VALID_FIT_STEPS
 from .loopstate import EpochMetrics, Interrupted, Loop
 from .step import Abandoned, abandonable
 
@@ -62,7 +63,8 @@ class Validator:
     """The per-epoch validation ELBO; a refitted held-out guide is warm-started epoch to epoch
     and its state goes into the checkpoint."""
 
-    def __init__(self, model, guide, x: torch.Tensor, max_steps: int = 30, compile=None):
+    def __init__(self, model, guide, x: torch.Tensor, max_steps: int = VALID_FIT_STEPS,
+                 compile=None):
         self.model, self.guide, self.x, self.max_steps = model, guide, x, max_steps
         self.compile = compile  # the run's --compile, for a table's held-out fit
         self.held: Optional[object] = None  # the last held-out guide, when it is a fit

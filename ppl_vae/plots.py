@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .config import VALID_FIT_STEPS
+
 
 
 def pyplot():
@@ -40,7 +42,6 @@ def read_metrics(run_dir: Path, name: str = "metrics.jsonl") -> List[dict]:
 X_UNITS = {"epoch": "epoch",
            "steps": "optimizer steps",
            "passes": "network passes (forward + backward, encoder and decoder)"}
-VALID_FIT_STEPS = 30  # ``heldout.Validator``'s refit of a table's validation rows per epoch
 
 
 def wrap(text: str, width: int = 120) -> str:

@@ -14,6 +14,7 @@ from . import report_tables as rt
 from .evaluate import why_no_amortization_gap
 from .registry import GUIDES
 from .budget_curves import NAMES
+from .config import VALID_FIT_STEPS
 
 if TYPE_CHECKING:
     from .results import Comparison, GuideRun
@@ -371,8 +372,8 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None)
                    "out)")
     answers = [f"{g}: its encoder" for g in names if g not in tables + refined]
     answers += [f"{g}: the refined encoder" for g in refined]
-    answers += [f"{g}: a per-datapoint fit warm-started from the previous epoch, 30 steps with "
-                f"the decoder frozen" for g in tables]
+    answers += [f"{g}: a per-datapoint fit warm-started from the previous epoch, up to "
+                f"{VALID_FIT_STEPS} steps with the decoder frozen" for g in tables]
     answers = f" ({'; '.join(answers)})" if tables or refined else ""
     return f"""# {title(names)}
 
