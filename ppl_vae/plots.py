@@ -14,7 +14,6 @@ import numpy as np
 from .config import VALID_FIT_STEPS
 
 
-
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")
