@@ -161,10 +161,10 @@ def _evaluate_locked(run_dir: Path, num_particles, split, proposal, local, test_
         local = bool(fitted) or proposal == "local" or local_family is not None
     if local_family is not None and not local:
         raise UserError(f"{setting('local_family')} {local_family} names the family of the local "
-                        f"fit; drop the no_ form of {setting('local')}")
+                        f"fit; do not turn {setting('local')} off")
     if proposal == "local" and not local:
-        raise UserError(f"{setting('proposal')} local needs the local fit; drop the no_ "
-                        f"form of {setting('local')}")
+        raise UserError(f"{setting('proposal')} local needs the local fit; do not turn "
+                        f"{setting('local')} off")
     if proposal == "guide" and fitted:
         raise UserError(f"the {trained.config.guide} guide has no parameters for held-out "
                         f"rows; use {setting('proposal')} local")
