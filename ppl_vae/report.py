@@ -377,7 +377,7 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None)
     answers = f" ({'; '.join(answers)})" if tables or refined else ""
     return f"""# {title(names)}
 
-Date {comparison.date}, device `{comparison.device}`, torch {comparison.versions['torch']}, pyro {comparison.versions['pyro']}, git `{comparison.versions['git']}`.
+Date {comparison.date}, device `{comparison.device}`, torch {comparison.versions['torch']}, pyro {comparison.versions['pyro']}, git `{comparison.versions['git']}`: the process that wrote this report (after a `--resume`, runs it kept were trained earlier; each run folder's `config.json` names the versions and commit that trained it).
 
 {_quick(comparison)}Data: {c['dataset']}, {_sizes(comparison)}; {c['binarize']} binarization for training; the test rows are scored
 under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, {c['net']} networks, hidden {c['hidden']} ({c['activation']}),
