@@ -1,13 +1,14 @@
 """Amortized, semi-amortized and mean-field inference on the same decoder, data and budget.
 
 ``compare(config, out)`` trains one model per guide and seed with identical decoder
-architecture, initialization seed, data order and budget (equal epochs, equal network
-passes or equal FLOPs: ``compute.Budget``; a time budget only when asked for), evaluates each on the same
-test rows with the same seeds, and writes ``results.json``, ``report.md`` and figures
-(``report.py``). With several seeds every quantity is given as mean and standard deviation
-over seeds, and each pair of guides as a paired difference with a 95% interval over seeds
-(``seeds.py``). The seeds run one after another in this process: on a 2-core CPU a second
-process would share the cores that one training run already uses (torch's two threads).
+architecture, initialization seed, data order and budget (equal epochs, equal network passes
+or equal FLOPs: ``compute.Budget``; a time budget only when asked for), evaluates each on
+the same test rows with the same seeds, and writes ``results.json``, ``report.md`` and
+figures (``report.py``). With several seeds every quantity is given as mean and standard
+deviation over seeds, and each pair of guides as a paired difference with a 95% interval
+over seeds (``seeds.py``). The seeds run one after another in this process: on a 2-core CPU
+a second process would share the cores that one training run already uses (torch's two
+threads).
 
 Reference: Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational Autoencoders.
 """

@@ -129,7 +129,8 @@ def test_the_report_says_every_figure_uses_one_standard_error():
     text = report.markdown(_comparison(), with_gap_curves=True)
     assert ("the error bars of gap_bars.png and the bands of gap_curves.png are ± one standard "
             "error" in text)
-    assert "the error bars of gap_bars.png are ± one standard error" in report.markdown(_comparison())
+    assert "the error bars of gap_bars.png are ± one standard error" in \
+        report.markdown(_comparison())
     several = report.markdown(_comparison(seeds=(0, 1, 2)), with_gap_curves=True)
     assert ("error bars of gap_bars.png are ± one standard deviation over seeds, as the cells"
             in several)
