@@ -2,8 +2,8 @@
 
 A file is TOML (``.toml``: one ``key = value`` line per option, named as the option is,
 ``epochs = 100``, ``hidden = [400]``, ``guides = "amortized,meanfield"``) or JSON
-(``.json``: an object of the same keys, or a record this package wrote, whose settings re-
-run it: a run's ``config.json``, or for ``compare`` a comparison's ``results.json`` or
+(``.json``: an object of the same keys, or a record this package wrote, whose settings
+re-run it: a run's ``config.json``, or for ``compare`` a comparison's ``results.json`` or
 ``comparison.json``). A key may be spelled with ``_`` or ``-``. An unknown or mistyped key,
 or a value of the wrong type, is one line naming it (and the nearest valid key). Nothing in
 a file is imported or run: a ``module:Class`` name in it is a setting like any other,
