@@ -26,7 +26,7 @@ from . import plots
 QUANTITIES = ("log_px", "elbo", "elbo_local", "approximation_gap", "amortization_gap")
 NAMES = {"log_px": "log p(x)", "elbo": "L[q]", "elbo_local": "L[q*]",
          "approximation_gap": "approximation gap", "amortization_gap": "amortization gap"}
-CROSSED = ("log_px", "elbo", "approximation_gap")  # the rankings whose crossings are found
+CROSSED = QUANTITIES  # the rankings whose crossings are found: every quantity a panel draws
 HIGHER_IS_BETTER = {"log_px": True, "elbo": True, "elbo_local": True,
                     "approximation_gap": False, "amortization_gap": False}
 
@@ -196,7 +196,7 @@ def build(curves: Curves, units: Sequence[str] = ("epochs", "flops"),
                                        "amortization_gap")):
     """One panel per quantity and budget unit: each guide's mean over seeds with a band of
     ±1 standard deviation over seeds, on a log budget axis; a crossing of two guides' mean
-    curves is shaded over the budget interval where it happens. Units that no guide has
+    curves is shaded over the budget interval where it happens and names the two guides. Units that no guide has
     (FLOPs of a step that were not counted) are left out."""
     units = [u for u in units
              if any(p.budget(u) for pts in curves.points.values() for p in pts)]
@@ -241,9 +241,12 @@ def _panel(ax, curves: Curves, unit: str, q: str, formatter) -> None:
     if absent:  # said, not drawn (a table has no amortization gap: its q is q* itself)
         ax.text(0.02, 0.02, f"n/a: {', '.join(absent)}", transform=ax.transAxes, fontsize=7,
                 va="bottom")
-    for cr in curves.crossings:
+    for cr in curves.crossings:  # shaded, and named: with three guides a span says whose
         if cr.quantity == q and cr.unit == unit:
-            ax.axvspan(cr.low, cr.high, color="0.5", alpha=0.15, lw=0)  # the title says it
+            ax.axvspan(cr.low, cr.high, color="0.5", alpha=0.15, lw=0)
+            ax.text(math.sqrt(cr.low * cr.high), 0.98, f"{cr.a} × {cr.b}", rotation=90,
+                    ha="center", va="top", fontsize=6, color="0.3",
+                    transform=ax.get_xaxis_transform())
     ax.set_xscale("log")
     from matplotlib.ticker import EngFormatter, FixedLocator, NullFormatter
     if unit == "epochs":  # ticks at the tracked epochs, written as plain numbers

@@ -284,7 +284,7 @@ def tracked_epochs(comparison) -> str:
 
 def over_budget(curves) -> str:
     """The curves over budget (``budget_curves.Curves``) as a table of log p(x) per tracked
-    epoch, mean ± sd over seeds, and the crossings of two guides' rankings in words."""
+    epoch, mean ± sd over seeds, and a table of the crossings of two guides' rankings."""
     if curves is None:
         return ""
     guides = list(curves.points)
@@ -298,19 +298,21 @@ def over_budget(curves) -> str:
             cells.append("n/a" if s is None else
                          f"{s.mean:.2f}" + (f" ± {s.sd:.2f}" if s.sd is not None else ""))
         body += f"| {e} | " + " | ".join(cells) + " |\n"
-    crossed = [f"{NAMES[c.quantity]}: {c.a} and {c.b} swap places between "
-               f"{c.low:,.3g} and {c.high:,.3g} {c.unit} ({c.before} first before)"
-               for c in curves.crossings]
+    crossed = "".join(
+        f"| {NAMES[c.quantity]} | {c.a} × {c.b} | {c.low:,.3g} to {c.high:,.3g} {c.unit} | "
+        f"{c.before} | {c.b if c.before == c.a else c.a} |\n" for c in curves.crossings)
     n = len(curves.seeds)
     return (f"\n## Over budget\n\n![curves over budget](budget_curves.png)\n\n"
             f"{curves.split.capitalize()} log p(x) (the gap curves' K and rows) at each tracked "
             f"epoch, mean ± sd over {rt.plural(n, 'seed')}; `results.json` (`curves`) has every "
-            f"quantity, the budget in steps, passes and FLOPs, and the paired differences at "
-            f"each epoch.\n\n{head}{body}\n"
+            f"{curves.split}-row quantity, the budget in steps, passes and FLOPs, and the paired "
+            f"differences at each epoch.\n\n{head}{body}\n"
             + ("Rankings that cross (means over seeds; in compute, each guide's curve "
-               "interpolated in log compute): " + "; ".join(crossed) + ".\n" if crossed else
-               "No ranking of log p(x), L[q] or the approximation gap crosses within the "
-               "tracked budget, in epochs or in compute.\n"))
+               "interpolated in log compute; a gap ranks lower first):\n\n"
+               "| quantity | guides | between | first before | first after |\n"
+               "|---|---|---|---|---|\n" + crossed if crossed else
+               "No two guides' ranking in any quantity crosses within the tracked budget, in "
+               "epochs or in compute.\n"))
 
 
 def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None) -> str:

@@ -94,6 +94,7 @@ def test_the_figure_draws_a_band_per_guide_and_marks_the_crossing(curves, tmp_pa
     first = axes[0]
     assert [l.get_label() for l in first.get_lines()][:2] == ["a", "b"]
     assert len(first.collections) == 2 and len(first.patches) == 1  # two sd bands, one span
+    assert [t.get_text() for t in first.texts] == ["a × b"]  # the span names its two guides
     assert "epochs" in first.get_xlabel() and "log p(x)" in first.get_ylabel()
     fig.canvas.draw()
     labels = [t.get_text() for t in first.get_xticklabels() if t.get_text()]
@@ -109,5 +110,22 @@ def test_the_report_tables_log_px_over_budget_and_names_the_crossing(curves):
     from ppl_vae import report
     text = report.over_budget(curves)
     assert "| 3 | -95.00 ± 1.00 | -97.00 ± 1.00 |" in text
-    assert "log p(x): a and b swap places between 3 and 10 epochs (a first before)" in text
+    assert "| log p(x) | a × b | 3 to 10 epochs | a | b |" in text  # a table, a row each
     assert report.over_budget(None) == ""
+
+
+def test_every_drawn_quantity_has_its_crossings_shaded():
+    """The amortization-gap panel drew two guides' curves crossing with no shade (only log
+    p(x), L[q] and the approximation gap were searched), under a title that says crossings
+    are shaded."""
+    def gaps(values):
+        return [{"epoch": e, "split": "test", "test_log_px": -90.0, "amortization_gap": g}
+                for e, g in zip((1, 3, 10), values)]
+    curves = collect({"a": {0: (gaps([4.0, 4.3, 4.0]), history(10), 4.0, None)},
+                      "b": {0: (gaps([3.4, 4.0, 4.3]), history(10), 4.0, None)}}, (0,))
+    (c,) = [c for c in curves.crossings
+            if c.quantity == "amortization_gap" and c.unit == "epochs"]
+    assert (c.low, c.high, c.before) == (3, 10, "b")  # b's gap the smaller up to 3 epochs
+    fig = budget_curves.build(curves, units=("epochs",))
+    panel = next(ax for ax in fig.axes if "amortization gap" in ax.get_title())
+    assert len(panel.patches) == 1 and [t.get_text() for t in panel.texts] == ["a × b"]
