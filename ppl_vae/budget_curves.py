@@ -241,12 +241,14 @@ def _panel(ax, curves: Curves, unit: str, q: str, formatter) -> None:
     if absent:  # said, not drawn (a table has no amortization gap: its q is q* itself)
         ax.text(0.02, 0.02, f"n/a: {', '.join(absent)}", transform=ax.transAxes, fontsize=7,
                 va="bottom")
-    for cr in curves.crossings:  # shaded, and named: with three guides a span says whose
+    spans: Dict[Tuple[float, float], List[str]] = {}  # one shade per interval, naming
+    for cr in curves.crossings:                       # every pair that crosses in it
         if cr.quantity == q and cr.unit == unit:
-            ax.axvspan(cr.low, cr.high, color="0.5", alpha=0.15, lw=0)
-            ax.text(math.sqrt(cr.low * cr.high), 0.98, f"{cr.a} × {cr.b}", rotation=90,
-                    ha="center", va="top", fontsize=6, color="0.3",
-                    transform=ax.get_xaxis_transform())
+            spans.setdefault((cr.low, cr.high), []).append(f"{cr.a} × {cr.b}")
+    for (low, high), pairs in spans.items():
+        ax.axvspan(low, high, color="0.5", alpha=0.15, lw=0)
+        ax.text(math.sqrt(low * high), 0.98, "\n".join(pairs), rotation=90, ha="center",
+                va="top", fontsize=6, color="0.3", transform=ax.get_xaxis_transform())
     ax.set_xscale("log")
     from matplotlib.ticker import EngFormatter, FixedLocator, NullFormatter
     if unit == "epochs":  # ticks at the tracked epochs, written as plain numbers

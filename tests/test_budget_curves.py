@@ -129,3 +129,17 @@ def test_every_drawn_quantity_has_its_crossings_shaded():
     fig = budget_curves.build(curves, units=("epochs",))
     panel = next(ax for ax in fig.axes if "amortization gap" in ax.get_title())
     assert len(panel.patches) == 1 and [t.get_text() for t in panel.texts] == ["a × b"]
+
+
+def test_crossings_in_one_interval_share_one_shade_that_names_every_pair():
+    """Two pairs crossing between the same epochs drew two shades (darker) and wrote their
+    names over each other."""
+    runs = {g: {0: (rows(v), history(10), 4.0, None)} for g, v in
+            {"a": {1: -100.0, 3: -95.0, 10: -93.0}, "b": {1: -110.0, 3: -97.0, 10: -90.0},
+             "c": {1: -112.0, 3: -99.0, 10: -91.0}}.items()}
+    curves = collect(runs, (0,))
+    fig = budget_curves.build(curves, units=("epochs",))
+    panel = fig.axes[0]
+    assert len(panel.patches) == 1
+    (text,) = panel.texts
+    assert text.get_text().split("\n") == ["a × b", "a × c"]
