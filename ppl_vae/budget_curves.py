@@ -26,7 +26,8 @@ from . import plots
 QUANTITIES = ("log_px", "elbo", "elbo_local", "approximation_gap", "amortization_gap")
 NAMES = {"log_px": "log p(x)", "elbo": "L[q]", "elbo_local": "L[q*]",
          "approximation_gap": "approximation gap", "amortization_gap": "amortization gap"}
-CROSSED = QUANTITIES  # the rankings whose crossings are found: every quantity a panel draws
+CROSSED = QUANTITIES  # the rankings whose crossings are found (and tabled in the report)
+DRAWN = ("log_px", "elbo", "approximation_gap", "amortization_gap")  # the figure's panels
 HIGHER_IS_BETTER = {"log_px": True, "elbo": True, "elbo_local": True,
                     "approximation_gap": False, "amortization_gap": False}
 
@@ -182,8 +183,7 @@ def crossings(pa: List[Point], pb: List[Point], a: str, b: str, quantity: str,
 
 
 def figure(curves: Curves, path: Path, units: Sequence[str] = ("epochs", "flops"),
-           quantities: Sequence[str] = ("log_px", "elbo", "approximation_gap",
-                                        "amortization_gap")) -> Optional[Path]:
+           quantities: Sequence[str] = DRAWN) -> Optional[Path]:
     """``build``'s figure saved to ``path`` (None: nothing to draw)."""
     fig = build(curves, units, quantities)
     if fig is None:
@@ -192,12 +192,11 @@ def figure(curves: Curves, path: Path, units: Sequence[str] = ("epochs", "flops"
 
 
 def build(curves: Curves, units: Sequence[str] = ("epochs", "flops"),
-          quantities: Sequence[str] = ("log_px", "elbo", "approximation_gap",
-                                       "amortization_gap")):
+          quantities: Sequence[str] = DRAWN):
     """One panel per quantity and budget unit: each guide's mean over seeds with a band of
-    ±1 standard deviation over seeds, on a log budget axis; a crossing of two guides' mean
-    curves is shaded over the budget interval where it happens and names the two guides. Units that no guide has
-    (FLOPs of a step that were not counted) are left out."""
+    ±1 standard deviation over seeds, on a log budget axis; the budget intervals where two
+    guides' mean curves cross are shaded (overlapping ones as one) and name the pairs. Units
+    that no guide has (FLOPs of a step that were not counted) are left out."""
     units = [u for u in units
              if any(p.budget(u) for pts in curves.points.values() for p in pts)]
     if not units or not curves.points:
@@ -218,6 +217,22 @@ def build(curves: Curves, units: Sequence[str] = ("epochs", "flops"),
 
 UNIT_LABELS = {"epochs": "epochs (log scale)", "flops": "training FLOPs (log scale)",
                "passes": "network passes (log scale)", "steps": "optimizer steps (log scale)"}
+
+
+def _spans(crossings: Sequence[Crossing], q: str, unit: str
+           ) -> List[Tuple[Tuple[float, float], List[str]]]:
+    """The budget intervals where ``q``'s rankings cross in ``unit``, overlapping ones
+    merged into one, each with the pairs that cross in it."""
+    spans: List[Tuple[Tuple[float, float], List[str]]] = []
+    for cr in sorted((c for c in crossings if c.quantity == q and c.unit == unit),
+                     key=lambda c: (c.low, c.high)):
+        pair = f"{cr.a} × {cr.b}"
+        if spans and cr.low < spans[-1][0][1]:  # overlaps the last: one shade for both
+            (low, high), pairs = spans[-1]
+            spans[-1] = ((low, max(high, cr.high)), pairs + [pair])
+        else:
+            spans.append(((cr.low, cr.high), [pair]))
+    return spans
 
 
 def _panel(ax, curves: Curves, unit: str, q: str, formatter) -> None:
@@ -241,11 +256,7 @@ def _panel(ax, curves: Curves, unit: str, q: str, formatter) -> None:
     if absent:  # said, not drawn (a table has no amortization gap: its q is q* itself)
         ax.text(0.02, 0.02, f"n/a: {', '.join(absent)}", transform=ax.transAxes, fontsize=7,
                 va="bottom")
-    spans: Dict[Tuple[float, float], List[str]] = {}  # one shade per interval, naming
-    for cr in curves.crossings:                       # every pair that crosses in it
-        if cr.quantity == q and cr.unit == unit:
-            spans.setdefault((cr.low, cr.high), []).append(f"{cr.a} × {cr.b}")
-    for (low, high), pairs in spans.items():
+    for (low, high), pairs in _spans(curves.crossings, q, unit):
         ax.axvspan(low, high, color="0.5", alpha=0.15, lw=0)
         ax.text(math.sqrt(low * high), 0.98, "\n".join(pairs), rotation=90, ha="center",
                 va="top", fontsize=6, color="0.3", transform=ax.get_xaxis_transform())

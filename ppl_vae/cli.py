@@ -215,7 +215,8 @@ def build_parser() -> Parser:
     e.add_argument("--proposal", default="auto",
                    help="log p(x) proposal: auto (q* for meanfield, encoder for amortized), guide, local")
     e.add_argument("--local", action=argparse.BooleanOptionalAction, default=None,
-                   help="also fit q* for L[q*] and the gaps (default: only for meanfield)")
+                   help="also fit q* for L[q*] and the gaps (default: for a guide with "
+                        "tables such as meanfield, and with --local-family or --proposal local)")
     e.add_argument("--local-family", default=None,
                    help="family of q*: own, diagonal, full, lowrank[:R] or flow[:T[xH]] "
                         "(default: the run's --local-family, own); implies --local")
@@ -406,7 +407,9 @@ def _command(args) -> int:
         from .results import PAIRED_KEYS
         from .compute import Budget
         argv = getattr(args, "argv", None)  # what the user typed (set by _main)
-        if argv is not None and "guide" in _given(argv, "compare"):
+        given = vars(parse(argv, unset=True)) if argv is not None else {}  # flags and file
+        given = {key: value for key, value in given.items() if value is not _UNSET}
+        if "guide" in given:
             raise UserError(f"compare trains every guide of --guides, not --guide; use "
                             f"--guides {args.guide} to compare that guide alone")
         if args.guides is None:
@@ -415,10 +418,12 @@ def _command(args) -> int:
         seeds, budget = parse_seeds(args.seeds, config.seed), Budget.parse(args.budget)
         k = args.num_particles_eval
         if args.quick:  # a first look's sizes, where the command line or --config gives none
-            given = vars(parse(argv, unset=True)) if argv is not None else {}
-            config = config.replace(**{key: value for key, value in QUICK.items()
-                                       if given.get(key, _UNSET) is _UNSET}).validate()
-            if given.get("num_particles_eval", _UNSET) is _UNSET:
+            quick = {key: value for key, value in QUICK.items() if key not in given}
+            if not quick:
+                raise UserError(f"--quick sets {', '.join(QUICK)} where nothing else does, but "
+                                f"the command line or --config sets all of them; drop --quick")
+            config = config.replace(**quick).validate()
+            if "num_particles_eval" not in given:
                 k = min(k, 100)
         if k <= 0:
             raise UserError("--num-particles-eval must be positive")

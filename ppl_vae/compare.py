@@ -352,7 +352,7 @@ def _write_results(out: Path, doc: Comparison, log) -> dict:
         result["curves"] = curves.to_json()
         budget_curves.figure(curves, out / "budget_curves.png")
     report.write_figures(out, histories, doc, arrays, gaps)
-    (out / "report.md").write_text(report.markdown(doc, bool(gaps), curves))
+    (out / "report.md").write_text(report.markdown(doc, gaps, curves))
     write_json(out / "results.json", result)
     log(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     return result

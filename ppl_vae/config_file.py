@@ -136,9 +136,11 @@ def defaults(path, parser: argparse.ArgumentParser, command: str) -> Dict[str, o
     as the options are; an unknown key is refused with the nearest valid one."""
     doc = read(path)
     if command == "train" and isinstance(doc.get("config"), dict) and "guides" in doc:
-        raise UserError(f"--config {path} is a comparison's record (guides "
-                        f"{', '.join(map(str, doc['guides']))}); re-run it with `ppl-vae compare "
-                        f"--config {path}`, or train one guide from its run's config.json")
+        guides = doc["guides"]
+        guides = ", ".join(map(str, guides)) if isinstance(guides, list) else str(guides)
+        raise UserError(f"--config {path} is a comparison's record (guides {guides}); re-run "
+                        f"it with `ppl-vae compare --config {path}`, or train one guide from "
+                        f"its run's config.json")
     settings = _flatten(doc, command)
     actions = {a.dest: a for a in parser._actions
                if a.dest not in NOT_SETTINGS and a.option_strings

@@ -144,9 +144,10 @@ class GapTracker(Callback):
 
     def on_start(self, loop: Loop) -> None:
         """A resumed run's tracking seconds go on from its lines' (``seconds`` counts every
-        process of the run, as its training time does). A run resumed at the end of a
-        tracked epoch whose scoring a kill or Ctrl-C cut short scores it now: its checkpoint
-        is the state those lines would have scored."""
+        process of the run, as its training time does; a line's ``tracking_seconds`` is the
+        count when it was written). A run resumed at the end of a tracked epoch whose
+        scoring a kill or Ctrl-C cut short scores it now: its checkpoint is the state those
+        lines would have scored."""
         last = loop.history[-1] if loop.history else None
         if last is None:  # a fresh run
             return
@@ -154,8 +155,11 @@ class GapTracker(Callback):
         lines = read_gaps(path) if path.exists() else []
         whole = {line.get("split") for line in lines if line.get("epoch") == last.epoch} \
             >= {"train", "test"}
-        counted = [line for line in lines if line.get("epoch") != last.epoch or whole]
-        self.seconds = float(counted[-1].get("tracking_seconds", 0.0)) if counted else 0.0
+        # the seconds so far: the most any line up to this epoch counted (an epoch to score
+        # again, or later ones of a checkpoint that fell back, do not count)
+        kept_upto = last.epoch if whole else last.epoch - 1
+        self.seconds = max((float(line.get("tracking_seconds", 0.0)) for line in lines
+                            if line.get("epoch", 0) <= kept_upto), default=0.0)
         if not loop.at_epoch_end or not self._due(last.epoch) or whole:
             return
         kept = [line for line in lines if line.get("epoch") != last.epoch]  # a half-written

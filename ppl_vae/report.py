@@ -5,7 +5,7 @@ differences between guides with their 95% intervals, in numbers and in words.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 
@@ -268,15 +268,12 @@ def _local(comparison: "Comparison") -> str:
     return text
 
 
-def tracked_epochs(comparison) -> str:
-    """The epochs the gap curves were scored at, from each run's own epochs (under a budget
-    in passes or FLOPs the guides run different numbers of epochs): one list when the first
-    seed's guides share it, else one per guide."""
-    gap_epochs = comparison.config["gap_epochs"]
-    lists = {}
-    for g in comparison.guides:
-        last = comparison.runs_of(g)[0].summary.epochs
-        lists[g] = ", ".join(map(str, sorted({e for e in gap_epochs if e <= last} | {last})))
+def tracked_epochs(gaps: Dict[str, List[dict]]) -> str:
+    """The epochs the gap curves were scored at, read from each guide's ``gaps.jsonl`` rows
+    (under a budget in passes or FLOPs, or a run stopped early, the guides' epochs differ):
+    one list when the guides share it, else one per guide."""
+    lists = {g: ", ".join(map(str, sorted({int(r["epoch"]) for r in rows})))
+             for g, rows in gaps.items()}
     if len(set(lists.values())) == 1:
         return next(iter(lists.values()))
     return "; ".join(f"{epochs} ({g})" for g, epochs in lists.items())
@@ -315,8 +312,10 @@ def over_budget(curves) -> str:
                "epochs or in compute.\n"))
 
 
-def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None) -> str:
-    """The comparison as Markdown (``over``: its curves over budget, when tracked).
+def markdown(comparison: "Comparison", gaps: Optional[Dict[str, List[dict]]] = None,
+             over=None) -> str:
+    """The comparison as Markdown (``gaps``: each guide's gap-curve rows of the first seed,
+    when tracked; ``over``: its curves over budget).
 
     Why so long: it is the report's template, one f-string section after another in the
     order the reader meets them; each section's numbers come from a helper."""
@@ -332,9 +331,10 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None)
         body += f"| {label.format(K=comparison.runs[0].scores.num_particles)} | " \
             + " | ".join(cells) + " |\n"
     a = comparison.runs[0].scores
+    with_gap_curves = bool(gaps)
     curves = ("\n![gap curves](gap_curves.png)\n\nGap curves: L[q], L[q*] and log p(x) "
               f"(IWAE bound, K = {c['gap_particles']}) on the first {c['gap_rows']} training "
-              f"and test rows at epochs {tracked_epochs(comparison)}"
+              f"and test rows at epochs {tracked_epochs(gaps or {})}"
               + (f" (seed {comparison.seeds[0]})" if comparison.several else "")
               + "; each guide's `gaps.jsonl` has the numbers.\n" if with_gap_curves else "")
     curves += over_budget(over)
@@ -379,7 +379,7 @@ def markdown(comparison: "Comparison", with_gap_curves: bool = False, over=None)
     answers = f" ({'; '.join(answers)})" if tables or refined else ""
     return f"""# {title(names)}
 
-Date {comparison.date}, device `{comparison.device}`, torch {comparison.versions['torch']}, pyro {comparison.versions['pyro']}, git `{comparison.versions['git']}`: the process that wrote this report (after a `--resume`, runs it kept were trained earlier; each run folder's `config.json` names the versions and commit that trained it).
+Date {comparison.date}, device `{comparison.device}`, torch {comparison.versions['torch']}, pyro {comparison.versions['pyro']}, git `{comparison.versions['git']}`: the process that wrote this report (after a `--resume`, runs it kept were trained earlier; each run folder's `config.json` names the versions and commit that last trained it).
 
 {_quick(comparison)}Data: {c['dataset']}, {_sizes(comparison)}; {c['binarize']} binarization for training; the test rows are scored
 under one fixed binarization. Model: {c['latent_dim']}-dimensional latent, {c['net']} networks, hidden {c['hidden']} ({c['activation']}),

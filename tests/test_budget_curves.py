@@ -143,3 +143,15 @@ def test_crossings_in_one_interval_share_one_shade_that_names_every_pair():
     assert len(panel.patches) == 1
     (text,) = panel.texts
     assert text.get_text().split("\n") == ["a × b", "a × c"]
+
+
+def test_overlapping_crossing_intervals_merge_into_one_shade():
+    """In compute each pair's interval ends at its own points: intervals that overlap without
+    being equal are one shade too; touching ones stay apart."""
+    C = budget_curves.Crossing
+    found = [C("log_px", "a", "b", "flops", 1e11, 5e11, "a"),
+             C("log_px", "a", "c", "flops", 3e11, 9e11, "c"),
+             C("log_px", "b", "c", "flops", 9e11, 2e12, "b"),
+             C("elbo", "a", "b", "flops", 1e11, 5e11, "a")]
+    assert budget_curves._spans(found, "log_px", "flops") == [
+        ((1e11, 9e11), ["a × b", "a × c"]), ((9e11, 2e12), ["b × c"])]

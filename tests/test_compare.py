@@ -257,7 +257,7 @@ def test_a_killed_compare_command_resumes_to_the_same_results(tmp_path):
     assert without_times(a) == without_times(b)
 
 
-def test_cli_passes_resume_and_quick_to_compare(tmp_path, monkeypatch):
+def test_cli_passes_resume_and_quick_to_compare(tmp_path, monkeypatch, capsys):
     """compare's --resume and --quick reach the comparison (the report labels a --quick run a
     smoke look from this flag)."""
     seen = {}
@@ -277,6 +277,12 @@ def test_cli_passes_resume_and_quick_to_compare(tmp_path, monkeypatch):
                      "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "c")]) == 0
     c = seen["config"]
     assert (c.epochs, c.test_size, c.train_size, seen["num_particles"]) == (5, 300, 10_000, 500)
+    # a record sets every size: --quick would change nothing yet call the run a smoke look
+    (tmp_path / "r.json").write_text(json.dumps({"config": c.to_dict(), "guides": ["iaf"]}))
+    assert cli.main(["compare", "--quick", "--config", str(tmp_path / "r.json"), "--out",
+                     str(tmp_path / "c")]) == 2
+    assert "the command line or --config sets all of them; drop --quick" in \
+        capsys.readouterr().err
 
 
 def test_cli_resume_and_ctrl_c_message(tmp_path, capsys):

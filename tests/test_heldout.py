@@ -60,6 +60,30 @@ def test_a_resume_scores_the_tracked_epoch_a_kill_cut_short(tmp_path, cached_mni
     assert _unclocked(again) == _unclocked(whole)  # epoch 2 scored once, to the same numbers
 
 
+def test_a_resumed_tracker_counts_the_seconds_of_the_lines_it_keeps(tmp_path):
+    """The tracking seconds go on from the lines up to the resumed epoch: not those of an
+    epoch half written (scored again), nor of later epochs (a checkpoint that fell back)."""
+    import json
+
+    import torch
+    from ppl_vae.heldout import GapTracker
+    from ppl_vae.loopstate import EpochMetrics, Loop
+    done = [EpochMetrics(*([e + 1] + [0.0] * (len(EpochMetrics._fields) - 1)))
+            for e in range(2)]
+    lines = [(1, "train", 10.0), (1, "test", 10.0), (2, "train", 999.0), (5, "train", 5e3)]
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("".join(json.dumps({"epoch": e, "split": s, "tracking_seconds": t}) + "\n"
+                            for e, s, t in lines))
+    x = torch.zeros(2, 4)
+    tracker = GapTracker(None, None, x, 2, x, [1, 2], 5, 3, lambda: path)
+    seen = []
+    tracker.record = lambda metrics: seen.append((metrics.epoch, tracker.seconds))
+    tracker.on_start(Loop(10, 5, done))
+    assert seen == [(2, 10.0)]  # epoch 2 scored again, from epoch 1's 10 s
+    tracker.on_start(Loop(10, 5, done[:1]))  # resumed after epoch 1: its 10 s, not 5,000
+    assert tracker.seconds == 10.0
+
+
 def test_a_ctrl_c_in_that_scoring_keeps_the_run_where_it_was(tmp_path):
     """Ctrl-C while the resume scores the lost epoch: the run stops at the same epoch end, and
     its next resume scores that epoch again."""

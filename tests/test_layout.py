@@ -126,6 +126,22 @@ def test_no_private_name_is_imported_across_modules():
     assert found == []
 
 
+def test_the_readme_and_the_package_docstring_show_these_layers():
+    """README.md's layer table and ``ppl_vae/__init__``'s docstring list the layers above,
+    each module in its own layer (a module moved or added is moved or added there too)."""
+    import re
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("| layer | modules |"):readme.index("More on each file")]
+    rows = [re.findall(r"`(\w+)`", line.split("|")[2]) for line in table.splitlines()[2:]
+            if line.startswith("|")]
+    doc = ast.get_docstring(ast.parse((PACKAGE / "__init__.py").read_text()))
+    parts = [re.findall(r"``(\w+)``", part) for part in doc.split(";")]
+    layers = [[m for m in names if not m.startswith("__")] for names in LAYERS]
+    modules = {m for names in layers for m in names}  # (a row names functions too)
+    for shown in (rows, parts):
+        assert [[m for m in names if m in modules] for names in shown if names] == layers
+
+
 def test_in_function_imports_of_the_package_say_why():
     """An import of the package inside a function stays only to keep ``--help`` free of
     torch (cli.py) or with a comment on its line saying why."""

@@ -125,13 +125,16 @@ def test_the_cremer_paragraph_only_for_mnist():
 # ---------------------------------------------------------------------------------------
 # 6. one error-bar convention, said in the report
 # ---------------------------------------------------------------------------------------
+GAPS = {"amortized": [{"epoch": 1, "split": "test"}], "meanfield": [{"epoch": 1, "split": "test"}]}
+
+
 def test_the_report_says_every_figure_uses_one_standard_error():
-    text = report.markdown(_comparison(), with_gap_curves=True)
+    text = report.markdown(_comparison(), gaps=GAPS)
     assert ("the error bars of gap_bars.png and the bands of gap_curves.png are ± one standard "
             "error" in text)
     assert "the error bars of gap_bars.png are ± one standard error" in \
         report.markdown(_comparison())
-    several = report.markdown(_comparison(seeds=(0, 1, 2)), with_gap_curves=True)
+    several = report.markdown(_comparison(seeds=(0, 1, 2)), gaps=GAPS)
     assert ("error bars of gap_bars.png are ± one standard deviation over seeds, as the cells"
             in several)
     assert "bands of gap_curves.png (the first seed) are ± one standard error" in several
@@ -178,8 +181,10 @@ def test_write_figures_draws_the_curves_in_the_budgets_unit(tmp_path, monkeypatc
     arrays = {"inputs": np.zeros((2, 784)), "reconstructions": np.zeros((2, 784))}
     comp = _comparison()
     comp.budget = Budget("evaluations", 100)
+    (tmp_path / "gaps.png").write_bytes(b"the bar chart's name before gap_bars.png")
     report.write_figures(tmp_path, {"amortized": history, "meanfield": history}, comp,
                          {"amortized": arrays, "meanfield": arrays})
+    assert not (tmp_path / "gaps.png").exists() and "gap_bars.png" in figures
     ax = figures["curves.png"].axes[0]
     assert "network passes" in ax.get_xlabel()
     assert list(ax.get_lines()[0].get_xdata()) == [20 * 2, 25 * 2]  # 2 passes a step
@@ -257,11 +262,12 @@ def test_the_report_says_which_family_each_q_star_was_fitted_in():
 
 def test_the_gap_curves_epochs_are_the_ones_each_guide_ran():
     """Under a budget in passes or FLOPs the guides run different epochs; the report listed
-    the tracked epochs from the base config's epochs (some never reached, the last missed)."""
-    import dataclasses
+    the tracked epochs from the base config's epochs (some never reached, the last missed).
+    They are read from the gap rows."""
     config = CONFIG.replace(epochs=10, gap_epochs=(1, 3, 10), track_gaps=True)
-    comp = _comparison(config=config)
-    assert report.tracked_epochs(comp) == "1, 2"  # both ran SUMMARY's 2 epochs, not 10
-    comp.runs[0] = dataclasses.replace(comp.runs[0],
-                                       summary=dataclasses.replace(SUMMARY, epochs=7))
-    assert report.tracked_epochs(comp) == "1, 3, 7 (amortized); 1, 2 (meanfield)"
+    rows = {"amortized": [{"epoch": e, "split": s} for e in (1, 3, 7)
+                          for s in ("train", "test")],
+            "meanfield": [{"epoch": e, "split": "test"} for e in (1, 2)]}
+    text = report.markdown(_comparison(config=config), gaps=rows)
+    assert "training and test rows at epochs 1, 3, 7 (amortized); 1, 2 (meanfield)" in text
+    assert report.tracked_epochs({"a": rows["meanfield"], "b": rows["meanfield"]}) == "1, 2"
