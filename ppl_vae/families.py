@@ -51,6 +51,9 @@ class LocalFamily(Protocol):
 
     def loc_scale(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]: ...
 
+    # optional: step_scale(latent_dim) -> a tensor [width], each column's share of q*'s
+    # learning rate (``step_scale`` below; ``Flow`` steps its networks' weights less)
+
 
 def _latent(rows: torch.Tensor, width_of) -> int:
     """The latent size L whose width is ``rows.shape[-1]``."""
@@ -245,6 +248,10 @@ class Flow:
 
     DEFAULT_FLOWS = 2
     SIGMOID_BIAS = 2.0  # Pyro's AffineAutoregressive(stable=True) default
+    # q*'s step on the networks' weights, against its step on the base loc and scale: Adam at
+    # the local fit's rate (0.05) on every weight of a trained flow tore it apart (L[q*] 18
+    # nats under its start L[q] at epoch 1,000 of the Cremer run; experiments/README section 11)
+    WEIGHT_STEP = 0.01
     MOMENT_DRAWS = 256
     SEED = 0  # the order of the masks of a family made by name
 
@@ -300,6 +307,13 @@ class Flow:
             for t in (made.w1, made.b1, w2, b2):
                 parts.append(t.to(loc).flatten().expand(*B, t.numel()))
         return torch.cat([loc, from_scale(scale), *parts], dim=-1)
+
+    def step_scale(self, latent_dim: int) -> torch.Tensor:
+        """Each column's share of q*'s learning rate: 1 for the base's loc and scale,
+        ``WEIGHT_STEP`` for the networks' weights."""
+        scale = torch.full((self.width(latent_dim),), self.WEIGHT_STEP)
+        scale[:2 * latent_dim] = 1.0
+        return scale
 
     def parts(self, rows):
         """(base loc, base scale, [(w1, b1, w2, b2) per flow]) of rows [B, width]."""
@@ -368,6 +382,14 @@ def resolve(family: Spec) -> LocalFamily:
         return Flow(int(flows) if flows else Flow.DEFAULT_FLOWS, int(hidden or 0))
     raise UserError(f"unknown per-datapoint family {family!r}; one of diagonal, full, lowrank "
                     f"(lowrank:R for rank R), flow (flow:T, flow:TxH)")
+
+
+def step_scale(family: LocalFamily, latent_dim: int) -> Optional[torch.Tensor]:
+    """Each column's share of q*'s learning rate, as ``family`` states it
+    (``step_scale(latent_dim)``, a tensor of its width); None: every column at the rate (a
+    family that says nothing, such as the Gaussians', whose columns are all loc and scale)."""
+    ask = getattr(family, "step_scale", None)
+    return ask(latent_dim) if ask is not None else None
 
 
 def of_distribution(fn) -> Optional[LocalFamily]:

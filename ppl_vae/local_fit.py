@@ -62,7 +62,8 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
 
     Adam on the table's rows from ``init`` (any guide with ``loc_scale(batch)`` over these rows:
     an amortized guide, or an earlier fit to warm-start; ``None`` starts at N(0, I)), with the
-    decoder frozen.
+    decoder frozen; a family that states a share of ``lr`` per column
+    (``families.step_scale``: a flow's network weights) gets it.
     The objective defaults to the ELBO with the KL in closed form (one sample for the
     reconstruction term): its gradient has less variance than the all-Monte-Carlo ELBO's,
     and it falls back to Monte Carlo where no closed form exists.
@@ -97,6 +98,9 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
         return LocalTable(rows, model.latent_dim, q_family, sparse=False).to(device)
 
     guide = table(n)
+    step_scale = fam_lib.step_scale(q_family, model.latent_dim)  # per column, or None
+    if step_scale is not None:
+        step_scale = step_scale.to(device)
     if not diagonal:
         compile = False
     compile = compiled.compiles(compile, min(n, chunk_size), compiled.PAYS_FROM_LOCAL_ROWS)
@@ -115,7 +119,7 @@ def local_inference(model, x: torch.Tensor, init=None, lr: float = 0.05, objecti
             local_batch = Batch(batch.x, torch.arange(len(batch.idx), device=device),
                                 len(batch.idx))
             total_steps += _fit_rows(model, chunk, local_batch, objective, lr, max_steps,
-                                     window, tol, decays, progress, compile)
+                                     window, tol, decays, progress, compile, step_scale)
             with torch.no_grad():
                 guide.params[batch.idx] = chunk.params
     return LocalFit(guide, total_steps, time.perf_counter() - start_time)
@@ -145,15 +149,19 @@ def _q_family(family, init, x: torch.Tensor) -> fam_lib.LocalFamily:
 
 
 def _fit_rows(model, chunk: PerDatapoint, batch: Batch, objective, lr, max_steps, window, tol,
-              decays, progress, compile: bool = False) -> int:
+              decays, progress, compile: bool = False,
+              step_scale: Optional[torch.Tensor] = None) -> int:
     """Adam on one chunk's rows under the plateau rule of ``local_inference``; returns steps.
+    ``step_scale`` (the family's, per column) scales each column's Adam step: a learning rate
+    per column (eager steps only: the compiled step is the diagonal family's, which has none).
 
     The losses of a window are read from the device once per window (``tolist``), summed in
     the same order as one read per step would: the same rule, one host sync per window.
 
     Why so many parameters: ``local_inference``'s options for one chunk, passed on
     unchanged."""
-    fit = _CompiledFit.get(model, chunk, batch, objective) if compile else None
+    fit = _CompiledFit.get(model, chunk, batch, objective) \
+        if compile and step_scale is None else None
     opt = None if fit is not None else torch.optim.Adam([chunk.params], lr=lr)
     state = fit.start(chunk, lr) if fit is not None else None
     previous, halvings, losses = math.inf, 0, []
@@ -166,7 +174,11 @@ def _fit_rows(model, chunk: PerDatapoint, batch: Batch, objective, lr, max_steps
                 loss = -objective.per_datapoint(model, chunk, batch).sum()
                 (grad,) = torch.autograd.grad(loss, [chunk.params])
             chunk.params.grad = grad
+            before = chunk.params.detach().clone() if step_scale is not None else None
             opt.step()
+            if before is not None:  # Adam's step times each column's share of the rate
+                with torch.no_grad():
+                    chunk.params.sub_(before).mul_(step_scale).add_(before)
         losses.append(loss.detach())
         if progress:
             progress(1)

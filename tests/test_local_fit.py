@@ -88,7 +88,8 @@ def test_plain_local_fit_reads_the_loss_once_per_window_with_the_same_result(mon
     kw = dict(lr=0.05, max_steps=700, window=10, tol=0.01, decays=3, chunk_size=4, seed=2)
     new = local_fit.local_inference(lg.model, x, compile=False, **kw)
     monkeypatch.setattr(local_fit, "_fit_rows", lambda model, chunk, batch, objective, lr,
-                        max_steps, window, tol, decays, progress, compile=False:
+                        max_steps, window, tol, decays, progress, compile=False,
+                        step_scale=None:
                         _old_fit_rows(model, chunk, batch, objective, lr, max_steps, window,
                                       tol, decays))
     old = local_fit.local_inference(lg.model, x, **kw)
@@ -149,7 +150,7 @@ def test_local_inference_compiles_by_itself_only_from_enough_rows(monkeypatch):
     """compile=None: chunks of at least compiled.PAYS_FROM_LOCAL_ROWS rows where a compiler is found."""
     from ppl_vae import compiled
     seen = []
-    monkeypatch.setattr(local_fit, "_fit_rows", lambda *a: seen.append(a[-1]) or 0)
+    monkeypatch.setattr(local_fit, "_fit_rows", lambda *a: seen.append(a[10]) or 0)  # compile
     monkeypatch.setattr(compiled, "has_compiler", lambda: True)
     lg = make_linear_gaussian(seed=8)
     small = lg.sample(compiled.PAYS_FROM_LOCAL_ROWS - 1, seed=1)
