@@ -99,6 +99,9 @@ def evaluate_run(run_dir: Path, num_particles: int = 5000, split: str = "test",
         raise UserError(f"unknown split {split!r}; choose test or valid")
     if test_size is not None and test_size <= 0:
         raise UserError(f"{setting('test_size')} must be positive")
+    if local_family is not None and local is False:
+        raise UserError(f"{setting('local_family')} {local_family} names the family of the local "
+                        f"fit; do not turn {setting('local')} off")
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run folder; pass the out folder of a "
@@ -159,9 +162,6 @@ def _evaluate_locked(run_dir: Path, num_particles, split, proposal, local, test_
     fitted = list(trained.guide.local_parameters())
     if local is None:  # a family named for q* asks for q*
         local = bool(fitted) or proposal == "local" or local_family is not None
-    if local_family is not None and not local:
-        raise UserError(f"{setting('local_family')} {local_family} names the family of the local "
-                        f"fit; do not turn {setting('local')} off")
     if proposal == "local" and not local:
         raise UserError(f"{setting('proposal')} local needs the local fit; do not turn "
                         f"{setting('local')} off")
