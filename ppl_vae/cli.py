@@ -153,13 +153,18 @@ def parse(argv, unset: bool = False) -> argparse.Namespace:
     return parser.parse_args(argv) if unset or getattr(args, "config", None) is not None else args
 
 
+def _explicit(argv) -> dict:
+    """Every option that ``argv`` (and its ``--config`` file) gives explicitly, by dest
+    (argparse fills in the others)."""
+    return {key: value for key, value in vars(parse(argv, unset=True)).items()
+            if value is not _UNSET}
+
+
 def _given(argv, command: str) -> dict:
-    """The settings that ``argv`` (and its ``--config`` file) give explicitly (argparse fills
-    in the others), as ``Config`` values: what a ``--resume`` lays over the run's own
-    settings."""
-    args = parse(argv, unset=True)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-             if getattr(args, f.name) is not _UNSET}
+    """The settings that ``argv`` (and its ``--config`` file) give explicitly, as ``Config``
+    values: what a ``--resume`` lays over the run's own settings."""
+    explicit = _explicit(argv)
+    given = {f.name: explicit[f.name] for f in dataclasses.fields(Config) if f.name in explicit}
     for key in ("hidden", "gap_epochs"):
         if key in given:
             given[key] = tuple(given[key])
@@ -407,8 +412,7 @@ def _command(args) -> int:
         from .results import PAIRED_KEYS
         from .compute import Budget
         argv = getattr(args, "argv", None)  # what the user typed (set by _main)
-        given = vars(parse(argv, unset=True)) if argv is not None else {}  # flags and file
-        given = {key: value for key, value in given.items() if value is not _UNSET}
+        given = _explicit(argv) if argv is not None else {}  # flags and file
         if "guide" in given:
             raise UserError(f"compare trains every guide of --guides, not --guide; use "
                             f"--guides {args.guide} to compare that guide alone")
