@@ -357,7 +357,7 @@ def markdown(comparison: "Comparison", gaps: Optional[Dict[str, List[dict]]] = N
                      "standard error too" if with_gap_curves else
                      "the error bars of gap_bars.png are ± one standard error too"))
     settings = guide_settings(comparison)
-    tables = [g for g in names if "local_lr" in settings[g]]
+    tables = [g for g in names if g in _tables(comparison)]
     refined = [g for g in names if "refine_steps" in settings[g]]
     refining = (", so differentiating through a refinement counts its passes again"
                 if refined else "")
