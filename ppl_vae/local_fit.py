@@ -165,6 +165,7 @@ def _fit_rows(model, chunk: PerDatapoint, batch: Batch, objective, lr, max_steps
     opt = None if fit is not None else torch.optim.Adam([chunk.params], lr=lr)
     state = fit.start(chunk, lr) if fit is not None else None
     previous, halvings, losses = math.inf, 0, []
+    before = torch.empty_like(chunk.params) if step_scale is not None else None
     for step in range(1, max_steps + 1):
         if fit is not None:
             loss, state = fit.step(state, batch)
@@ -174,7 +175,8 @@ def _fit_rows(model, chunk: PerDatapoint, batch: Batch, objective, lr, max_steps
                 loss = -objective.per_datapoint(model, chunk, batch).sum()
                 (grad,) = torch.autograd.grad(loss, [chunk.params])
             chunk.params.grad = grad
-            before = chunk.params.detach().clone() if step_scale is not None else None
+            if before is not None:
+                before.copy_(chunk.params.detach())
             opt.step()
             if before is not None:  # Adam's step times each column's share of the rate
                 with torch.no_grad():
